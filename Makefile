@@ -1,0 +1,40 @@
+# rfreport: `make report` and `make test` each set everything up on a fresh clone.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= reports/latest
+CONFIGS = configs/examples.toml $(shell $(PY) -c "import torchvision" 2>/dev/null && echo configs/torchvision.toml)
+
+.PHONY: help install browser test report bench lint docs gold-update clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install rfreport with its zoo, ray and dev extras
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[zoo,ray,dev]'
+	touch $(STAMP)
+
+browser:  ## install Debian's headless Chromium for the browser test (needs root or sudo)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser  ## run the whole test suite
+	$(PY) -m pytest
+
+report: install  ## sweep the example configs into reports/latest and print the report's path
+	$(VENV)/bin/rfreport run $(CONFIGS) --out $(OUT)
+
+bench: install  ## benchmark naive, dense and compressed sweeps (prints ratios)
+	$(PY) benchmarks/bench_sweep.py
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+
+gold-update: install  ## rewrite the golden files from the current output
+	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py -q
+
+clean:  ## remove the venv, caches and reports
+	rm -rf $(VENV) reports .pytest_cache .ruff_cache

@@ -1,0 +1,325 @@
+"""The autograd core: one forward pass, then batched vector-Jacobian products.
+
+Everything that differentiates lives here. An :class:`Engine` prepares a model (the
+structural surrogate or the model as given), runs one forward pass on a random input and
+keeps the graph. :meth:`Engine.input_grads` then takes a batch of cotangent *weights over
+the output grid* (a one-hot per position for the dense sweep, several positions per row
+for the compressed sweep) and returns, per row, the input-gradient magnitude summed over
+batch and channels, from a single vmapped backward pass (``is_grads_batched``), with a
+per-row fallback for operations that cannot be vmapped.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from rfreport.errors import SweepError
+from rfreport.surrogate import StructuralMode, build_surrogate
+
+OutputKey = Union[str, int, None]
+MODES = ("structural", "gradient")
+CPU_BATCH_BYTES = 1 << 30
+MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which tensor is analysed: a named submodule's output and/or an element of a tuple/dict output."""
+
+    layer: str | None = None
+    output: OutputKey = None
+
+    def describe(self) -> str:
+        """Return a short human label, e.g. `layer4` or `output['out']`."""
+        parts = [self.layer] if self.layer else []
+        if self.output is not None:
+            parts.append(f"output[{self.output!r}]")
+        return " ".join(parts) or "model output"
+
+
+class _Captured(Exception):
+    """Raised from a forward hook to stop the pass once the chosen layer's output exists."""
+
+    def __init__(self, value: Any):
+        super().__init__("captured")
+        self.value = value
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Return CUDA when `auto` finds one, else CPU; validate explicit names."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SweepError(f"unknown device {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SweepError(f"device {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, requires_grad flags and forward hooks on exit, even after an error."""
+    training = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    hooks = {m: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+        for param, flag in grads.items():
+            param.requires_grad_(flag)
+        for module, (forward, pre) in hooks.items():
+            _restore_hooks(module._forward_hooks, forward)
+            _restore_hooks(module._forward_pre_hooks, pre)
+
+
+def _restore_hooks(current: dict, saved: dict) -> None:
+    """Drop hooks added since `saved` was taken, keeping the model's own."""
+    for key in [k for k in current if k not in saved]:
+        del current[key]
+
+
+def _find_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the named submodule or raise naming the top-level children."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise SweepError(f"model has no submodule {name!r} (top-level children: {children})") from exc
+
+
+def _select_output(value: Any, key: OutputKey, where: str) -> torch.Tensor:
+    """Pick the analysed tensor from a forward result by index or key."""
+    if key is not None:
+        value = _pick(value, key, where)
+    if isinstance(value, dict):
+        raise SweepError(f"{where} is a dict with keys {sorted(map(str, value))}; choose one with `output`")
+    if isinstance(value, (tuple, list)):
+        raise SweepError(f"{where} is a {type(value).__name__} of {len(value)}; choose one with `output`")
+    if not isinstance(value, torch.Tensor):
+        raise SweepError(f"{where} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _pick(value: Any, key: OutputKey, where: str) -> Any:
+    """Index a tuple/list by int or a dict by key, with an error that lists what exists."""
+    if isinstance(value, dict):
+        if key in value:
+            return value[key]
+        raise SweepError(f"{where} has no key {key!r} (keys: {sorted(map(str, value))})")
+    if isinstance(value, (tuple, list)):
+        try:
+            return value[int(key)]
+        except (ValueError, IndexError) as exc:
+            raise SweepError(f"{where} has no element {key!r} (it has {len(value)})") from exc
+    raise SweepError(f"{where} is a single {type(value).__name__}; it has no element {key!r}")
+
+
+def forward_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+    """Run the model and return the target tensor, stopping early once a chosen layer has run."""
+    handle = None
+    if target.layer:
+        def capture(_module, _inputs, out):
+            raise _Captured(out)
+        handle = _find_layer(model, target.layer).register_forward_hook(capture)
+    try:
+        value = model(x)
+        if target.layer:
+            raise SweepError(f"layer {target.layer!r} never ran during the forward pass")
+    except _Captured as captured:
+        value = captured.value
+    except SweepError:
+        raise
+    except Exception as exc:  # the user's model may raise anything; say where it happened
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SweepError(f"the model raised {type(exc).__name__} on input shape {tuple(x.shape)}: "
+                         f"{first_line}") from exc
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _select_output(value, target.output, target.describe())
+
+
+def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Validate an input shape (N, C, *spatial) with 1 to 3 spatial axes."""
+    shape = tuple(int(n) for n in input_shape)
+    if len(shape) not in (3, 4, 5) or any(n < 1 for n in shape):
+        raise SweepError(f"input shape {shape} must be (N, C, *spatial) with 1, 2 or 3 positive spatial "
+                         "sizes, e.g. (1, 3, 224, 224)")
+    return shape
+
+
+class Engine:
+    """One model, one random input, one forward pass; batched input gradients on demand.
+
+    Use as a context manager: on exit the user's model gets back its flags and hooks.
+    In structural mode the work happens on a surrogate copy; in gradient mode on the model as
+    given (a copy only when it must move to another device), with parameters frozen.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "structural",
+                 target: Target = Target(), device: str | torch.device = "auto", seed: int = 0,
+                 probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None):
+        if mode not in MODES:
+            raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        self.model, self.mode, self.target = model, mode, target
+        self.input_shape = check_input_shape(input_shape)
+        self.device = resolve_device(device)
+        self.seed, self.local = seed, local
+        self.probes = probes if mode == "structural" else 1
+        self._inputs = inputs
+        self._batched = True
+        self._stack = None
+
+    def __enter__(self) -> Engine:
+        self._stack = preserved(self.model)
+        self._stack.__enter__()
+        try:
+            self._prepare()
+        except BaseException:
+            self._stack.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._x = self._y = None
+        self._stack.__exit__(*exc_info)
+
+    @property
+    def input_spatial(self) -> tuple[int, ...]:
+        """Spatial shape of the input grid."""
+        return self.input_shape[2:]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Full shape of the analysed output for one probe (batch as in input_shape)."""
+        return (self.input_shape[0], *self._y.shape[1:])
+
+    @property
+    def output_spatial(self) -> tuple[int, ...]:
+        """Spatial shape of the output grid."""
+        return tuple(self._y.shape[2:])
+
+    def _working_model(self) -> nn.Module:
+        """Return the module to differentiate: the surrogate, or the model itself (copied across devices)."""
+        if self.mode == "structural":
+            return build_surrogate(self.model, self.seed).to(self.device)
+        params = list(self.model.parameters()) + list(self.model.buffers())
+        on_device = all(t.device == self.device for t in params)
+        working = self.model if on_device else _copy_to(self.model, self.device)
+        for param in working.parameters():
+            param.requires_grad_(False)
+        return working
+
+    def _make_input(self, dtype: torch.dtype) -> torch.Tensor:
+        """Draw the probe input: positive uniform for the surrogate, standard normal otherwise."""
+        if self._inputs is not None:
+            return self._inputs.to(self.device, dtype)
+        generator = torch.Generator().manual_seed(self.seed)
+        shape = (self.input_shape[0] * self.probes, *self.input_shape[1:])
+        if self.mode == "structural":
+            x = torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+        else:
+            x = torch.randn(shape, generator=generator, dtype=dtype)
+        return x.to(self.device)
+
+    def _prepare(self) -> None:
+        """Build the working model and input, run the forward pass and check the output's rank."""
+        working = self._working_model()
+        dtype = torch.float64 if self.mode == "structural" else _model_dtype(working)
+        x = self._make_input(dtype).requires_grad_(True)
+        self.function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local,
+                                            input_rank=x.dim())
+        self.saved_bytes = 0
+
+        def count(tensor):
+            self.saved_bytes += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.enable_grad(), self.function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
+            y = forward_target(working, x, self.target)
+        self._check_output(y)
+        self._x, self._y = x, y
+
+    def _check_output(self, y: torch.Tensor) -> None:
+        """Require an (N, C, *spatial) output with the input's spatial rank that depends on the input."""
+        rank = len(self.input_shape) - 2
+        if y.dim() != rank + 2:
+            raise SweepError(f"{self.target.describe()} has shape {tuple(y.shape)}; expected "
+                             f"(N, C, {rank} spatial axes) like the input: choose a spatial layer or output")
+        if not y.requires_grad:
+            raise SweepError(f"{self.target.describe()} does not depend on the input (no gradient path)")
+
+    @property
+    def padding_modes(self) -> tuple[str, ...]:
+        """Non-zero padding modes (circular, reflect, replicate) seen during the forward pass."""
+        return tuple(sorted(self.function_mode.padding_modes))
+
+    def auto_batch_size(self) -> int:
+        """Return the largest cotangent batch whose backward fits the memory budget."""
+        per_row = 3 * (self.saved_bytes + (self._x.numel() + self._y.numel()) * self._x.element_size())
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = free // 2
+        else:
+            budget = CPU_BATCH_BYTES
+        return int(max(1, min(MAX_BATCH, budget // max(per_row, 1))))
+
+    def input_grads(self, weights: torch.Tensor) -> torch.Tensor:
+        """Return |d(sum_p w_p y_p)/dx| summed over batch and channels, one row per row of `weights`.
+
+        `weights` has shape (B, *output_spatial); each row is spread over every batch element
+        and output channel of the analysed tensor.
+        """
+        weights = weights.to(self._y.device, self._y.dtype)
+        cotangents = weights[:, None, None].expand(-1, *self._y.shape)
+        grads = self._vjp(cotangents)
+        return grads.abs().sum(dim=(1, 2))
+
+    def support(self, weights: torch.Tensor) -> torch.Tensor:
+        """Return the boolean input support of each row of cotangent weights."""
+        return self.input_grads(weights) > 0
+
+    def _vjp(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """Backpropagate a batch of cotangents in one vmapped pass, or row by row where vmap fails."""
+        if self._batched:
+            try:
+                return self._grad(cotangents, batched=True)
+            except RuntimeError:
+                self._batched = False
+        return torch.stack([self._grad(row, batched=False) for row in cotangents])
+
+    def _grad(self, cotangent: torch.Tensor, *, batched: bool) -> torch.Tensor:
+        """One autograd.grad call that keeps the graph for the next chunk."""
+        (grad,) = torch.autograd.grad(self._y, self._x, cotangent, retain_graph=True,
+                                      is_grads_batched=batched, allow_unused=True)
+        if grad is None:
+            shape = (cotangent.shape[0], *self._x.shape) if batched else self._x.shape
+            return torch.zeros(shape, dtype=self._x.dtype, device=self._x.device)
+        return grad
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    """Unpack hook that returns the saved tensor unchanged."""
+    return tensor
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """Return the floating dtype of the model's parameters (float32 when it has none)."""
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return floating[0] if floating else torch.float32
+
+
+def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """Deep-copy a model onto another device, leaving the original where it is."""
+    return copy.deepcopy(model).to(device)

@@ -1,0 +1,27 @@
+"""The exception hierarchy: one root, one subclass per stage, converted to messages in cli.py only."""
+
+from __future__ import annotations
+
+
+class RfReportError(Exception):
+    """Root of every error rfreport raises on purpose; its message is one line for the user."""
+
+
+class ConfigError(RfReportError):
+    """A config file, key or value is wrong (names the file, the model and the key)."""
+
+
+class ModelLoadError(RfReportError):
+    """A model factory could not be imported or called, or its checkpoint did not load."""
+
+
+class SweepError(RfReportError):
+    """The sweep could not run: bad input shape, a model that raises, a missing output or layer."""
+
+
+class PositionError(SweepError):
+    """A requested output position is malformed or outside the output grid."""
+
+
+class RunFolderError(RfReportError):
+    """A run folder is missing, incomplete or of an unknown format version."""

@@ -1,0 +1,45 @@
+"""Frames: a sweep's arrays as a documented pandas DataFrame (the contract between stages)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rfreport.positions import axis_names
+from rfreport.schema import Column, Schema, register
+from rfreport.sweep import SweepResult
+
+POSITIONS = register(Schema(
+    name="positions",
+    row="swept output position",
+    columns=(
+        Column("pos_{a}", "int64", "output index", "output position on this axis (0-based)"),
+        Column("{a}_lo", "int64", "input index", "first input index of the RF box (inclusive; < 0 when wrapped, "
+               "-1 when the support is empty)", group="bounds"),
+        Column("{a}_hi", "int64", "input index", "last input index of the RF box (inclusive; >= n when wrapped)", group="bounds"),
+        Column("{a}_size", "int64", "input pixels", "extent of the RF box, hi - lo + 1 (0 when empty)"),
+        Column("{a}_wrap", "bool", "flag", "the RF wraps round the input border on this axis (circular padding); "
+               "lo/hi are unrolled and indices are taken modulo the input size"),
+        Column("support", "int64", "input positions", "input positions (union over channels) whose value can "
+               "change this output position"),
+        Column("fill", "float64", "ratio", "support / volume of the RF box; below 1 means holes"),
+        Column("path", "string", "", "which sweep produced the row: dense or compressed"),
+    ),
+))
+
+
+def positions_frame(result: SweepResult) -> pd.DataFrame:
+    """Return the positions frame of a sweep, one row per swept output position."""
+    ndim = result.ndim
+    size = result.size
+    volume = np.prod(size, axis=1)
+    data: dict[str, object] = {"support": result.support,
+                               "fill": np.divide(result.support, volume, out=np.zeros(len(volume)),
+                                                 where=volume > 0),
+                               "path": result.path}
+    for i, a in enumerate(axis_names(ndim)):
+        data[f"pos_{a}"] = result.positions[:, i]
+        data[f"{a}_lo"], data[f"{a}_hi"] = result.lo[:, i], result.hi[:, i]
+        data[f"{a}_size"], data[f"{a}_wrap"] = size[:, i], result.wrapped[:, i]
+    return POSITIONS.frame(data, ndim)
+

@@ -1,0 +1,95 @@
+"""Output-position selections: `all`, `grid:K`, `center`, `corners`, `edges` or explicit lists.
+
+Pure numpy: a selection resolves to an (P, d) int64 array of output positions, sorted and
+unique, so every stage (sweep, ERF, report) agrees on what "center" or "grid:4" means.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+
+from rfreport.errors import PositionError
+
+PositionSpec = Union[str, Sequence[Union[str, Sequence[int]]]]
+NAMED = ("all", "center", "corners", "edges")
+AXES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
+
+
+def axis_names(ndim: int) -> tuple[str, ...]:
+    """Return the axis letters used in column names for a spatial rank of 1, 2 or 3."""
+    if ndim not in AXES:
+        raise PositionError(f"spatial rank {ndim} is not supported (1, 2 or 3 spatial axes)")
+    return AXES[ndim]
+
+
+def center(shape: Sequence[int]) -> tuple[int, ...]:
+    """Return the centre position of a grid: (n - 1) // 2 on each axis."""
+    return tuple((n - 1) // 2 for n in shape)
+
+
+def grid_axis(n: int, step: int) -> np.ndarray:
+    """Return every `step`-th index of an axis of length n, always including the last one."""
+    return np.unique(np.append(np.arange(0, n, step), n - 1))
+
+
+def _named(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Resolve one named selection on a grid of the given shape."""
+    if name == "all":
+        return _product([np.arange(n) for n in shape])
+    if name == "center":
+        return np.array([center(shape)], dtype=np.int64)
+    if name == "corners":
+        return _product([np.unique([0, n - 1]) for n in shape])
+    if name == "edges":
+        mid = center(shape)
+        rows = [tuple(end if a == axis else mid[a] for a in range(len(shape)))
+                for axis, n in enumerate(shape) for end in (0, n - 1)]
+        return np.array(rows, dtype=np.int64)
+    if name.startswith("grid:"):
+        step = _grid_step(name)
+        return _product([grid_axis(n, step) for n in shape])
+    raise PositionError(f"unknown position selection {name!r}; use all, center, corners, edges, "
+                        "grid:K or a list of coordinates")
+
+
+def _grid_step(name: str) -> int:
+    """Parse the K of `grid:K`, a positive integer."""
+    try:
+        step = int(name.split(":", 1)[1])
+    except ValueError:
+        step = 0
+    if step < 1:
+        raise PositionError(f"{name!r}: the grid step K in grid:K must be a positive integer")
+    return step
+
+
+def _product(axes: list[np.ndarray]) -> np.ndarray:
+    """Return the Cartesian product of per-axis index arrays as an (P, d) array."""
+    return np.array(list(itertools.product(*axes)), dtype=np.int64).reshape(-1, len(axes))
+
+
+def _explicit(coords: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """Validate one explicit coordinate against the grid and return it as a (1, d) array."""
+    if isinstance(coords, (str, bytes)) or len(coords) != len(shape):
+        raise PositionError(f"position {coords!r} must have {len(shape)} coordinates "
+                            f"for an output grid of shape {shape}")
+    pos = np.array([int(c) for c in coords], dtype=np.int64)
+    if np.any(pos < 0) or np.any(pos >= np.array(shape)):
+        raise PositionError(f"position {tuple(pos.tolist())} is outside the output grid of shape {shape}")
+    return pos[None, :]
+
+
+def resolve(spec: PositionSpec, shape: Sequence[int]) -> np.ndarray:
+    """Resolve a selection (a name, or a list of names and coordinates) to sorted unique positions."""
+    shape = tuple(int(n) for n in shape)
+    if any(n < 1 for n in shape):
+        raise PositionError(f"the output grid {shape} is empty")
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise PositionError("the position list is empty")
+    parts = [_named(item, shape) if isinstance(item, str) else _explicit(item, shape) for item in items]
+    return np.unique(np.concatenate(parts), axis=0)
