@@ -15,7 +15,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from rfreport.errors import SweepError
 from rfreport.surrogate import StructuralMode, build_surrogate
 
-OutputKey = Union[str, int, None]
+OutputKey = str | int | None
 MODES = ("structural", "gradient")
 CPU_BATCH_BYTES = 1 << 30
 MAX_BATCH = 4096
@@ -101,7 +101,7 @@ def _find_layer(model: nn.Module, name: str) -> nn.Module:
 def _select_output(value: Any, key: OutputKey, where: str) -> torch.Tensor:
     """Pick the analysed tensor from a forward result by index or key."""
     if key is not None:
-        value = _pick(value, key, where)
+        value, where = _pick(value, key, where), f"{where}[{key!r}]"
     if isinstance(value, dict):
         raise SweepError(f"{where} is a dict with keys {sorted(map(str, value))}; choose one with `output`")
     if isinstance(value, (tuple, list)):
@@ -125,8 +125,12 @@ def _pick(value: Any, key: OutputKey, where: str) -> Any:
     raise SweepError(f"{where} is a single {type(value).__name__}; it has no element {key!r}")
 
 
-def forward_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
-    """Run the model and return the target tensor, stopping early once a chosen layer has run."""
+def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
+                   shown_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Run the model and return the target tensor, stopping early once a chosen layer has run.
+
+    `shown_shape` is the input shape named in error messages (the user's, not the probe batch).
+    """
     handle = None
     if target.layer:
         def capture(_module, _inputs, out):
@@ -142,12 +146,14 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.T
         raise
     except Exception as exc:  # the user's model may raise anything; say where it happened
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SweepError(f"the model raised {type(exc).__name__} on input shape {tuple(x.shape)}: "
+        shape = shown_shape or tuple(x.shape)
+        raise SweepError(f"the model raised {type(exc).__name__} on input shape {shape}: "
                          f"{first_line}") from exc
     finally:
         if handle is not None:
             handle.remove()
-    return _select_output(value, target.output, target.describe())
+    where = f"output of layer {target.layer!r}" if target.layer else "model output"
+    return _select_output(value, target.output, where)
 
 
 def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -172,6 +178,8 @@ class Engine:
                  probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None):
         if mode not in MODES:
             raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+            raise SweepError("the model has uninitialised lazy parameters; run it once on a real input first")
         self.model, self.mode, self.target = model, mode, target
         self.input_shape = check_input_shape(input_shape)
         self.device = resolve_device(device)
@@ -234,8 +242,22 @@ class Engine:
         return x.to(self.device)
 
     def _prepare(self) -> None:
-        """Build the working model and input, run the forward pass and check the output's rank."""
+        """Build the working model, run the forward pass and check the output's rank.
+
+        Structural probes are stacked along the batch axis; a model that cannot take the
+        larger batch (a hard-coded view, say) is run again with a single probe.
+        """
         working = self._working_model()
+        try:
+            self._forward(working)
+        except SweepError:
+            if self.probes == 1 or self._inputs is not None:
+                raise
+            self.probes = 1
+            self._forward(working)
+
+    def _forward(self, working: nn.Module) -> None:
+        """Run one forward pass on a fresh probe input, keeping the graph."""
         dtype = torch.float64 if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
         self.function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local,
@@ -247,7 +269,7 @@ class Engine:
             return tensor
 
         with torch.enable_grad(), self.function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
-            y = forward_target(working, x, self.target)
+            y = forward_target(working, x, self.target, self.input_shape)
         self._check_output(y)
         self._x, self._y = x, y
 

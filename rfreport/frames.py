@@ -16,7 +16,8 @@ POSITIONS = register(Schema(
         Column("pos_{a}", "int64", "output index", "output position on this axis (0-based)"),
         Column("{a}_lo", "int64", "input index", "first input index of the RF box (inclusive; < 0 when wrapped, "
                "-1 when the support is empty)", group="bounds"),
-        Column("{a}_hi", "int64", "input index", "last input index of the RF box (inclusive; >= n when wrapped)", group="bounds"),
+        Column("{a}_hi", "int64", "input index", "last input index of the RF box (inclusive; >= n when wrapped)",
+               group="bounds"),
         Column("{a}_size", "int64", "input pixels", "extent of the RF box, hi - lo + 1 (0 when empty)"),
         Column("{a}_wrap", "bool", "flag", "the RF wraps round the input border on this axis (circular padding); "
                "lo/hi are unrolled and indices are taken modulo the input size"),

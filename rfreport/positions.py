@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 
 from rfreport.errors import PositionError
 
-PositionSpec = Union[str, Sequence[Union[str, Sequence[int]]]]
+PositionSpec = str | Sequence[str | Sequence[int]]
 NAMED = ("all", "center", "corners", "edges")
 AXES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 

@@ -1,0 +1,154 @@
+"""The engine's contract: output selection, clear errors, and the model left as it was found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rfreport.errors import PositionError, SweepError
+from rfreport.sweep import sweep
+
+
+class TwoHeads(nn.Module):
+    """A model with named stages and a dict output, whose tail raises if it ever runs."""
+
+    def __init__(self, tail_raises: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3)
+        self.body = nn.Conv2d(2, 2, 3, stride=2)
+        self.tail_raises = tail_raises
+
+    def forward(self, x):
+        stem = self.stem(x)
+        body = self.body(stem)
+        if self.tail_raises:
+            raise RuntimeError("the tail must not run")
+        return {"stem": stem, "body": body, "pair": (stem, body)}
+
+
+def state_of(model: nn.Module):
+    """Snapshot the flags and hooks a sweep must restore."""
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+            [p.detach().clone() for p in model.parameters()])
+
+
+def assert_same_state(before, after) -> None:
+    assert before[:3] == after[:3]
+    for a, b in zip(before[3], after[3]):
+        assert torch.equal(a, b)
+
+
+def test_named_layer_output_is_captured_and_the_rest_skipped():
+    result = sweep(TwoHeads(tail_raises=True), (1, 1, 9, 9), "center", layer="body")
+    assert result.output_spatial == (3, 3)
+    assert (result.hi - result.lo + 1).tolist() == [[5, 5]]
+
+
+@pytest.mark.parametrize(("key", "size"), [("stem", 3), ("body", 5)])
+def test_dict_output_by_key(key, size):
+    result = sweep(TwoHeads(), (1, 1, 9, 9), "center", output=key)
+    assert (result.hi - result.lo + 1).tolist() == [[size, size]]
+
+
+def test_layer_then_tuple_index():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TwoHeads()
+
+        def forward(self, x):
+            return self.inner(x)["pair"]
+
+    result = sweep(Pair(), (1, 1, 9, 9), "center", output=1)
+    assert (result.hi - result.lo + 1).tolist() == [[5, 5]]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"input_shape": (9, 9)}, "input shape (9, 9) must be (N, C, *spatial)"),
+    ({"layer": "nope"}, "model has no submodule 'nope' (top-level children: stem, body)"),
+    ({"output": "nope"}, "model output has no key 'nope' (keys: ['body', 'pair', 'stem'])"),
+    ({}, "model output is a dict with keys ['body', 'pair', 'stem']; choose one with `output`"),
+    ({"output": "stem", "positions": [[7, 0]]}, "position (7, 0) is outside the output grid of shape (7, 7)"),
+    ({"output": "stem", "positions": "grid:0"}, "'grid:0': the grid step K in grid:K must be a positive integer"),
+    ({"output": "stem", "mode": "fancy"}, "unknown mode 'fancy'"),
+    ({"output": "stem", "batch_size": 0}, "batch_size must be a positive integer or 'auto', not 0"),
+])
+def test_bad_input_gets_one_clear_line(kwargs, message):
+    args = {"input_shape": (1, 1, 9, 9), "positions": "center"} | kwargs
+    with pytest.raises(SweepError) as info:
+        sweep(TwoHeads(), args.pop("input_shape"), args.pop("positions"), **args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_out_of_range_position_is_a_position_error():
+    with pytest.raises(PositionError):
+        sweep(nn.Conv2d(1, 1, 3), (1, 1, 5, 5), [[3, 3]])
+
+
+def test_a_model_that_raises_is_reported_with_its_error():
+    with pytest.raises(SweepError, match=r"the model raised RuntimeError on input shape \(1, 1, 9, 9\): "
+                                         r"the tail must not run"):
+        sweep(TwoHeads(tail_raises=True), (1, 1, 9, 9))
+
+
+def test_wrong_input_channels_are_reported():
+    with pytest.raises(SweepError, match="the model raised RuntimeError on input shape"):
+        sweep(nn.Conv2d(3, 1, 3), (1, 1, 9, 9))
+
+
+def test_classifier_output_asks_for_a_spatial_layer():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3))
+    with pytest.raises(SweepError, match="expected \\(N, C, 2 spatial axes\\)"):
+        sweep(model, (1, 1, 6, 6))
+
+
+def test_lazy_modules_must_be_initialised_first():
+    with pytest.raises(SweepError, match="uninitialised lazy parameters"):
+        sweep(nn.LazyConv2d(2, 3), (1, 1, 6, 6))
+
+
+@pytest.mark.parametrize("mode", ["structural", "gradient"])
+def test_sweep_leaves_the_model_as_it_was(mode):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Dropout())
+    model.train()
+    model[1].eval()
+    model[0].weight.requires_grad_(False)
+    model[0].register_forward_hook(lambda *a: None)
+    before = state_of(model)
+    sweep(model, (1, 1, 8, 8), mode=mode, layer="1")
+    assert_same_state(before, state_of(model))
+
+
+@pytest.mark.parametrize("mode", ["structural", "gradient"])
+def test_model_is_restored_after_an_exception(mode):
+    model = TwoHeads(tail_raises=True)
+    model.train()
+    before = state_of(model)
+    with pytest.raises(SweepError):
+        sweep(model, (1, 1, 9, 9), mode=mode)
+    with pytest.raises(SweepError):
+        sweep(model, (1, 1, 9, 9), [[99, 99]], mode=mode, layer="body")
+    assert_same_state(before, state_of(model))
+
+
+def test_structural_mode_replaces_functional_calls_too():
+    class Functional(nn.Module):
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(x, 2)
+            x = x.clamp(min=5.0).relu()
+            return torch.amax(x, dim=1, keepdim=True) + torch.nn.functional.adaptive_max_pool2d(x, 4)
+
+    result = sweep(Functional(), (1, 2, 8, 8), "all")
+    assert set(result.support) == {4}
+
+
+def test_gradient_mode_uses_the_model_weights_as_given():
+    conv = nn.Conv2d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+    assert sweep(conv, (1, 1, 5, 5), "center", mode="gradient").support.tolist() == [1]
+    assert sweep(conv, (1, 1, 5, 5), "center").support.tolist() == [9]

@@ -1,0 +1,43 @@
+"""Position selections resolve to the documented sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rfreport import positions
+from rfreport.errors import PositionError
+
+
+def test_named_selections():
+    assert positions.resolve("center", (4, 5)).tolist() == [[1, 2]]
+    assert positions.resolve("corners", (4, 5)).tolist() == [[0, 0], [0, 4], [3, 0], [3, 4]]
+    assert positions.resolve("edges", (4, 5)).tolist() == [[0, 2], [1, 0], [1, 4], [3, 2]]
+    assert positions.resolve(["center", [0, 0], "center"], (4, 5)).tolist() == [[0, 0], [1, 2]]
+
+
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 7))
+def test_grid_keeps_every_kth_and_the_last(h, w, k):
+    grid = positions.resolve(f"grid:{k}", (h, w))
+    for axis, n in enumerate((h, w)):
+        assert set(grid[:, axis]) == set(range(0, n, k)) | {n - 1}
+    assert len(grid) == len(set(range(0, h, k)) | {h - 1}) * len(set(range(0, w, k)) | {w - 1})
+
+
+def test_all_is_every_position_in_order():
+    grid = positions.resolve("all", (2, 3, 2))
+    assert len(grid) == 12 and (np.diff(grid[:, 0]) >= 0).all()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("middle", "unknown position selection 'middle'"),
+    ("grid:x", "'grid:x': the grid step K"),
+    ([[1]], "position [1] must have 2 coordinates"),
+    ([[4, 0]], "position (4, 0) is outside the output grid of shape (4, 5)"),
+    ([], "the position list is empty"),
+])
+def test_bad_selections(spec, message):
+    with pytest.raises(PositionError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        positions.resolve(spec, (4, 5))
