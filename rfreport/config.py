@@ -1,0 +1,415 @@
+"""Run configs: TOML files that list the models to audit, validated in full before any model is built.
+
+A config has an optional `[run]` table (executor, device, batch size, seed), an optional
+`[defaults]` table applied to every model of that file, and one `[[model]]` table per model.
+Every problem raises :class:`ConfigError` with one line naming the file, the model and the key.
+Relative paths (file factories, checkpoints, images, ERF image folders) are resolved against the
+config file's folder, so a :class:`ModelSpec` is self-contained and can travel to another process.
+docs/config.md documents the format.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from rfreport import positions as positions_mod
+from rfreport.errors import ConfigError, ModelLoadError, PositionError
+
+PositionSpec = str | tuple[str | tuple[int, ...], ...]
+EXECUTORS = ("local", "ray")
+ERF_DISTRIBUTIONS = ("normal", "uniform")
+TOP_KEYS = ("run", "defaults", "model")
+
+
+@dataclass(frozen=True)
+class AuditRule:
+    """One audit rule: its config name, the kind of limit it takes and what it checks."""
+
+    name: str
+    kind: str   # "size": int or per-axis list; "fraction": 0..1; "pixels": number >= 0; "flag": bool
+    help: str
+
+
+AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
+    AuditRule("min_rf", "size", "RF size at the centre position is at least this (per axis)"),
+    AuditRule("max_rf", "size", "RF size at the centre position is at most this (per axis)"),
+    AuditRule("max_edge_fraction", "fraction", "at most this fraction of the swept positions see padding"),
+    AuditRule("no_unseen", "flag", "when true, every input pixel is seen by some output position"),
+    AuditRule("no_global", "flag", "when true, no output position sees the whole input"),
+    AuditRule("max_center_offset", "pixels", "the centre RF's centre is at most this far from its ideal "
+              "centre (input pixels, per axis)"),
+    AuditRule("min_fill", "fraction", "every swept RF fills at least this fraction of its box (no gridding holes)"),
+)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to audit, validated: how to build it and what to sweep, at one or more input shapes."""
+
+    name: str
+    factory: str                                   # `package.module:callable` or `/abs/path/file.py:callable`
+    input_shapes: tuple[tuple[int, ...], ...]      # each (N, C, *spatial), 1 to 3 spatial axes, same rank
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None                 # a local state_dict file
+    layer: str | None = None                       # submodule whose output is analysed
+    output: str | int | None = None                # key or index of a tuple/dict output
+    positions: PositionSpec = "all"
+    mode: str = "structural"
+    audit: dict[str, Any] = field(default_factory=dict)    # rule name -> limit (see AUDIT_RULES)
+    erf: dict[str, Any] | None = None              # {samples, positions, distribution, images} or None
+    image: Path | None = None                      # a user image shown under the report's overlays
+    layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
+    config_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes: the `[run]` table of the configs, overridden by CLI flags."""
+
+    executor: str = "local"          # "local" (in-process) or "ray"
+    address: str | None = None       # Ray cluster address (None: start or join a local one)
+    device: str = "auto"
+    batch_size: int | str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: the config files read, their models in order, and the run options."""
+
+    files: tuple[Path, ...]
+    models: tuple[ModelSpec, ...]
+    options: RunOptions = RunOptions()
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a value comes from, to name the file, the section and the key in error messages."""
+
+    file: Path
+    section: str   # "model 'x'", "model #3", "[defaults]", "[run]", "top level"
+
+    def error(self, key: str | None, problem: str) -> ConfigError:
+        """Return a one-line ConfigError for a key of this section."""
+        at = f"{self.file}: {self.section}" + (f": key {key!r}" if key else "")
+        return ConfigError(f"{at}: {problem}")
+
+
+def _type_name(value: Any) -> str:
+    """Name a TOML value's type the way the TOML spec does."""
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, types: tuple[type, ...], label: str, where: _Where, key: str) -> Any:
+    """Return the value if it has one of the types (booleans are not integers), else raise."""
+    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+        return value
+    raise where.error(key, f"must be {label}, not {_type_name(value)} {value!r}")
+
+
+def _unknown(keys: Sequence[str], allowed: Sequence[str], where: _Where, what: str) -> None:
+    """Raise on the first key not in `allowed`, suggesting the closest allowed key."""
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+            raise where.error(key, f"unknown {what}{hint}")
+
+
+def _string(value: Any, where: _Where, key: str) -> str:
+    """Validate a non-empty string."""
+    text = _expect(value, (str,), "a string", where, key)
+    if not text.strip():
+        raise where.error(key, "must not be empty")
+    return text
+
+
+def _choice(value: Any, choices: Sequence[str], where: _Where, key: str) -> str:
+    """Validate a string among fixed choices."""
+    text = _string(value, where, key)
+    if text not in choices:
+        raise where.error(key, f"must be one of {', '.join(choices)}, not {text!r}")
+    return text
+
+
+def _table(value: Any, where: _Where, key: str) -> dict[str, Any]:
+    """Validate a TOML table (its values are checked by the caller)."""
+    return dict(_expect(value, (dict,), "a table", where, key))
+
+
+def _path(value: Any, where: _Where, key: str, *, folder: bool = False) -> Path:
+    """Validate a path to an existing file (or folder), relative to the config file."""
+    path = (where.file.parent / _string(value, where, key)).resolve()
+    exists = path.is_dir() if folder else path.is_file()
+    if not exists:
+        raise where.error(key, f"{'folder' if folder else 'file'} {str(value)!r} does not exist ({path})")
+    return path
+
+
+def _factory(value: Any, where: _Where, key: str) -> str:
+    """Validate `package.module:callable` or `path/to/file.py:callable` and check it imports."""
+    # models imports torch; keep it out of import time so audit/report can read AUDIT_RULES without it
+    from rfreport.models import import_factory
+
+    text = _string(value, where, key)
+    target, _, attr = text.rpartition(":")
+    if not target or not attr:
+        raise where.error(key, f"{text!r} must be 'package.module:callable' or 'path/to/file.py:callable'")
+    if target.endswith(".py"):
+        text = f"{(where.file.parent / target).resolve()}:{attr}"
+    try:
+        import_factory(text)
+    except ModelLoadError as exc:
+        raise where.error(key, str(exc)) from exc
+    return text
+
+
+def _shape(value: Any, where: _Where, key: str) -> tuple[int, ...]:
+    """Validate one input shape (N, C, *spatial) with 1 to 3 positive spatial sizes."""
+    items = _expect(value, (list,), "a list of integers", where, key)
+    shape = tuple(_expect(n, (int,), "a list of integers", where, key) for n in items)
+    if len(shape) not in (3, 4, 5) or any(n < 1 for n in shape):
+        raise where.error(key, f"shape {list(shape)} must be [N, C, *spatial] with 1 to 3 positive spatial "
+                               "sizes, e.g. [1, 3, 224, 224]")
+    return shape
+
+
+def _shapes(value: Any, where: _Where, key: str) -> tuple[tuple[int, ...], ...]:
+    """Validate one shape or a list of shapes of one spatial rank, without repeats."""
+    items = _expect(value, (list,), "a shape like [1, 3, 224, 224] or a list of shapes", where, key)
+    if not items:
+        raise where.error(key, "must not be empty")
+    shapes = tuple(_shape(s, where, key) for s in items) if isinstance(items[0], list) else (
+        _shape(items, where, key),)
+    if len({len(s) for s in shapes}) > 1:
+        raise where.error(key, "all shapes of a model must have the same number of spatial axes")
+    repeated = [list(s) for i, s in enumerate(shapes) if s in shapes[:i]]
+    if repeated:
+        raise where.error(key, f"shape {repeated[0]} is listed twice")
+    return shapes
+
+
+def _positions(value: Any, where: _Where, key: str) -> PositionSpec:
+    """Validate a position selection: a name, `grid:K`, or a list of names and coordinate lists."""
+    items = [value] if isinstance(value, str) else _expect(
+        value, (list,), "a string (all, center, corners, edges, grid:K) or a list", where, key)
+    if not items:
+        raise where.error(key, "must not be empty")
+    checked: list[str | tuple[int, ...]] = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                positions_mod.resolve(item, (1,))
+            except PositionError as exc:
+                raise where.error(key, str(exc)) from exc
+            checked.append(item)
+        else:
+            coords = _expect(item, (list,), "a name or a list of coordinates", where, key)
+            checked.append(tuple(_expect(c, (int,), "a list of integer coordinates", where, key) for c in coords))
+            if any(c < 0 for c in checked[-1]):
+                raise where.error(key, f"position {coords} has a negative coordinate")
+    return value if isinstance(value, str) else tuple(checked)
+
+
+def _output(value: Any, where: _Where, key: str) -> str | int:
+    """Validate an output key (string) or index (integer)."""
+    return _expect(value, (str, int), "a string key or an integer index", where, key)
+
+
+def _mode(value: Any, where: _Where, key: str) -> str:
+    """Validate a sweep mode."""
+    from rfreport.engine import MODES  # torch-heavy; see _factory
+
+    return _choice(value, MODES, where, key)
+
+
+def _layers(value: Any, where: _Where, key: str) -> tuple[str, ...]:
+    """Validate a list of layer names."""
+    items = _expect(value, (list,), "a list of layer names", where, key)
+    return tuple(_string(item, where, key) for item in items)
+
+
+def _audit_limit(rule: AuditRule, value: Any, where: _Where) -> Any:
+    """Validate one audit rule's limit according to its kind."""
+    key = f"audit.{rule.name}"
+    if rule.kind == "flag":
+        return _expect(value, (bool,), "true or false", where, key)
+    if rule.kind == "size":
+        sizes = value if isinstance(value, list) else [value]
+        sizes = [_expect(v, (int,), "a positive integer or a list of them (one per axis)", where, key)
+                 for v in sizes]
+        if not sizes or any(v < 1 for v in sizes):
+            raise where.error(key, f"must be a positive integer or a list of them, not {value!r}")
+        return value
+    number = float(_expect(value, (int, float), "a number", where, key))
+    if number < 0 or (rule.kind == "fraction" and number > 1):
+        raise where.error(key, f"must be {'between 0 and 1' if rule.kind == 'fraction' else '>= 0'}, not {value!r}")
+    return number
+
+
+def _audit(value: Any, where: _Where, key: str) -> dict[str, Any]:
+    """Validate an `[audit]` table of rule -> limit."""
+    table = _table(value, where, key)
+    _unknown([f"{key}.{name}" for name in table], [f"{key}.{name}" for name in AUDIT_RULES], where, "audit rule")
+    return {name: _audit_limit(AUDIT_RULES[name], limit, where) for name, limit in table.items()}
+
+
+def _erf(value: Any, where: _Where, key: str) -> dict[str, Any] | None:
+    """Validate an ERF request: true/false or a table of samples, positions, distribution, images."""
+    if isinstance(value, bool):
+        return {} if value else None
+    table = _table(value, where, key)
+    _unknown([f"erf.{k}" for k in table], [f"erf.{k}" for k in ERF_KEYS], where, "ERF option")
+    return {k: ERF_KEYS[k](v, where, f"erf.{k}") for k, v in table.items()}
+
+
+def _positive_int(value: Any, where: _Where, key: str) -> int:
+    """Validate an integer >= 1."""
+    number = _expect(value, (int,), "a positive integer", where, key)
+    if number < 1:
+        raise where.error(key, f"must be a positive integer, not {number}")
+    return number
+
+
+def _batch_size(value: Any, where: _Where, key: str) -> int | str:
+    """Validate a batch size: a positive integer or 'auto'."""
+    return _choice(value, ("auto",), where, key) if isinstance(value, str) else _positive_int(value, where, key)
+
+
+Checker = Callable[[Any, _Where, str], Any]
+ERF_KEYS: dict[str, Checker] = {
+    "samples": _positive_int,
+    "positions": _positions,
+    "distribution": lambda v, w, k: _choice(v, ERF_DISTRIBUTIONS, w, k),
+    "images": lambda v, w, k: _path(v, w, k, folder=True),
+}
+MODEL_KEYS: dict[str, Checker] = {
+    "name": _string,
+    "factory": _factory,
+    "kwargs": _table,
+    "checkpoint": _path,
+    "input_shape": _shapes,
+    "layer": _string,
+    "output": _output,
+    "positions": _positions,
+    "mode": _mode,
+    "audit": _audit,
+    "erf": _erf,
+    "image": _path,
+    "layers": _layers,
+}
+RUN_KEYS: dict[str, Checker] = {
+    "executor": lambda v, w, k: _choice(v, EXECUTORS, w, k),
+    "address": _string,
+    "device": _string,
+    "batch_size": _batch_size,
+    "seed": lambda v, w, k: _expect(v, (int,), "an integer", w, k),
+}
+MERGED_TABLES = ("kwargs", "audit", "erf")   # a model's table updates the defaults' table key by key
+REQUIRED = ("name", "factory", "input_shape")
+
+
+def _check_table(table: dict[str, Any], checkers: dict[str, Checker], where: _Where) -> dict[str, Any]:
+    """Reject unknown keys, then validate and normalise every value."""
+    _unknown(list(table), list(checkers), where, "key")
+    return {key: checkers[key](value, where, key) for key, value in table.items()}
+
+
+def _merge(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """Apply the defaults under a model's own values; kwargs, audit and erf tables merge key by key."""
+    merged = {**defaults, **model}
+    for key in MERGED_TABLES:
+        if isinstance(defaults.get(key), dict) and isinstance(model.get(key), dict):
+            merged[key] = {**defaults[key], **model[key]}
+    return merged
+
+
+def _check_ranks(values: dict[str, Any], where: _Where) -> None:
+    """Check that explicit positions and per-axis audit limits match the input's spatial rank."""
+    rank = len(values["input_shape"][0]) - 2
+    selections = [("positions", values.get("positions"))]
+    selections.append(("erf.positions", (values.get("erf") or {}).get("positions")))
+    for key, spec in selections:
+        for item in spec if isinstance(spec, tuple) else ():
+            if not isinstance(item, str) and len(item) != rank:
+                raise where.error(key, f"position {list(item)} must have {rank} coordinates (one per spatial axis)")
+    for name, limit in values.get("audit", {}).items():
+        if isinstance(limit, list) and len(limit) != rank:
+            raise where.error(f"audit.{name}", f"{limit} must have {rank} entries (one per spatial axis)")
+
+
+def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> ModelSpec:
+    """Validate one `[[model]]` table, apply the defaults and build its ModelSpec."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    where = _Where(file, f"model {name!r}" if isinstance(name, str) else f"model #{index + 1}")
+    values = _merge(defaults, _check_table(_table(raw, where, None), MODEL_KEYS, where))
+    for key in REQUIRED:
+        if key not in values:
+            raise where.error(key, "is required (in the model or in [defaults])")
+    _check_ranks(values, where)
+    return ModelSpec(
+        name=values["name"], factory=values["factory"], input_shapes=values["input_shape"],
+        kwargs=values.get("kwargs", {}), checkpoint=values.get("checkpoint"), layer=values.get("layer"),
+        output=values.get("output"), positions=values.get("positions", "all"),
+        mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
+        image=values.get("image"), layers=values.get("layers"), config_file=file)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """Read and parse one TOML file."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def load_file(path: Path) -> tuple[tuple[ModelSpec, ...], dict[str, Any]]:
+    """Validate one config file; return its models and its `[run]` values."""
+    data = _read(path)
+    top = _Where(path, "top level")
+    _unknown(list(data), TOP_KEYS, top, "table")
+    run = _check_table(_table(data.get("run", {}), top, "run"), RUN_KEYS, _Where(path, "[run]"))
+    defaults_where = _Where(path, "[defaults]")
+    raw_defaults = _table(data.get("defaults", {}), top, "defaults")
+    if "name" in raw_defaults:
+        raise defaults_where.error("name", "a name cannot have a default; give each model its own")
+    defaults = _check_table(raw_defaults, MODEL_KEYS, defaults_where)
+    models = _expect(data.get("model", []), (list,), "an array of [[model]] tables", top, "model")
+    return tuple(_model_spec(raw, i, defaults, path) for i, raw in enumerate(models)), run
+
+
+def load(paths: Sequence[Path | str]) -> RunConfig:
+    """Read and validate config files, in order; a later file's `[run]` values override an earlier one's."""
+    if not paths:
+        raise ConfigError("no config file given")
+    files = tuple(Path(p) for p in paths)
+    models: list[ModelSpec] = []
+    run: dict[str, Any] = {}
+    for path in files:
+        specs, options = load_file(path)
+        models.extend(specs)
+        run.update(options)
+    _check_unique(models)
+    if not models:
+        raise ConfigError(f"{', '.join(map(str, files))}: no [[model]] tables; nothing to run")
+    return RunConfig(files=files, models=tuple(models), options=replace(RunOptions(), **run))
+
+
+def _check_unique(models: Sequence[ModelSpec]) -> None:
+    """Raise on the first model name used twice, naming both places."""
+    seen: dict[str, ModelSpec] = {}
+    for spec in models:
+        if spec.name in seen:
+            raise ConfigError(f"{spec.config_file}: model {spec.name!r}: key 'name': duplicate model name "
+                              f"(first defined in {seen[spec.name].config_file})")
+        seen[spec.name] = spec
