@@ -201,36 +201,33 @@ def write(path: Path, meta: dict, outputs: Sequence[ModelOutput], log: str = "")
 
 @contextmanager
 def staged(path: Path) -> Iterator[Path]:
-    """Yield a hidden sibling folder to assemble a run in; rename it to `path` only on success.
+    """Yield a folder to assemble a run in, named like `path` inside a hidden sibling; move it to `path` on success.
 
     On any exception (KeyboardInterrupt included) the staging folder is removed and an existing
     `path` is left untouched; an old run is moved aside only once the new one is complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        staging = holder / path.name
+        staging.mkdir()
         yield staging
-        _replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _replace(staging, path, holder / ".old")
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
-def _replace(staging: Path, path: Path) -> None:
-    """Rename the staging folder onto `path`, moving an existing folder aside first and deleting it after."""
-    if not path.exists():
-        os.replace(staging, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / path.name)
+def _replace(staging: Path, path: Path, aside: Path) -> None:
+    """Rename the staging folder onto `path`, first moving an existing folder to `aside` (restored on failure)."""
+    if path.exists():
+        os.replace(path, aside)
     try:
         os.replace(staging, path)
     except BaseException:
-        os.replace(old / path.name, path)
+        if aside.exists():
+            os.replace(aside, path)
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: str | os.PathLike) -> Run:

@@ -1,0 +1,367 @@
+"""The `rfreport` command line: thin click commands over the pipeline, run folders, audits and diffs.
+
+RfReportError is turned into a one-line `Error: ...` here and nowhere else: exit code 2 for
+usage, config and run-folder errors, 1 for everything that failed while running. The torch
+stages are imported inside the commands that compute, so `report`, `check RUN_DIR` and `diff`
+start fast and never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rfreport import __version__, diff, runfolder
+from rfreport import audit as audit_mod
+from rfreport.errors import ConfigError, RfReportError, RunFolderError
+
+USAGE_ERRORS = (ConfigError, RunFolderError)
+MODES = ("structural", "gradient")
+
+
+class CommandError(click.ClickException):
+    """A one-line error with its own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def converts_errors(command: Callable) -> Callable:
+    """Turn RfReportError raised by a command into a one-line message and exit code 2 or 1."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RfReportError as exc:
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            raise CommandError(lines[0], 2 if isinstance(exc, USAGE_ERRORS) else 1) from exc
+    return wrapper
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Send rfreport's log to stderr: warnings by default, info with -v, debug with -vv, errors with -q."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logger = logging.getLogger("rfreport")
+    if not any(getattr(h, "rfreport_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.rfreport_console = True
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    for handler in logger.handlers:
+        if getattr(handler, "rfreport_console", False):
+            handler.setLevel(level)
+    logger.setLevel(min(level, logging.INFO))
+    logger.propagate = False
+
+
+def verbosity(command: Callable) -> Callable:
+    """Add -v/--verbose and -q/--quiet."""
+    command = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(command)
+    return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(command)
+
+
+def sweep_flags(command: Callable) -> Callable:
+    """Add the shared options of the commands that sweep: device, batch size, seed, ERF and verbosity."""
+    flags = [
+        click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
+        click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
+        click.option("--seed", type=int, default=None, help="Seed of the random probe inputs (default: 0)."),
+        click.option("--erf-samples", type=click.IntRange(min=1), default=None,
+                     help="Measure the effective RF with this many random inputs (enables ERF)."),
+        click.option("--erf-positions", multiple=True, metavar="SPEC",
+                     help="Positions for the ERF: center, corners, edges, grid:K or H,W (repeatable; enables ERF)."),
+    ]
+    for flag in reversed(flags):
+        command = flag(command)
+    return verbosity(command)
+
+
+def parse_position(text: str) -> str | tuple[int, ...]:
+    """Parse one position argument: a selection name (center, grid:4, ...) or comma-separated coordinates."""
+    if not text.replace(",", "").replace(" ", "").lstrip("-").isdigit():
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not a list of integer coordinates like 4,8") from exc
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse an input shape like 1,3,224,224."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} must be comma-separated integers like 1,3,224,224") from exc
+
+
+def parse_batch_size(text: str | None) -> int | str | None:
+    """Parse --batch-size: a positive integer or auto."""
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r} must be a positive integer or auto", param_hint="--batch-size")
+    return int(text)
+
+
+def erf_overrides(samples: int | None, chosen: Sequence[str]) -> dict[str, Any]:
+    """Return the ERF settings the flags ask for (empty when neither flag is given)."""
+    settings: dict[str, Any] = {}
+    if samples is not None:
+        settings["samples"] = samples
+    if chosen:
+        settings["positions"] = [parse_position(text) for text in chosen]
+    return settings
+
+
+def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | None, seed: int | None,
+                erf_samples: int | None, erf_positions: Sequence[str], executor: str | None = None,
+                address: str | None = None):
+    """Load configs and apply the command-line overrides of the run options and ERF settings."""
+    from rfreport import config as config_mod
+
+    loaded = config_mod.load(paths)
+    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed, "executor": executor,
+             "address": address}
+    options = replace(loaded.options, **{k: v for k, v in given.items() if v is not None})
+    erf = erf_overrides(erf_samples, erf_positions)
+    specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
+    return replace(loaded, models=specs, options=options)
+
+
+class ClickProgress:
+    """Progress bars on stderr: one per job, advanced per position chunk."""
+
+    def __init__(self):
+        self.bar = None
+        self.label = ""
+
+    def start(self, job, index: int, count: int) -> None:
+        """Remember the label of the job about to run."""
+        self.label = f"[{index + 1}/{count}] {job.slug}"
+
+    def advance(self, done: int, total: int) -> None:
+        """Open the job's bar on its first chunk and move it to `done` positions."""
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+        self.bar.update(done - self.bar.pos)
+
+    def finish(self, result=None) -> None:
+        """Close the job's bar and print its status, when there is a result."""
+        if self.bar is not None:
+            self.bar.render_finish()
+            self.bar = None
+        if result is None:
+            return
+        status = "ok" if result.status == "ok" else f"FAILED: {result.error}"
+        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s)", err=True)
+
+
+def make_progress(quiet: bool):
+    """Return progress bars when stdout is a terminal and not -q, else a silent reporter."""
+    from rfreport.executors import Silent
+
+    return ClickProgress() if sys.stdout.isatty() and sys.stderr.isatty() and not quiet else Silent()
+
+
+def make_executor(kind: str, address: str | None, progress):
+    """Return the executor a run asked for; Ray is imported only when chosen."""
+    from rfreport.executors import LocalExecutor
+
+    if kind == "local":
+        return LocalExecutor(progress)
+    try:
+        from rfreport.ray_executor import RayExecutor
+    except ImportError as exc:
+        raise CommandError(f"--executor ray needs Ray: pip install 'rfreport[ray]' ({exc})", 2) from exc
+    return RayExecutor(address=address)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rfreport")
+def cli() -> None:
+    """Exact receptive fields of every output position of a convolutional network, as an HTML report."""
+
+
+@cli.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to (re)write.")
+@click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
+@click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
+@sweep_flags
+@converts_errors
+def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
+        verbose, quiet) -> None:
+    """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
+    from rfreport import pipeline
+
+    configure_logging(verbose, quiet)
+    config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
+                         erf_positions=erf_positions, executor=executor, address=address)
+    chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+    saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
+    failed = [model for model in saved.models if not model.ok]
+    for model in failed:
+        click.echo(f"failed: {model.slug}: {model.entry.get('error')}", err=True)
+    click.echo(str(saved.path / "index.html"))
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed; see {saved.path / runfolder.LOG}",
+                           1)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
+@verbosity
+@converts_errors
+def report(run_dir, assets_dir, verbose, quiet) -> None:
+    """Re-render RUN_DIR/index.html from the saved frames (no torch work)."""
+    from rfreport import report as report_mod
+
+    configure_logging(verbose, quiet)
+    saved = runfolder.load(run_dir)
+    assets = saved.path / assets_dir if assets_dir is not None else None
+    click.echo(str(report_mod.render(saved, saved.path / "index.html", assets_dir=assets)))
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@sweep_flags
+@converts_errors
+def check(sources, device, batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
+    """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR; exit 1 when one fails."""
+    configure_logging(verbose, quiet)
+    entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
+                              erf_samples=erf_samples, erf_positions=erf_positions)
+    rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
+            for e in entries for r in e.get("audit") or []]
+    click.echo(table(["model", "rule", "limit", "value", "result"], rows) if rows else "no audit rules")
+    failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
+    if failing:
+        raise CommandError(f"audit failed for {', '.join(failing)}", 1)
+
+
+def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
+    """Return the audited entries of one saved run folder, or of the configs swept in memory."""
+    folders = [s for s in sources if Path(s).is_dir()]
+    if folders:
+        if len(sources) != 1:
+            raise click.UsageError("give either one RUN_DIR or one or more CONFIG files, not both")
+        return [model.entry for model in runfolder.load(folders[0]).models]
+    from rfreport import pipeline
+
+    config = load_config(sources, **flags)
+    jobs = pipeline.make_jobs(config)
+    executor = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+    return [output.entry for output in pipeline.outputs(jobs, executor)]
+
+
+@cli.command("diff")
+@click.argument("run_a", type=click.Path())
+@click.argument("run_b", type=click.Path())
+@click.option("--fail-on-change", is_flag=True, help="Exit 1 when anything changed.")
+@verbosity
+@converts_errors
+def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
+    """Show per model what changed between RUN_A and RUN_B (RF size, stride, padding, edges, findings, audit)."""
+    configure_logging(verbose, quiet)
+    found = diff.compare(runfolder.load(run_a), runfolder.load(run_b))
+    rows = [[slug, "model", "", "added"] for slug in found.added]
+    rows += [[slug, "model", "removed", ""] for slug in found.removed]
+    rows += [[c.slug, c.field, text(c.before), text(c.after)] for c in found.changes]
+    click.echo(table(["model", "field", run_a, run_b], rows) if rows else "no changes")
+    if fail_on_change and found.changed:
+        raise CommandError(f"{len(rows)} change(s) between {run_a} and {run_b}", 1)
+
+
+@cli.command()
+@click.argument("factory")
+@click.option("--input-shape", required=True, callback=lambda _c, _p, v: parse_shape(v),
+              help="Input shape N,C,*spatial, e.g. 1,3,224,224.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Factory keyword arguments as a JSON object.")
+@click.option("--layer", default=None, help="Analyse this submodule's output.")
+@click.option("--output", default=None, help="Analyse this key (or integer index) of a tuple/dict output.")
+@click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
+@click.option("--positions", default=None, help="all, center, corners, edges or grid:K (default: center).")
+@click.option("--mode", type=click.Choice(MODES), default="structural", help="Exact structural RF or naive gradient.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@sweep_flags
+@converts_errors
+def inspect(factory, input_shape, kwargs_json, layer, output, pos, positions, mode, as_json, device, batch_size,
+            seed, erf_samples, erf_positions, verbose, quiet) -> None:
+    """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
+    from rfreport import pipeline
+    from rfreport.config import ModelSpec, RunOptions
+
+    configure_logging(verbose, quiet)
+    if layer is not None and output is not None:
+        raise click.UsageError("give --layer or --output, not both")
+    chosen = [*([positions] if positions else []), *(parse_position(p) for p in pos)] or "center"
+    spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
+                     layer=layer, output=parse_output(output), positions=chosen, mode=mode,
+                     erf=erf_overrides(erf_samples, erf_positions) or None)
+    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed}
+    job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
+    progress = make_progress(quiet)
+    progress.start(job, 0, 1)
+    record = pipeline.inspect(job, progress.advance)
+    progress.finish()
+    click.echo(json.dumps(record) if as_json else inspect_text(record))
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """Parse --kwargs, a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--kwargs") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object like '{\"num_classes\": 10}'", param_hint="--kwargs")
+    return value
+
+
+def parse_output(text: str | None) -> str | int | None:
+    """Parse --output: an integer index or a string key."""
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
+
+
+def inspect_text(record: dict) -> str:
+    """Render an inspect record as a readable table with the geometry below it."""
+    rows = [[text(p["pos"]), text(p["lo"]), text(p["hi"]), text(p["size"]), p["support"], f"{p['fill']:.3f}",
+             "yes" if p["edge"] else ""] for p in record["positions"]]
+    geometry = record["geometry"]
+    lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
+             f"({record['mode']})", "", table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
+    lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    return "\n".join(lines)
+
+
+def text(value: Any) -> str:
+    """Format a JSON value for a table cell: lists as `a x b`, floats with 4 significant digits."""
+    if isinstance(value, (list, tuple)):
+        return " x ".join(text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Return a plain-text table with left-aligned columns."""
+    cells = [list(map(str, headers)), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def main() -> None:
+    """Run the rfreport command line."""
+    cli(prog_name="rfreport")

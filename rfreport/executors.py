@@ -1,0 +1,99 @@
+"""The executor seam: where jobs run. In-process by default; a distributed executor plugs in here.
+
+An executor only has to map jobs to results in job order (:class:`Executor`). Jobs and
+results are picklable, so an executor may ship them to other processes or machines. One
+large job can also be cut into position chunks (:func:`split`) whose sweeps run anywhere
+(:func:`run_chunk`) and are merged back in position order (:func:`merge`); the merged sweep,
+handed to :func:`rfreport.pipeline.run_job` as `main`, gives the same frames as an unchunked run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from rfreport import models
+from rfreport.pipeline import Advance, Job, JobResult, main_sweep, plan, run_job
+from rfreport.sweep import SweepResult
+
+
+class Executor(Protocol):
+    """Runs jobs somewhere and yields their results in the order of the jobs."""
+
+    def map(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run every job and yield its result, in job order."""
+
+
+class Progress(Protocol):
+    """Receives progress from an in-process executor: one job at a time, position chunks within it."""
+
+    def start(self, job: Job, index: int, count: int) -> None:
+        """Announce job `index` (0-based) of `count`."""
+
+    def advance(self, done: int, total: int) -> None:
+        """Report the positions swept so far of the current job."""
+
+    def finish(self, result: JobResult | None = None) -> None:
+        """Report the end of the current job, with its result when it ran as a job."""
+
+
+class Silent:
+    """A Progress that shows nothing."""
+
+    def start(self, job: Job, index: int, count: int) -> None:
+        """Ignore the start of a job."""
+
+    def advance(self, done: int, total: int) -> None:
+        """Ignore progress within a job."""
+
+    def finish(self, result: JobResult | None = None) -> None:
+        """Ignore the end of a job."""
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """Run jobs one after another in this process."""
+
+    progress: Progress = field(default_factory=Silent)
+
+    def map(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run every job in order, reporting progress, and yield its result."""
+        for index, job in enumerate(jobs):
+            self.progress.start(job, index, len(jobs))
+            result = run_job(job, self.progress.advance)
+            self.progress.finish(result)
+            yield result
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of one job's main sweep: explicit output positions, in position order."""
+
+    job: Job
+    positions: np.ndarray    # (P, d) int64
+
+
+def split(job: Job, count: int) -> list[Chunk]:
+    """Cut a job's positions into at most `count` non-empty chunks of consecutive positions."""
+    selected = plan(models.build(job.spec), job)
+    return [Chunk(job, part) for part in np.array_split(selected, max(1, count)) if len(part)]
+
+
+def run_chunk(chunk: Chunk, advance: Advance | None = None) -> SweepResult:
+    """Sweep one chunk's positions (with the job's masks kept where they fall in the chunk)."""
+    return main_sweep(models.build(chunk.job.spec), chunk.job, chunk.positions, advance)
+
+
+def merge(parts: Sequence[SweepResult]) -> SweepResult:
+    """Merge chunk sweeps of one job into one sweep: rows in position order, coverage summed, masks joined."""
+    first = parts[0]
+    columns = {name: np.concatenate([getattr(p, name) for p in parts])
+               for name in ("positions", "lo", "hi", "support", "wrapped", "path")}
+    order = np.lexsort(columns["positions"].T[::-1])
+    return replace(first, **{name: values[order] for name, values in columns.items()},
+                   coverage=np.sum([p.coverage for p in parts], axis=0),
+                   masks={pos: mask for p in parts for pos, mask in p.masks.items()},
+                   seconds=sum(p.seconds for p in parts))

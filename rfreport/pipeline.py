@@ -1,0 +1,314 @@
+"""The pipeline: one job per (model, input shape), run through an executor, assembled into a run folder.
+
+A job builds its model, sweeps the requested positions (plus the few the geometry fit needs),
+runs the local sweep when every swept position sees the whole input, the per-layer growth and
+the ERF when asked, then analyses it all. Its :class:`JobResult` holds only numpy arrays,
+DataFrames and plain values, so it pickles across processes. :func:`run` hands the jobs to an
+executor and writes the results into an atomically replaced run folder with its report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder
+from rfreport import positions as positions_mod
+from rfreport.config import ModelSpec, RunConfig, RunOptions
+from rfreport.engine import Engine, Target, resolve_device
+from rfreport.errors import RfReportError
+from rfreport.sweep import SweepResult, sweep
+
+if TYPE_CHECKING:
+    from rfreport.executors import Executor
+
+logger = logging.getLogger("rfreport")
+KEEP_MASKS = ("center", "corners", "edges")
+Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a model spec at one of its input shapes, with the run's options."""
+
+    spec: ModelSpec
+    input_shape: tuple[int, ...]
+    options: RunOptions
+
+    @property
+    def slug(self) -> str:
+        """Return the run-folder name of this job, e.g. `resnet50-224x224`."""
+        return runfolder.slugify(self.spec.name, self.input_shape)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job produced: picklable and torch-free (plain values, DataFrames, numpy arrays)."""
+
+    name: str
+    slug: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    status: str                            # "ok" or "failed"
+    error: str | None                      # one line when failed
+    mode: str
+    target: str
+    seconds: float
+    summary: dict = field(default_factory=dict)         # analysis summary keys
+    findings: tuple[dict, ...] = ()                                  # {code, severity, message}
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)
+
+
+def make_jobs(config: RunConfig) -> list[Job]:
+    """Return one job per model and input shape, in config order."""
+    return [Job(spec, shape, config.options) for spec in config.models for shape in spec.input_shapes]
+
+
+def sweep_options(job: Job) -> dict[str, Any]:
+    """Return the sweep keyword arguments every sweep of a job shares."""
+    spec, options = job.spec, job.options
+    return {"mode": spec.mode, "layer": spec.layer, "output": spec.output, "device": options.device,
+            "seed": options.seed, "batch_size": options.batch_size}
+
+
+def keep_masks(spec: ModelSpec) -> list:
+    """Return the positions whose support masks are kept: centre, corners, edges and explicit coordinates."""
+    explicit = [] if isinstance(spec.positions, str) else [p for p in spec.positions if not isinstance(p, str)]
+    return [*KEEP_MASKS, *explicit]
+
+
+def plan(model: nn.Module, job: Job) -> np.ndarray:
+    """Resolve the job's positions on its output grid (one forward pass)."""
+    spec, options = job.spec, job.options
+    with Engine(model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output),
+                device=options.device, seed=options.seed) as engine:
+        return positions_mod.resolve(spec.positions, engine.output_spatial)
+
+
+def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advance | None = None) -> SweepResult:
+    """Sweep the selected positions of a job, keeping the masks of the chosen ones."""
+    done = [0]
+
+    def progress(count: int) -> None:
+        done[0] += count
+        advance(done[0], len(selected))
+
+    return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
+                 progress=progress if advance else None, **sweep_options(job))
+
+
+def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
+    """Return whether a sweep already holds every position of a selection."""
+    wanted = positions_mod.resolve(spec, result.output_spatial)
+    swept = set(map(tuple, result.positions.tolist()))
+    return all(tuple(pos) in swept for pos in wanted.tolist())
+
+
+def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult | None:
+    """Sweep the positions the geometry fit and the kept masks need, unless the main sweep has them all."""
+    extra = [*_as_list(analysis.geometry_positions(main.output_spatial)), *KEEP_MASKS]
+    if covers(main, extra):
+        return None
+    return sweep(model, job.input_shape, extra, keep_masks=keep_masks(job.spec), **sweep_options(job))
+
+
+def _as_list(spec: positions_mod.PositionSpec) -> list:
+    """Return a position selection as a list of names and coordinates."""
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def sees_everything(result: SweepResult) -> bool:
+    """Return whether every swept position's support is the whole input (a global or border-wide RF)."""
+    return bool(np.all(result.support == int(np.prod(result.input_spatial))))
+
+
+def local_sweep(model: nn.Module, job: Job, reference: SweepResult) -> SweepResult | None:
+    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
+    if not sees_everything(reference):
+        return None
+    return sweep(model, job.input_shape, analysis.geometry_positions(reference.output_spatial), local=True,
+                 **sweep_options(job))
+
+
+def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
+    """Return the per-layer RF growth of a job's model."""
+    return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode=job.spec.mode,
+                               device=job.options.device, seed=job.options.seed)
+
+
+def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
+    """Measure the effective RF when the spec asks for it, reusing the main sweep's RF boxes."""
+    if job.spec.erf is None:
+        return None
+    settings = dict(job.spec.erf)
+    chosen = settings.pop("positions", "center")
+    options = sweep_options(job)
+    del options["mode"]
+    return erf.effective_rf(model, job.input_shape, chosen, theoretical=main if covers(main, chosen) else None,
+                            **settings, **options)
+
+
+def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None = None) -> JobResult:
+    """Run one job; any exception becomes a failed result with a one-line error, never a raise.
+
+    `main` is the job's main sweep when it was computed elsewhere (merged from chunks).
+    """
+    started = time.perf_counter()
+    logger.info("%s: started", job.slug)
+    try:
+        result = _complete(job, advance, main, started)
+    except Exception as exc:  # a job must never take the run down: import errors, OOM, bugs in user models
+        logger.error("%s: failed", job.slug, exc_info=True)
+        return _failed(job, exc, time.perf_counter() - started)
+    logger.info("%s: done in %.1f s", job.slug, result.seconds)
+    return result
+
+
+@dataclass(frozen=True)
+class Computed:
+    """Everything computed for one job: the main and geometry sweeps, the analysis and the ERF."""
+
+    main: SweepResult
+    geometry: SweepResult | None
+    analysed: analysis.Analysis
+    erf_result: erf.ErfResult | None
+
+
+def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
+            growth: bool = True) -> Computed:
+    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
+    main = main or main_sweep(model, job, plan(model, job), advance)
+    geometry = geometry_sweep(model, job, main)
+    local = local_sweep(model, job, geometry or main)
+    result = analysis.analyze(main, geometry=geometry, local=local,
+                              layers=layer_frame(model, job) if growth else None)
+    return Computed(main, geometry, result, effective(model, job, main))
+
+
+def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
+    """Build the model, run every stage of a job and assemble its result."""
+    done = compute(models.build(job.spec), job, advance, main)
+    main, result, measured = done.main, done.analysed, done.erf_result
+    masks = {**main.masks, **(done.geometry.masks if done.geometry else {})}
+    named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
+                    "geometry": result.geometry, "layers": result.layers,
+                    "erf": measured.metrics if measured else None}
+    arrays = {"coverage": result.coverage, "masks": masks, "erf_maps": measured.maps if measured else None}
+    return JobResult(
+        name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
+        status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
+        summary=dict(result.summary), findings=tuple(asdict(f) for f in result.findings),
+        frames={k: v for k, v in named_frames.items() if v is not None},
+        arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
+
+
+def inspect(job: Job, advance: Advance | None = None) -> dict:
+    """Sweep one job without layer growth and return the JSON record of `rfreport inspect --json`."""
+    done = compute(models.build(job.spec), job, advance, growth=False)
+    summary, frame = done.analysed.summary, done.analysed.positions
+    letters = positions_mod.axis_names(done.main.ndim)
+
+    def axes(template: str, row: Any) -> list[int]:
+        return [int(getattr(row, template.format(a))) for a in letters]
+
+    rows = [{"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
+             "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
+             "edge": bool(row.edge)} for row in frame.itertuples(index=False)]
+    geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
+                "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
+    record = {"model": job.spec.name, "input_shape": list(job.input_shape),
+              "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
+              "geometry": geometry}
+    if done.erf_result is not None:
+        record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
+    return record
+
+
+def one_line(exc: BaseException) -> str:
+    """Return an exception as one line: our own messages as they are, others prefixed with their type."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, RfReportError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _failed(job: Job, exc: BaseException, seconds: float) -> JobResult:
+    """Return the result of a job that raised."""
+    target = Target(job.spec.layer, job.spec.output).describe()
+    return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
+                     status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
+
+
+def entry(job: Job, result: JobResult) -> dict:
+    """Return the summary.json entry of a job: its result's values, summary, findings and audit."""
+    values = {"name": result.name, "slug": result.slug, "input_shape": list(result.input_shape),
+              "output_shape": list(result.output_shape) if result.output_shape else None,
+              "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
+              "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
+              **result.summary, "findings": list(result.findings)}
+    return {**values, "audit": audit.evaluate(job.spec.audit, values)}
+
+
+def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.ModelOutput]:
+    """Run the jobs through the executor and yield what the run folder stores for each."""
+    for job, result in zip(jobs, executor.map(jobs), strict=True):
+        yield runfolder.ModelOutput(entry(job, result), result.frames, result.arrays)
+
+
+def run_meta(config: RunConfig, seconds: float, argv: Sequence[str]) -> dict:
+    """Return the `run` object of summary.json."""
+    return {"config_files": [str(p) for p in config.files],
+            "versions": {"rfreport": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": str(resolve_device(config.options.device)),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seed": config.options.seed, "executor": config.options.executor,
+            "duration_s": round(seconds, 3), "argv": list(argv)}
+
+
+@contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Copy the rfreport log records (INFO and above) into a file for the duration of the block."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_dir: str | Path | None = None,
+        argv: Sequence[str] = ()) -> runfolder.Run:
+    """Run every job of a config through the executor and write the run folder with its report atomically.
+
+    A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
+    """
+    started = time.perf_counter()
+    jobs = make_jobs(config)
+    with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
+        logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
+        entries = [runfolder.write_model(staging, output) for output in outputs(jobs, executor)]
+        runfolder.write_summary(staging, run_meta(config, time.perf_counter() - started, argv), entries)
+        assets = staging / assets_dir if assets_dir is not None else None
+        report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
+    return runfolder.load(out_dir)
