@@ -1,0 +1,150 @@
+"""The run folder: round trip, layout, load errors, atomic replacement, and no torch on import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rfreport import runfolder
+from rfreport.errors import RunFolderError
+
+
+def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfolder.ModelOutput:
+    """Build a model output with frames of several dtypes and every kind of array."""
+    rng = np.random.default_rng(seed)
+    positions = pd.DataFrame({"pos_h": np.arange(4, dtype=np.int64), "fill": rng.random(4),
+                              "edge": [True, False, False, True], "path": pd.array(["dense"] * 4, dtype="string")})
+    geometry = pd.DataFrame({"axis": ["h", "w"], "stride": [2, 2]})
+    entry = {"name": name, "slug": runfolder.slugify(name, shape), "input_shape": list(shape), "status": "ok",
+             "rf_size": [5, 5], "edge_fraction": float("nan"), "count": np.int64(3), "findings": []}
+    arrays = {"coverage": rng.integers(0, 5, shape[2:]),
+              "masks": {(1, 2): rng.random(shape[2:]) > 0.5, (0, 0): np.zeros(shape[2:], bool)},
+              "erf_maps": {(1, 2): rng.random(shape[2:])}}
+    return runfolder.ModelOutput(entry, {"positions": positions, "geometry": geometry}, arrays)
+
+
+def test_round_trip_keeps_frames_arrays_and_entries(tmp_path):
+    outputs = [model_output("net"), model_output("other", (1, 1, 5, 7), seed=1)]
+    run = runfolder.write(tmp_path / "run", {"seed": 3}, outputs, log="hello\n")
+    assert run.meta == {"seed": 3}
+    assert [m.slug for m in run.models] == ["net-8x6", "other-5x7"]
+    for saved, original in zip(run.models, outputs, strict=True):
+        for name, frame in original.frames.items():
+            pd.testing.assert_frame_equal(saved.frames[name], frame)
+            csv = pd.read_csv(run.path / "models" / saved.slug / f"{name}.csv")
+            assert csv.shape == frame.shape
+        assert np.array_equal(saved.arrays["coverage"], original.arrays["coverage"])
+        for key in ("masks", "erf_maps"):
+            assert saved.arrays[key].keys() == original.arrays[key].keys()
+            for pos, value in original.arrays[key].items():
+                assert np.array_equal(saved.arrays[key][pos], value)
+    assert (run.path / "log.txt").read_text() == "hello\n"
+
+
+def test_layout_and_summary_are_strict_json(tmp_path):
+    run = runfolder.write(tmp_path / "run", {"seed": 0}, [model_output()])
+    document = json.loads((run.path / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert document["format"] == 1
+    entry = document["models"][0]
+    assert entry["edge_fraction"] is None and entry["count"] == 3
+    assert sorted(entry["files"]) == sorted(f"models/net-8x6/{f}" for f in (
+        "positions.parquet", "positions.csv", "geometry.parquet", "geometry.csv", "coverage.npy", "masks.npz",
+        "erf_maps.npz"))
+    with np.load(run.path / "models/net-8x6/masks.npz") as archive:
+        assert sorted(archive.files) == ["h0_w0", "h1_w2"]
+
+
+@pytest.mark.parametrize("position, key", [((3,), "l3"), ((3, 4), "h3_w4"), ((0, 12, 7), "d0_h12_w7")])
+def test_position_keys_round_trip(position, key):
+    assert runfolder.position_key(position) == key
+    assert runfolder.parse_position_key(key) == position
+
+
+def test_slug_is_filesystem_safe():
+    assert runfolder.slugify("resnet50", (1, 3, 224, 224)) == "resnet50-224x224"
+    assert runfolder.slugify("a/b c:d", (1, 1, 16)) == "a_b_c_d-16"
+    assert runfolder.slugify("..", (1, 1, 4, 4, 4)) == "model-4x4x4"
+
+
+def test_load_rejects_missing_incomplete_and_unknown_folders(tmp_path):
+    with pytest.raises(RunFolderError, match="no run folder"):
+        runfolder.load(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(RunFolderError, match=r"incomplete.*summary\.json"):
+        runfolder.load(tmp_path / "half")
+    (tmp_path / "half" / "summary.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="unreadable"):
+        runfolder.load(tmp_path / "half")
+    (tmp_path / "half" / "summary.json").write_text(json.dumps({"format": 2, "models": []}))
+    with pytest.raises(RunFolderError, match="unknown run folder format 2"):
+        runfolder.load(tmp_path / "half")
+
+
+def test_a_listed_file_that_is_missing_is_reported(tmp_path):
+    run = runfolder.write(tmp_path / "run", {}, [model_output()])
+    (run.path / "models/net-8x6/geometry.parquet").unlink()
+    with pytest.raises(RunFolderError, match=r"geometry\.parquet but the file is missing"):
+        _ = runfolder.load(run.path).models[0].frames
+
+
+def siblings(path: Path) -> list[str]:
+    """Return the names in a run folder's parent folder."""
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_crash_midway_keeps_the_old_run_and_leaves_nothing_complete(tmp_path, monkeypatch, crash):
+    path = tmp_path / "run"
+    runfolder.write(path, {"seed": 1}, [model_output()])
+
+    def broken(*_args, **_kwargs):
+        raise crash
+
+    monkeypatch.setattr(runfolder, "write_summary", broken)
+    with pytest.raises(type(crash)):
+        runfolder.write(path, {"seed": 2}, [model_output("other")])
+    assert runfolder.load(path).meta == {"seed": 1}
+    assert [m.slug for m in runfolder.load(path).models] == ["net-8x6"]
+    assert siblings(path) == ["run"]
+
+
+def test_a_crash_on_a_fresh_path_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(runfolder, "write_model", lambda *_a: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError):
+        runfolder.write(tmp_path / "run", {}, [model_output()])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_replaces_the_old_one(tmp_path):
+    path = tmp_path / "run"
+    runfolder.write(path, {"seed": 1}, [model_output("old")])
+    run = runfolder.write(path, {"seed": 2}, [model_output("new")])
+    assert run.meta == {"seed": 2} and [m.name for m in run.models] == ["new"]
+    assert not (path / "models" / "old-8x6").exists()
+    assert siblings(path) == ["run"]
+
+
+def test_the_staging_folder_has_the_final_name(tmp_path):
+    with runfolder.staged(tmp_path / "latest") as staging:
+        assert staging.name == "latest" and staging.parent.name.startswith(".latest.tmp-")
+        (staging / "x").write_text("1")
+    assert (tmp_path / "latest" / "x").read_text() == "1"
+
+
+TORCH_BLOCKED = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import rfreport.runfolder, rfreport.audit, rfreport.diff, rfreport.report
+print("ok")
+"""
+
+
+def test_readers_import_without_torch():
+    done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
