@@ -62,12 +62,13 @@ ERF = register(Schema(
     row="output position whose effective receptive field was measured",
     columns=(
         Column("pos_{a}", "int64", "output index", "output position on this axis (0-based)"),
-        Column("mass", "float64", "|dy/dx|", "total ERF mass: mean over samples of |dy/dx| summed over the input "
+        Column("mass", "float64", "gradient", "total ERF mass: mean over samples of abs(dy/dx) summed over the input "
                "grid and channels (0 when the output ignores the input for every sample)"),
         Column("peak_{a}", "int64", "input index", "input pixel with the largest gradient (among ties, the one "
                "nearest the centre of mass); -1 when the mass is 0"),
         *(Column(f"side{q}", "int64", "input pixels", f"side of the smallest square (segment in 1-D, cube in 3-D) "
-                 f"centred on the peak holding {q}% of the mass; 0 when the mass is 0") for q in LEVELS),
+                 f"centred on the peak holding {q}% of the mass (clipped to the grid, so it may exceed the grid when "
+                 "the peak is off-centre); 0 when the mass is 0") for q in LEVELS),
         *(Column(f"radius{q}", "float64", "input pixels", f"radius of the smallest disc (ball in 3-D) centred on "
                  f"the peak holding {q}% of the mass") for q in LEVELS),
         Column(f"area{AREA_LEVEL}", "int64", "input positions", f"fewest input positions holding {AREA_LEVEL}% "
@@ -80,7 +81,8 @@ ERF = register(Schema(
         Column("rf_{a}_hi", "int64", "input index", "last input index of the theoretical RF box (inclusive)",
                group="rf_bounds"),
         Column("com_{a}", "float64", "input index", "centre of mass of the ERF map"),
-        Column("offset_{a}", "float64", "input pixels", "com minus the centre of the theoretical RF box"),
+        Column("offset_{a}", "float64", "input pixels", "com minus the centre of the theoretical RF box (the "
+               "unrolled box when the RF wraps round the border)"),
         Column("sigma_{a}", "float64", "input pixels", "standard deviation of the ERF map on this axis (sigma of "
                "the moment-fitted axis-aligned Gaussian)"),
         Column("gauss_r2", "float64", "ratio", "R^2 of the moment-fitted Gaussian (least-squares amplitude) "
