@@ -244,34 +244,38 @@ class Engine:
     def _prepare(self) -> None:
         """Build the working model, run the forward pass and check the output's rank.
 
-        Structural probes are stacked along the batch axis; a model that cannot take the
-        larger batch (a hard-coded view, say) is run again with a single probe.
+        The first pass uses one probe. When the pass can cancel gradients (a subtraction, a
+        normalisation, a softmax: see StructuralMode), it runs again with `probes` inputs
+        stacked along the batch axis so the union of their supports is exact; a model that
+        cannot take the larger batch (a hard-coded view, say) keeps the single probe.
         """
         working = self._working_model()
-        try:
-            self._forward(working)
-        except SweepError:
-            if self.probes == 1 or self._inputs is not None:
-                raise
-            self.probes = 1
-            self._forward(working)
+        wanted, self.probes = self.probes, 1
+        self._forward(working)
+        if wanted > 1 and self.function_mode.signed and self._inputs is None:
+            single = (self._x, self._y, self.function_mode, self.saved_bytes)
+            try:
+                self.probes = wanted
+                self._forward(working)
+            except SweepError:
+                self.probes = 1
+                self._x, self._y, self.function_mode, self.saved_bytes = single
 
     def _forward(self, working: nn.Module) -> None:
         """Run one forward pass on a fresh probe input, keeping the graph."""
         dtype = torch.float64 if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
-        self.function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local,
-                                            input_rank=x.dim())
-        self.saved_bytes = 0
+        function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim())
+        saved = [0]
 
         def count(tensor):
-            self.saved_bytes += tensor.numel() * tensor.element_size()
+            saved[0] += tensor.numel() * tensor.element_size()
             return tensor
 
-        with torch.enable_grad(), self.function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
+        with torch.enable_grad(), function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
             y = forward_target(working, x, self.target, self.input_shape)
         self._check_output(y)
-        self._x, self._y = x, y
+        self._x, self._y, self.function_mode, self.saved_bytes = x, y, function_mode, saved[0]
 
     def _check_output(self, y: torch.Tensor) -> None:
         """Require an (N, C, *spatial) output with the input's spatial rank that depends on the input."""
@@ -345,3 +349,111 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
     """Deep-copy a model onto another device, leaving the original where it is."""
     return copy.deepcopy(model).to(device)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-layer capture (per-layer growth, layers.py). One forward pass keeps the output of
+# every chosen leaf module; a local vector-Jacobian product then runs from one layer's
+# output back to its nearest captured predecessors only, so all layers together cost
+# about one backward pass instead of one per layer.
+
+@dataclass(frozen=True)
+class CapturedLayer:
+    """One leaf module's output from the forward pass: a clone to differentiate and its graph edge."""
+
+    name: str
+    type: str
+    value: torch.Tensor
+    edge: Any
+
+
+class LayerEngine(Engine):
+    """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
+                 **kwargs):
+        super().__init__(model, input_shape, **kwargs)
+        self.layer_names = list(layers) if layers else None
+        self.layers: dict[str, CapturedLayer] = {}
+
+    def _working_model(self) -> nn.Module:
+        """Build the working model and hook its leaves (or the named modules) to record their outputs."""
+        working = super()._working_model()
+        names = self.layer_names or [n for n, m in working.named_modules() if not list(m.children())]
+        wanted = set(names)
+        for name in names:
+            _find_layer(working, name).register_forward_hook(self._recorder(name, wanted))
+        # The model's own output may be a dict or logits; stop with the last captured tensor instead.
+        working.register_forward_hook(self._stop)
+        return working
+
+    def _recorder(self, name: str, wanted: set[str]):
+        """Return a hook that keeps a module's first spatial output and stops once every named one ran."""
+        rank = len(self.input_shape)
+
+        def record(module, _inputs, out):
+            if name in self.layers or not _is_spatial(out, rank):
+                return
+            self.layers[name] = CapturedLayer(name, type(module).__name__, out.clone(),
+                                              torch.autograd.graph.get_gradient_edge(out))
+            if self.layer_names and wanted <= set(self.layers):
+                self._stop()
+
+        return record
+
+    def _stop(self, *_args) -> None:
+        """End the forward pass with the last captured tensor as its result."""
+        if self.layers:
+            raise _Captured(next(reversed(self.layers.values())).value)
+
+    def _check_output(self, y: torch.Tensor) -> None:
+        """Require at least one captured layer (the model output itself may have any shape)."""
+        if not self.layers:
+            raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor of the input's rank "
+                             f"{len(self.input_shape)} that depends on the input")
+
+    def predecessors(self, name: str) -> list[str | None]:
+        """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
+        owner = {}
+        for layer in self.layers.values():
+            owner.setdefault((layer.edge.node, layer.edge.output_nr), layer.name)
+        start = self.layers[name].edge.node
+        found: dict[str | None, None] = {}
+        seen, stack = {start}, [start]
+        while stack:
+            for node, nr in stack.pop().next_functions:
+                if node is None:
+                    continue
+                if owner.get((node, nr), name) != name:
+                    found[owner[(node, nr)]] = None
+                elif hasattr(node, "variable"):
+                    found[None] = None
+                elif node not in seen:
+                    seen.add(node)
+                    stack.append(node)
+        return list(found)
+
+    def local_support(self, name: str, weights: torch.Tensor) -> dict[str | None, torch.Tensor]:
+        """Return, per nearest predecessor, the boolean support (B, *its spatial) of rows of weights on a layer."""
+        value = self.layers[name].value
+        weights = weights.to(value.device, value.dtype)
+        cotangents = weights[:, None, None].expand(-1, *value.shape)
+        sources = self.predecessors(name)
+        edges = [self.layers[s].edge if s else self._x for s in sources]
+        grads = _local_vjp(value, edges, cotangents)
+        return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grads)}
+
+
+def _is_spatial(value: Any, rank: int) -> bool:
+    """Tell whether a module output is a floating tensor of the input's rank on the gradient path."""
+    return (isinstance(value, torch.Tensor) and value.dim() == rank and value.is_floating_point()
+            and value.requires_grad)
+
+
+def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
+    """Backpropagate a batch of cotangents from one tensor to graph edges, vmapped or row by row."""
+    try:
+        return list(torch.autograd.grad(value, edges, cotangents, retain_graph=True, is_grads_batched=True))
+    except RuntimeError:
+        rows = [torch.autograd.grad(value, edges, row, retain_graph=True) for row in cotangents]
+        return [torch.stack(parts) for parts in zip(*rows)]

@@ -45,15 +45,17 @@ REDUCTIONS = frozenset({
 })
 NORMALISATIONS = frozenset({"group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm"})
 WRAPPING = frozenset({"roll"})
+SIGNED = frozenset({
+    "sub", "rsub", "isub", "neg", "softmax", "log_softmax", "softmin", "group_norm", "layer_norm",
+    "instance_norm", "rms_norm", "var", "std", "var_mean", "std_mean", "cos", "sin", "reciprocal", "rsqrt",
+    "cosine_similarity", "normalize", "scaled_dot_product_attention", "multi_head_attention_forward",
+})
 
 
 def base_name(func: Callable) -> str:
     """Return a torch function's name without leading underscores or in-place/indices suffixes."""
-    name = getattr(func, "__name__", "").lstrip("_")
-    for suffix in ("_with_indices", "_"):
-        if name.endswith(suffix) and name != suffix:
-            name = name[: -len(suffix)]
-    return name
+    name = getattr(func, "__name__", "").strip("_")
+    return name.removesuffix("_with_indices")
 
 
 def _is_differentiable(value: Any) -> bool:
@@ -155,6 +157,7 @@ class StructuralMode(TorchFunctionMode):
         super().__init__()
         self.linearise, self.local, self.input_rank = linearise, local, input_rank
         self.padding_modes: set[str] = set()
+        self.signed = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -167,13 +170,33 @@ class StructuralMode(TorchFunctionMode):
         return self._held_if_global(name, args, kwargs, func(*args, **kwargs))
 
     def _observe(self, name: str, args, kwargs) -> None:
-        """Record padding modes that make borders wrap or mirror."""
+        """Record padding modes that make borders wrap or mirror, and ops that can cancel gradients."""
+        if not self.signed and self._may_cancel(name, args, kwargs):
+            self.signed = True
         if name == "pad":
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             if mode != "constant":
                 self.padding_modes.add(mode)
         elif name in WRAPPING:
             self.padding_modes.add("circular")
+
+    @staticmethod
+    def _may_cancel(name: str, args, kwargs) -> bool:
+        """Tell whether an op can mix gradient signs on the differentiated path.
+
+        With positive weights and inputs every activation is positive and every path product
+        too, so one probe is exact; a subtraction, a normalisation, a softmax, a division by
+        a differentiated tensor or a negative constant breaks that, and then several probes
+        are needed to make an accidental cancellation vanishingly unlikely.
+        """
+        values = [*args, *kwargs.values()]
+        if not any(_is_differentiable(v) for v in values):
+            return False
+        if name in SIGNED:
+            return True
+        if name in ("div", "true_divide", "floor_divide", "idiv") and len(args) > 1 and _is_differentiable(args[1]):
+            return True
+        return any(_has_negative(v) for v in values)
 
     def _linearised(self, func, name: str, args, kwargs):
         """Return the linear same-window replacement of a zero-gradient op, or NotImplemented."""
@@ -209,6 +232,14 @@ class StructuralMode(TorchFunctionMode):
             return False
         dims = _reduced_dims(args, kwargs, x.dim())
         return dims is None or any(d >= 2 for d in dims)
+
+
+def _has_negative(value: Any) -> bool:
+    """Tell whether a constant operand (not differentiated) holds a negative number."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not value.requires_grad and value.numel() > 0 and bool(
+            (value < 0).any())
+    return isinstance(value, float) and value < 0
 
 
 def _second_is_tensor(args, kwargs) -> bool:
