@@ -1,0 +1,298 @@
+"""Figures for the report: pure functions from frames and arrays to matplotlib Figures.
+
+No pyplot and no torch: each function builds a fresh :class:`matplotlib.figure.Figure`, and
+:func:`to_png` turns it into PNG bytes without metadata, so the same data always gives the
+same bytes. Every heatmap uses the one colour map `CMAP` with the origin at the top left like
+an image; 1-D models get line plots and 3-D models their central depth slice.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from rfreport.positions import axis_names, center
+
+CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#e4e4e4")
+UNSEEN = "#d62728"
+BORDER = "#fde0c5"
+DPI = 100
+PANEL = 3.0
+BOX_COLOURS = matplotlib.colormaps["tab10"].colors
+MAX_PANELS = 9
+MAX_TICK_LABELS = 40
+MARGIN = (0.65, 0.8, 0.55, 0.35)  # left, right, bottom, top in inches
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes with no metadata, so equal figures give equal bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    """Return a `data:` URI embedding PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def pixel_size(fig: Figure) -> tuple[int, int]:
+    """Return the (width, height) in pixels that :func:`to_png` produces for a figure."""
+    width, height = fig.get_size_inches() * DPI
+    return round(width), round(height)
+
+
+def _figure(panels: int, ndim: int, *, per_row: int = 3, height: float = PANEL) -> tuple[Figure, list]:
+    """Create a figure with `panels` axes on a fixed-margin grid (cheaper than constrained layout)."""
+    cols = min(panels, per_row)
+    rows = -(-panels // cols)
+    width = 2.2 * PANEL if ndim == 1 else PANEL * 1.3
+    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI)
+    inches = fig.get_size_inches()
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
+        "left": MARGIN[0] / inches[0], "right": 1 - MARGIN[1] / inches[0], "bottom": MARGIN[2] / inches[1],
+        "top": 1 - MARGIN[3] / inches[1], "wspace": 0.45, "hspace": 0.55}).ravel().tolist()
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _plane(array: np.ndarray, depth: int | None = None) -> tuple[np.ndarray, str]:
+    """Return 1-D/2-D data as is, or one depth slice of 3-D data (the centre by default), with a note."""
+    if array.ndim < 3:
+        return array, ""
+    depth = center(array.shape)[0] if depth is None else depth
+    return array[depth], f" (slice d = {depth})"
+
+
+def _image_axes(ax) -> None:
+    """Label input-pixel axes with integer ticks."""
+    ax.set_ylabel("input h (pixels)")
+    ax.set_xlabel("input w (pixels)")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+
+
+def position_text(pos: Sequence[int]) -> str:
+    """Format an output position as `(3, 4)`, or `(3)` on a 1-D grid."""
+    return "(" + ", ".join(str(int(p)) for p in pos) + ")"
+
+
+def synthetic_image(shape: Sequence[int]) -> np.ndarray:
+    """Return a deterministic grey sample image in [0, 1] of the given spatial shape (rings and a grid)."""
+    axes = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij")
+    radius = np.sqrt(sum(a ** 2 for a in axes))
+    rings = 0.5 + 0.3 * np.cos(12.0 * radius)
+    grid = sum((np.arange(n) % 16 == 0).reshape([-1 if i == j else 1 for j in range(len(shape))])
+               for i, n in enumerate(shape))
+    return np.clip(rings + 0.2 * (grid > 0), 0.0, 1.0)
+
+
+def _grid(frame: pd.DataFrame, column: str, ndim: int) -> tuple[np.ndarray, list[np.ndarray], tuple[str, ...], str]:
+    """Lay one column of a positions-like frame out over the swept output positions.
+
+    Returns the values (NaN where a position was not swept), the swept coordinates of each
+    shown axis, the shown axis letters, and a note naming the depth slice for 3-D grids.
+    """
+    letters, note = axis_names(ndim), ""
+    if ndim == 3:
+        depths = np.unique(frame["pos_d"])
+        depth = depths[(len(depths) - 1) // 2]
+        frame, letters, note = frame[frame["pos_d"] == depth], letters[1:], f" (slice d = {depth})"
+    coords = [np.unique(frame[f"pos_{a}"]) for a in letters]
+    values = np.full([len(c) for c in coords], np.nan)
+    index = tuple(np.searchsorted(c, frame[f"pos_{a}"]) for c, a in zip(coords, letters))
+    values[index] = frame[column].to_numpy(dtype=float)
+    return values, coords, letters, note
+
+
+def _coordinate_ticks(axis, coords: np.ndarray) -> None:
+    """Label an axis drawn over compressed indices with the real coordinates."""
+    axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    axis.set_major_formatter(FuncFormatter(
+        lambda x, _pos: str(coords[round(x)]) if 0 <= round(x) < len(coords) else ""))
+
+
+def _heatmap(fig: Figure, ax, values: np.ndarray, label: str, *, norm=None, cmap=CMAP):
+    """Draw a 2-D array with the report's colour map, origin top-left, and a labelled colour bar."""
+    image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", origin="upper", aspect="equal")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.08, pad=0.04)
+    return image
+
+
+def grid_maps(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]], ndim: int) -> Figure:
+    """Plot columns of a positions-like frame over the output grid, one panel per (column, title, unit)."""
+    fig, axes = _figure(len(columns), ndim)
+    for ax, (column, title, unit) in zip(axes, columns):
+        values, coords, letters, note = _grid(frame, column, ndim)
+        ax.set_title(title + note, fontsize=10)
+        if ndim == 1:
+            ax.plot(coords[0], values, marker=".", color=CMAP(0.35))
+            ax.set_xlabel("output position l (index)")
+            ax.set_ylabel(unit)
+            continue
+        _heatmap(fig, ax, values, unit)
+        ax.set_ylabel(f"output {letters[0]} (index)")
+        ax.set_xlabel(f"output {letters[1]} (index)")
+        _coordinate_ticks(ax.yaxis, coords[0])
+        _coordinate_ticks(ax.xaxis, coords[1])
+    return fig
+
+
+def coverage_map(coverage: np.ndarray) -> Figure:
+    """Plot how many swept output positions see each input pixel, unseen pixels in red."""
+    plane, note = _plane(np.asarray(coverage))
+    unseen = int((plane == 0).sum())
+    fig, (ax,) = _figure(1, plane.ndim, per_row=1, height=PANEL * 1.3)
+    if plane.ndim == 2:
+        fig.set_size_inches(PANEL * 1.3 + 1.2, PANEL * 1.3)
+    ax.set_title(f"Input coverage{note}\n" + (f"{unseen} unseen pixels shown in red" if unseen
+                                              else "every input pixel is seen"), fontsize=10)
+    if plane.ndim == 1:
+        ax.plot(np.arange(len(plane)), plane, color=CMAP(0.35))
+        ax.plot(np.flatnonzero(plane == 0), np.zeros(unseen), "|", color=UNSEEN, markersize=12)
+        ax.set_xlabel("input position l (samples)")
+        ax.set_ylabel("output positions that see it")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig
+    _heatmap(fig, ax, np.ma.masked_equal(plane, 0), "output positions that see the pixel",
+             cmap=CMAP.with_extremes(bad=UNSEEN))
+    _image_axes(ax)
+    return fig
+
+
+def _row(frame: pd.DataFrame, pos: tuple[int, ...]) -> pd.Series:
+    """Return the frame row of one output position."""
+    letters = axis_names(len(pos))
+    match = np.logical_and.reduce([frame[f"pos_{a}"].to_numpy() == p for a, p in zip(letters, pos)])
+    return frame[match].iloc[0]
+
+
+def _box_label(pos: tuple[int, ...], row: pd.Series) -> str:
+    """Return the overlay text of one position: its coordinates, box size and wrap flag."""
+    letters = axis_names(len(pos))
+    size = " × ".join(str(int(row[f"{a}_size"])) for a in letters)
+    wrapped = " (wraps)" if any(bool(row[f"{a}_wrap"]) for a in letters) else ""
+    return f"{position_text(pos)}: {size}{wrapped}"
+
+
+def _draw_box(ax, row: pd.Series, letters: tuple[str, ...], colour, *, fill: bool = False) -> None:
+    """Draw the inclusive RF box of a frame row on image axes (the last two axis letters)."""
+    h, w = letters[-2:]
+    ax.add_patch(Rectangle((row[f"{w}_lo"] - 0.5, row[f"{h}_lo"] - 0.5), row[f"{w}_size"], row[f"{h}_size"],
+                           fill=fill, edgecolor=colour, linewidth=1.6))
+
+
+def _support_depth(row: pd.Series, mask: np.ndarray | None) -> int:
+    """Return the depth slice to show for a 3-D RF: the one holding most of its support, else the box centre."""
+    if mask is not None and mask.any():
+        return int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    return int((row["d_lo"] + row["d_hi"]) // 2)
+
+
+def rf_overlay(image: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int, ...], np.ndarray],
+               positions: Sequence[tuple[int, ...]]) -> Figure:
+    """Overlay the RF box and support mask of each chosen position on a sample image, one panel each.
+
+    3-D models show, per position, the depth slice that holds most of its support.
+    """
+    positions = list(positions)[:MAX_PANELS]
+    image = np.asarray(image, dtype=float)
+    letters = axis_names(len(positions[0]))
+    if image.ndim == 1:
+        return _overlay_1d(image, frame, masks, positions)
+    fig, axes = _figure(len(positions), 2)
+    for ax, pos, colour in zip(axes, positions, BOX_COLOURS):
+        row, mask = _row(frame, pos), masks.get(pos)
+        depth = _support_depth(row, mask) if image.ndim == 3 else None
+        plane, note = _plane(image, depth)
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, interpolation="nearest", origin="upper")
+        if mask is not None:
+            shown, _ = _plane(np.asarray(mask, dtype=bool), depth)
+            tint = np.zeros((*shown.shape, 4))
+            tint[shown] = (*colour, 0.5)
+            ax.imshow(tint, interpolation="nearest", origin="upper")
+        _draw_box(ax, row, letters, colour)
+        ax.set_xlim(-0.5, plane.shape[1] - 0.5)
+        ax.set_ylim(plane.shape[0] - 0.5, -0.5)
+        ax.set_title(_box_label(pos, row) + note, fontsize=9)
+        _image_axes(ax)
+    return fig
+
+
+def _overlay_1d(signal: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int, ...], np.ndarray],
+                positions: list[tuple[int, ...]]) -> Figure:
+    """Draw a 1-D sample signal with each position's RF span and support as coloured bars."""
+    fig, (ax,) = _figure(1, 1, height=PANEL * 1.2)
+    ax.plot(np.arange(len(signal)), signal, color="0.5", linewidth=1)
+    for level, (pos, colour) in enumerate(zip(positions, BOX_COLOURS)):
+        row, y = _row(frame, pos), -0.15 * (level + 1)
+        ax.plot([row["l_lo"] - 0.5, row["l_hi"] + 0.5], [y, y], color=colour, linewidth=1, label=_box_label(pos, row))
+        if pos in masks:
+            seen = np.flatnonzero(masks[pos])
+            ax.plot(seen, np.full(len(seen), y), "s", color=colour, markersize=3)
+    ax.set_xlim(-0.5, len(signal) - 0.5)
+    ax.set_xlabel("input position l (samples)")
+    ax.set_ylabel("sample value (bars: chosen positions)")
+    ax.set_title("RF span (line) and support (squares) of chosen positions", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], input_size: Mapping[str, int],
+                 border: Sequence[bool]) -> Figure:
+    """Plot the centre RF size per axis after each layer, the input size as dashed lines, border layers shaded."""
+    fig = Figure(figsize=(max(7.5, min(14.0, 0.18 * len(names) + 4)), 4.2), dpi=DPI, layout="tight")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    for i in np.flatnonzero(np.asarray(border, dtype=bool)):
+        ax.axvspan(i - 0.5, i + 0.5, color=BORDER, linewidth=0)
+    for k, (letter, values) in enumerate(sizes.items()):
+        colour = CMAP(0.15 + 0.6 * k / max(1, len(sizes) - 1))
+        ax.plot(x, values, marker=".", color=colour, label=f"RF size {letter}")
+        ax.axhline(input_size[letter], color=colour, linestyle="--", linewidth=1, label=f"input size {letter}")
+    handles, _labels = ax.get_legend_handles_labels()
+    if any(border):
+        handles.append(Patch(color=BORDER, label="border layer: RF covers the input"))
+    step = max(1, -(-len(names) // MAX_TICK_LABELS))
+    ax.set_xticks(x[::step], [names[i] for i in x[::step]], rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_xlabel("layer (forward order)")
+    ax.set_ylabel("RF size at the centre (input pixels)")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def erf_maps(maps: Mapping[tuple[int, ...], np.ndarray], frame: pd.DataFrame) -> Figure:
+    """Plot effective-RF maps on a log scale with each position's theoretical RF box drawn."""
+    positions = sorted(maps)[:MAX_PANELS]
+    letters = axis_names(len(positions[0]))
+    fig, axes = _figure(len(positions), len(letters))
+    for ax, pos in zip(axes, positions):
+        row = _row(frame, pos)
+        values = np.asarray(maps[pos], dtype=float)
+        depth = int(np.unravel_index(np.argmax(values), values.shape)[0]) if values.ndim == 3 else None
+        plane, note = _plane(values, depth)
+        ax.set_title(f"ERF of {position_text(pos)}{note}", fontsize=9)
+        peak = float(plane.max()) if plane.size and plane.max() > 0 else 1.0
+        if plane.ndim == 1:
+            ax.semilogy(np.arange(len(plane)), np.maximum(plane, peak * 1e-4), color=CMAP(0.35))
+            ax.axvspan(row["l_lo"] - 0.5, row["l_hi"] + 0.5, color="0.85", label="theoretical RF")
+            ax.set_xlabel("input position l (samples)")
+            ax.set_ylabel("mean |dy/dx|")
+            ax.legend(fontsize=8)
+            continue
+        _heatmap(fig, ax, np.maximum(plane, peak * 1e-4), "mean |dy/dx| (log scale)",
+                 norm=LogNorm(vmin=peak * 1e-4, vmax=peak))
+        _draw_box(ax, row, letters, "white")
+        _image_axes(ax)
+    return fig

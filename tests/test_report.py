@@ -1,0 +1,235 @@
+"""The HTML report: context dataclasses, golden HTML, escaping, failed models, assets mode, no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from rfreport import report, runfolder
+from rfreport.frames import positions_frame
+from rfreport.sweep import sweep
+
+GOLD = Path(__file__).parent / "gold"
+EVIL = "<script>alert(1)</script>"
+META = {"config_files": ["configs/examples.toml"], "versions": {"rfreport": "0.1.0", "torch": "2.14.1",
+                                                                 "python": "3.11.7"},
+        "device": "cpu", "date": "2026-11-26T00:00:00+00:00", "seed": 0, "duration_s": 1.25,
+        "argv": ["rfreport", "run", "configs/examples.toml"]}
+
+
+def _conv_stack(rank: int) -> nn.Module:
+    """Return a small deterministic conv stack of a spatial rank (stride 2, then a dilated conv)."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
+    torch.manual_seed(0)
+    return nn.Sequential(conv(1, 2, 3, 2, 1), nn.ReLU(), conv(2, 1, 3, 1, 2, dilation=2)).eval()
+
+
+def _gaussian_maps(frame: pd.DataFrame, positions, shape) -> dict:
+    """Return synthetic ERF maps: a Gaussian centred on each position's RF box."""
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    maps = {}
+    for pos in positions:
+        row = frame[(frame["pos_h"] == pos[0]) & (frame["pos_w"] == pos[1])].iloc[0]
+        centre = [(row["h_lo"] + row["h_hi"]) / 2, (row["w_lo"] + row["w_hi"]) / 2]
+        maps[pos] = np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / 8.0)
+    return maps
+
+
+def _entry(name: str, result, **extra) -> dict:
+    """Return a summary entry for a swept model with hand-written analysis values."""
+    ndim = result.ndim
+    entry = {"name": name, "slug": runfolder.slugify(name, result.input_shape), "input_shape": list(result.input_shape),
+             "output_shape": list(result.output_shape), "status": "ok", "error": None, "mode": "structural",
+             "target": "model output", "rf_size": [11] * ndim, "stride": [2] * ndim, "padding": [5] * ndim,
+             "center_offset": [0.0] * ndim, "edge_fraction": 0.375, "unseen_pixels": 0, "holes": True,
+             "global": False, "findings": [
+                 {"code": "edge", "severity": "warning", "message": "37.5% of output positions see padding"},
+                 {"code": "holes", "severity": "info", "message": "dilation leaves holes: the least-filled RF "
+                                                                  "covers 69% of its box"}],
+             "audit": []}
+    return {**entry, **extra}
+
+
+def _output(name: str, rank: int, spatial: tuple[int, ...], **extra) -> runfolder.ModelOutput:
+    """Sweep a small conv stack and package it as a run-folder model output."""
+    result = sweep(_conv_stack(rank), (1, 1, *spatial), "all", keep_masks=["center", "corners"])
+    frames = {"positions": positions_frame(result)}
+    arrays = {"coverage": result.coverage, "masks": result.masks}
+    return runfolder.ModelOutput(entry=_entry(name, result, **extra), frames=frames, arrays=arrays)
+
+
+def _with_layers_and_erf(output: runfolder.ModelOutput) -> runfolder.ModelOutput:
+    """Add a per-layer growth frame and ERF maps to a 2-D model output."""
+    layers = pd.DataFrame({"layer": ["0", "1", "2"], "type": ["Conv2d", "ReLU", "Conv2d"],
+                           "h_size": [3, 3, 11], "w_size": [3, 3, 11], "border": [False, False, True]})
+    frame = output.frames["positions"]
+    maps = _gaussian_maps(frame, sorted(output.arrays["masks"])[:2], output.entry["input_shape"][2:])
+    return runfolder.ModelOutput(entry=output.entry, frames={**output.frames, "layers": layers},
+                                 arrays={**output.arrays, "erf_maps": maps})
+
+
+def example_run(path: Path) -> runfolder.Run:
+    """Write a small run folder: 2-D (with layers and ERF), 1-D (named like a script tag), 3-D and a failure."""
+    audit = [{"rule": "min_rf", "limit": 7, "value": 11, "passed": True},
+             {"rule": "max_edge_fraction", "limit": 0.25, "value": 0.375, "passed": False}]
+    failed = {"name": "broken <b>&</b>", "slug": "broken-32x32", "input_shape": [1, 3, 32, 32], "status": "failed",
+              "error": "SweepError: layer 'head' raised <ValueError> & stopped", "mode": "structural",
+              "target": "model output", "findings": [], "audit": []}
+    outputs = [_with_layers_and_erf(_output("strided", 2, (16, 20), audit=audit)),
+               _output(EVIL, 1, (24,)),
+               _output("volume", 3, (6, 8, 8)),
+               runfolder.ModelOutput(entry=failed, frames={}, arrays={})]
+    return runfolder.write(path / "run", META, outputs)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[runfolder.Run, str]:
+    """Render the example run once for the module; return the run and the HTML."""
+    run = example_run(tmp_path_factory.mktemp("report"))
+    return run, report.render(run).read_text(encoding="utf-8")
+
+
+def scrub(html: str) -> str:
+    """Replace the volatile parts of a report (CSS, figure bytes, dates, versions, durations) by placeholders."""
+    html = re.sub(r"<style>.*?</style>", "<style>CSS</style>", html, flags=re.S)
+    html = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,SCRUBBED", html)
+    html = re.sub(r'<time datetime="[^"]*">[^<]*</time>', '<time datetime="DATE">DATE</time>', html)
+    html = re.sub(r'<span class="version">[^<]*</span>', '<span class="version">VERSION</span>', html)
+    html = re.sub(r'<span class="duration">[^<]*</span>', '<span class="duration">SECONDS</span>', html)
+    html = re.sub(r'(<img src="[^"]*" alt="[^"]*") width="\d+" height="\d+"', r'\1 width="W" height="H"', html)
+    return html
+
+
+def assert_gold(name: str, text: str) -> None:
+    """Compare text with tests/gold/<name>; write <name>.actual beside it on mismatch; update when asked."""
+    gold = GOLD / name
+    actual = gold.with_name(name + ".actual")
+    gold.parent.mkdir(exist_ok=True)
+    if os.environ.get("RFREPORT_GOLD_UPDATE"):
+        gold.write_text(text, encoding="utf-8")
+        actual.unlink(missing_ok=True)
+        return
+    if not gold.is_file() or gold.read_text(encoding="utf-8") != text:
+        actual.write_text(text, encoding="utf-8")
+        pytest.fail(f"{name} differs from the golden file; see {actual} (RFREPORT_GOLD_UPDATE=1 to accept)")
+    actual.unlink(missing_ok=True)
+
+
+def test_html_matches_gold(rendered):
+    """The rendered report, volatile parts scrubbed, is the golden file."""
+    assert_gold("index.html", scrub(rendered[1]))
+
+
+def _context_types(cls: type, seen: set) -> None:
+    """Collect the context dataclasses reachable from a dataclass's field annotations."""
+    seen.add(cls)
+    for hint in typing.get_type_hints(cls).values():
+        for arg in [hint, *typing.get_args(hint), *[a for t in typing.get_args(hint) for a in typing.get_args(t)]]:
+            if dataclasses.is_dataclass(arg) and arg not in seen:
+                _context_types(arg, seen)
+
+
+def test_every_context_field_documented_and_used():
+    """Each field of each page-context dataclass has documentation and appears in a template."""
+    classes: set = set()
+    _context_types(report.ReportContext, classes)
+    assert {report.ModelSection, report.OverviewRow, report.Image, report.Table, report.Link} <= classes
+    templates = Path(report.__file__).parent.parent / "templates"
+    source = "".join(p.read_text() for p in templates.glob("*.html"))
+    for cls in classes:
+        assert cls.__doc__ and dataclasses.is_dataclass(cls)
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} is undocumented"
+            assert re.search(rf"\.{f.name}\b", source), f"{cls.__name__}.{f.name} is not used by any template"
+
+
+def test_templates_load_from_the_package():
+    """The templates resolve through importlib.resources (as in a wheel), not a source path."""
+    from importlib import resources
+
+    names = {p.name for p in resources.files("rfreport.templates").iterdir()}
+    assert {"base.html", "index.html", "macros.html", "report.css"} <= names
+
+
+def test_names_and_errors_are_escaped(rendered):
+    """A script-tag model name and HTML in an error message render as text."""
+    html = rendered[1]
+    assert EVIL not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;ValueError&gt; &amp; stopped" in html and "broken &lt;b&gt;&amp;&lt;/b&gt;" in html
+
+
+def test_failed_model_is_listed_with_its_error(rendered):
+    """The failed model has an overview row, an entry in the failed list and a section with its error."""
+    run, html = rendered
+    failed = next(m for m in run.models if not m.ok)
+    section = html[html.index(f'id="{report.anchor(failed)}"'):]
+    assert 'id="failed"' in html and "Failed:" in section[:2000]
+    assert html.count(f'href="#{report.anchor(failed)}"') == 2
+
+
+def test_self_contained(rendered):
+    """No external URL: every src/href is a data URI, an in-page anchor or a relative run-folder file."""
+    html = scrub(rendered[1])
+    assert "<style>" in html and "<link" not in html
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and not [r for r in refs if re.match(r"[a-z]+:", r) and not r.startswith("data:image/png")]
+    assert not re.search(r"https?://|//[a-z]", html.replace("http://www.w3.org", ""))
+
+
+def test_overview_values_and_sections(rendered):
+    """Each model has a section; overview cells show the summary values formatted per axis."""
+    run, html = rendered
+    for model in run.models:
+        assert html.count(f'id="{report.anchor(model)}"') == 1
+    assert "11 × 11" in html and "37.5%" in html and "11 × 11 × 11" in html
+
+
+def test_positions_links_point_into_the_run(rendered):
+    """The positions-table links resolve to the run folder's CSV and Parquet files."""
+    run, html = rendered
+    hrefs = re.findall(r'href="(models/[^"]+)"', html)
+    assert {Path(h).suffix for h in hrefs} == {".csv", ".parquet"}
+    assert all((run.path / h).is_file() for h in hrefs)
+
+
+def test_assets_mode_writes_files(rendered, tmp_path):
+    """With assets_dir the page links report.css and PNG files that exist beside it."""
+    run = rendered[0]
+    out = report.render(run, tmp_path / "page" / "index.html", assets_dir=tmp_path / "page" / "assets")
+    html = out.read_text(encoding="utf-8")
+    assert "data:image" not in html and '<link rel="stylesheet" href="assets/report.css">' in html
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert images and all((out.parent / src).is_file() for src in images)
+
+
+def test_render_is_deterministic(rendered):
+    """Rendering the same run twice gives identical bytes."""
+    run, html = rendered
+    assert report.render(run, run.path / "again.html").read_text(encoding="utf-8") == html
+
+
+def test_rendering_never_imports_torch(rendered, tmp_path):
+    """Loading a run and rendering it in a fresh interpreter leaves torch unimported."""
+    code = ("import sys\nfrom rfreport import report, runfolder\n"
+            f"report.render(runfolder.load({str(rendered[0].path)!r}), {str(tmp_path / 'x.html')!r})\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ten_models_stay_under_ten_megabytes(tmp_path):
+    """Ten 64x64 models with every figure stay under 10 MB: figures have a fixed pixel size, so a report
+    grows linearly with its models, and ten times a one-model report bounds it."""
+    out = report.render(runfolder.write(tmp_path / "run", META, [_with_layers_and_erf(_output("m", 2, (64, 64)))]))
+    assert 10 * out.stat().st_size < 10_000_000
