@@ -10,7 +10,7 @@ is accumulated on the way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,17 +81,23 @@ class _Accumulator:
     masks: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.coverage = torch.zeros(self.input_spatial, dtype=torch.int64)
+        self.coverage = np.zeros(self.input_spatial, dtype=np.int64)
 
-    def add(self, chunk: np.ndarray, support: torch.Tensor, path: str) -> None:
+    def add(self, chunk: np.ndarray, support: torch.Tensor | np.ndarray, path: str) -> None:
         """Reduce a chunk of support masks (B, *input_spatial) to bounds and fold in its coverage."""
-        support = support.cpu()
-        self.coverage += support.sum(dim=0, dtype=torch.int64)
-        lo, hi, count, wrapped = mask_bounds(support, wrap=self.wrap)
-        self.rows.append((chunk, lo, hi, count, wrapped, np.full(len(chunk), path)))
-        for i, pos in enumerate(map(tuple, chunk.tolist())):
-            if pos in self.keep:
-                self.masks[pos] = support[i].numpy().copy()
+        support = support.cpu().numpy() if isinstance(support, torch.Tensor) else np.asarray(support)
+        bounds = mask_bounds(support, wrap=self.wrap)
+        self.add_bounds(chunk, bounds, support.sum(axis=0, dtype=np.int64), lambda i: support[i].copy(), path)
+
+    def add_bounds(self, chunk: np.ndarray, bounds: tuple[np.ndarray, ...], coverage: np.ndarray,
+                   mask_of: Callable[[int], np.ndarray], path: str) -> None:
+        """Record already reduced rows (lo, hi, support, wrapped), their summed coverage and kept masks."""
+        self.coverage += coverage
+        self.rows.append((chunk, *bounds, np.full(len(chunk), path)))
+        if self.keep:
+            for i, pos in enumerate(map(tuple, chunk.tolist())):
+                if pos in self.keep:
+                    self.masks[pos] = mask_of(i)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """Concatenate the chunks and return them in position order."""
@@ -100,23 +106,30 @@ class _Accumulator:
         return tuple(part[order] for part in parts)
 
 
-def mask_bounds(masks: torch.Tensor, *, wrap: bool = False):
+def mask_bounds(masks: torch.Tensor | np.ndarray, *, wrap: bool = False):
     """Return (lo, hi, support, wrapped) of a batch of boolean masks (B, *spatial) as numpy arrays."""
-    batch, spatial = masks.shape[0], masks.shape[1:]
-    lo = np.full((batch, len(spatial)), -1, dtype=np.int64)
-    hi = np.full((batch, len(spatial)), -1, dtype=np.int64)
-    wrapped = np.zeros((batch, len(spatial)), dtype=bool)
-    for axis, n in enumerate(spatial):
-        others = tuple(d + 1 for d in range(len(spatial)) if d != axis)
-        projection = masks.any(dim=others) if others else masks
-        first = projection.int().argmax(dim=1).numpy()
-        last = n - 1 - projection.flip(1).int().argmax(dim=1).numpy()
-        hit = projection.any(dim=1).numpy()
-        lo[hit, axis], hi[hit, axis] = first[hit], last[hit]
+    masks = np.asarray(masks)
+    batch, ndim = masks.shape[0], masks.ndim - 1
+    flat = masks.reshape(batch, -1)
+    projections = [masks.any(axis=tuple(d + 1 for d in range(ndim) if d != axis)) if ndim > 1 else flat
+                   for axis in range(ndim)]
+    return projection_bounds(projections, flat.sum(axis=1, dtype=np.int64), wrap=wrap)
+
+
+def projection_bounds(projections: Sequence[np.ndarray], support: np.ndarray, *, wrap: bool = False):
+    """Return (lo, hi, support, wrapped) from per-axis projections (B, n_axis) of masks and their counts."""
+    batch = len(support)
+    lo = np.full((batch, len(projections)), -1, dtype=np.int64)
+    hi = np.full((batch, len(projections)), -1, dtype=np.int64)
+    wrapped = np.zeros((batch, len(projections)), dtype=bool)
+    for axis, projection in enumerate(projections):
+        n = projection.shape[1]
+        hit = projection.any(axis=1)
+        lo[hit, axis] = projection.argmax(axis=1)[hit]
+        hi[hit, axis] = n - 1 - projection[:, ::-1].argmax(axis=1)[hit]
         if wrap:
-            _unroll_wrapped(projection.numpy(), lo[:, axis], hi[:, axis], wrapped[:, axis])
-    support = masks.reshape(batch, -1).sum(dim=1).numpy().astype(np.int64)
-    return lo, hi, support, wrapped
+            _unroll_wrapped(projection, lo[:, axis], hi[:, axis], wrapped[:, axis])
+    return lo, hi, np.asarray(support, dtype=np.int64), wrapped
 
 
 def _unroll_wrapped(projection: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.ndarray) -> None:
@@ -192,13 +205,17 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
         return SweepResult(
             input_shape=engine.input_shape, output_shape=engine.output_shape, mode=mode,
             device=str(engine.device), positions=pos, lo=lo, hi=hi, support=support, wrapped=wrapped,
-            path=path, coverage=acc.coverage.numpy(), masks=acc.masks, padding_modes=engine.padding_modes,
+            path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
             target=target.describe(), local=local, seconds=time.perf_counter() - started)
 
 
 def _run_method(method: str, engine: Engine, selected: np.ndarray, size: int, acc: _Accumulator,
                 progress) -> None:
-    """Dispatch to the dense sweep (the compressed sweep plugs in here)."""
+    """Dispatch to the dense sweep or the compressed sweep (`auto` compresses only where it pays)."""
     if method not in ("auto", "dense", "compressed"):
         raise SweepError(f"unknown sweep method {method!r}; use auto, dense or compressed")
-    dense_sweep(engine, selected, size, acc, progress)
+    if method == "dense":
+        dense_sweep(engine, selected, size, acc, progress)
+        return
+    from rfreport.compress import compressed_sweep  # compress.py builds on this module's helpers
+    compressed_sweep(engine, selected, size, acc, progress, auto=method == "auto")
