@@ -121,7 +121,11 @@ def build(spec: ModelSpec) -> nn.Module:
     except ModelLoadError as exc:
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from exc
     try:
-        model = factory(**spec.kwargs)
+        # weights=None models start from random weights: seed them so every process (a Ray worker, a
+        # position chunk, a rerun) builds the same model and gradient-mode sweeps and ERFs agree
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = factory(**spec.kwargs)
     except Exception as exc:  # the user's factory may raise anything
         raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} raised {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
