@@ -1,0 +1,205 @@
+"""Per-layer growth: RF size, effective stride and padding at the centre of every layer's output.
+
+One forward pass of a :class:`~rfreport.engine.LayerEngine` keeps every leaf module's output.
+Per layer, one small batched backward from its centre, one neighbour per axis and its first
+corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
+found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
+predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1),
+so the whole table costs about one backward pass however deep the model is.
+
+Composition is exact for affine layers whose local window stays clear of the predecessor's grid
+border. Where a window touches it (deep grids of one or two cells at small inputs) the unclipped
+values are only lower bounds, and they are taken from a rerun at a doubled input instead when the
+model accepts one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from rfreport.engine import LayerEngine, check_input_shape
+from rfreport.errors import SweepError
+from rfreport.positions import axis_names, center
+from rfreport.schema import Column, Schema, register
+from rfreport.sweep import mask_bounds, one_hot_weights
+
+MAX_DOUBLINGS = 3
+ENLARGE_LIMIT = 1 << 20  # input pixels (spatial) a rerun may use
+POOLED_GRID = 4  # a centre window spanning a whole grid this large on every axis is global pooling
+
+LAYERS = register(Schema(
+    name="layers",
+    row="layer (leaf module or chosen name) whose output is a spatial tensor of the input's rank, in forward order",
+    columns=(
+        Column("order", "int64", "", "forward order of the layer's first call (0-based)"),
+        Column("layer", "string", "", "qualified module name"),
+        Column("type", "string", "", "module class name"),
+        Column("channels", "int64", "channels", "output channels"),
+        Column("out_{a}", "int64", "output positions", "output size on this axis"),
+        Column("{a}_size", "int64", "input pixels", "RF extent of the centre output position at this input size "
+               "(clipped to the input)"),
+        Column("{a}_rf", "int64", "input pixels", "unclipped RF size of the centre output position (its extent "
+               "on an input large enough; a lower bound when rf_exact is false)"),
+        Column("{a}_stride", "float64", "input pixels", "effective stride: how far the RF moves per output step "
+               "(NaN when the axis has a single position at every size tried)"),
+        Column("{a}_padding", "float64", "input pixels", "effective padding P: the unclipped RF of output "
+               "position p starts at input index -P + p * stride"),
+        Column("rf_exact", "bool", "flag", "the unclipped values are exact; false when a local window met a grid "
+               "border at every input size tried"),
+        Column("border", "bool", "flag", "border layer: the centre position's RF already covers the whole input, "
+               "so this layer's depth adds no context at this resolution"),
+        Column("global", "bool", "flag", "both the centre and the first corner position see the whole input"),
+    ),
+))
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """Unclipped affine geometry of one layer's output, per axis: RF size, stride, padding."""
+
+    rf: np.ndarray
+    stride: np.ndarray
+    padding: np.ndarray
+    exact: bool
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the unclipped input bounds covered by output boxes [lo, hi] of this layer."""
+        first = np.where(lo == 0, 0.0, lo * self.stride) - self.padding
+        last = np.where(hi == 0, 0.0, hi * self.stride) - self.padding + self.rf - 1
+        return first, last
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One row of the layers frame before it becomes a DataFrame."""
+
+    name: str
+    type: str
+    channels: int
+    out: tuple[int, ...]
+    size: np.ndarray
+    affine: _Affine
+    border: bool
+    is_global: bool
+    pooled: bool
+
+
+def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
+    """Return the output positions probed per layer: centre, one neighbour per axis, first corner."""
+    mid = np.array(center(shape), dtype=np.int64)
+    rows = [mid]
+    for axis, n in enumerate(shape):
+        neighbour = mid.copy()
+        neighbour[axis] = mid[axis] + 1 if mid[axis] + 1 < n else max(mid[axis] - 1, 0)
+        rows.append(neighbour)
+    rows.append(np.zeros(len(shape), dtype=np.int64))
+    return np.stack(rows)
+
+
+def _compose(masks: dict, affines: dict, grids: dict, pooling: dict) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """Union the predecessors' composed boxes per row.
+
+    Also say whether the result is exact (no centre/neighbour window touched a predecessor's grid
+    border) and whether the centre pools a whole predecessor grid of at least POOLED_GRID cells per
+    axis, or depends on a layer that does (global pooling: no larger input would make it exact).
+    """
+    lows, highs, exact, pooled = [], [], True, False
+    for source, mask in masks.items():
+        lo, hi, count, _ = mask_bounds(mask)
+        hit = count > 0
+        first, last = affines[source].box(lo, hi)
+        lows.append(np.where(hit[:, None], first, np.inf))
+        highs.append(np.where(hit[:, None], last, -np.inf))
+        grid = np.array(grids[source])
+        touched = ((lo == 0) | (hi == grid - 1))[:-1][hit[:-1]]
+        exact = exact and affines[source].exact and not touched.any()
+        pooled = pooled or bool(hit.any() and pooling[source]) or bool(
+            hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
+    return np.min(lows, axis=0), np.max(highs, axis=0), exact, pooled
+
+
+def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _Affine:
+    """Read RF size, stride and padding at the centre row from composed unclipped bounds."""
+    mid = rows[0]
+    ndim = len(mid)
+    steps = np.array([rows[1 + a, a] - mid[a] for a in range(ndim)], dtype=float)
+    moved = np.array([lo[1 + a, a] - lo[0, a] for a in range(ndim)], dtype=float)
+    stride = np.divide(moved, steps, out=np.full(ndim, np.nan), where=steps != 0)
+    padding = np.where(mid == 0, 0.0, mid * stride) - lo[0]
+    return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, padding=padding, exact=exact)
+
+
+def _growth(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
+            seed: int) -> list[_Layer]:
+    """Run one capture pass and measure every captured layer in forward order."""
+    n = np.array(input_shape[2:])
+    ndim = len(n)
+    affines = {None: _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), True)}
+    grids: dict = {None: tuple(input_shape[2:])}
+    pooling = {None: False}
+    measured = []
+    with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+        for name, captured in engine.layers.items():
+            out = tuple(captured.value.shape[2:])
+            rows = probe_rows(out)
+            masks = engine.local_support(name, one_hot_weights(rows, out))
+            lo, hi, exact, pooling[name] = _compose(masks, affines, grids, pooling)
+            affines[name], grids[name] = _measure(rows, lo, hi, exact), out
+            covers = (lo <= 0) & (hi >= n - 1)
+            measured.append(_Layer(name, captured.type, int(captured.value.shape[1]), out,
+                                   (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64),
+                                   affines[name], bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()),
+                                   pooling[name]))
+    return measured
+
+
+def _refine(input_shape: tuple[int, ...], measured: list[_Layer], run) -> list[_Layer]:
+    """Take unclipped values of inexact layers from reruns at doubled inputs, while the model accepts them."""
+    for doubling in range(1, MAX_DOUBLINGS + 1):
+        if all(layer.affine.exact or layer.pooled for layer in measured):
+            break
+        bigger = (*input_shape[:2], *(n << doubling for n in input_shape[2:]))
+        if math.prod(bigger[2:]) > ENLARGE_LIMIT:
+            break
+        try:
+            larger = {layer.name: layer.affine for layer in run(bigger)}
+        except SweepError:
+            break
+        fixed = {name for name, affine in larger.items() if affine.exact}
+        if not any(not layer.affine.exact and layer.name in fixed for layer in measured):
+            break
+        measured = [replace(layer, affine=larger[layer.name])
+                    if not layer.affine.exact and layer.name in fixed else layer for layer in measured]
+    return measured
+
+
+def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
+    """Build the layers frame from measured rows."""
+    data: dict[str, object] = {
+        "order": np.arange(len(measured)), "layer": [m.name for m in measured], "type": [m.type for m in measured],
+        "channels": [m.channels for m in measured], "rf_exact": [m.affine.exact for m in measured],
+        "border": [m.border for m in measured], "global": [m.is_global for m in measured],
+    }
+    for axis, a in enumerate(axis_names(ndim)):
+        data[f"out_{a}"] = [m.out[axis] for m in measured]
+        data[f"{a}_size"] = [m.size[axis] for m in measured]
+        data[f"{a}_rf"] = [int(m.affine.rf[axis]) for m in measured]
+        data[f"{a}_stride"] = [m.affine.stride[axis] for m in measured]
+        data[f"{a}_padding"] = [m.affine.padding[axis] for m in measured]
+    return LAYERS.frame(data, ndim)
+
+
+def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
+                 device: str = "auto", seed: int = 0) -> pd.DataFrame:
+    """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order."""
+    shape = check_input_shape(tuple(input_shape))
+
+    def run(at: tuple[int, ...]) -> list[_Layer]:
+        return _growth(model, at, layers, mode, device, seed)
+
+    return _frame(_refine(shape, run(shape), run), len(shape) - 2)
