@@ -25,6 +25,8 @@ from rfreport.errors import ConfigError, RfReportError, RunFolderError
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 MODES = ("structural", "gradient")
+CONSOLE = logging.StreamHandler()
+CONSOLE.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
 
 
 class CommandError(click.ClickException):
@@ -49,17 +51,12 @@ def converts_errors(command: Callable) -> Callable:
 
 def configure_logging(verbose: int, quiet: bool) -> None:
     """Send rfreport's log to stderr: warnings by default, info with -v, debug with -vv, errors with -q."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    CONSOLE.setStream(sys.stderr)  # click's test runner swaps sys.stderr per invocation
+    CONSOLE.setLevel(logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
     logger = logging.getLogger("rfreport")
-    if not any(getattr(h, "rfreport_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.rfreport_console = True
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    for handler in logger.handlers:
-        if getattr(handler, "rfreport_console", False):
-            handler.setLevel(level)
-    logger.setLevel(min(level, logging.INFO))
+    if CONSOLE not in logger.handlers:
+        logger.addHandler(CONSOLE)
+    logger.setLevel(CONSOLE.level)
     logger.propagate = False
 
 
@@ -182,7 +179,7 @@ def make_executor(kind: str, address: str | None, progress):
         from rfreport.ray_executor import RayExecutor
     except ImportError as exc:
         raise CommandError(f"--executor ray needs Ray: pip install 'rfreport[ray]' ({exc})", 2) from exc
-    return RayExecutor(address=address)
+    return RayExecutor(address=address, progress=progress)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -209,13 +206,11 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
                          erf_positions=erf_positions, executor=executor, address=address)
     chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
-    failed = [model for model in saved.models if not model.ok]
-    for model in failed:
-        click.echo(f"failed: {model.slug}: {model.entry.get('error')}", err=True)
     click.echo(str(saved.path / "index.html"))
+    failed = [model.slug for model in saved.models if not model.ok]
     if failed:
-        raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed; see {saved.path / runfolder.LOG}",
-                           1)
+        raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed ({', '.join(failed)}); "
+                           f"see {saved.path / runfolder.LOG}", 1)
 
 
 @cli.command()

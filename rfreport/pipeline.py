@@ -86,7 +86,7 @@ def sweep_options(job: Job) -> dict[str, Any]:
 
 
 def keep_masks(spec: ModelSpec) -> list:
-    """Return the positions whose support masks are kept: centre, corners, edges and explicit coordinates."""
+    """Return the positions whose support masks are kept (when swept): centre, corners, edges, explicit ones."""
     explicit = [] if isinstance(spec.positions, str) else [p for p in spec.positions if not isinstance(p, str)]
     return [*KEEP_MASKS, *explicit]
 
@@ -119,28 +119,18 @@ def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
 
 
 def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult | None:
-    """Sweep the positions the geometry fit and the kept masks need, unless the main sweep has them all."""
-    extra = [*_as_list(analysis.geometry_positions(main.output_spatial)), *KEEP_MASKS]
+    """Sweep the positions the geometry fit needs, unless the main sweep already has them all."""
+    extra = analysis.geometry_positions(main.output_spatial)
     if covers(main, extra):
         return None
-    return sweep(model, job.input_shape, extra, keep_masks=keep_masks(job.spec), **sweep_options(job))
+    return sweep(model, job.input_shape, extra, **sweep_options(job))
 
 
-def _as_list(spec: positions_mod.PositionSpec) -> list:
-    """Return a position selection as a list of names and coordinates."""
-    return [spec] if isinstance(spec, str) else list(spec)
-
-
-def sees_everything(result: SweepResult) -> bool:
-    """Return whether every swept position's support is the whole input (a global or border-wide RF)."""
-    return bool(np.all(result.support == int(np.prod(result.input_spatial))))
-
-
-def local_sweep(model: nn.Module, job: Job, reference: SweepResult) -> SweepResult | None:
+def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
     """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
-    if not sees_everything(reference):
+    if not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
         return None
-    return sweep(model, job.input_shape, analysis.geometry_positions(reference.output_spatial), local=True,
+    return sweep(model, job.input_shape, analysis.geometry_positions(main.output_spatial), local=True,
                  **sweep_options(job))
 
 
@@ -168,14 +158,12 @@ def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None =
     `main` is the job's main sweep when it was computed elsewhere (merged from chunks).
     """
     started = time.perf_counter()
-    logger.info("%s: started", job.slug)
+    logger.debug("%s: started", job.slug)
     try:
-        result = _complete(job, advance, main, started)
+        return _complete(job, advance, main, started)
     except Exception as exc:  # a job must never take the run down: import errors, OOM, bugs in user models
-        logger.error("%s: failed", job.slug, exc_info=True)
+        logger.debug("%s: traceback", job.slug, exc_info=True)
         return _failed(job, exc, time.perf_counter() - started)
-    logger.info("%s: done in %.1f s", job.slug, result.seconds)
-    return result
 
 
 @dataclass(frozen=True)
@@ -193,7 +181,7 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     main = main or main_sweep(model, job, plan(model, job), advance)
     geometry = geometry_sweep(model, job, main)
-    local = local_sweep(model, job, geometry or main)
+    local = local_sweep(model, job, main, geometry)
     result = analysis.analyze(main, geometry=geometry, local=local,
                               layers=layer_frame(model, job) if growth else None)
     return Computed(main, geometry, result, effective(model, job, main))
@@ -203,11 +191,10 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     """Build the model, run every stage of a job and assemble its result."""
     done = compute(models.build(job.spec), job, advance, main)
     main, result, measured = done.main, done.analysed, done.erf_result
-    masks = {**main.masks, **(done.geometry.masks if done.geometry else {})}
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
                     "erf": measured.metrics if measured else None}
-    arrays = {"coverage": result.coverage, "masks": masks, "erf_maps": measured.maps if measured else None}
+    arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
     return JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
@@ -267,6 +254,10 @@ def entry(job: Job, result: JobResult) -> dict:
 def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.ModelOutput]:
     """Run the jobs through the executor and yield what the run folder stores for each."""
     for job, result in zip(jobs, executor.map(jobs), strict=True):
+        if result.status == "ok":
+            logger.info("%s: ok in %.1f s", result.slug, result.seconds)
+        else:
+            logger.error("%s: failed: %s", result.slug, result.error)
         yield runfolder.ModelOutput(entry(job, result), result.frames, result.arrays)
 
 
@@ -282,13 +273,12 @@ def run_meta(config: RunConfig, seconds: float, argv: Sequence[str]) -> dict:
 
 @contextmanager
 def log_to(path: Path) -> Iterator[None]:
-    """Copy the rfreport log records (INFO and above) into a file for the duration of the block."""
+    """Copy every rfreport log record (tracebacks of failed jobs included) into a file during the block."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.INFO)
     level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.setLevel(logging.DEBUG)
     try:
         yield
     finally:
