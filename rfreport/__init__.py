@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 # Torch-backed names load on first use, so the torch-free stages (runfolder, audit, diff, report) import
 # without torch. The sweep function is `rfreport.sweep.sweep`: a lazy `rfreport.sweep` would clash with
 # the submodule of the same name.
-LAZY = {"SweepResult": "rfreport.sweep"}
-__all__ = ["SweepResult"]
+LAZY = {"NumericRF": "rfreport.compat", "SweepResult": "rfreport.sweep"}
+__all__ = ["NumericRF", "SweepResult"]
 
 
 def __getattr__(name: str):
