@@ -309,8 +309,11 @@ class Engine:
         """
         weights = weights.to(self._y.device, self._y.dtype)
         cotangents = weights[:, None, None].expand(-1, *self._y.shape)
-        grads = self._vjp(cotangents)
-        return grads.abs().sum(dim=(1, 2))
+        grads = self._vjp(cotangents).abs().sum(dim=(1, 2))
+        if not torch.isfinite(grads).all():
+            raise SweepError(f"the {self.mode} pass gave non-finite gradients for {self.target.describe()} "
+                             "(an activation overflowed or divided by zero)")
+        return grads
 
     def support(self, weights: torch.Tensor) -> torch.Tensor:
         """Return the boolean input support of each row of cotangent weights."""
@@ -412,11 +415,22 @@ class LayerEngine(Engine):
             raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor of the input's rank "
                              f"{len(self.input_shape)} that depends on the input")
 
-    def predecessors(self, name: str) -> list[str | None]:
-        """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
+    def _owners(self) -> dict:
+        """Map each captured graph edge to the first layer that produced it."""
         owner = {}
         for layer in self.layers.values():
             owner.setdefault((layer.edge.node, layer.edge.output_nr), layer.name)
+        return owner
+
+    def same_as(self, name: str) -> str | None:
+        """Return the earlier layer whose output is the very same tensor (e.g. an identity-like module), or None."""
+        edge = self.layers[name].edge
+        first = self._owners()[(edge.node, edge.output_nr)]
+        return first if first != name else None
+
+    def predecessors(self, name: str) -> list[str | None]:
+        """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
+        owner = self._owners()
         start = self.layers[name].edge.node
         found: dict[str | None, None] = {}
         seen, stack = {start}, [start]

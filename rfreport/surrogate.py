@@ -163,11 +163,13 @@ class StructuralMode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = base_name(func)
         self._observe(name, args, kwargs)
+        result = NotImplemented
         if self.linearise and args and _is_differentiable(args[0]):
-            replaced = self._linearised(func, name, args, kwargs)
-            if replaced is not NotImplemented:
-                return self._held_if_global(name, args, kwargs, replaced)
-        return self._held_if_global(name, args, kwargs, func(*args, **kwargs))
+            result = self._linearised(func, name, args, kwargs)
+        if result is NotImplemented:
+            result = func(*args, **kwargs)
+        result = self._held_if_global(name, args, kwargs, result)
+        return _max_normalised(result) if self.linearise and not _in_place(func) else result
 
     def _observe(self, name: str, args, kwargs) -> None:
         """Record padding modes that make borders wrap or mirror, and ops that can cancel gradients."""
@@ -232,6 +234,25 @@ class StructuralMode(TorchFunctionMode):
             return False
         dims = _reduced_dims(args, kwargs, x.dim())
         return dims is None or any(d >= 2 for d in dims)
+
+
+def _in_place(func: Callable) -> bool:
+    """Tell in-place ops (`add_`, `__iadd__`), whose result must stay the mutated tensor itself."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+
+
+def _max_normalised(result: Any) -> Any:
+    """Scale a differentiable result so its largest magnitude is 1.
+
+    A positive constant factor changes no receptive field, but without it residual sums
+    double and gating products square the activations block after block until float64
+    overflows (an EfficientNet's squeeze-and-excitation stages reach inf within a few blocks).
+    """
+    if not (_is_differentiable(result) and result.numel()):
+        return result
+    scale = result.detach().abs().amax()
+    return result / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _has_negative(value: Any) -> bool:

@@ -201,3 +201,26 @@ def test_sweep_on_cuda_equals_cpu():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.MaxPool2d(2))
     cpu = positions_frame(sweep(model, (1, 1, 20, 20), device="cpu"))
     assert positions_frame(sweep(model, (1, 1, 20, 20), device="cuda")).equals(cpu)
+
+
+class GatedResidualStack(nn.Module):
+    """Residual sums and squeeze-and-excitation gates, block after block: values grow without bound."""
+
+    def __init__(self, blocks: int = 30):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 3, padding=1) for _ in range(blocks))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = x + conv(x)
+            x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+        return x
+
+
+def test_deep_gated_residual_stack_does_not_overflow():
+    model = GatedResidualStack()
+    global_rf = sweep(model, (1, 2, 12, 12), "corners")
+    assert set(global_rf.support) == {144}
+    local_rf = sweep(model, (1, 2, 12, 12), "center", local=True)
+    assert local_rf.support.tolist() == [144] and local_rf.lo.tolist() == [[0, 0]]
+    assert sweep(GatedResidualStack(2), (1, 2, 12, 12), "center", local=True).support.tolist() == [25]
