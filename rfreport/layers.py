@@ -29,8 +29,8 @@ from rfreport.schema import Column, Schema, register
 from rfreport.sweep import mask_bounds, one_hot_weights
 
 MAX_DOUBLINGS = 3
-ENLARGE_LIMIT = 1 << 20  # input pixels (spatial) a rerun may use
-POOLED_GRID = 4  # a centre window spanning a whole grid this large on every axis is global pooling
+ENLARGE_LIMIT = 1 << 18  # input pixels (spatial) a rerun may use
+POOLED_GRID = 4  # a one-cell output whose window spans a whole grid this large per axis is global pooling
 
 LAYERS = register(Schema(
     name="layers",
@@ -101,25 +101,26 @@ def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
     return np.stack(rows)
 
 
-def _compose(masks: dict, affines: dict, grids: dict, pooling: dict) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+def _compose(masks: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     """Union the predecessors' composed boxes per row.
 
     Also say whether the result is exact (no centre/neighbour window touched a predecessor's grid
-    border) and whether the centre pools a whole predecessor grid of at least POOLED_GRID cells per
-    axis, or depends on a layer that does (global pooling: no larger input would make it exact).
+    border) and whether it is pooled: a `single`-cell output whose window spans a whole predecessor
+    grid of at least POOLED_GRID cells per axis, or a layer depending on one (global pooling: no
+    larger input would make it exact).
     """
     lows, highs, exact, pooled = [], [], True, False
     for source, mask in masks.items():
         lo, hi, count, _ = mask_bounds(mask)
         hit = count > 0
-        first, last = affines[source].box(lo, hi)
+        first, last = done[source].affine.box(lo, hi)
         lows.append(np.where(hit[:, None], first, np.inf))
         highs.append(np.where(hit[:, None], last, -np.inf))
-        grid = np.array(grids[source])
+        grid = np.array(done[source].out)
         touched = ((lo == 0) | (hi == grid - 1))[:-1][hit[:-1]]
-        exact = exact and affines[source].exact and not touched.any()
-        pooled = pooled or bool(hit.any() and pooling[source]) or bool(
-            hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
+        exact = exact and done[source].affine.exact and not touched.any()
+        pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
+            single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
     return np.min(lows, axis=0), np.max(highs, axis=0), exact, pooled
 
 
@@ -134,28 +135,39 @@ def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _
     return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, padding=padding, exact=exact)
 
 
+def _input_layer(input_shape: tuple[int, ...]) -> _Layer:
+    """Return the model input as a pseudo-layer: RF 1, stride 1, padding 0 on every axis."""
+    ndim = len(input_shape) - 2
+    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), True)
+    return _Layer("", "input", input_shape[1], tuple(input_shape[2:]), np.ones(ndim, dtype=np.int64), identity,
+                  False, False, False)
+
+
+def _measure_layer(engine: LayerEngine, name: str, done: dict) -> _Layer:
+    """Measure one captured layer from local supports composed with its predecessors' geometry."""
+    captured = engine.layers[name]
+    twin = engine.same_as(name)
+    if twin is not None:
+        return replace(done[twin], name=name, type=captured.type)
+    out = tuple(captured.value.shape[2:])
+    n = np.array(engine.input_spatial)
+    rows = probe_rows(out)
+    lo, hi, exact, pooled = _compose(engine.local_support(name, one_hot_weights(rows, out)), done,
+                                     single=max(out) == 1)
+    covers = (lo <= 0) & (hi >= n - 1)
+    size = (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
+    return _Layer(name, captured.type, int(captured.value.shape[1]), out, size, _measure(rows, lo, hi, exact),
+                  bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()), pooled)
+
+
 def _growth(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
             seed: int) -> list[_Layer]:
     """Run one capture pass and measure every captured layer in forward order."""
-    n = np.array(input_shape[2:])
-    ndim = len(n)
-    affines = {None: _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), True)}
-    grids: dict = {None: tuple(input_shape[2:])}
-    pooling = {None: False}
-    measured = []
+    done: dict[str | None, _Layer] = {None: _input_layer(input_shape)}
     with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
-        for name, captured in engine.layers.items():
-            out = tuple(captured.value.shape[2:])
-            rows = probe_rows(out)
-            masks = engine.local_support(name, one_hot_weights(rows, out))
-            lo, hi, exact, pooling[name] = _compose(masks, affines, grids, pooling)
-            affines[name], grids[name] = _measure(rows, lo, hi, exact), out
-            covers = (lo <= 0) & (hi >= n - 1)
-            measured.append(_Layer(name, captured.type, int(captured.value.shape[1]), out,
-                                   (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64),
-                                   affines[name], bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()),
-                                   pooling[name]))
-    return measured
+        for name in engine.layers:
+            done[name] = _measure_layer(engine, name, done)
+    return [layer for key, layer in done.items() if key is not None]
 
 
 def _refine(input_shape: tuple[int, ...], measured: list[_Layer], run) -> list[_Layer]:
