@@ -135,8 +135,8 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 
 
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
-    """Return the per-layer RF growth of a job's model."""
-    return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode=job.spec.mode,
+    """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
+    return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
                                device=job.options.device, seed=job.options.seed)
 
 
