@@ -185,11 +185,16 @@ def _box_label(pos: tuple[int, ...], row: pd.Series) -> str:
     return f"{position_text(pos)}: {size}{wrapped}"
 
 
-def _draw_box(ax, row: pd.Series, letters: tuple[str, ...], colour, *, fill: bool = False) -> None:
-    """Draw the inclusive RF box of a frame row on image axes (the last two axis letters)."""
-    h, w = letters[-2:]
-    ax.add_patch(Rectangle((row[f"{w}_lo"] - 0.5, row[f"{h}_lo"] - 0.5), row[f"{w}_size"], row[f"{h}_size"],
-                           fill=fill, edgecolor=colour, linewidth=1.6))
+def _bounds(row: pd.Series, letters: tuple[str, ...], prefix: str = "") -> tuple[list[int], list[int]]:
+    """Return the inclusive (lo, hi) input bounds of a frame row, per axis, from `<prefix><a>_lo/hi` columns."""
+    return ([int(row[f"{prefix}{a}_lo"]) for a in letters], [int(row[f"{prefix}{a}_hi"]) for a in letters])
+
+
+def _draw_box(ax, lo: Sequence[int], hi: Sequence[int], colour) -> None:
+    """Draw an inclusive RF box on image axes (its last two axes are h and w)."""
+    (h_lo, w_lo), (h_hi, w_hi) = lo[-2:], hi[-2:]
+    ax.add_patch(Rectangle((w_lo - 0.5, h_lo - 0.5), w_hi - w_lo + 1, h_hi - h_lo + 1, fill=False,
+                           edgecolor=colour, linewidth=1.6))
 
 
 def _support_depth(row: pd.Series, mask: np.ndarray | None) -> int:
@@ -221,7 +226,7 @@ def rf_overlay(image: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int,
             tint = np.zeros((*shown.shape, 4))
             tint[shown] = (*colour, 0.5)
             ax.imshow(tint, interpolation="nearest", origin="upper")
-        _draw_box(ax, row, letters, colour)
+        _draw_box(ax, *_bounds(row, letters), colour)
         ax.set_xlim(-0.5, plane.shape[1] - 0.5)
         ax.set_ylim(plane.shape[0] - 0.5, -0.5)
         ax.set_title(_box_label(pos, row) + note, fontsize=9)
@@ -272,27 +277,27 @@ def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], inp
     return fig
 
 
-def erf_maps(maps: Mapping[tuple[int, ...], np.ndarray], frame: pd.DataFrame) -> Figure:
-    """Plot effective-RF maps on a log scale with each position's theoretical RF box drawn."""
+def erf_maps(maps: Mapping[tuple[int, ...], np.ndarray], erf: pd.DataFrame) -> Figure:
+    """Plot effective-RF maps on a log scale with the theoretical RF box of each position (erf frame) drawn."""
     positions = sorted(maps)[:MAX_PANELS]
     letters = axis_names(len(positions[0]))
     fig, axes = _figure(len(positions), len(letters))
     for ax, pos in zip(axes, positions):
-        row = _row(frame, pos)
+        lo, hi = _bounds(_row(erf, pos), letters, "rf_")
         values = np.asarray(maps[pos], dtype=float)
         depth = int(np.unravel_index(np.argmax(values), values.shape)[0]) if values.ndim == 3 else None
         plane, note = _plane(values, depth)
         ax.set_title(f"ERF of {position_text(pos)}{note}", fontsize=9)
         peak = float(plane.max()) if plane.size and plane.max() > 0 else 1.0
+        floor = np.maximum(plane, peak * 1e-4)
         if plane.ndim == 1:
-            ax.semilogy(np.arange(len(plane)), np.maximum(plane, peak * 1e-4), color=CMAP(0.35))
-            ax.axvspan(row["l_lo"] - 0.5, row["l_hi"] + 0.5, color="0.85", label="theoretical RF")
+            ax.semilogy(np.arange(len(plane)), floor, color=CMAP(0.35))
+            ax.axvspan(lo[0] - 0.5, hi[0] + 0.5, color="0.85", label="theoretical RF")
             ax.set_xlabel("input position l (samples)")
-            ax.set_ylabel("mean |dy/dx|")
+            ax.set_ylabel("mean |dy/dx| (log scale)")
             ax.legend(fontsize=8)
             continue
-        _heatmap(fig, ax, np.maximum(plane, peak * 1e-4), "mean |dy/dx| (log scale)",
-                 norm=LogNorm(vmin=peak * 1e-4, vmax=peak))
-        _draw_box(ax, row, letters, "white")
+        _heatmap(fig, ax, floor, "mean |dy/dx| (log scale)", norm=LogNorm(vmin=peak * 1e-4, vmax=peak))
+        _draw_box(ax, lo, hi, "white")
         _image_axes(ax)
     return fig

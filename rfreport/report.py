@@ -10,6 +10,7 @@ figures are written as files beside it instead (see :class:`AssetsFolder`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,8 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import plots
-from rfreport.errors import RunFolderError
-from rfreport.positions import axis_names, resolve
+from rfreport.positions import axis_names, center, resolve
 from rfreport.runfolder import ModelRun, Run
 
 PREVIEW_ROWS = 12
@@ -62,6 +62,7 @@ class Link:
 class Table:
     """The first rows of a frame, with links to the full files."""
 
+    title: str = field(metadata={"doc": "what the frame holds, e.g. Positions"})
     columns: tuple[str, ...] = field(metadata={"doc": "column names"})
     rows: tuple[tuple[str, ...], ...] = field(metadata={"doc": "formatted cell values, one tuple per row"})
     total: int = field(metadata={"doc": "number of rows of the full frame"})
@@ -103,6 +104,8 @@ class OverviewRow:
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
     global_context: bool | None = field(metadata={"doc": "every position sees the whole input"})
+    erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
+                                                      "centre, when measured"})
     audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
 
 
@@ -135,7 +138,7 @@ class ModelSection:
     findings: tuple[Finding, ...] = field(metadata={"doc": "plain-sentence findings, warnings first"})
     audit: tuple[AuditResult, ...] = field(metadata={"doc": "audit rules and their results"})
     figures: tuple[FigureBlock, ...] = field(metadata={"doc": "the model's figures in reading order"})
-    positions: Table | None = field(metadata={"doc": "preview of the positions table with links to the full files"})
+    tables: tuple[Table, ...] = field(metadata={"doc": "previews of the geometry, positions and ERF frames"})
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
         rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
         center_offset=entry.get("center_offset"), edge_fraction=entry.get("edge_fraction"),
         unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
-        audit=audit_status(entry))
+        erf_ratio=centre_erf_ratio(model), audit=audit_status(entry))
 
 
 def anchor(model: ModelRun) -> str:
@@ -278,18 +281,39 @@ def findings(entry: Mapping) -> tuple[Finding, ...]:
     return tuple(sorted(items, key=lambda f: f.severity != "warning"))
 
 
-def positions_table(run: Run, model: ModelRun, page_dir: Path) -> Table | None:
-    """Preview the edges frame (or the positions frame) with links to its CSV and Parquet files."""
-    name = next((n for n in ("edges", "positions") if n in model.frames), None)
-    if name is None:
-        return None
+TABLES = (("geometry", "Geometry per axis"), ("edges", "Positions"), ("positions", "Positions"),
+          ("erf", "Effective-RF metrics"))
+
+
+def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path) -> Table:
+    """Preview a frame's first rows with links to its CSV and Parquet files."""
     frame = model.frames[name]
-    links = tuple(Link(label=rel.rsplit(".", 1)[1].upper(), href=Path(os.path.relpath(run.path / rel, page_dir))
-                       .as_posix())
+    links = tuple(Link(label=rel.rsplit(".", 1)[1].upper(),
+                       href=Path(os.path.relpath(run.path / rel, page_dir)).as_posix())
                   for rel in model.entry.get("files", []) if Path(rel).stem == name)
     rows = tuple(tuple(number_text(v.item() if hasattr(v, "item") else v) for v in row)
                  for row in frame.head(PREVIEW_ROWS).itertuples(index=False))
-    return Table(columns=tuple(frame.columns), rows=rows, total=len(frame), links=links)
+    return Table(title=title, columns=tuple(frame.columns), rows=rows, total=len(frame), links=links)
+
+
+def model_tables(run: Run, model: ModelRun, page_dir: Path) -> tuple[Table, ...]:
+    """Preview the geometry, positions (the edges frame when present) and ERF frames of a model."""
+    names = [name for name, _ in TABLES if name in model.frames]
+    if "edges" in names:
+        names.remove("positions")
+    return tuple(frame_table(run, model, name, dict(TABLES)[name], page_dir) for name in names)
+
+
+def centre_erf_ratio(model: ModelRun) -> float | None:
+    """Return the ERF / RF area ratio of the centre output position, when the ERF was measured there."""
+    frame = model.frames.get("erf") if model.ok else None
+    if frame is None:
+        return None
+    letters = axis_names(len(model.entry["output_shape"]) - 2)
+    centre = np.array(center(model.entry["output_shape"][2:]))
+    row = frame[(frame[[f"pos_{a}" for a in letters]].to_numpy() == centre).all(axis=1)]
+    ratio = next(c for c in frame.columns if re.fullmatch(r"area\d+_ratio", c))
+    return float(row.iloc[0][ratio]) if len(row) else None
 
 
 def chosen_positions(model: ModelRun, frame: pd.DataFrame) -> list[tuple[int, ...]]:
@@ -304,15 +328,15 @@ def chosen_positions(model: ModelRun, frame: pd.DataFrame) -> list[tuple[int, ..
 
 
 def sample_image(entry: Mapping) -> tuple[np.ndarray, str]:
-    """Return the config's image (grey, resampled to the input size) when given, else the synthetic one."""
+    """Return the config's image (grey, resampled to the input size) when given and readable, else a synthetic one."""
     spatial = tuple(entry["input_shape"][2:])
     path = entry.get("image")
     if not path or len(spatial) != 2:
         return plots.synthetic_image(spatial), "a synthetic sample image"
     try:
         pixels = np.asarray(matplotlib.image.imread(path), dtype=float)
-    except (OSError, ValueError) as exc:
-        raise RunFolderError(f"model {entry['name']!r}: cannot read its image {path}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        return plots.synthetic_image(spatial), f"a synthetic sample image (the image {path} is unreadable: {exc})"
     grey = pixels[..., :3].mean(axis=-1) if pixels.ndim == 3 else pixels
     rows = np.linspace(0, grey.shape[0] - 1, spatial[0]).round().astype(int)
     cols = np.linspace(0, grey.shape[1] - 1, spatial[1]).round().astype(int)
@@ -351,15 +375,19 @@ def _rf_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
 
 
 def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """Padding seen per output position, from the edges frame."""
+    """Padding seen per axis and clipped sides per output position, from the edges frame."""
     frame = model.frames.get("edges")
     if frame is None:
         return None
-    columns = [(f"{a}_pad", f"padding seen on {a}", "input pixels") for a in axis_names(_ndim(model))]
-    fig = plots.grid_maps(frame, [*columns, ("edge", "edge-affected (1 = clipped)", "flag")], _ndim(model))
+    letters = axis_names(_ndim(model))
+    derived = frame.assign(
+        clipped=sum(frame[f"{a}_clip_{side}"].astype(int) for a in letters for side in ("lo", "hi")),
+        **{f"{a}_padding": frame[f"{a}_out_lo"] + frame[f"{a}_out_hi"] for a in letters})
+    columns = [(f"{a}_padding", f"padding seen on {a}", "input pixels") for a in letters]
+    fig = plots.grid_maps(derived, [*columns, ("clipped", "clipped sides", "sides")], _ndim(model))
     return _block(model, assets, "padding", "Padding seen by each output position",
-                  "How many rows or columns of each position's unclipped RF fall outside the input (fed by "
-                  "padding), and which positions are edge-affected.", fig)
+                  "Rows or columns of each position's unclipped RF that fall outside the input, i.e. are fed by "
+                  "padding (both sides added), and how many sides of its RF the input border cuts.", fig)
 
 
 def _coverage(model: ModelRun, assets: Assets) -> FigureBlock | None:
@@ -392,17 +420,18 @@ def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
         return None
     letters = axis_names(_ndim(model))
     spatial = model.entry["input_shape"][2:]
-    fig = plots.layer_growth(frame["layer"].tolist(), {a: frame[f"{a}_size"].to_numpy() for a in letters},
+    fig = plots.layer_growth(frame["layer"].tolist(), {a: frame[f"{a}_rf"].to_numpy() for a in letters},
                              dict(zip(letters, spatial)), frame["border"].to_numpy(dtype=bool))
     return _block(model, assets, "layers", "RF growth per layer",
-                  "RF size at the centre of each layer's output, in forward order; dashed lines are the input "
-                  "size. Shaded layers are border layers: their RF already covers the whole input.", fig)
+                  "Unclipped RF size at the centre of each layer's output, in forward order; dashed lines are the "
+                  "input size. Shaded layers are border layers: their RF already covers the whole input, so their "
+                  "depth adds no context at this resolution.", fig)
 
 
 def _erf(model: ModelRun, assets: Assets) -> FigureBlock | None:
     """Effective-RF heatmaps, when the run measured them."""
     maps = model.arrays.get("erf_maps") or {}
-    frame = model.frames.get("positions")
+    frame = model.frames.get("erf")
     if not maps or frame is None:
         return None
     return _block(model, assets, "erf", "Effective receptive field",
@@ -424,7 +453,7 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path) -> 
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
                     for r in entry.get("audit") or []),
         figures=model_figures(model, assets) if model.ok else (),
-        positions=positions_table(run, model, page_dir) if model.ok else None)
+        tables=model_tables(run, model, page_dir) if model.ok else ())
 
 
 def run_info(meta: Mapping) -> RunInfo:
