@@ -32,13 +32,13 @@ def _conv_block(c_in: int, c_out: int, *, stride: int = 1, dilation: int = 1, pa
     return nn.Sequential(*layers)
 
 
-def dilated_net(in_channels: int = 3, width: int = 16, dilation: int = 2, depth: int = 3) -> nn.Module:
+def dilated_net(in_channels: int = 3, width: int = 8, dilation: int = 2, depth: int = 3) -> nn.Module:
     """Stacked convolutions with one dilation rate: the gridding artefact, a chequered RF (fill ~ 1/4)."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, dilation=dilation) for i in range(depth)]
     return nn.Sequential(*blocks, nn.Conv2d(width, 1, 1))
 
 
-def circular_net(in_channels: int = 3, width: int = 16, depth: int = 4) -> nn.Module:
+def circular_net(in_channels: int = 3, width: int = 8, depth: int = 4) -> nn.Module:
     """Circular padding: positions near a border see pixels on the opposite border (wrapped RFs)."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, stride=1 + i % 2, padding_mode="circular")
               for i in range(depth)]
@@ -52,7 +52,7 @@ class UNet(nn.Module):
     neighbouring outputs share RFs in 2x2 and 4x4 blocks (a non-affine position-to-RF map).
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 8, out_channels: int = 2):
+    def __init__(self, in_channels: int = 3, width: int = 4, out_channels: int = 2):
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width
         self.enc1 = nn.Sequential(_conv_block(in_channels, w1), _conv_block(w1, w1))
@@ -72,7 +72,7 @@ class UNet(nn.Module):
         return self.head(d1)
 
 
-def unet(in_channels: int = 3, width: int = 8, out_channels: int = 2) -> nn.Module:
+def unet(in_channels: int = 3, width: int = 4, out_channels: int = 2) -> nn.Module:
     """Build the example U-Net."""
     return UNet(in_channels, width, out_channels)
 
@@ -90,12 +90,6 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Add the residual to the shortcut and apply ReLU."""
         return torch.relu(self.body(x) + self.shortcut(x))
-
-
-def resnet_small(in_channels: int = 3, width: int = 16, blocks: int = 2, num_classes: int = 10) -> nn.Module:
-    """A CIFAR-style ResNet with three stages (stride 1, 2, 2): the RF outgrows a small input,
-    so most positions see padding (a high edge fraction). Analyse its `stages` output."""
-    return ResNetSmall(in_channels, width, blocks, num_classes)
 
 
 class ResNetSmall(nn.Module):
@@ -117,7 +111,13 @@ class ResNetSmall(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def transposed_decoder(in_channels: int = 3, width: int = 16) -> nn.Module:
+def resnet_small(in_channels: int = 3, width: int = 8, blocks: int = 2, num_classes: int = 10) -> nn.Module:
+    """A CIFAR-style ResNet with three stages (stride 1, 2, 2): the RF outgrows a small input,
+    so most positions see padding (a high edge fraction). Analyse its `stages` output."""
+    return ResNetSmall(in_channels, width, blocks, num_classes)
+
+
+def transposed_decoder(in_channels: int = 3, width: int = 8) -> nn.Module:
     """Strided encoder, then 3x3 stride-2 transposed convolutions: uneven kernel overlap gives a
     checkerboard (RF size alternates with output parity, non-affine)."""
     return nn.Sequential(
@@ -140,7 +140,7 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(x)
 
 
-def se_net(in_channels: int = 3, width: int = 16, depth: int = 3) -> nn.Module:
+def se_net(in_channels: int = 3, width: int = 8, depth: int = 3) -> nn.Module:
     """Conv blocks followed by a squeeze-and-excitation block: every output sees the whole input (a
     global RF), while its local RF, holding the global average constant, stays small."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, stride=2 if i else 1) for i in range(depth)]
