@@ -1,0 +1,221 @@
+"""The click CLI through CliRunner: run, report, check, diff and inspect, their exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rfreport import cli as cli_mod
+from rfreport import runfolder
+from rfreport.cli import cli
+from rfreport.executors import Silent
+from tests.oracle import support_mask
+from tests.test_pipeline import NETS, TINY
+
+MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
+CONFIGS = {
+    "good.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[model.audit]\nmin_rf = 5\nno_unseen = true\n",
+    "strict.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[model.audit]\nmin_rf = [100, 5]\n",
+    "wide.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}kwargs = {{ k = 5 }}\n"
+                 "[model.audit]\nmin_rf = 5\nno_unseen = true\n",
+    "mixed.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[[model]]\n"
+                  f"{MODEL.format(name='broken', factory='broken')}",
+    "bad.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}bogus = 1\n",
+}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A folder with the factory file and the configs."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "nets.py").write_text(NETS)
+    for name, text in CONFIGS.items():
+        (root / name).write_text(text)
+    return root
+
+
+def invoke(*args: str):
+    """Invoke the CLI with string arguments."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def good(ws):
+    """Run good.toml once; return the click result."""
+    return invoke("run", ws / "good.toml", "--out", ws / "good")
+
+
+@pytest.fixture(scope="module")
+def good_run(ws, good) -> Path:
+    """The run folder of good.toml."""
+    assert good.exit_code == 0, good.output
+    return ws / "good"
+
+
+def test_run_writes_the_folder_and_prints_only_the_report_path(good, good_run):
+    assert good.stdout == f"{good_run / 'index.html'}\n"
+    run = runfolder.load(good_run)
+    assert [(m.slug, m.status) for m in run.models] == [("tiny-17x17", "ok")]
+    files = {p.relative_to(good_run).as_posix() for p in good_run.rglob("*") if p.is_file()}
+    assert {"summary.json", "log.txt", "index.html", "models/tiny-17x17/positions.parquet",
+            "models/tiny-17x17/positions.csv", "models/tiny-17x17/edges.csv", "models/tiny-17x17/coverage.npy"} <= files
+    assert "tiny-17x17: ok" in (good_run / "log.txt").read_text()
+
+
+def test_a_failing_model_is_recorded_and_the_exit_code_is_1(ws):
+    done = invoke("run", ws / "mixed.toml", "--out", ws / "mixed")
+    assert done.exit_code == 1
+    assert done.stdout == f"{ws / 'mixed' / 'index.html'}\n"
+    assert "Error: 1 of 2 model(s) failed (broken-17x17)" in done.stderr and "Traceback" not in done.output
+    statuses = {m.slug: (m.status, m.entry["error"]) for m in runfolder.load(ws / "mixed").models}
+    assert statuses["tiny-17x17"] == ("ok", None)
+    assert statuses["broken-17x17"][0] == "failed" and "no model today" in statuses["broken-17x17"][1]
+
+
+REPORT_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+from rfreport.cli import main
+sys.argv = ["rfreport", "report", {path!r}]
+main()
+"""
+
+
+def test_report_rerenders_without_importing_torch(good_run):
+    (good_run / "index.html").unlink()
+    code = REPORT_WITHOUT_TORCH.format(path=str(good_run))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(good_run / "index.html") and (good_run / "index.html").is_file()
+
+
+def test_report_on_a_missing_folder_is_a_usage_error(ws):
+    done = invoke("report", ws / "nowhere")
+    assert done.exit_code == 2 and done.stderr == f"Error: {ws / 'nowhere'}: no run folder there\n"
+
+
+def test_check_a_run_folder_that_passes(good_run):
+    done = invoke("check", good_run)
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["model", "rule", "limit", "value", "result"]
+    assert [line.split() for line in lines[2:]] == [["tiny-17x17", "min_rf", "5", "13", "x", "13", "pass"],
+                                                    ["tiny-17x17", "no_unseen", "True", "0", "pass"]]
+
+
+def test_check_a_config_whose_audit_fails(ws):
+    done = invoke("check", ws / "strict.toml")
+    assert done.exit_code == 1
+    assert "min_rf  100 x 5  13 x 13  FAIL" in done.stdout
+    assert done.stderr.endswith("Error: audit failed for tiny-17x17\n")
+
+
+def test_config_errors_exit_2_with_one_line_naming_file_model_and_key(ws):
+    for command in ("check", "run"):
+        extra = ["--out", ws / "never"] if command == "run" else []
+        done = invoke(command, ws / "bad.toml", *extra)
+        assert done.exit_code == 2
+        assert done.stderr.startswith(f"Error: {ws / 'bad.toml'}: model 'tiny': key 'bogus': unknown key")
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
+    assert not (ws / "never").exists()
+
+
+def test_check_rejects_a_run_folder_mixed_with_configs(ws, good_run):
+    done = invoke("check", good_run, ws / "good.toml")
+    assert done.exit_code == 2 and "either one RUN_DIR or" in done.output
+
+
+def test_diff_of_a_run_with_itself_has_no_changes(good_run):
+    done = invoke("diff", good_run, good_run, "--fail-on-change")
+    assert done.exit_code == 0 and done.stdout == "no changes\n"
+
+
+def test_diff_lists_changes_and_fails_on_request(ws, good_run):
+    assert invoke("run", ws / "wide.toml", "--out", ws / "wide").exit_code == 0
+    done = invoke("diff", good_run, ws / "wide")
+    assert done.exit_code == 0
+    rows = {line.split()[1]: line for line in done.stdout.splitlines()[2:]}
+    assert "13 x 13" in rows["rf_size"] and "15 x 15" in rows["rf_size"]
+    assert "padding" in rows
+    failing = invoke("diff", good_run, ws / "wide", "--fail-on-change")
+    assert failing.exit_code == 1 and "change(s) between" in failing.stderr
+
+
+def inspect_json(ws: Path, *args: str) -> dict:
+    """Run inspect --json on the tiny model and return its one JSON object."""
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--json", *args)
+    assert done.exit_code == 0, done.output
+    return json.loads(done.stdout)
+
+
+def test_inspect_json_has_exactly_the_documented_schema(ws):
+    record = inspect_json(ws, "--pos", "3,3", "--positions", "corners")
+    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry"]
+    assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
+    assert record["mode"] == "structural"
+    assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
+    assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
+                                  "affine": True, "global": False}
+    for entry in record["positions"]:
+        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge"]
+        mask = support_mask(TINY, (17, 17), tuple(entry["pos"]))
+        hs, ws_ = np.nonzero(mask)
+        assert entry["lo"] == [hs.min(), ws_.min()] and entry["hi"] == [hs.max(), ws_.max()]
+        assert entry["size"] == [hs.max() - hs.min() + 1, ws_.max() - ws_.min() + 1]
+        assert entry["support"] == mask.sum() and entry["fill"] == 1.0
+    assert [p["edge"] for p in record["positions"]] == [True, True, False, True, True]
+
+
+def test_inspect_geometry_is_filled_for_a_single_position(ws):
+    record = inspect_json(ws)
+    assert [p["pos"] for p in record["positions"]] == [[3, 3]]
+    assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["size"] == [13, 13]
+
+
+def test_inspect_erf_flags_add_the_erf_rows(ws):
+    record = inspect_json(ws, "--erf-samples", "2", "--erf-positions", "3,3")
+    assert [row["pos_h"] for row in record["erf"]] == [3] and record["erf"][0]["rf_support"] == 169
+
+
+def test_inspect_prints_a_readable_table(ws):
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--pos", "0,0")
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[2].split() == ["pos", "lo", "hi", "size", "support", "fill", "edge"]
+    assert lines[4].split() == ["0", "x", "0", "0", "x", "0", "7", "x", "7", "8", "x", "8", "64", "1.000", "yes"]
+    assert "stride: 2 x 2" in lines
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer", "0", "--output", "0"], "give --layer or --output, not both"),
+    (["--kwargs", "{nope"], "--kwargs"),
+    (["--batch-size", "zero"], "must be a positive integer or auto"),
+])
+def test_inspect_usage_errors_exit_2(ws, args, message):
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", *args)
+    assert done.exit_code == 2 and message in done.output
+
+
+def test_executor_ray_without_ray_says_how_to_install(ws, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "rfreport.ray_executor", raising=False)
+    done = invoke("run", ws / "good.toml", "--out", ws / "ray", "--executor", "ray")
+    assert done.exit_code == 2 and "pip install 'rfreport[ray]'" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_flags_override_the_config(ws):
+    loaded = cli_mod.load_config([ws / "good.toml"], device="cpu", batch_size="8", seed=3, erf_samples=4,
+                                 erf_positions=["corners", "2,3"])
+    assert (loaded.options.device, loaded.options.batch_size, loaded.options.seed) == ("cpu", 8, 3)
+    assert loaded.models[0].erf == {"samples": 4, "positions": ["corners", (2, 3)]}
+    assert isinstance(cli_mod.make_progress(quiet=False), Silent)  # stdout is not a terminal under pytest
+    plain = cli_mod.load_config([ws / "good.toml"], device=None, batch_size=None, seed=None, erf_samples=None,
+                                erf_positions=())
+    assert plain.models[0].erf is None and plain.options.seed == 0
