@@ -30,7 +30,8 @@ PANEL = 3.0
 BOX_COLOURS = matplotlib.colormaps["tab10"].colors
 MAX_PANELS = 9
 MAX_TICK_LABELS = 40
-MARGIN = (0.65, 0.8, 0.55, 0.35)  # left, right, bottom, top in inches
+LINE_WIDTH = 5.5  # inches per 1-D panel: two side by side fit the report's 1160-pixel column
+MARGIN = (0.65, 0.8, 0.55, 0.5)  # left, right, bottom, top in inches
 
 
 def to_png(fig: Figure) -> bytes:
@@ -53,9 +54,9 @@ def pixel_size(fig: Figure) -> tuple[int, int]:
 
 def _figure(panels: int, ndim: int, *, per_row: int = 3, height: float = PANEL) -> tuple[Figure, list]:
     """Create a figure with `panels` axes on a fixed-margin grid (cheaper than constrained layout)."""
-    cols = min(panels, per_row)
+    cols = min(panels, per_row if ndim > 1 else 2)
     rows = -(-panels // cols)
-    width = 2.2 * PANEL if ndim == 1 else PANEL * 1.3
+    width = LINE_WIDTH if ndim == 1 else PANEL * 1.25
     fig = Figure(figsize=(width * cols, height * rows), dpi=DPI)
     inches = fig.get_size_inches()
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
@@ -122,10 +123,19 @@ def _coordinate_ticks(axis, coords: np.ndarray) -> None:
         lambda x, _pos: str(coords[round(x)]) if 0 <= round(x) < len(coords) else ""))
 
 
+def _integral(values: np.ndarray) -> bool:
+    """Return whether every finite value is a whole number (counts, sizes, flags)."""
+    finite = np.asarray(values, dtype=float)[np.isfinite(np.asarray(values, dtype=float))]
+    return bool(np.all(finite == np.round(finite)))
+
+
 def _heatmap(fig: Figure, ax, values: np.ndarray, label: str, *, norm=None, cmap=CMAP):
     """Draw a 2-D array with the report's colour map, origin top-left, and a labelled colour bar."""
     image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", origin="upper", aspect="equal")
-    fig.colorbar(image, ax=ax, label=label, fraction=0.08, pad=0.04)
+    bar = fig.colorbar(image, ax=ax, label=label, fraction=0.08, pad=0.04)
+    if norm is None and _integral(np.ma.compressed(np.ma.asarray(values))):
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     return image
 
 
@@ -139,6 +149,7 @@ def grid_maps(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]], ndim
             ax.plot(coords[0], values, marker=".", color=CMAP(0.35))
             ax.set_xlabel("output position l (index)")
             ax.set_ylabel(unit)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=_integral(values)))
             continue
         _heatmap(fig, ax, values, unit)
         ax.set_ylabel(f"output {letters[0]} (index)")
@@ -152,11 +163,11 @@ def coverage_map(coverage: np.ndarray) -> Figure:
     """Plot how many swept output positions see each input pixel, unseen pixels in red."""
     plane, note = _plane(np.asarray(coverage))
     unseen = int((plane == 0).sum())
-    fig, (ax,) = _figure(1, plane.ndim, per_row=1, height=PANEL * 1.3)
+    fig, (ax,) = _figure(1, plane.ndim, per_row=1, height=PANEL if plane.ndim == 1 else PANEL * 1.3)
     if plane.ndim == 2:
         fig.set_size_inches(PANEL * 1.3 + 1.2, PANEL * 1.3)
-    ax.set_title(f"Input coverage{note}\n" + (f"{unseen} unseen pixels shown in red" if unseen
-                                              else "every input pixel is seen"), fontsize=10)
+    seen = f"{unseen} unseen pixels shown in red" if unseen else "every input pixel is seen"
+    ax.set_title(f"Input coverage{note}: {seen}", fontsize=10)
     if plane.ndim == 1:
         ax.plot(np.arange(len(plane)), plane, color=CMAP(0.35))
         ax.plot(np.flatnonzero(plane == 0), np.zeros(unseen), "|", color=UNSEEN, markersize=12)
@@ -247,7 +258,7 @@ def _overlay_1d(signal: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[in
             ax.plot(seen, np.full(len(seen), y), "s", color=colour, markersize=3)
     ax.set_xlim(-0.5, len(signal) - 0.5)
     ax.set_xlabel("input position l (samples)")
-    ax.set_ylabel("sample value (bars: chosen positions)")
+    ax.set_ylabel("sample value")
     ax.set_title("RF span (line) and support (squares) of chosen positions", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     return fig
@@ -256,14 +267,14 @@ def _overlay_1d(signal: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[in
 def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], input_size: Mapping[str, int],
                  border: Sequence[bool]) -> Figure:
     """Plot the centre RF size per axis after each layer, the input size as dashed lines, border layers shaded."""
-    fig = Figure(figsize=(max(7.5, min(14.0, 0.18 * len(names) + 4)), 4.2), dpi=DPI, layout="tight")
+    fig = Figure(figsize=(max(7.5, min(11.5, 0.18 * len(names) + 4)), 4.2), dpi=DPI, layout="tight")
     ax = fig.subplots()
     x = np.arange(len(names))
     for i in np.flatnonzero(np.asarray(border, dtype=bool)):
         ax.axvspan(i - 0.5, i + 0.5, color=BORDER, linewidth=0)
     for k, (letter, values) in enumerate(sizes.items()):
         colour = CMAP(0.15 + 0.6 * k / max(1, len(sizes) - 1))
-        ax.plot(x, values, marker=".", color=colour, label=f"RF size {letter}")
+        ax.plot(x, values, marker="os^"[k], markersize=7 - 2 * k, color=colour, label=f"RF size {letter}")
         ax.axhline(input_size[letter], color=colour, linestyle="--", linewidth=1, label=f"input size {letter}")
     handles, _labels = ax.get_legend_handles_labels()
     if any(border):

@@ -211,6 +211,8 @@ def number_text(value: Any) -> str:
     """Format a number compactly (integers as such, floats to at most 2 decimals), or a dash."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "—"
+    if isinstance(value, (list, tuple)):
+        return axes_text(value)
     if isinstance(value, (bool, np.bool_)):
         return yes_no(value)
     if isinstance(value, (float, np.floating)):
