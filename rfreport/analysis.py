@@ -204,24 +204,26 @@ def fit_axis(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.ndarra
              axis: str = "h") -> AxisFit:
     """Fit the affine geometry of one axis from RF bounds of non-empty positions on an input of size n.
 
-    A position is clear of the border when its box lies strictly inside the input (or wraps, whose
-    unrolled bounds are complete); the RF size is the most common size among those, and the fit
-    uses the clear positions of that size. Clear positions of another size that no clipping
-    explains make the axis non-affine. Without any clear position the geometry is estimated from
-    the positions free on one side.
+    Clipping (by the input border or by an intermediate layer's padding) only ever shrinks a box,
+    so the RF size is the largest box seen, provided boxes of that size at two or more positions lie
+    clear of the border (strictly inside the input, or wrapped: unrolled bounds are complete; one
+    alone may still be cut by an intermediate layer's padding). The fit uses every box of that size;
+    clear boxes of another size that no clipping explains make the axis non-affine. Otherwise the
+    geometry is only estimated from positions free on one side.
     """
+    if len(pos) == 0:
+        return AxisFit(0, math.nan, math.nan, "none", f"no output position sees the input on axis {axis}")
     size = hi - lo + 1
+    r = int(size.max())
+    used = size == r
     clear = wrapped | ((lo > 0) & (hi < n - 1))
-    if not clear.any():
+    if len(np.unique(pos[used & clear])) < 2:
         return _estimate(pos, lo, hi, n, axis)
-    r = _mode(size[clear])
-    used = clear & (size == r)
     uniq, steps, problem = _steps(pos[used], lo[used])
     stride, varying = _stride_of(steps, uniq, axis)
     if math.isnan(stride):
         stride = _one_sided_stride(pos, lo, hi, n)
-    fit = AxisFit(r, stride, 0.0, "affine")
-    padding = float(np.median(fit.start(pos[used]) - lo[used]))
+    padding = float(np.median(AxisFit(r, stride, 0.0, "affine").start(pos[used]) - lo[used]))
     fit = AxisFit(r, stride, padding, "affine", used=int(used.sum()))
     problems = [p for p in (problem, varying, _odd_sizes(fit, pos[clear], lo[clear], hi[clear], n, axis)) if p]
     return AxisFit(r, stride, padding, "nonaffine" if problems else "affine", "; ".join(problems), int(used.sum()))
@@ -251,22 +253,21 @@ def _one_sided_stride(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -
 
 
 def _estimate(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, axis: str) -> AxisFit:
-    """Estimate geometry when every RF touches a border: starts free on the left, ends free on the right."""
-    if len(pos) == 0:
-        return AxisFit(0, math.nan, math.nan, "none", f"no output position sees the input on axis {axis}")
+    """Estimate geometry when no full-size RF is clear of the border: the size is the largest box
+    (a lower bound), stride and padding come from starts free on the left or ends free on the right."""
     stride = _one_sided_stride(pos, lo, hi, n)
-    probe = AxisFit(0, stride, 0.0, "estimated")
+    probe = AxisFit(int((hi - lo + 1).max()), stride, 0.0, "estimated")
     left, right = lo > 0, hi < n - 1
-    padding = float(np.median(probe.start(pos[left]) - lo[left])) if left.any() else math.nan
-    size = int((hi - lo + 1).max())
-    if left.any() and right.any() and not math.isnan(padding):
-        ends = hi[right] - probe.start(pos[right]) + padding + 1
-        size = max(size, int(np.max(ends)))
-    if math.isnan(padding) and right.any():
-        padding = float(np.median(probe.start(pos[right]) + size - 1 - hi[right]))
-    return AxisFit(size, stride, padding, "estimated",
-                   f"no output position has an RF clear of the input border on axis {axis}: the size is a lower "
-                   "bound and stride/padding come from positions free on one side", int((left | right).sum()))
+    if left.any():
+        padding = float(np.median(probe.start(pos[left]) - lo[left]))
+    elif right.any():
+        padding = float(np.median(probe.start(pos[right]) + probe.size - 1 - hi[right]))
+    else:
+        padding = math.nan
+    return AxisFit(probe.size, stride, padding, "estimated",
+                   f"fewer than two output positions have a full-size RF clear of the input border on axis {axis}: "
+                   "the size is "
+                   "a lower bound and stride/padding come from positions free on one side", int((left | right).sum()))
 
 
 def unwrap_shift(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.ndarray, n: int,
