@@ -24,7 +24,7 @@ from rfreport import positions as positions_mod
 from rfreport.engine import Engine
 from rfreport.sweep import _Accumulator, chunks, dense_sweep, mask_bounds, one_hot_weights, projection_bounds
 
-PILOT_SPAN = 16      # the pilot line reaches this far either side of the centre: periods up to 16 are learned
+PILOT_SPANS = (8, 16)  # the pilot line reaches this far either side of the centre; a longer line learns longer periods
 RANDOM_PILOTS = 8    # extra exact spot checks at random positions
 MIN_GAIN = 2.0       # `auto` compresses when the passes drop at least this much
 
@@ -86,11 +86,12 @@ def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc:
     """Sweep positions by colour groups, densely where compression cannot be trusted or does not pay."""
     if auto and (engine.mode != "structural" or len(selected) < 4 * _pilot_count(engine.output_spatial)):
         return dense_sweep(engine, selected, batch_size, acc, progress)
-    plan = learn_plan(engine, batch_size, wrap=acc.wrap)
+    plan = next(filter(None, (learn_plan(engine, batch_size, wrap=acc.wrap, span=span) for span in PILOT_SPANS)),
+                None)
     groups = plan.groups(selected) if plan is not None else []
     if plan is None or (auto and len(groups) * MIN_GAIN > len(selected)):
         return dense_sweep(engine, selected, batch_size, acc, progress)
-    rows, failed = _sweep_groups(engine, plan, groups, batch_size, acc.keep, progress)
+    rows, failed = sweep_groups(engine, plan, groups, batch_size, acc.keep, progress)
     if not _pilots_agree(plan, rows):
         return dense_sweep(engine, selected, batch_size, acc, None)
     for chunk, bounds, coverage, kept in rows:
@@ -99,7 +100,7 @@ def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc:
         dense_sweep(engine, np.concatenate(failed), batch_size, acc, progress)
 
 
-def _sweep_groups(engine: Engine, plan: Plan, groups: list[np.ndarray], batch_size: int,
+def sweep_groups(engine: Engine, plan: Plan, groups: list[np.ndarray], batch_size: int,
                   keep: set[tuple[int, ...]], progress) -> tuple[list[tuple], list[np.ndarray]]:
     """Run one backward pass per group, `batch_size` groups at a time; return attributed rows and failures."""
     rows, failed = [], []
@@ -132,18 +133,19 @@ def attribute(plan: Plan, members: np.ndarray, union: np.ndarray, keep: set[tupl
     Returns (members, bounds, coverage, kept masks) with bounds as from `mask_bounds`.
     """
     nonzero = np.nonzero(union)
-    labels, tables = [], []
+    labels, inverses, sizes = [], [], []
     for k, axis in enumerate(plan.axes):
         coords, inverse = np.unique(members[:, k], return_inverse=True)
         label = np.full(axis.n, -1, dtype=np.int64)
-        owner, index = np.nonzero(axis.indicator(coords))
-        label[index] = owner
+        row, index = np.nonzero(axis.indicator(coords))
+        label[index] = row  # the cores of one group's coordinates are disjoint on every axis
         labels.append(label[nonzero[k]])
-        tables.append(inverse.reshape(-1))
+        inverses.append(inverse.reshape(-1))
+        sizes.append(len(coords))
     if any((label < 0).any() for label in labels):
         return None
-    table = np.full(tuple(len(np.unique(members[:, k])) for k in range(members.shape[1])), -1, dtype=np.int64)
-    table[tuple(tables)] = np.arange(len(members))
+    table = np.full(tuple(sizes), -1, dtype=np.int64)
+    table[tuple(inverses)] = np.arange(len(members))
     owner = table[tuple(labels)]
     if (owner < 0).any():
         return None
@@ -182,17 +184,18 @@ def _pilots_agree(plan: Plan, rows: list[tuple]) -> bool:
 def _pilot_count(output_spatial: tuple[int, ...]) -> int:
     """Upper bound on the number of pilot positions for an output grid."""
     d = len(output_spatial)
-    return d * (2 * PILOT_SPAN + 1) + 3 * 2 ** d + 2 * d + RANDOM_PILOTS
+    return d * (2 * PILOT_SPANS[0] + 1) + 3 * 2 ** d + 2 * d + RANDOM_PILOTS
 
 
-def pilot_positions(output_spatial: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+def pilot_positions(output_spatial: tuple[int, ...], seed: int = 0,
+                    span: int = PILOT_SPANS[0]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Return the pilot positions and, per axis, the line of positions through the centre along it."""
     centre = np.array(positions_mod.center(output_spatial))
     lines = []
     for k, n in enumerate(output_spatial):
-        span = np.arange(max(0, centre[k] - PILOT_SPAN), min(n, centre[k] + PILOT_SPAN + 1))
-        line = np.repeat(centre[None, :], len(span), axis=0)
-        line[:, k] = span
+        reach = np.arange(max(0, centre[k] - span), min(n, centre[k] + span + 1))
+        line = np.repeat(centre[None, :], len(reach), axis=0)
+        line[:, k] = reach
         lines.append(line)
     quarters = positions_mod.resolve([list(q) for q in _quarters(output_spatial)], output_spatial)
     rng = np.random.default_rng(seed)
@@ -207,9 +210,9 @@ def _quarters(output_spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(p) for p in np.array(np.meshgrid(*axes, indexing="ij")).reshape(len(axes), -1).T]
 
 
-def learn_plan(engine: Engine, batch_size: int, *, wrap: bool) -> Plan | None:
+def learn_plan(engine: Engine, batch_size: int, *, wrap: bool, span: int = PILOT_SPANS[0]) -> Plan | None:
     """Sweep the pilots exactly and fit every axis; None when some axis cannot be predicted."""
-    pilots, lines = pilot_positions(engine.output_spatial, engine.seed)
+    pilots, lines = pilot_positions(engine.output_spatial, engine.seed, span)
     masks = np.concatenate([engine.support(one_hot_weights(chunk, engine.output_spatial)).cpu().numpy()
                             for chunk in chunks(pilots, batch_size)])
     bounds = mask_bounds(masks, wrap=wrap)
