@@ -123,6 +123,7 @@ class RayExecutor:
         schedule = _Schedule(self, jobs, {**task_resources(), "max_retries": self.max_retries,
                                           "retry_exceptions": True})
         try:
+            schedule.submit()
             for index in range(len(jobs)):
                 while index not in schedule.results:
                     schedule.collect()
@@ -143,8 +144,8 @@ class _Schedule:
     finished: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def __post_init__(self) -> None:
-        """Submit one planning task per job."""
+    def submit(self) -> None:
+        """Submit one task per job (it plans the job, then runs it whole or returns its chunks)."""
         limit = self.executor.chunk_positions
         self.pending = {_start.options(**self.options).remote(job, limit): i for i, job in enumerate(self.jobs)}
 
@@ -169,11 +170,7 @@ class _Schedule:
         return _finish.options(**self.options).remote(job, *parts)
 
     def record(self, index: int, result: JobResult) -> None:
-        """Keep a finished job's result, log it and advance the progress by one job."""
-        if result.status == "ok":
-            logger.info("%s: done in %.1f s on Ray", result.slug, result.seconds)
-        else:
-            logger.error("%s: failed: %s", result.slug, result.error)
+        """Keep a finished job's result and advance the progress by one job (pipeline.outputs logs it)."""
         self.executor.progress.start(self.jobs[index], self.finished, len(self.jobs))
         self.executor.progress.finish(result)
         self.results[index] = result

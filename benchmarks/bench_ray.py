@@ -1,0 +1,91 @@
+"""Benchmark: the same audit in-process and on a local Ray instance, wall time for both.
+
+Runs every job of the configs (default: configs/examples.toml) through the in-process executor,
+then starts a local Ray instance with `--cpus` CPUs and runs them again through the Ray
+executor, first with freshly started workers (they import torch on their first task), then warm.
+Report rendering is left out: it happens on the driver either way. Every frame and array of the
+Ray runs is checked against the in-process run, and the table is printed with the speed-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from rfreport import config, pipeline
+from rfreport.executors import Executor, LocalExecutor
+from rfreport.pipeline import Job, JobResult
+from rfreport.ray_executor import CHUNK_POSITIONS, RayExecutor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(executor: Executor, jobs: Sequence[Job]) -> tuple[list[JobResult], float]:
+    """Run the jobs through an executor; return their results and the wall time."""
+    started = time.perf_counter()
+    results = list(executor.map(jobs))
+    return results, time.perf_counter() - started
+
+
+def same(a: JobResult, b: JobResult) -> bool:
+    """Return whether two results of one job hold equal frames, arrays, summaries and statuses."""
+    if (a.status, a.error, a.summary) != (b.status, b.error, b.summary) or a.frames.keys() != b.frames.keys():
+        return False
+    frames = all(pd.DataFrame.equals(a.frames[k], b.frames[k]) for k in a.frames)
+    return frames and a.arrays.keys() == b.arrays.keys() and all(equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+
+
+def equal(x, y) -> bool:
+    """Compare two stored arrays, or dicts of arrays such as masks."""
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    return np.array_equal(x, y)
+
+
+def table(rows: Sequence[tuple[str, float]], baseline: float) -> str:
+    """Return the wall times as a plain-text table with the speed-up over the baseline."""
+    lines = [f"{'executor':<34} {'wall s':>8} {'speed-up':>9}", "-" * 53]
+    lines += [f"{name:<34} {seconds:>8.1f} {baseline / seconds:>8.2f}x" for name, seconds in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Time the configs' audit in-process and on a local Ray instance and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", default=[str(ROOT / "configs" / "examples.toml")])
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray instance.")
+    parser.add_argument("--chunk-positions", type=int, default=CHUNK_POSITIONS,
+                        help="Split jobs with more output positions than this into chunks.")
+    args = parser.parse_args()
+    jobs = pipeline.make_jobs(config.load(args.configs))
+    print(f"{len(jobs)} jobs from {', '.join(args.configs)}; {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads in-process), ray {ray.__version__}, python {platform.python_version()}")
+    local, local_s = timed(LocalExecutor(), jobs)
+    started = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_s = time.perf_counter() - started
+    executor = RayExecutor(chunk_positions=args.chunk_positions)
+    cold, cold_s = timed(executor, jobs)
+    warm, warm_s = timed(executor, jobs)
+    ray.shutdown()
+    rows = [("in-process", local_s), (f"ray, {args.cpus} CPUs, starting workers", cold_s),
+            (f"ray, {args.cpus} CPUs, warm workers", warm_s),
+            (f"ray, {args.cpus} CPUs, incl. ray.init ({start_s:.1f} s)", start_s + cold_s)]
+    print(table(rows, local_s))
+    differ = [a.slug for a, b, c in zip(local, cold, warm, strict=True) if not (same(a, b) and same(a, c))]
+    failed = [r.slug for r in local if r.status != "ok"]
+    print(f"identical results: {'yes' if not differ else 'NO: ' + ', '.join(differ)}; "
+          f"failed jobs: {', '.join(failed) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
