@@ -179,12 +179,25 @@ class Computed:
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
             growth: bool = True) -> Computed:
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
-    main = main or main_sweep(model, job, plan(model, job), advance)
-    geometry = geometry_sweep(model, job, main)
-    local = local_sweep(model, job, main, geometry)
-    result = analysis.analyze(main, geometry=geometry, local=local,
-                              layers=layer_frame(model, job) if growth else None)
-    return Computed(main, geometry, result, effective(model, job, main))
+    with timed(job, "main sweep"):
+        main = main or main_sweep(model, job, plan(model, job), advance)
+    with timed(job, "geometry and local sweeps"):
+        geometry = geometry_sweep(model, job, main)
+        local = local_sweep(model, job, main, geometry)
+    with timed(job, "layer growth"):
+        growth_frame = layer_frame(model, job) if growth else None
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame)
+    with timed(job, "effective RF"):
+        measured = effective(model, job, main)
+    return Computed(main, geometry, result, measured)
+
+
+@contextmanager
+def timed(job: Job, stage: str) -> Iterator[None]:
+    """Log how long a stage of a job took (debug level: it lands in log.txt)."""
+    started = time.perf_counter()
+    yield
+    logger.debug("%s: %s took %.1f s", job.slug, stage, time.perf_counter() - started)
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
@@ -261,14 +274,13 @@ def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.Model
         yield runfolder.ModelOutput(entry(job, result), result.frames, result.arrays)
 
 
-def run_meta(config: RunConfig, seconds: float, argv: Sequence[str]) -> dict:
-    """Return the `run` object of summary.json."""
+def run_meta(config: RunConfig, argv: Sequence[str]) -> dict:
+    """Return the `run` object of summary.json as the run starts (an unavailable device fails here, early)."""
     return {"config_files": [str(p) for p in config.files],
             "versions": {"rfreport": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": str(resolve_device(config.options.device)),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seed": config.options.seed, "executor": config.options.executor,
-            "duration_s": round(seconds, 3), "argv": list(argv)}
+            "seed": config.options.seed, "executor": config.options.executor, "argv": list(argv)}
 
 
 @contextmanager
@@ -293,12 +305,12 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
 
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
-    started = time.perf_counter()
-    jobs = make_jobs(config)
+    started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
         entries = [runfolder.write_model(staging, output) for output in outputs(jobs, executor)]
-        runfolder.write_summary(staging, run_meta(config, time.perf_counter() - started, argv), entries)
+        meta["duration_s"] = round(time.perf_counter() - started, 3)
+        runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
         report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
     return runfolder.load(out_dir)
