@@ -121,7 +121,8 @@ def _compose(masks: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndar
         exact = exact and done[source].affine.exact and not touched.any()
         pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
             single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
-    return np.min(lows, axis=0), np.max(highs, axis=0), exact, pooled
+    lo, hi = np.min(lows, axis=0), np.max(highs, axis=0)
+    return np.where(np.isinf(lo), np.nan, lo), np.where(np.isinf(hi), np.nan, hi), exact, pooled
 
 
 def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _Affine:
@@ -154,6 +155,10 @@ def _measure_layer(engine: LayerEngine, name: str, done: dict) -> _Layer:
     rows = probe_rows(out)
     lo, hi, exact, pooled = _compose(engine.local_support(name, one_hot_weights(rows, out)), done,
                                      single=max(out) == 1)
+    if np.isnan(lo[0]).any():  # gradient mode: the centre may see nothing at all
+        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.full(len(n), np.nan), False)
+        return _Layer(name, captured.type, int(captured.value.shape[1]), out, np.zeros(len(n), dtype=np.int64),
+                      nothing, False, False, pooled)
     covers = (lo <= 0) & (hi >= n - 1)
     size = (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(name, captured.type, int(captured.value.shape[1]), out, size, _measure(rows, lo, hi, exact),

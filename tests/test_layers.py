@@ -1,0 +1,109 @@
+"""Per-layer growth against the analytic recurrences, a small ResNet's border layers, and model hygiene."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch import nn
+
+from rfreport.analysis import border_layers_from, global_from, no_border_resolution
+from rfreport.errors import SweepError
+from rfreport.layers import layer_growth
+from tests.oracle import lengths
+from tests.test_analysis import hole_free_stacks, recurrence
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(hole_free_stacks())
+def test_every_layer_matches_the_recurrences(case):
+    layers, shape = case
+    torch.manual_seed(0)
+    frame = layer_growth(nn.Sequential(*(layer.module(1) for layer in layers)), (1, 1, *shape))
+    assert frame["layer"].tolist() == [str(i) for i in range(len(layers))]
+    for i, row in frame.iterrows():
+        covers = []
+        for axis, a in enumerate("hw"):
+            r, s, p = recurrence(layers[:i + 1], axis)
+            n, out = shape[axis], lengths(layers[:i + 1], axis, shape[axis])[-1]
+            assert row[f"out_{a}"] == out
+            start = (out - 1) // 2 * s - p
+            covers.append(start <= 0 and start + r - 1 >= n - 1)
+            if row["rf_exact"]:
+                assert (row[f"{a}_rf"], row[f"{a}_padding"]) == (r, p)
+                assert math.isnan(row[f"{a}_stride"]) or row[f"{a}_stride"] == s
+                assert row[f"{a}_size"] == min(start + r - 1, n - 1) - max(start, 0) + 1
+            else:
+                assert row[f"{a}_rf"] <= r
+        if row["rf_exact"]:
+            assert row["border"] == all(covers)
+
+
+class TinyResNet(nn.Module):
+    """stem, a residual block, a stride-2 conv, a residual block, global pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.b1c1, self.b1c2, self.relu1 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+        self.down = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.b2c1, self.b2c2, self.relu2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu1(x + self.b1c2(self.b1c1(x)))
+        x = self.down(x)
+        x = self.relu2(x + self.b2c2(self.b2c1(x)))
+        return self.head(self.pool(x).flatten(1))
+
+
+def test_small_resnet_border_layers():
+    frame = layer_growth(TinyResNet(), (1, 1, 12, 12))
+    names = ["stem", "b1c1", "b1c2", "relu1", "down", "b2c1", "b2c2", "relu2", "pool"]
+    assert frame["layer"].tolist() == names  # the linear head is not spatial
+    exact = frame.iloc[:-1]
+    assert exact["h_rf"].tolist() == [3, 5, 7, 7, 9, 13, 17, 17]
+    assert exact["w_stride"].tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert exact["h_padding"].tolist() == [1, 2, 3, 3, 4, 6, 8, 8]
+    assert exact["rf_exact"].all() and not frame["rf_exact"].iloc[-1]
+    assert frame["h_size"].tolist() == [3, 5, 7, 7, 9, 11, 12, 12, 12]
+    assert frame["border"].tolist() == [False] * 6 + [True] * 3
+    assert frame["global"].tolist() == [False] * 8 + [True]
+    assert border_layers_from(frame) == "b2c2"
+    assert no_border_resolution(frame, 2) == [18, 18]
+    assert global_from(frame) == "pool"
+    at_18 = layer_growth(TinyResNet(), (1, 1, 18, 18), layers=["b2c2"])
+    assert not at_18["border"].any() and at_18["h_rf"].tolist() == [17]
+
+
+def test_tiny_grids_take_unclipped_values_from_a_larger_input():
+    frame = layer_growth(TinyResNet(), (1, 1, 3, 3))
+    row = frame.set_index("layer").loc["b2c2"]
+    assert (row["h_rf"], row["h_stride"], row["h_padding"], row["rf_exact"]) == (17, 2.0, 8.0, True)
+    assert row["h_size"] == 3 and row["border"]
+
+
+def test_chosen_layers_come_back_in_forward_order_and_unknown_names_fail():
+    frame = layer_growth(TinyResNet(), (1, 1, 12, 12), layers=["down", "stem"])
+    assert frame["layer"].tolist() == ["stem", "down"]
+    with pytest.raises(SweepError, match="no submodule 'nope'"):
+        layer_growth(TinyResNet(), (1, 1, 12, 12), layers=["nope"])
+
+
+def test_model_is_left_as_found_in_gradient_mode():
+    model = TinyResNet().train()
+    frame = layer_growth(model, (1, 1, 12, 12), mode="gradient")
+    assert len(frame) == 9 and model.training
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_one_dimensional_models():
+    frame = layer_growth(nn.Sequential(nn.Conv1d(1, 1, 5, stride=2, padding=2), nn.Conv1d(1, 1, 3)), (1, 1, 20))
+    assert frame[["l_rf", "l_stride", "l_padding"]].to_numpy().tolist() == [[5, 2, 2], [9, 2, 2]]
+    assert np.array_equal(frame["out_l"], [10, 8])
