@@ -219,3 +219,9 @@ def test_flags_override_the_config(ws):
     plain = cli_mod.load_config([ws / "good.toml"], device=None, batch_size=None, seed=None, erf_samples=None,
                                 erf_positions=())
     assert plain.models[0].erf is None and plain.options.seed == 0
+
+
+def test_an_unknown_device_fails_before_any_job(ws):
+    done = invoke("run", ws / "good.toml", "--out", ws / "nodevice", "--device", "warp:7")
+    assert done.exit_code == 1 and done.stderr == "Error: unknown device 'warp:7'\n"
+    assert not (ws / "nodevice").exists()
