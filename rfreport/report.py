@@ -200,6 +200,11 @@ class AssetsFolder:
         return "", self._href("report.css")
 
 
+def missing(value: Any) -> bool:
+    """Return whether a scalar is absent: None, NaN or pandas' NA."""
+    return value is None or (np.ndim(value) == 0 and not isinstance(value, str) and bool(pd.isna(value)))
+
+
 def axes_text(values: Sequence | None) -> str:
     """Format a per-axis list as `11 × 11` (numbers rounded to 2 decimals), or a dash."""
     if values is None:
@@ -208,11 +213,11 @@ def axes_text(values: Sequence | None) -> str:
 
 
 def number_text(value: Any) -> str:
-    """Format a number compactly (integers as such, floats to at most 2 decimals), or a dash."""
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "—"
+    """Format a cell compactly: lists per axis, integers as such, floats to at most 2 decimals, a dash if absent."""
     if isinstance(value, (list, tuple)):
         return axes_text(value)
+    if missing(value):
+        return "—"
     if isinstance(value, (bool, np.bool_)):
         return yes_no(value)
     if isinstance(value, (float, np.floating)):
@@ -222,12 +227,12 @@ def number_text(value: Any) -> str:
 
 def percent_text(value: float | None) -> str:
     """Format a fraction as a percentage, or a dash."""
-    return "—" if value is None else f"{100 * value:.1f}%".replace(".0%", "%")
+    return "—" if missing(value) else f"{100 * value:.1f}%".replace(".0%", "%")
 
 
 def yes_no(value: bool | None) -> str:
     """Format a flag as yes/no, or a dash."""
-    return "—" if value is None else ("yes" if value else "no")
+    return "—" if missing(value) else ("yes" if value else "no")
 
 
 def make_env() -> jinja2.Environment:
@@ -293,7 +298,7 @@ def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path
     links = tuple(Link(label=rel.rsplit(".", 1)[1].upper(),
                        href=Path(os.path.relpath(run.path / rel, page_dir)).as_posix())
                   for rel in model.entry.get("files", []) if Path(rel).stem == name)
-    rows = tuple(tuple(number_text(v.item() if hasattr(v, "item") else v) for v in row)
+    rows = tuple(tuple(number_text(v) for v in row)
                  for row in frame.head(PREVIEW_ROWS).itertuples(index=False))
     return Table(title=title, columns=tuple(frame.columns), rows=rows, total=len(frame), links=links)
 
