@@ -62,15 +62,15 @@ class JobResult:
     slug: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None
-    status: str                            # "ok" or "failed"
-    error: str | None                      # one line when failed
+    status: str                                                     # "ok" or "failed"
+    error: str | None                                               # one line when failed
     mode: str
     target: str
     seconds: float
-    summary: dict = field(default_factory=dict)         # analysis summary keys
-    findings: tuple[dict, ...] = ()                                  # {code, severity, message}
-    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
-    arrays: dict[str, Any] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)                     # analysis summary keys
+    findings: tuple[dict, ...] = ()                                 # {code, severity, message}
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
+    arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position
 
 
 def make_jobs(config: RunConfig) -> list[Job]:
@@ -101,11 +101,12 @@ def plan(model: nn.Module, job: Job) -> np.ndarray:
 
 def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advance | None = None) -> SweepResult:
     """Sweep the selected positions of a job, keeping the masks of the chosen ones."""
-    done = [0]
+    done = 0
 
     def progress(count: int) -> None:
-        done[0] += count
-        advance(done[0], len(selected))
+        nonlocal done
+        done += count
+        advance(done, len(selected))
 
     return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
                  progress=progress if advance else None, **sweep_options(job))
