@@ -23,7 +23,6 @@ from rfreport.errors import ConfigError, ModelLoadError, PositionError
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
 EXECUTORS = ("local", "ray")
-ERF_DISTRIBUTIONS = ("normal", "uniform")
 TOP_KEYS = ("run", "defaults", "model")
 
 
@@ -230,6 +229,13 @@ def _mode(value: Any, where: _Where, key: str) -> str:
     return _choice(value, MODES, where, key)
 
 
+def _distribution(value: Any, where: _Where, key: str) -> str:
+    """Validate an ERF input distribution."""
+    from rfreport.erf import DISTRIBUTIONS  # torch-heavy; see _factory
+
+    return _choice(value, DISTRIBUTIONS, where, key)
+
+
 def _layers(value: Any, where: _Where, key: str) -> tuple[str, ...]:
     """Validate a list of layer names."""
     items = _expect(value, (list,), "a list of layer names", where, key)
@@ -287,7 +293,7 @@ Checker = Callable[[Any, _Where, str], Any]
 ERF_KEYS: dict[str, Checker] = {
     "samples": _positive_int,
     "positions": _positions,
-    "distribution": lambda v, w, k: _choice(v, ERF_DISTRIBUTIONS, w, k),
+    "distribution": _distribution,
     "images": lambda v, w, k: _path(v, w, k, folder=True),
 }
 MODEL_KEYS: dict[str, Checker] = {
@@ -331,11 +337,16 @@ def _merge(defaults: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _check_ranks(values: dict[str, Any], where: _Where) -> None:
-    """Check that explicit positions and per-axis audit limits match the input's spatial rank."""
+def _check_merged(values: dict[str, Any], where: _Where) -> None:
+    """Check what spans keys: positions and per-axis limits against the spatial rank, the ERF's sources."""
+    erf = values.get("erf") or {}
+    if erf.get("distribution") == "images" and "images" not in erf:
+        raise where.error("erf.distribution", "'images' needs an images folder (erf.images)")
+    if erf.get("distribution") == "uniform" and "images" in erf:
+        raise where.error("erf.images", "an images folder conflicts with distribution 'uniform'")
     rank = len(values["input_shape"][0]) - 2
     selections = [("positions", values.get("positions"))]
-    selections.append(("erf.positions", (values.get("erf") or {}).get("positions")))
+    selections.append(("erf.positions", erf.get("positions")))
     for key, spec in selections:
         for item in spec if isinstance(spec, tuple) else ():
             if not isinstance(item, str) and len(item) != rank:
@@ -353,7 +364,7 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
     for key in REQUIRED:
         if key not in values:
             raise where.error(key, "is required (in the model or in [defaults])")
-    _check_ranks(values, where)
+    _check_merged(values, where)
     return ModelSpec(
         name=values["name"], factory=values["factory"], input_shapes=values["input_shape"],
         kwargs=values.get("kwargs", {}), checkpoint=values.get("checkpoint"), layer=values.get("layer"),

@@ -1,0 +1,3 @@
+"""A model file that fails while it is imported."""
+
+raise RuntimeError("this file cannot be imported")
