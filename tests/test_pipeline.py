@@ -20,8 +20,8 @@ from torch import nn
 
 
 def tiny(channels=2, k=3):
-    return nn.Sequential(nn.Conv2d(1, channels, k, padding=k // 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, stride=2),
-                         nn.Conv2d(channels, 1, 3, padding=2, dilation=2))
+    return nn.Sequential(nn.Conv2d(1, channels, k, padding=k // 2), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, stride=2), nn.Conv2d(channels, 1, 3, padding=2, dilation=2))
 
 
 def squeeze():
