@@ -4,7 +4,8 @@ One forward pass of a :class:`~rfreport.engine.LayerEngine` keeps every leaf mod
 Per layer, one small batched backward from its centre, one neighbour per axis and its first
 corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
 found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
-predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1),
+predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1,
+anchored at the predecessor's centre so a window on that centre alone needs no stride),
 so the whole table costs about one backward pass however deep the model is.
 
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
@@ -60,17 +61,28 @@ LAYERS = register(Schema(
 
 @dataclass(frozen=True)
 class _Affine:
-    """Unclipped affine geometry of one layer's output, per axis: RF size, stride, padding."""
+    """Unclipped affine geometry of one layer's output per axis, anchored at its centre position.
+
+    `start` is the unclipped RF start of output position `anchor`; boxes of other positions move by
+    `stride` per step, so a box at the anchor itself needs no stride (single-cell or padding-only
+    neighbours leave the stride unknown).
+    """
 
     rf: np.ndarray
     stride: np.ndarray
-    padding: np.ndarray
+    anchor: np.ndarray
+    start: np.ndarray
     exact: bool
+
+    @property
+    def padding(self) -> np.ndarray:
+        """Return the effective padding P, with start = -P + anchor * stride."""
+        return np.where(self.anchor == 0, 0.0, self.anchor * self.stride) - self.start
 
     def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return the unclipped input bounds covered by output boxes [lo, hi] of this layer."""
-        first = np.where(lo == 0, 0.0, lo * self.stride) - self.padding
-        last = np.where(hi == 0, 0.0, hi * self.stride) - self.padding + self.rf - 1
+        first = self.start + np.where(lo == self.anchor, 0.0, (lo - self.anchor) * self.stride)
+        last = self.start + np.where(hi == self.anchor, 0.0, (hi - self.anchor) * self.stride) + self.rf - 1
         return first, last
 
 
@@ -101,17 +113,43 @@ def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
     return np.stack(rows)
 
 
-def _compose(masks: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """Union the predecessors' composed boxes per row.
+@dataclass(frozen=True)
+class _Windows:
+    """What one capture pass saw of a layer: its output grid and, per probe row, its local window
+    (lo, hi, count) on each nearest predecessor (None for the input)."""
+
+    name: str
+    type: str
+    channels: int
+    out: tuple[int, ...]
+    twin: str | None
+    windows: dict
+
+
+def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
+             seed: int) -> list[_Windows]:
+    """Run one capture pass: every layer's local windows on its predecessors, in forward order."""
+    seen = []
+    with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+        for name, captured in engine.layers.items():
+            out = tuple(captured.value.shape[2:])
+            twin = engine.same_as(name)
+            masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
+            seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
+                                 {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
+    return seen
+
+
+def _compose(windows: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """Union the predecessors' composed boxes per probe row (NaN where a row sees nothing).
 
     Also say whether the result is exact (no centre/neighbour window touched a predecessor's grid
-    border) and whether it is pooled: a `single`-cell output whose window spans a whole predecessor
-    grid of at least POOLED_GRID cells per axis, or a layer depending on one (global pooling: no
-    larger input would make it exact).
+    border, every predecessor exact) and whether it is pooled: a `single`-cell output whose window
+    spans a whole predecessor grid of at least POOLED_GRID cells per axis, or a layer depending on
+    one (global pooling: no larger input would make it exact).
     """
     lows, highs, exact, pooled = [], [], True, False
-    for source, mask in masks.items():
-        lo, hi, count, _ = mask_bounds(mask)
+    for source, (lo, hi, count) in windows.items():
         hit = count > 0
         first, last = done[source].affine.box(lo, hi)
         lows.append(np.where(hit[:, None], first, np.inf))
@@ -126,72 +164,72 @@ def _compose(masks: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndar
 
 
 def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _Affine:
-    """Read RF size, stride and padding at the centre row from composed unclipped bounds."""
+    """Read RF size, stride and start at the centre row from composed unclipped bounds."""
     mid = rows[0]
     ndim = len(mid)
     steps = np.array([rows[1 + a, a] - mid[a] for a in range(ndim)], dtype=float)
     moved = np.array([lo[1 + a, a] - lo[0, a] for a in range(ndim)], dtype=float)
     stride = np.divide(moved, steps, out=np.full(ndim, np.nan), where=steps != 0)
-    padding = np.where(mid == 0, 0.0, mid * stride) - lo[0]
-    return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, padding=padding, exact=exact)
+    return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, anchor=mid.astype(float), start=lo[0], exact=exact)
 
 
 def _input_layer(input_shape: tuple[int, ...]) -> _Layer:
     """Return the model input as a pseudo-layer: RF 1, stride 1, padding 0 on every axis."""
     ndim = len(input_shape) - 2
-    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), True)
+    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), np.zeros(ndim), True)
     return _Layer("", "input", input_shape[1], tuple(input_shape[2:]), np.ones(ndim, dtype=np.int64), identity,
                   False, False, False)
 
 
-def _measure_layer(engine: LayerEngine, name: str, done: dict) -> _Layer:
-    """Measure one captured layer from local supports composed with its predecessors' geometry."""
-    captured = engine.layers[name]
-    twin = engine.same_as(name)
-    if twin is not None:
-        return replace(done[twin], name=name, type=captured.type)
-    out = tuple(captured.value.shape[2:])
-    n = np.array(engine.input_spatial)
-    rows = probe_rows(out)
-    lo, hi, exact, pooled = _compose(engine.local_support(name, one_hot_weights(rows, out)), done,
-                                     single=max(out) == 1)
+def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _Layer:
+    """Measure one layer by composing its windows; an exact geometry from a larger input overrides its own."""
+    if seen.twin is not None:
+        return replace(done[seen.twin], name=seen.name, type=seen.type)
+    rows = probe_rows(seen.out)
+    lo, hi, exact, pooled = _compose(seen.windows, done, single=max(seen.out) == 1)
     if np.isnan(lo[0]).any():  # gradient mode: the centre may see nothing at all
-        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.full(len(n), np.nan), False)
-        return _Layer(name, captured.type, int(captured.value.shape[1]), out, np.zeros(len(n), dtype=np.int64),
-                      nothing, False, False, pooled)
+        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan), False)
+        return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
+                      known.get(seen.name, nothing), False, False, pooled)
+    affine = known.get(seen.name) or _measure(rows, lo, hi, exact)
     covers = (lo <= 0) & (hi >= n - 1)
     size = (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
-    return _Layer(name, captured.type, int(captured.value.shape[1]), out, size, _measure(rows, lo, hi, exact),
-                  bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()), pooled)
+    return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),
+                  bool(covers[0].all() and covers[-1].all()), pooled)
 
 
-def _growth(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-            seed: int) -> list[_Layer]:
-    """Run one capture pass and measure every captured layer in forward order."""
+def _compose_all(captured: list[_Windows], input_shape: tuple[int, ...], known: dict) -> list[_Layer]:
+    """Measure every captured layer in forward order."""
+    n = np.array(input_shape[2:])
     done: dict[str | None, _Layer] = {None: _input_layer(input_shape)}
-    with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
-        for name in engine.layers:
-            done[name] = _measure_layer(engine, name, done)
+    for seen in captured:
+        done[seen.name] = _measure_layer(seen, n, done, known)
     return [layer for key, layer in done.items() if key is not None]
 
 
-def _refine(input_shape: tuple[int, ...], measured: list[_Layer], run) -> list[_Layer]:
-    """Take unclipped values of inexact layers from reruns at doubled inputs, while the model accepts them."""
+def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> list[_Layer]:
+    """Measure every layer, taking the unclipped geometry of inexact ones from doubled inputs.
+
+    The windows of the given input are recomposed with those exact geometries, so RF extents at
+    the given size stay exact too. Stops when every layer is exact or pooled, after MAX_DOUBLINGS,
+    when the input would exceed ENLARGE_LIMIT pixels, or when the model refuses the size.
+    """
+    base = _capture(model, input_shape, **options)
+    known: dict[str, _Affine] = {}
+    measured = _compose_all(base, input_shape, known)
     for doubling in range(1, MAX_DOUBLINGS + 1):
-        if all(layer.affine.exact or layer.pooled for layer in measured):
-            break
         bigger = (*input_shape[:2], *(n << doubling for n in input_shape[2:]))
-        if math.prod(bigger[2:]) > ENLARGE_LIMIT:
+        if all(m.affine.exact or m.pooled for m in measured) or math.prod(bigger[2:]) > ENLARGE_LIMIT:
             break
         try:
-            larger = {layer.name: layer.affine for layer in run(bigger)}
+            larger = _compose_all(_capture(model, bigger, **options), bigger, known)
         except SweepError:
             break
-        fixed = {name for name, affine in larger.items() if affine.exact}
-        if not any(not layer.affine.exact and layer.name in fixed for layer in measured):
-            break
-        measured = [replace(layer, affine=larger[layer.name])
-                    if not layer.affine.exact and layer.name in fixed else layer for layer in measured]
+        fixed = {m.name: m.affine for m in larger
+                 if m.affine.exact and np.isfinite(m.affine.stride).all() and m.name not in known}
+        if fixed:
+            known.update(fixed)
+            measured = _compose_all(base, input_shape, known)
     return measured
 
 
@@ -215,8 +253,5 @@ def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = No
                  device: str = "auto", seed: int = 0) -> pd.DataFrame:
     """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order."""
     shape = check_input_shape(tuple(input_shape))
-
-    def run(at: tuple[int, ...]) -> list[_Layer]:
-        return _growth(model, at, layers, mode, device, seed)
-
-    return _frame(_refine(shape, run(shape), run), len(shape) - 2)
+    options = {"layers": layers, "mode": mode, "device": device, "seed": seed}
+    return _frame(_refined(model, shape, options), len(shape) - 2)
