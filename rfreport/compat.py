@@ -121,7 +121,7 @@ def _bias_free_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], pos: Sequence[int], *, mask: np.ndarray | None = None,
-           layer: str | None = None, output: str | int | None = None, trials: int = 3, pixels: int = 256,
+           layer: str | None = None, output: str | int | None = None, trials: int = 3, pixels: int = 64,
            seed: int = 0, device: str = "cpu", atol: float = 1e-9) -> bool:
     """Check an RF by forward passes on a bias-free float64 copy of the model.
 
