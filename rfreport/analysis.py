@@ -171,8 +171,10 @@ def _mode(values: np.ndarray) -> int:
 
 
 def _steps(pos: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """Return per-position bounds sorted by position, the step per output position, and a problem if a
-    position has several bounds (the axis depends on the other axes)."""
+    """Return the sorted distinct positions, the bound's step per output step, and any inconsistency.
+
+    A position with several different bounds means the axis depends on the other axes' positions.
+    """
     order = np.argsort(pos, kind="stable")
     pos, bound = pos[order], bound[order]
     uniq, first = np.unique(pos, return_index=True)
@@ -253,8 +255,11 @@ def _one_sided_stride(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -
 
 
 def _estimate(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, axis: str) -> AxisFit:
-    """Estimate geometry when no full-size RF is clear of the border: the size is the largest box
-    (a lower bound), stride and padding come from starts free on the left or ends free on the right."""
+    """Estimate the geometry of an axis on which no full-size RF is clear of the border.
+
+    The size is the largest box (a lower bound); stride and padding come from starts free of the
+    low border or ends free of the high border.
+    """
     stride = _one_sided_stride(pos, lo, hi, n)
     probe = AxisFit(int((hi - lo + 1).max()), stride, 0.0, "estimated")
     left, right = lo > 0, hi < n - 1

@@ -115,8 +115,10 @@ def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Windows:
-    """What one capture pass saw of a layer: its output grid and, per probe row, its local window
-    (lo, hi, count) on each nearest predecessor (None for the input)."""
+    """What one capture pass saw of a layer: its grid and its local windows on its predecessors.
+
+    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row.
+    """
 
     name: str
     type: str
