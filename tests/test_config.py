@@ -291,3 +291,16 @@ def test_validation_builds_no_model(tmp_path):
     assert "model 'b': key 'input_shape'" in error_of(path)
     module = next(m for m in sys.modules.values() if getattr(m, "__file__", None) == str(tmp_path / "mine.py"))
     assert module.CALLS == []
+
+
+def test_the_documented_example_loads(tmp_path):
+    pytest.importorskip("torchvision")
+    text = (ROOT / "docs" / "config.md").read_text()
+    toml = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    python = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "zoo.py").write_text(python)
+    resnet, deeplab = config.load([write(tmp_path, toml)]).models
+    assert resnet.audit == {"max_edge_fraction": 0.5, "min_rf": 200, "no_global": True}
+    assert resnet.input_shapes == ((1, 3, 224, 224), (1, 3, 512, 512))
+    assert (deeplab.output, deeplab.mode, deeplab.input_shapes) == ("out", "gradient", ((1, 3, 256, 256),))
