@@ -212,7 +212,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     return JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary), findings=tuple(asdict(f) for f in result.findings),
+        summary=dict(result.summary) | (measured.summary() if measured else {}), findings=tuple(asdict(f) for f in result.findings),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
 
