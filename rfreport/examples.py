@@ -11,7 +11,7 @@ from torch import nn
 
 
 def seed_convs(in_channels: int = 1) -> nn.Module:
-    """The seed README's strided stack: a (7, 1) kernel with stride 3 leaves column holes (fill < 1)."""
+    """Build the seed README's conv stack: its (7, 1) kernel at stride 3 skips two columns in three."""
     return nn.Sequential(
         nn.Conv2d(in_channels, 16, (7, 1), stride=3),
         nn.Conv2d(16, 16, 5, padding=1),
@@ -33,23 +33,23 @@ def _conv_block(c_in: int, c_out: int, *, stride: int = 1, dilation: int = 1, pa
 
 
 def dilated_net(in_channels: int = 3, width: int = 8, dilation: int = 2, depth: int = 3) -> nn.Module:
-    """Stacked convolutions with one dilation rate: the gridding artefact, a chequered RF (fill ~ 1/4)."""
+    """Build 3x3 convs of one dilation rate: the gridding artefact, a chequered RF (fill about 1/4)."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, dilation=dilation) for i in range(depth)]
     return nn.Sequential(*blocks, nn.Conv2d(width, 1, 1))
 
 
 def circular_net(in_channels: int = 3, width: int = 8, depth: int = 4) -> nn.Module:
-    """Circular padding: positions near a border see pixels on the opposite border (wrapped RFs)."""
+    """Build circular-padded convs: RFs of border positions wrap round to the opposite border."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, stride=1 + i % 2, padding_mode="circular")
               for i in range(depth)]
     return nn.Sequential(*blocks)
 
 
 class UNet(nn.Module):
-    """A two-level U-Net: max-pool encoder, nearest upsampling decoder, concatenated skips.
+    """A two-level U-Net: max-pool encoder, nearest-upsampling decoder, concatenated skips.
 
-    Finding: the output has the input's resolution but a large RF, and nearest upsampling makes
-    neighbouring outputs share RFs in 2x2 and 4x4 blocks (a non-affine position-to-RF map).
+    Two nearest upsamplings make the RF box move in steps of 4 input pixels every 4 output
+    positions: a non-affine map from position to RF.
     """
 
     def __init__(self, in_channels: int = 3, width: int = 4, out_channels: int = 2):
@@ -73,7 +73,7 @@ class UNet(nn.Module):
 
 
 def unet(in_channels: int = 3, width: int = 4, out_channels: int = 2) -> nn.Module:
-    """Build the example U-Net."""
+    """Build the example U-Net: a full-resolution output whose RF moves in blocks of four positions."""
     return UNet(in_channels, width, out_channels)
 
 
@@ -112,14 +112,12 @@ class ResNetSmall(nn.Module):
 
 
 def resnet_small(in_channels: int = 3, width: int = 8, blocks: int = 2, num_classes: int = 10) -> nn.Module:
-    """A CIFAR-style ResNet with three stages (stride 1, 2, 2): the RF outgrows a small input,
-    so most positions see padding (a high edge fraction). Analyse its `stages` output."""
+    """Build a CIFAR-style ResNet (analyse `stages`): at 32x32 its RF outgrows the input, all positions see padding."""
     return ResNetSmall(in_channels, width, blocks, num_classes)
 
 
 def transposed_decoder(in_channels: int = 3, width: int = 8) -> nn.Module:
-    """Strided encoder, then 3x3 stride-2 transposed convolutions: uneven kernel overlap gives a
-    checkerboard (RF size alternates with output parity, non-affine)."""
+    """Build a strided encoder and stride-2 transposed decoder: a checkerboard, RF sizes alternate with parity."""
     return nn.Sequential(
         _conv_block(in_channels, width, stride=2), _conv_block(width, width, stride=2),
         nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
@@ -141,7 +139,6 @@ class SqueezeExcite(nn.Module):
 
 
 def se_net(in_channels: int = 3, width: int = 8, depth: int = 3) -> nn.Module:
-    """Conv blocks followed by a squeeze-and-excitation block: every output sees the whole input (a
-    global RF), while its local RF, holding the global average constant, stays small."""
+    """Build convs and a squeeze-and-excitation block: every RF is global, the local RF under it small."""
     blocks = [_conv_block(in_channels if i == 0 else width, width, stride=2 if i else 1) for i in range(depth)]
     return nn.Sequential(*blocks, SqueezeExcite(width), nn.Conv2d(width, 4, 1))
