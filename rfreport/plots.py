@@ -19,6 +19,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from rfreport.positions import axis_names, center
 
@@ -26,12 +27,16 @@ CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#e4e4e4")
 UNSEEN = "#d62728"
 BORDER = "#fde0c5"
 DPI = 100
-PANEL = 3.0
 BOX_COLOURS = matplotlib.colormaps["tab10"].colors
 MAX_PANELS = 9
 MAX_TICK_LABELS = 40
-LINE_WIDTH = 5.5  # inches per 1-D panel: two side by side fit the report's 1160-pixel column
-MARGIN = (0.65, 0.8, 0.55, 0.5)  # left, right, bottom, top in inches
+MARGIN = (0.65, 0.8, 0.55, 0.55)  # left, right, bottom, top in inches
+GAP = (1.3, 1.05)  # inches between panels: colour bar and next y label; x label and next title
+IMAGE_AXES = 2.45  # inches per 2-D panel (colour bar included): three fit the report's 1160-pixel column
+LINE_AXES = 4.3  # inches per 1-D panel: two side by side fit
+LINE_HEIGHT = 2.2
+COLOUR_BAR = 0.2  # inches the colour bar and its pad take from a panel
+WIDE = 0.45  # data aspect (height / width) below which panels are stacked one per row
 
 
 def to_png(fig: Figure) -> bytes:
@@ -46,25 +51,37 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def pixel_size(fig: Figure) -> tuple[int, int]:
-    """Return the (width, height) in pixels that :func:`to_png` produces for a figure."""
-    width, height = fig.get_size_inches() * DPI
-    return round(width), round(height)
+def png_size(png: bytes) -> tuple[int, int]:
+    """Return the (width, height) in pixels of PNG bytes, read from the IHDR chunk."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
-def _figure(panels: int, ndim: int, *, per_row: int = 3, height: float = PANEL) -> tuple[Figure, list]:
-    """Create a figure with `panels` axes on a fixed-margin grid (cheaper than constrained layout)."""
-    cols = min(panels, per_row if ndim > 1 else 2)
+def _figure(panels: int, ndim: int, *, aspect: float | None = None, axes_width: float | None = None,
+            per_row: int = 3) -> tuple[Figure, list]:
+    """Create a figure with `panels` axes on a grid fixed in inches; `aspect` (data height / width) sets row height.
+
+    Very wide 2-D data gets one wide panel per row, so it stays tall enough to read.
+    """
+    wide = aspect is not None and aspect < WIDE
+    cols = min(panels, 1 if wide else per_row if ndim > 1 else 2)
     rows = -(-panels // cols)
-    width = LINE_WIDTH if ndim == 1 else PANEL * 1.25
-    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI)
-    inches = fig.get_size_inches()
+    ax_w = axes_width or (LINE_AXES if ndim == 1 else 2 * IMAGE_AXES + GAP[0] if wide else IMAGE_AXES)
+    ax_h = LINE_HEIGHT if aspect is None else min(max((ax_w - COLOUR_BAR) * aspect, 1.0), 3.0)
+    left, right, bottom, top = MARGIN
+    width = left + right + cols * ax_w + (cols - 1) * GAP[0]
+    height = bottom + top + rows * ax_h + (rows - 1) * GAP[1]
+    fig = Figure(figsize=(width, height), dpi=DPI)
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
-        "left": MARGIN[0] / inches[0], "right": 1 - MARGIN[1] / inches[0], "bottom": MARGIN[2] / inches[1],
-        "top": 1 - MARGIN[3] / inches[1], "wspace": 0.45, "hspace": 0.55}).ravel().tolist()
+        "left": left / width, "right": 1 - right / width, "bottom": bottom / height, "top": 1 - top / height,
+        "wspace": GAP[0] / ax_w, "hspace": GAP[1] / ax_h}).ravel().tolist()
     for extra in axes[panels:]:
         extra.set_visible(False)
     return fig, axes[:panels]
+
+
+def _aspect(shape: Sequence[int]) -> float:
+    """Return height / width of a 2-D grid shape."""
+    return shape[0] / max(shape[1], 1)
 
 
 def _plane(array: np.ndarray, depth: int | None = None) -> tuple[np.ndarray, str]:
@@ -132,18 +149,18 @@ def _integral(values: np.ndarray) -> bool:
 def _heatmap(fig: Figure, ax, values: np.ndarray, label: str, *, norm=None, cmap=CMAP):
     """Draw a 2-D array with the report's colour map, origin top-left, and a labelled colour bar."""
     image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", origin="upper", aspect="equal")
-    bar = fig.colorbar(image, ax=ax, label=label, fraction=0.08, pad=0.04)
-    if norm is None and _integral(np.ma.compressed(np.ma.asarray(values))):
-        bar.locator = MaxNLocator(integer=True)
+    bar = fig.colorbar(image, cax=make_axes_locatable(ax).append_axes("right", size=0.12, pad=0.08), label=label)
+    if norm is None:
+        bar.locator = MaxNLocator(nbins=5, integer=_integral(np.ma.compressed(np.ma.asarray(values))))
         bar.update_ticks()
     return image
 
 
 def grid_maps(frame: pd.DataFrame, columns: Sequence[tuple[str, str, str]], ndim: int) -> Figure:
     """Plot columns of a positions-like frame over the output grid, one panel per (column, title, unit)."""
-    fig, axes = _figure(len(columns), ndim)
-    for ax, (column, title, unit) in zip(axes, columns):
-        values, coords, letters, note = _grid(frame, column, ndim)
+    grids = [_grid(frame, column, ndim) for column, _title, _unit in columns]
+    fig, axes = _figure(len(columns), ndim, aspect=_aspect(grids[0][0].shape) if ndim > 1 else None)
+    for ax, (_column, title, unit), (values, coords, letters, note) in zip(axes, columns, grids):
         ax.set_title(title + note, fontsize=10)
         if ndim == 1:
             ax.plot(coords[0], values, marker=".", color=CMAP(0.35))
@@ -163,9 +180,9 @@ def coverage_map(coverage: np.ndarray) -> Figure:
     """Plot how many swept output positions see each input pixel, unseen pixels in red."""
     plane, note = _plane(np.asarray(coverage))
     unseen = int((plane == 0).sum())
-    fig, (ax,) = _figure(1, plane.ndim, per_row=1, height=PANEL if plane.ndim == 1 else PANEL * 1.3)
-    if plane.ndim == 2:
-        fig.set_size_inches(PANEL * 1.3 + 1.2, PANEL * 1.3)
+    two_d = plane.ndim == 2
+    fig, (ax,) = _figure(1, plane.ndim, aspect=_aspect(plane.shape) if two_d else None,
+                         axes_width=2 * IMAGE_AXES if two_d else None)
     seen = f"{unseen} unseen pixels shown in red" if unseen else "every input pixel is seen"
     ax.set_title(f"Input coverage{note}: {seen}", fontsize=10)
     if plane.ndim == 1:
@@ -226,7 +243,7 @@ def rf_overlay(image: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int,
     letters = axis_names(len(positions[0]))
     if image.ndim == 1:
         return _overlay_1d(image, frame, masks, positions)
-    fig, axes = _figure(len(positions), 2)
+    fig, axes = _figure(len(positions), 2, aspect=_aspect(image.shape[-2:]))
     for ax, pos, colour in zip(axes, positions, BOX_COLOURS):
         row, mask = _row(frame, pos), masks.get(pos)
         depth = _support_depth(row, mask) if image.ndim == 3 else None
@@ -248,7 +265,7 @@ def rf_overlay(image: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int,
 def _overlay_1d(signal: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[int, ...], np.ndarray],
                 positions: list[tuple[int, ...]]) -> Figure:
     """Draw a 1-D sample signal with each position's RF span and support as coloured bars."""
-    fig, (ax,) = _figure(1, 1, height=PANEL * 1.2)
+    fig, (ax,) = _figure(1, 1)
     ax.plot(np.arange(len(signal)), signal, color="0.5", linewidth=1)
     for level, (pos, colour) in enumerate(zip(positions, BOX_COLOURS)):
         row, y = _row(frame, pos), -0.15 * (level + 1)
@@ -292,7 +309,8 @@ def erf_maps(maps: Mapping[tuple[int, ...], np.ndarray], erf: pd.DataFrame) -> F
     """Plot effective-RF maps on a log scale with the theoretical RF box of each position (erf frame) drawn."""
     positions = sorted(maps)[:MAX_PANELS]
     letters = axis_names(len(positions[0]))
-    fig, axes = _figure(len(positions), len(letters))
+    shape = np.shape(maps[positions[0]])
+    fig, axes = _figure(len(positions), len(letters), aspect=_aspect(shape[-2:]) if len(shape) > 1 else None)
     for ax, pos in zip(axes, positions):
         lo, hi = _bounds(_row(erf, pos), letters, "rf_")
         values = np.asarray(maps[pos], dtype=float)

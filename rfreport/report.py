@@ -169,8 +169,9 @@ class Embedded:
 
     def image(self, name: str, fig: Figure, alt: str) -> Image:
         """Embed the figure's PNG as a data URI."""
-        width, height = plots.pixel_size(fig)
-        return Image(src=plots.data_uri(plots.to_png(fig)), alt=alt, width=width, height=height)
+        png = plots.to_png(fig)
+        width, height = plots.png_size(png)
+        return Image(src=plots.data_uri(png), alt=alt, width=width, height=height)
 
     def stylesheet(self, css: str) -> tuple[str, str]:
         """Inline the stylesheet."""
@@ -190,8 +191,9 @@ class AssetsFolder:
 
     def image(self, name: str, fig: Figure, alt: str) -> Image:
         """Write the figure as `<name>.png` and link it."""
-        width, height = plots.pixel_size(fig)
-        (self.folder / f"{name}.png").write_bytes(plots.to_png(fig))
+        png = plots.to_png(fig)
+        width, height = plots.png_size(png)
+        (self.folder / f"{name}.png").write_bytes(png)
         return Image(src=self._href(f"{name}.png"), alt=alt, width=width, height=height)
 
     def stylesheet(self, css: str) -> tuple[str, str]:
