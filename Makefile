@@ -30,6 +30,9 @@ report: install  ## sweep the example configs into reports/latest and print the 
 bench: install  ## benchmark naive, dense and compressed sweeps (prints ratios)
 	$(PY) benchmarks/bench_sweep.py
 
+docs: install  ## regenerate docs/columns.md from the frame schemas
+	$(PY) -m rfreport.schema > docs/columns.md
+
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 

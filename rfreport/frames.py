@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from rfreport.positions import axis_names
 from rfreport.schema import Column, Schema, register
-from rfreport.sweep import SweepResult
+
+if TYPE_CHECKING:  # the sweep needs torch; frames, like every stage after it, must not
+    from rfreport.sweep import SweepResult
 
 POSITIONS = register(Schema(
     name="positions",

@@ -93,6 +93,8 @@ def load_all() -> None:
         importlib.import_module(module)
 
 
-if __name__ == "__main__":
-    load_all()
-    print(markdown(), end="")
+if __name__ == "__main__":  # run as a script, this file is __main__: use the registry of the real module
+    from rfreport import schema
+
+    schema.load_all()
+    print(schema.markdown(), end="")

@@ -1,0 +1,27 @@
+"""The stages after the sweep never import torch: the report can be rebuilt from a saved run anywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TORCH_FREE = ["rfreport.frames", "rfreport.analysis", "rfreport.audit", "rfreport.diff", "rfreport.runfolder",
+              "rfreport.plots", "rfreport.report", "rfreport.schema", "rfreport.positions"]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_stage_imports_without_torch(module):
+    code = f"import sys; sys.modules['torch'] = None; import {module}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
+
+
+def test_columns_doc_is_generated_from_the_schemas():
+    from pathlib import Path
+
+    from rfreport import schema
+
+    schema.load_all()
+    assert Path(__file__).parents[1].joinpath("docs", "columns.md").read_text() == schema.markdown()
