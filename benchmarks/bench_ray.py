@@ -1,10 +1,11 @@
 """Benchmark: the same audit in-process and on a local Ray instance, wall time for both.
 
 Runs every job of the configs (default: configs/examples.toml) through the in-process executor,
-then starts a local Ray instance with `--cpus` CPUs and runs them again through the Ray
-executor, first with freshly started workers (they import torch on their first task), then warm.
-Report rendering is left out: it happens on the driver either way. Every frame and array of the
-Ray runs is checked against the in-process run, and the table is printed with the speed-ups.
+with torch's default threads and then with one thread (as each Ray worker has), then starts a
+local Ray instance with `--cpus` CPUs and runs them through the Ray executor, first with freshly
+started workers (they import torch on their first task), then warm. Report rendering is left out:
+it happens on the driver either way. Every frame and array of every run is checked against the
+first in-process run, and the table is printed with the speed-ups over it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def main() -> None:
     print(f"{len(jobs)} jobs from {', '.join(args.configs)}; {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads in-process), ray {ray.__version__}, python {platform.python_version()}")
     local, local_s = timed(LocalExecutor(), jobs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # what each Ray worker gets: separates parallelism from thread contention
+    single, single_s = timed(LocalExecutor(), jobs)
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     start_s = time.perf_counter() - started
@@ -77,11 +82,13 @@ def main() -> None:
     cold, cold_s = timed(executor, jobs)
     warm, warm_s = timed(executor, jobs)
     ray.shutdown()
-    rows = [("in-process", local_s), (f"ray, {args.cpus} CPUs, starting workers", cold_s),
+    rows = [(f"in-process, {threads} torch threads", local_s), ("in-process, 1 torch thread", single_s),
+            (f"ray, {args.cpus} CPUs, starting workers", cold_s),
             (f"ray, {args.cpus} CPUs, warm workers", warm_s),
             (f"ray, {args.cpus} CPUs, incl. ray.init ({start_s:.1f} s)", start_s + cold_s)]
     print(table(rows, local_s))
-    differ = [a.slug for a, b, c in zip(local, cold, warm, strict=True) if not (same(a, b) and same(a, c))]
+    differ = [a.slug for a, *others in zip(local, single, cold, warm, strict=True)
+              if not all(same(a, other) for other in others)]
     failed = [r.slug for r in local if r.status != "ok"]
     print(f"identical results: {'yes' if not differ else 'NO: ' + ', '.join(differ)}; "
           f"failed jobs: {', '.join(failed) or 'none'}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,9 @@ def tiny(stride: int = 1, dilation: int = 1) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3, stride=stride, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, dilation=dilation))
 
 
-def exploding() -> nn.Module:
-    """A factory that raises, in every process."""
+def exploding(attempts: str) -> nn.Module:
+    """A factory that raises in every process, leaving one file per attempt in the `attempts` folder."""
+    (Path(attempts) / f"{os.getpid()}-{time.monotonic_ns()}").touch()
     raise ValueError("boom")
 
 
@@ -70,8 +73,8 @@ MODELS = (
     model_table("tiny", f"{HERE}:tiny", [[1, 1, 10, 10], [1, 1, 9, 7]], erf="{samples = 2}"),
     model_table("strided", f"{HERE}:tiny", [1, 1, 12, 12], kwargs="{stride = 2, dilation = 2}"),
     model_table("se", "rfreport.examples:se_net", [1, 3, 8, 8], kwargs="{width = 4, depth = 2}"),
-    model_table("broken", f"{HERE}:exploding", [1, 1, 8, 8]),
 )
+RETRIES = 1
 
 
 class Recorder:
@@ -118,11 +121,17 @@ def write_run(path: Path, jobs: list[pipeline.Job], executor) -> runfolder.Run:
 def runs(cluster, tmp_path_factory) -> tuple[runfolder.Run, runfolder.Run, Recorder]:
     """Run the test config in-process and on Ray (chunking the two larger jobs), with the driver's log."""
     folder = tmp_path_factory.mktemp("runs")
-    jobs = pipeline.make_jobs(config.load([write_config(folder, *MODELS)]))
+    attempts = {where: folder / f"{where}-attempts" for where in ("local", "ray")}
+    for path in attempts.values():
+        path.mkdir()
+    broken = model_table("broken", f"{HERE}:exploding", [1, 1, 8, 8], kwargs=f'{{attempts = "{attempts["local"]}"}}')
+    jobs = pipeline.make_jobs(config.load([write_config(folder, *MODELS, broken)]))
     local = write_run(folder / "local", jobs, LocalExecutor())
     recorder = Recorder()
+    jobs[-1] = replace(jobs[-1], spec=replace(jobs[-1].spec, kwargs={"attempts": str(attempts["ray"])}))
+    executor = RayExecutor(chunk_positions=CHUNK, max_retries=RETRIES, progress=recorder)
     with pipeline.log_to(folder / "ray.log"):
-        on_ray = write_run(folder / "ray", jobs, RayExecutor(chunk_positions=CHUNK, max_retries=1, progress=recorder))
+        on_ray = write_run(folder / "ray", jobs, executor)
     return local, on_ray, recorder
 
 
@@ -180,6 +189,7 @@ def test_failing_model_is_isolated(runs):
     assert broken.status == "failed"
     assert broken.entry["error"] == local.model("broken-8x8").entry["error"]
     assert "ValueError: boom" in broken.entry["error"] and "\n" not in broken.entry["error"]
+    assert len(list((on_ray.path.parent / "ray-attempts").iterdir())) == 1 + RETRIES
     assert [m.slug for m in on_ray.models if m.ok] == ["tiny-10x10", "tiny-9x7", "strided-12x12", "se-8x8"]
 
 
