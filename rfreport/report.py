@@ -10,7 +10,6 @@ figures are written as files beside it instead (see :class:`AssetsFolder`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import plots
-from rfreport.positions import axis_names, center, resolve
+from rfreport.positions import axis_names, resolve
 from rfreport.runfolder import ModelRun, Run
 
 PREVIEW_ROWS = 12
@@ -105,7 +104,7 @@ class OverviewRow:
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
     global_context: bool | None = field(metadata={"doc": "every position sees the whole input"})
     erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
-                                                      "centre, when measured"})
+                                                      "summary's ERF position (the centre when measured there)"})
     audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
 
 
@@ -276,7 +275,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
         rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
         center_offset=entry.get("center_offset"), edge_fraction=entry.get("edge_fraction"),
         unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
-        erf_ratio=centre_erf_ratio(model), audit=audit_status(entry))
+        erf_ratio=entry.get("erf_area95_ratio"), audit=audit_status(entry))
 
 
 def anchor(model: ModelRun) -> str:
@@ -311,18 +310,6 @@ def model_tables(run: Run, model: ModelRun, page_dir: Path) -> tuple[Table, ...]
     if "edges" in names:
         names.remove("positions")
     return tuple(frame_table(run, model, name, dict(TABLES)[name], page_dir) for name in names)
-
-
-def centre_erf_ratio(model: ModelRun) -> float | None:
-    """Return the ERF / RF area ratio of the centre output position, when the ERF was measured there."""
-    frame = model.frames.get("erf") if model.ok else None
-    if frame is None:
-        return None
-    letters = axis_names(len(model.entry["output_shape"]) - 2)
-    centre = np.array(center(model.entry["output_shape"][2:]))
-    row = frame[(frame[[f"pos_{a}" for a in letters]].to_numpy() == centre).all(axis=1)]
-    ratio = next(c for c in frame.columns if re.fullmatch(r"area\d+_ratio", c))
-    return float(row.iloc[0][ratio]) if len(row) else None
 
 
 def chosen_positions(model: ModelRun, frame: pd.DataFrame) -> list[tuple[int, ...]]:
