@@ -204,9 +204,27 @@ def _compose_all(captured: list[_Windows], input_shape: tuple[int, ...], known: 
     """Measure every captured layer in forward order."""
     n = np.array(input_shape[2:])
     done: dict[str | None, _Layer] = {None: _input_layer(input_shape)}
-    for seen in captured:
+    for seen in _dependency_order(captured):
         done[seen.name] = _measure_layer(seen, n, done, known)
-    return [layer for key, layer in done.items() if key is not None]
+    return [done[seen.name] for seen in captured]
+
+
+def _dependency_order(captured: list[_Windows]) -> list[_Windows]:
+    """Order layers so each comes after the layers it reads from.
+
+    Forward (hook) order is not enough: an identity-like module that fires late (a residual
+    shortcut called after the body) can own the tensor that the body's first layer reads.
+    """
+    pending, ordered, ready = list(captured), [], {None}
+    while pending:
+        runnable = [w for w in pending if {w.twin} | set(w.windows) <= ready | {None}]
+        if not runnable:
+            raise SweepError(f"layer graph has a cycle around {pending[0].name!r}")
+        for w in runnable:
+            ordered.append(w)
+            ready.add(w.name)
+        pending = [w for w in pending if w.name not in ready]
+    return ordered
 
 
 def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> list[_Layer]:
