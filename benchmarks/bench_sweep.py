@@ -33,6 +33,7 @@ class Case:
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     layer: str | None = None
+    quick: tuple[int, int, int] = (2, 16, 16)   # naive positions, dense positions, groups timed with --quick
 
 
 def conv_stack(layers: int, channels: int = 8) -> nn.Module:
@@ -96,7 +97,7 @@ CASES = (
     Case("resnet-style", resnet_style, (1, 3, 128, 128)),
     Case("(a) fcn 3x conv3x3", lambda: conv_stack(3), (1, 3, 256, 256)),
     Case("(b) u-net 3 levels", UNet, (1, 3, 256, 256)),
-    Case("(c) resnet18 layer4", resnet18, (1, 3, 1024, 1024), "layer4"),
+    Case("(c) resnet18 layer4", resnet18, (1, 3, 1024, 1024), "layer4", quick=(1, 4, 4)),
 )
 
 
@@ -174,7 +175,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small naive and dense samples (a few minutes)")
     parser.add_argument("--only", help="run only the cases whose name contains this text")
     args = parser.parse_args()
-    naive_n, dense_n, groups_n = (2, 16, 16) if args.quick else (32, 512, 1 << 30)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -183,7 +183,7 @@ def main() -> None:
     for case in CASES:
         if args.only and args.only not in case.name:
             continue
-        rows.append(run_case(case, naive_n, dense_n, groups_n, rng))
+        rows.append(run_case(case, *(case.quick if args.quick else (32, 512, 1 << 30)), rng))
         print(rows[-1], flush=True)
     print_table(rows)
 
