@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +34,7 @@ GEOMETRY_REACH = 3           # geometry_positions sweeps the centre +- this many
 NONUNIFORM_RATIO = 1.5       # interior coverage max/min at or above this is a checkerboard
 FALLOFF_RATIO = 0.5          # border coverage below this fraction of the interior median is a fall-off
 MIRRORING = ("reflect", "replicate")
+EXACT_FITS = ("affine", "enlarged")    # fits whose size, stride and padding are exact
 
 GEOMETRY = register(Schema(
     name="geometry",
@@ -52,9 +53,11 @@ GEOMETRY = register(Schema(
                "(r - s)/2 - P"),
         Column("center_size", "int64", "input pixels", "RF extent of the centre output position as swept "
                "(clipped to the input)"),
-        Column("fit", "string", "", "affine (exact fit), nonaffine (see problem), estimated (no position is "
-               "clear of the border: best estimate) or none (no position sees the input)"),
-        Column("problem", "string", "", "why the fit is not affine or only estimated, and where; empty if affine"),
+        Column("fit", "string", "", "affine (exact fit), enlarged (every RF is clipped at this input: fitted "
+               "exactly on a larger input, see problem), nonaffine (see problem), estimated (no position is clear of "
+               "the border and no larger input was accepted: best estimate) or none (no position sees the input)"),
+        Column("problem", "string", "", "why the fit is not affine, only estimated or enlarged, and where; empty "
+               "if affine"),
         Column("positions_used", "int64", "output positions", "positions whose unclipped RF the fit used"),
         Column("border_lo", "float64", "input pixels", "how far the first position's unclipped RF reaches before "
                "the input (fed by padding); negative: that many first pixels are beyond its reach"),
@@ -241,6 +244,10 @@ def _odd_sizes(fit: AxisFit, pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n:
     if math.isnan(fit.stride) or not odd.any():
         return ""
     sizes = np.unique(hi[odd] - lo[odd] + 1)
+    if set(sizes.tolist()) == {fit.size}:
+        first = int(np.flatnonzero(odd)[0])
+        return (f"the RF on axis {axis} does not move by a constant stride (output position {int(pos[first])} "
+                f"starts at {int(lo[first])}, not {start[first]:g})")
     return (f"the RF size on axis {axis} varies between interior positions ({_list(sizes)} besides {fit.size}; "
             f"e.g. output position {int(pos[odd][0])})")
 
@@ -287,6 +294,30 @@ def unwrap_shift(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.nd
     shifts = np.array([-n, 0, n])
     best = shifts[np.argmin(np.abs(middle[:, None] + shifts[None, :] - nominal[:, None]), axis=1)]
     return np.where(wrapped, best, 0)
+
+
+def enlarged_positions(output_spatial: Sequence[int]) -> PositionSpec:
+    """Return the few positions an enlarged-input fit needs: the centre and its neighbours on each axis."""
+    mid = center(output_spatial)
+    return ["center", *([min(m + step, n - 1) if a == axis else m for a, (m, n) in enumerate(zip(mid, output_spatial))]
+                        for axis in range(len(mid)) for step in (-1, 1))]
+
+
+def needs_larger_input(*results: SweepResult | None) -> bool:
+    """Tell whether some axis can only be estimated here: no two full-size RFs lie clear of the border."""
+    first = next(r for r in results if r is not None)
+    fits = fit_geometry(Boxes.of(*results), first.input_spatial, first.output_spatial)
+    return any(fit.fit == "estimated" for fit in fits)
+
+
+def with_enlarged(fits: list[AxisFit], enlarged: SweepResult | None) -> list[AxisFit]:
+    """Replace estimated axes by their exact fit on a larger input (the affine geometry is size-independent)."""
+    if enlarged is None:
+        return fits
+    larger = fit_geometry(Boxes.of(enlarged), enlarged.input_spatial, enlarged.output_spatial)
+    sizes = "x".join(map(str, enlarged.input_spatial))
+    return [replace(big, fit="enlarged", problem=f"every RF is clipped at this input size; fitted on a {sizes} input")
+            if fit.fit == "estimated" and big.fit == "affine" else fit for fit, big in zip(fits, larger)]
 
 
 def fit_geometry(boxes: Boxes, input_spatial: Sequence[int], output_spatial: Sequence[int]) -> list[AxisFit]:
@@ -437,7 +468,7 @@ def _axes_text(values: Sequence) -> str:
 
 def _edge_counts(geo: pd.DataFrame, edges: pd.DataFrame) -> tuple[int, int]:
     """Return (positions, edge positions): over the whole output grid from the fit, else over swept rows."""
-    if (geo["fit"] != "affine").any() or geo["edge_lo"].isna().any():
+    if (~geo["fit"].isin(EXACT_FITS)).any() or geo["edge_lo"].isna().any():
         return len(edges), int(edges["edge"].sum())
     total = int(np.prod(geo["output_size"]))
     inside = (geo["valid_hi"] - geo["valid_lo"] + 1).fillna(0).clip(lower=0)
@@ -463,7 +494,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes:
     nonaffine = "; ".join(geo.loc[geo["fit"] == "nonaffine", "problem"])
     summary = {
         "rf_size": geo["size"].tolist(), "stride": geo["stride"].tolist(), "padding": geo["padding"].tolist(),
-        "center_offset": geo["center_offset"].tolist(), "affine": bool((geo["fit"] == "affine").all()),
+        "center_offset": geo["center_offset"].tolist(), "affine": bool(geo["fit"].isin(EXACT_FITS).all()),
         "nonaffine": nonaffine or None, "center_rf_size": geo["center_size"].tolist(),
         "positions": positions, "edge_positions": edge, "edge_fraction": edge / positions if positions else 0.0,
         "valid_region": valid, "asymmetric_axes": geo.loc[geo["asymmetric"], "axis"].tolist(),
@@ -480,15 +511,17 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes:
 
 
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
-            gradient: SweepResult | None = None, layers: pd.DataFrame | None = None) -> Analysis:
+            gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
+            enlarged: SweepResult | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
-    `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `local` a
+    `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `enlarged` a sweep
+    of `enlarged_positions` on a larger input used where every RF is clipped here, `local` a
     `local=True` sweep (the local RF under global context), `gradient` a gradient-mode sweep
     (padding modes, data-dependent support) and `layers` the frame of `layers.layer_growth`.
     """
     boxes = Boxes.of(result, geometry)
-    fits = fit_geometry(boxes, result.input_spatial, result.output_spatial)
+    fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
     local_fits = (fit_geometry(Boxes.of(local), result.input_spatial, result.output_spatial)
                   if local is not None else None)
     geo = geometry_frame(fits, result.input_spatial, result.output_spatial,
@@ -519,7 +552,9 @@ def _geometry_findings(c: _Context) -> list[Finding]:
     found = [Finding("nonaffine", "warning", f"The RF geometry is not affine: {c.summary['nonaffine']}.")
              ] if c.summary["nonaffine"] else []
     estimated = c.geo.loc[c.geo["fit"] == "estimated", "problem"]
-    return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated]
+    enlarged = c.geo.loc[c.geo["fit"] == "enlarged", ["axis", "problem"]]
+    return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated] + [
+        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)]
 
 
 def _edge_findings(c: _Context) -> list[Finding]:

@@ -11,12 +11,11 @@ docs/config.md documents the format.
 from __future__ import annotations
 
 import difflib
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from rfreport import positions as positions_mod
 from rfreport.errors import ConfigError, ModelLoadError, PositionError

@@ -253,13 +253,12 @@ class Engine:
         wanted, self.probes = self.probes, 1
         self._forward(working)
         if wanted > 1 and self.function_mode.signed and self._inputs is None:
-            single = (self._x, self._y, self.function_mode, self.saved_bytes)
             try:
                 self.probes = wanted
                 self._forward(working)
             except SweepError:
                 self.probes = 1
-                self._x, self._y, self.function_mode, self.saved_bytes = single
+                self._forward(working)
 
     def _forward(self, working: nn.Module) -> None:
         """Run one forward pass on a fresh probe input, keeping the graph."""
@@ -389,6 +388,11 @@ class LayerEngine(Engine):
         # The model's own output may be a dict or logits; stop with the last captured tensor instead.
         working.register_forward_hook(self._stop)
         return working
+
+    def _forward(self, working: nn.Module) -> None:
+        """Run a forward pass, capturing the layers of this pass only."""
+        self.layers = {}
+        super()._forward(working)
 
     def _recorder(self, name: str, wanted: set[str]):
         """Return a hook that keeps a module's first spatial output and stops once every named one ran."""

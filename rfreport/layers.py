@@ -172,6 +172,8 @@ def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _
     steps = np.array([rows[1 + a, a] - mid[a] for a in range(ndim)], dtype=float)
     moved = np.array([lo[1 + a, a] - lo[0, a] for a in range(ndim)], dtype=float)
     stride = np.divide(moved, steps, out=np.full(ndim, np.nan), where=steps != 0)
+    if not exact:  # a window pinned to the border does not move: that says nothing about the stride
+        stride[moved == 0] = np.nan
     return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, anchor=mid.astype(float), start=lo[0], exact=exact)
 
 
@@ -195,7 +197,7 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
                       known.get(seen.name, nothing), False, False, pooled)
     affine = known.get(seen.name) or _measure(rows, lo, hi, exact)
     covers = (lo <= 0) & (hi >= n - 1)
-    size = (np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
+    size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),
                   bool(covers[0].all() and covers[-1].all()), pooled)
 
@@ -263,7 +265,7 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
     for axis, a in enumerate(axis_names(ndim)):
         data[f"out_{a}"] = [m.out[axis] for m in measured]
         data[f"{a}_size"] = [m.size[axis] for m in measured]
-        data[f"{a}_rf"] = [int(m.affine.rf[axis]) for m in measured]
+        data[f"{a}_rf"] = [int(m.affine.rf[axis]) if np.isfinite(m.affine.rf[axis]) else 0 for m in measured]
         data[f"{a}_stride"] = [m.affine.stride[axis] for m in measured]
         data[f"{a}_padding"] = [m.affine.padding[axis] for m in measured]
     return LAYERS.frame(data, ndim)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from rfreport import __version__, analysis, audit, erf, frames, layers, models, 
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
-from rfreport.errors import RfReportError
+from rfreport.errors import RfReportError, SweepError
 from rfreport.sweep import SweepResult, sweep
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("rfreport")
 KEEP_MASKS = ("center", "corners", "edges")
+ENLARGE_DOUBLINGS = 3          # at most 8x the input size per axis for the geometry fit
+ENLARGE_PIXELS = 1024 * 1024   # and never beyond this many input positions
 Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
 
 
@@ -127,6 +130,27 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult
     return sweep(model, job.input_shape, extra, **sweep_options(job))
 
 
+def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
+    """Fit the geometry on doubled inputs when every RF is clipped at the job's input (so it is always filled).
+
+    Stops at the first size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS,
+    past ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
+    """
+    if not analysis.needs_larger_input(main, geometry):
+        return None
+    for doubling in range(1, ENLARGE_DOUBLINGS + 1):
+        bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))
+        if math.prod(bigger[2:]) > ENLARGE_PIXELS:
+            return None
+        try:
+            larger = sweep(model, bigger, analysis.enlarged_positions, **sweep_options(job))
+        except SweepError:
+            return None
+        if not analysis.needs_larger_input(larger):
+            return larger
+    return None
+
+
 def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
     """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
     if not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
@@ -164,7 +188,7 @@ def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None =
         return _complete(job, advance, main, started)
     except Exception as exc:  # a job must never take the run down: import errors, OOM, bugs in user models
         logger.debug("%s: traceback", job.slug, exc_info=True)
-        return _failed(job, exc, time.perf_counter() - started)
+        return failed_result(job, exc, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -184,10 +208,11 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         main = main or main_sweep(model, job, plan(model, job), advance)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main)
+        enlarged = enlarged_sweep(model, job, main, geometry)
         local = local_sweep(model, job, main, geometry)
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame)
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -212,7 +237,8 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     return JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary) | (measured.summary() if measured else {}), findings=tuple(asdict(f) for f in result.findings),
+        summary=dict(result.summary) | (measured.summary() if measured else {}),
+        findings=tuple(asdict(f) for f in result.findings),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
 
@@ -248,7 +274,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _failed(job: Job, exc: BaseException, seconds: float) -> JobResult:
+def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
     target = Target(job.spec.layer, job.spec.output).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
@@ -280,7 +306,7 @@ def run_meta(config: RunConfig, argv: Sequence[str]) -> dict:
     return {"config_files": [str(p) for p in config.files],
             "versions": {"rfreport": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": str(resolve_device(config.options.device)),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seed": config.options.seed, "executor": config.options.executor, "argv": list(argv)}
 
 

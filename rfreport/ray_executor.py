@@ -29,7 +29,7 @@ from ray.exceptions import RayError, RayTaskError
 from rfreport import models
 from rfreport.errors import RfReportError
 from rfreport.executors import Chunk, Progress, Silent, merge, run_chunk, split
-from rfreport.pipeline import Job, JobResult, _failed, main_sweep, one_line, plan, run_job
+from rfreport.pipeline import Job, JobResult, failed_result, main_sweep, one_line, plan, run_job
 from rfreport.sweep import SweepResult
 
 logger = logging.getLogger("rfreport")
@@ -100,7 +100,7 @@ def task_resources() -> dict[str, float]:
 def failure(job: Job, exc: RayError, seconds: float) -> JobResult:
     """Return the failed result of a job whose task gave up: the job's own result, or one naming the task error."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    return cause.result if isinstance(cause, JobFailed) else _failed(job, cause, seconds)
+    return cause.result if isinstance(cause, JobFailed) else failed_result(job, cause, seconds)
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
           method: str = "auto", progress=None) -> SweepResult:
     """Sweep the receptive fields of the selected output positions of a model.
 
+    `positions` may also be a function of the output grid's shape returning a selection;
     `mode` is `structural` (exact theoretical RF) or `gradient` (naive data-dependent support);
     `layer`/`output` choose the analysed tensor; `keep_masks` names positions whose boolean
     support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
@@ -195,7 +196,8 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
     target = Target(layer=layer, output=output)
     with Engine(model, tuple(input_shape), mode=mode, target=target, device=device, seed=seed,
                 probes=probes, local=local) as engine:
-        selected = positions_mod.resolve(positions, engine.output_spatial)
+        spec = positions(engine.output_spatial) if callable(positions) else positions
+        selected = positions_mod.resolve(spec, engine.output_spatial)
         keep = positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0))
         acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())),
                            wrap="circular" in engine.padding_modes)
