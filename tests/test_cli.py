@@ -178,6 +178,14 @@ def test_inspect_geometry_is_filled_for_a_single_position(ws):
     assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["size"] == [13, 13]
 
 
+def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,5,5", "--json")
+    assert done.exit_code == 0, done.output
+    geometry = json.loads(done.stdout)["geometry"]
+    assert geometry == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
+                        "affine": True, "global": False}
+
+
 def test_inspect_erf_flags_add_the_erf_rows(ws):
     record = inspect_json(ws, "--erf-samples", "2", "--erf-positions", "3,3")
     assert [row["pos_h"] for row in record["erf"]] == [3] and record["erf"][0]["rf_support"] == 169
