@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import torchvision" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,8 +27,14 @@ test: install browser  ## run the whole test suite
 report: install  ## sweep the example configs into reports/latest and print the report's path
 	$(VENV)/bin/rfreport run $(CONFIGS) --out $(OUT)
 
-bench: install  ## benchmark naive, dense and compressed sweeps (prints ratios)
+bench: install  ## benchmark naive, dense and compressed sweeps on samples (prints ratios; minutes)
+	$(PY) benchmarks/bench_sweep.py --quick
+
+bench-full: install  ## the same benchmark timing every position and colour group (hours on a CPU)
 	$(PY) benchmarks/bench_sweep.py
+
+bench-ray: install  ## wall time of the example audit in-process and on a local Ray instance
+	$(PY) benchmarks/bench_ray.py
 
 docs: install  ## regenerate docs/columns.md from the frame schemas
 	$(PY) -m rfreport.schema > docs/columns.md

@@ -84,7 +84,8 @@ class Plan:
 def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc: _Accumulator,
                      progress=None, *, auto: bool = False) -> None:
     """Sweep positions by colour groups, densely where compression cannot be trusted or does not pay."""
-    if auto and (engine.mode != "structural" or len(selected) < 4 * _pilot_count(engine.output_spatial)):
+    if auto and (engine.mode != "structural" or engine.nonlocal_ops
+                 or len(selected) < 4 * _pilot_count(engine.output_spatial)):
         return dense_sweep(engine, selected, batch_size, acc, progress)
     plan = next(filter(None, (learn_plan(engine, batch_size, wrap=acc.wrap, span=span) for span in PILOT_SPANS)),
                 None)

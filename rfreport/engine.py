@@ -286,6 +286,11 @@ class Engine:
             raise SweepError(f"{self.target.describe()} does not depend on the input (no gradient path)")
 
     @property
+    def nonlocal_ops(self) -> tuple[str, ...]:
+        """Ops seen in the pass that can connect distant pixels (flip, gather, attention, ...)."""
+        return tuple(sorted(self.function_mode.nonlocal_ops))
+
+    @property
     def padding_modes(self) -> tuple[str, ...]:
         """Non-zero padding modes (circular, reflect, replicate) seen during the forward pass."""
         return tuple(sorted(self.function_mode.padding_modes))

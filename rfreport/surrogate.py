@@ -45,6 +45,12 @@ REDUCTIONS = frozenset({
 })
 NORMALISATIONS = frozenset({"group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm"})
 WRAPPING = frozenset({"roll"})
+NONLOCAL = frozenset({
+    "flip", "fliplr", "flipud", "rot90", "roll", "gather", "index_select", "take", "take_along_dim", "scatter",
+    "scatter_add", "scatter_reduce", "index_put", "index_add", "index_copy", "matmul", "bmm", "baddbmm", "einsum",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "grid_sample", "fft_fftn", "fft_rfftn",
+    "fft_fft2", "fft_rfft2",
+})
 SIGNED = frozenset({
     "sub", "rsub", "isub", "neg", "softmax", "log_softmax", "softmin", "group_norm", "layer_norm",
     "instance_norm", "rms_norm", "var", "std", "var_mean", "std_mean", "cos", "sin", "reciprocal", "rsqrt",
@@ -158,6 +164,7 @@ class StructuralMode(TorchFunctionMode):
         self.linearise, self.local, self.input_rank = linearise, local, input_rank
         self.padding_modes: set[str] = set()
         self.signed = False
+        self.nonlocal_ops: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -175,6 +182,9 @@ class StructuralMode(TorchFunctionMode):
         """Record padding modes that make borders wrap or mirror, and ops that can cancel gradients."""
         if not self.signed and self._may_cancel(name, args, kwargs):
             self.signed = True
+        if (name in NONLOCAL or (name == "getitem" and _indexes_with_tensors(args))) and any(
+                _is_differentiable(v) for v in args):
+            self.nonlocal_ops.add(name)
         if name == "pad":
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             if mode != "constant":
@@ -234,6 +244,13 @@ class StructuralMode(TorchFunctionMode):
             return False
         dims = _reduced_dims(args, kwargs, x.dim())
         return dims is None or any(d >= 2 for d in dims)
+
+
+def _indexes_with_tensors(args) -> bool:
+    """Tell advanced indexing (`x[idx]` with a tensor index), which can move values anywhere."""
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, torch.Tensor) for part in parts)
 
 
 def _in_place(func: Callable) -> bool:

@@ -224,3 +224,22 @@ def test_random_stacks_match_dense(case):
     except SweepError:  # the drawn stack does not fit its input
         assume(False)
     both(model, shape)
+
+
+class Mirror(nn.Module):
+    """Each position also sees its mirror image: a far connection no local prediction expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + self.conv(torch.flip(x, dims=[3]))
+
+
+def test_auto_stays_dense_when_the_pass_connects_distant_pixels():
+    result = sweep(Mirror(), (1, 1, 24, 24), method="auto")
+    assert paths(result) == {"dense"}
+    dense = sweep(Mirror(), (1, 1, 24, 24), method="dense")
+    assert positions_frame(result).equals(positions_frame(dense))
+    assert (dense.hi[:, 1] - dense.lo[:, 1]).max() > 20
