@@ -297,10 +297,10 @@ def unwrap_shift(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.nd
 
 
 def enlarged_positions(output_spatial: Sequence[int]) -> PositionSpec:
-    """Return the few positions an enlarged-input fit needs: the centre and its neighbours on each axis."""
+    """Return the few positions an enlarged-input fit needs: the centre and its next neighbour on each axis."""
     mid = center(output_spatial)
-    return ["center", *([min(m + step, n - 1) if a == axis else m for a, (m, n) in enumerate(zip(mid, output_spatial))]
-                        for axis in range(len(mid)) for step in (-1, 1))]
+    return ["center", *([min(m + 1, n - 1) if a == axis else m for a, (m, n) in enumerate(zip(mid, output_spatial))]
+                        for axis in range(len(mid)))]
 
 
 def needs_larger_input(*results: SweepResult | None) -> bool:

@@ -130,15 +130,17 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult
     return sweep(model, job.input_shape, extra, **sweep_options(job))
 
 
-def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
+def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
+                   growth: pd.DataFrame | None = None) -> SweepResult | None:
     """Fit the geometry on doubled inputs when every RF is clipped at the job's input (so it is always filled).
 
-    Stops at the first size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS,
-    past ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
+    Starts at the first doubling larger than every RF the layer growth measured, stops at the first
+    size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
+    ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
     """
     if not analysis.needs_larger_input(main, geometry):
         return None
-    for doubling in range(1, ENLARGE_DOUBLINGS + 1):
+    for doubling in range(first_doubling(job.input_shape[2:], growth), ENLARGE_DOUBLINGS + 1):
         bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))
         if math.prod(bigger[2:]) > ENLARGE_PIXELS:
             return None
@@ -149,6 +151,14 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
         if not analysis.needs_larger_input(larger):
             return larger
     return None
+
+
+def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
+    """Return how many doublings make the input larger than every RF in the layer growth (at least one)."""
+    if growth is None or growth.empty:
+        return 1
+    widest = [int(growth[f"{a}_rf"].max()) + 2 for a in positions_mod.axis_names(len(spatial))]
+    return max(1, *(math.ceil(math.log2(max(w / n, 1.0))) for w, n in zip(widest, spatial)))
 
 
 def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
@@ -206,12 +216,12 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, plan(model, job), advance)
-    with timed(job, "geometry and local sweeps"):
-        geometry = geometry_sweep(model, job, main)
-        enlarged = enlarged_sweep(model, job, main, geometry)
-        local = local_sweep(model, job, main, geometry)
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
+    with timed(job, "geometry and local sweeps"):
+        geometry = geometry_sweep(model, job, main)
+        enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
+        local = local_sweep(model, job, main, geometry)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)

@@ -18,15 +18,6 @@ from rfreport.errors import SweepError
 SEED_SHAPE = (1, 1, 60, 130)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch on one thread: small backward passes are much slower oversubscribed on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def seed_rf():
     """The seed README's example: its conv stack, input shape and output position (3, 10)."""

@@ -21,15 +21,6 @@ TINY = f"{DATA / 'tiny_model.py'}:build"
 EXAMPLES = Path(__file__).parent.parent / "configs" / "examples.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch on one thread: small backward passes are much slower oversubscribed on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spec(factory: str = TINY, **fields) -> ModelSpec:
     """Return a spec named 'tiny' for a factory."""
     return ModelSpec(name="tiny", factory=factory, input_shapes=((1, 1, 8, 8),), **fields)
