@@ -123,9 +123,14 @@ def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
 
 
 def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult | None:
-    """Sweep the positions the geometry fit needs, unless the main sweep already has them all."""
+    """Sweep the positions the geometry fit needs, unless the main sweep has them all or they cannot help.
+
+    When the corners were swept and every RF already spans the whole input, no position at this size
+    can show a box clear of the border: the fit then comes from the enlarged sweep (or the local one).
+    """
     extra = analysis.geometry_positions(main.output_spatial)
-    if covers(main, extra):
+    spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
+    if spans or covers(main, extra):
         return None
     return sweep(model, job.input_shape, extra, **sweep_options(job))
 
