@@ -150,7 +150,8 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
         if math.prod(bigger[2:]) > ENLARGE_PIXELS:
             return None
         try:
-            larger = sweep(model, bigger, analysis.enlarged_positions, **sweep_options(job))
+            # one probe: only the box bounds of three positions are read, and the input is 4-64x larger
+            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, **sweep_options(job))
         except SweepError:
             return None
         if not analysis.needs_larger_input(larger):
