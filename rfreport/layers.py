@@ -11,7 +11,8 @@ so the whole table costs about one backward pass however deep the model is.
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
 border. Where a window touches it (deep grids of one or two cells at small inputs) the unclipped
 values are only lower bounds, and they are taken from a rerun at a doubled input instead when the
-model accepts one.
+model accepts one. A layer read through a predecessor whose geometry is unknown (an output whose
+centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `rf_exact` false.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def hole_free_stacks(draw, rank: int = 2):
         kind = draw(st.sampled_from(["conv", "max", "avg"]))
         s = tuple(draw(st.integers(1, 3)) for _ in range(rank))
         k = tuple(draw(st.integers(s_i, 4)) for s_i in s)
-        p = tuple(draw(st.integers(0, 3 if kind == "conv" else k_i // 2)) for k_i in k)
+        # padding below the kernel: no window lies wholly in padding (an output that reads nothing)
+        p = tuple(draw(st.integers(0, min(3, k_i - 1) if kind == "conv" else k_i // 2)) for k_i in k)
         layers.append(Layer(kind, k, s, p, (1,) * rank, kind != "conv" and draw(st.booleans())))
     shape = tuple(draw(st.integers(4, 24)) for _ in range(rank))
     for axis, n in enumerate(shape):
