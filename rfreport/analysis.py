@@ -320,6 +320,14 @@ def with_enlarged(fits: list[AxisFit], enlarged: SweepResult | None) -> list[Axi
             if fit.fit == "estimated" and big.fit == "affine" else fit for fit, big in zip(fits, larger)]
 
 
+def sized(fit: AxisFit, ops: Sequence[str]) -> AxisFit:
+    """Say why an estimated axis was not fitted on a larger input when the geometry depends on the size."""
+    if fit.fit != "estimated" or not ops:
+        return fit
+    return replace(fit, problem=f"{fit.problem}; the geometry depends on the input size ({', '.join(ops)}), so a "
+                   "larger input cannot stand in for this one")
+
+
 def fit_geometry(boxes: Boxes, input_spatial: Sequence[int], output_spatial: Sequence[int]) -> list[AxisFit]:
     """Fit every axis of a sweep's boxes, lining wrapped boxes up with their neighbours first."""
     names = axis_names(len(input_spatial))
@@ -504,6 +512,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes:
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
         "border_layers_from": border_layers_from(layers),
         "no_border_resolution": no_border_resolution(layers, result.ndim),
+        "size_dependent": list(result.size_dependent_ops) or None,
     }
     coverage = _coverage_summary(result)
     summary.update({k: coverage[k] for k in ("unseen_pixels", "unseen_fraction", "coverage_nonuniform")})
@@ -522,6 +531,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
+    fits = [sized(fit, result.size_dependent_ops) for fit in fits]
     local_fits = (fit_geometry(Boxes.of(local), result.input_spatial, result.output_spatial)
                   if local is not None else None)
     geo = geometry_frame(fits, result.input_spatial, result.output_spatial,
@@ -553,8 +563,12 @@ def _geometry_findings(c: _Context) -> list[Finding]:
              ] if c.summary["nonaffine"] else []
     estimated = c.geo.loc[c.geo["fit"] == "estimated", "problem"]
     enlarged = c.geo.loc[c.geo["fit"] == "enlarged", ["axis", "problem"]]
+    ops = c.summary["size_dependent"]
+    sized = [Finding("size_dependent", "info", f"The RF geometry depends on the input size ({', '.join(ops)}): "
+                     f"it holds at {_axes_text(c.result.input_spatial)} only and was measured there.")] if ops else []
     return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated] + [
-        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)]
+        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)
+    ] + sized
 
 
 def _edge_findings(c: _Context) -> list[Finding]:

@@ -1,17 +1,23 @@
 """Per-layer growth: RF size, effective stride and padding at the centre of every layer's output.
 
 One forward pass of a :class:`~rfreport.engine.LayerEngine` keeps every leaf module's output.
-Per layer, one small batched backward from its centre, one neighbour per axis and its first
-corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
+Per layer, one small batched backward from its centre, its next and previous neighbour per axis
+and its first corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
 found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
 predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1,
 anchored at the predecessor's centre so a window on that centre alone needs no stride),
 so the whole table costs about one backward pass however deep the model is.
 
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
-border. Where a window touches it (deep grids of one or two cells at small inputs) the unclipped
-values are only lower bounds, and they are taken from a rerun at a doubled input instead when the
-model accepts one. A layer read through a predecessor whose geometry is unknown (an output whose
+border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
+unclipped values are only lower bounds, and they are taken from a rerun at a doubled input
+instead when the model accepts one and the pass shows no op that makes the geometry depend on
+the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
+previous and next neighbours' windows move by different steps or not at all, as through
+upsampling or a transposed convolution, or change size away from any border) cannot be
+composed: it, and every layer reading from it, is measured directly by a backward from its probe
+rows to the input, and reported with its size at the centre, no stride and `rf_exact` false.
+A layer read through a predecessor whose geometry is unknown (an output whose
 centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `rf_exact` false.
 """
 
@@ -48,11 +54,12 @@ LAYERS = register(Schema(
         Column("{a}_rf", "int64", "input pixels", "unclipped RF size of the centre output position (its extent "
                "on an input large enough; a lower bound when rf_exact is false)"),
         Column("{a}_stride", "float64", "input pixels", "effective stride: how far the RF moves per output step "
-               "(NaN when the axis has a single position at every size tried)"),
+               "(NaN when the axis has a single position at every size tried, or the layer is not affine)"),
         Column("{a}_padding", "float64", "input pixels", "effective padding P: the unclipped RF of output "
                "position p starts at input index -P + p * stride"),
         Column("rf_exact", "bool", "flag", "the unclipped values are exact; false when a local window met a grid "
-               "border at every input size tried"),
+               "border at every input size tried, or when the layer's geometry is not affine (it reads through "
+               "upsampling or a transposed convolution: then the size is measured directly, with no stride)"),
         Column("border", "bool", "flag", "border layer: the centre position's RF already covers the whole input, "
                "so this layer's depth adds no context at this resolution"),
         Column("global", "bool", "flag", "both the centre and the first corner position see the whole input"),
@@ -100,25 +107,31 @@ class _Layer:
     border: bool
     is_global: bool
     pooled: bool
+    direct: bool = False      # measured by a backward to the input: its geometry is not affine
 
 
 def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
-    """Return the output positions probed per layer: centre, one neighbour per axis, first corner."""
+    """Return the output positions probed per layer: centre, next and previous neighbour per axis, first corner.
+
+    A missing neighbour (an axis of one or two cells) repeats the centre, or the other side for the next one.
+    """
     mid = np.array(center(shape), dtype=np.int64)
-    rows = [mid]
+    following, previous = [], []
     for axis, n in enumerate(shape):
-        neighbour = mid.copy()
-        neighbour[axis] = mid[axis] + 1 if mid[axis] + 1 < n else max(mid[axis] - 1, 0)
-        rows.append(neighbour)
-    rows.append(np.zeros(len(shape), dtype=np.int64))
-    return np.stack(rows)
+        after, before = mid.copy(), mid.copy()
+        after[axis] = mid[axis] + 1 if mid[axis] + 1 < n else max(mid[axis] - 1, 0)
+        before[axis] = max(mid[axis] - 1, 0)
+        following.append(after)
+        previous.append(before)
+    return np.stack([mid, *following, *previous, np.zeros(len(shape), dtype=np.int64)])
 
 
 @dataclass(frozen=True)
 class _Windows:
     """What one capture pass saw of a layer: its grid and its local windows on its predecessors.
 
-    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row.
+    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row;
+    `direct`, set for layers measured by a backward to the input, holds those (lo, hi, count).
     """
 
     name: str
@@ -127,11 +140,24 @@ class _Windows:
     out: tuple[int, ...]
     twin: str | None
     windows: dict
+    direct: tuple | None = None
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """One capture pass: every layer's windows in forward order, and the size-dependent ops of the pass."""
+
+    layers: list[_Windows]
+    size_dependent: tuple[str, ...]
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int) -> list[_Windows]:
-    """Run one capture pass: every layer's local windows on its predecessors, in forward order."""
+             seed: int) -> _Capture:
+    """Run one capture pass: every layer's local windows on its predecessors, in forward order.
+
+    Layers whose window map is not affine, and every layer reading from one, are measured directly
+    instead: one backward from their probe rows to the input.
+    """
     seen = []
     with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
         for name, captured in engine.layers.items():
@@ -140,14 +166,60 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
                                  {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
-    return seen
+        direct = _not_composable(seen, tuple(input_shape[2:]))
+        seen = [replace(w, direct=mask_bounds(engine.local_support(
+            w.name, one_hot_weights(probe_rows(w.out), w.out), sources=[None])[None])[:3]) if w.name in direct else w
+            for w in seen]
+        return _Capture(seen, engine.size_dependent_ops)
 
 
-def _compose(windows: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...]) -> set[str]:
+    """Return the layers whose window map is not affine at their centre, and every layer reading from one."""
+    grids = {None: input_spatial, **{w.name: w.out for w in seen}}
+    found: set[str] = set()
+    for w in _dependency_order(seen):
+        if (w.twin in found or any(source in found for source in w.windows)
+                or any(_window_flags(probe_rows(w.out), *bounds, np.array(grids[source]))[1]
+                       for source, bounds in w.windows.items())):
+            found.add(w.name)
+    return found
+
+
+def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray,
+                  grid: np.ndarray) -> tuple[bool, bool]:
+    """Return (clipped, nonaffine) for a layer's windows on one predecessor grid.
+
+    Clipped: the centre window meets the grid border, or a neighbour's window is smaller than the
+    centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
+    window differs from the centre's in size, or on another axis, with no border to explain it, or
+    the previous and next neighbours' windows move by different steps or not at all (upsampling,
+    transposed convolutions).
+    """
+    ndim, hit = len(grid), count > 0
+    touch = (lo == 0) | (hi == grid - 1)
+    size = hi - lo + 1
+    clipped = bool(hit[0] and touch[0].any())
+    nonaffine = bool(hit[1:-1].any() and not hit[0])
+    for axis in range(ndim):
+        sides = [r for r in (1 + axis, 1 + ndim + axis) if rows[r, axis] != rows[0, axis] and hit[r] and hit[0]]
+        for r in sides:
+            if (size[r] == size[0]).all():
+                continue
+            if touch[r].any() or touch[0].any():
+                clipped = True
+            else:
+                nonaffine = True
+        if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
+            after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
+            nonaffine = nonaffine or after != before or (after == 0 and not touch[0, axis])
+    return clipped, nonaffine
+
+
+def _compose(windows: dict, done: dict, rows: np.ndarray, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     """Union the predecessors' composed boxes per probe row (NaN where a row sees nothing).
 
-    Also say whether the result is exact (no centre/neighbour window touched a predecessor's grid
-    border, every predecessor exact) and whether it is pooled: a `single`-cell output whose window
+    Also say whether the result is exact (no window clipped by a predecessor's grid border, see
+    `_window_flags`, every predecessor exact) and whether it is pooled: a `single`-cell output whose window
     spans a whole predecessor grid of at least POOLED_GRID cells per axis, or a layer depending on
     one (global pooling: no larger input would make it exact).
     """
@@ -158,8 +230,8 @@ def _compose(windows: dict, done: dict, single: bool) -> tuple[np.ndarray, np.nd
         lows.append(np.where(hit[:, None], first, np.inf))
         highs.append(np.where(hit[:, None], last, -np.inf))
         grid = np.array(done[source].out)
-        touched = ((lo == 0) | (hi == grid - 1))[:-1][hit[:-1]]
-        exact = exact and done[source].affine.exact and not touched.any()
+        clipped, _ = _window_flags(rows, lo, hi, count, grid)
+        exact = exact and done[source].affine.exact and not clipped
         pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
             single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
     lo, hi = np.min(lows, axis=0), np.max(highs, axis=0)
@@ -191,7 +263,9 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     if seen.twin is not None:
         return replace(done[seen.twin], name=seen.name, type=seen.type)
     rows = probe_rows(seen.out)
-    lo, hi, exact, pooled = _compose(seen.windows, done, single=max(seen.out) == 1)
+    if seen.direct is not None:
+        return _direct_layer(seen, rows, n)
+    lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
     if np.isnan(lo[0]).any():  # gradient mode: the centre may see nothing at all
         nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan), False)
         return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
@@ -201,6 +275,19 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),
                   bool(covers[0].all() and covers[-1].all()), pooled)
+
+
+def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
+    """Measure a layer from its probe rows' boxes on the input: the centre's extent, with no stride or
+    padding (its geometry is not affine) and never exact."""
+    lo, hi, count = seen.direct
+    ndim = len(n)
+    size = np.where(count[0], hi[0] - lo[0] + 1, 0)
+    unknown = np.full(ndim, np.nan)
+    affine = _Affine(rf=size.astype(float), stride=unknown, anchor=rows[0].astype(float), start=unknown, exact=False)
+    covers = (lo <= 0) & (hi >= n - 1) & (count > 0)[:, None]
+    return _Layer(seen.name, seen.type, seen.channels, seen.out, size.astype(np.int64), affine,
+                  bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()), False, direct=True)
 
 
 def _compose_all(captured: list[_Windows], input_shape: tuple[int, ...], known: dict) -> list[_Layer]:
@@ -239,20 +326,21 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
     """
     base = _capture(model, input_shape, **options)
     known: dict[str, _Affine] = {}
-    measured = _compose_all(base, input_shape, known)
+    measured = _compose_all(base.layers, input_shape, known)
     for doubling in range(1, MAX_DOUBLINGS + 1):
         bigger = (*input_shape[:2], *(n << doubling for n in input_shape[2:]))
-        if all(m.affine.exact or m.pooled for m in measured) or math.prod(bigger[2:]) > ENLARGE_LIMIT:
+        if (base.size_dependent or all(m.affine.exact or m.pooled or m.direct for m in measured)
+                or math.prod(bigger[2:]) > ENLARGE_LIMIT):
             break
         try:
-            larger = _compose_all(_capture(model, bigger, **options), bigger, known)
+            larger = _compose_all(_capture(model, bigger, **options).layers, bigger, known)
         except SweepError:
             break
         fixed = {m.name: m.affine for m in larger
                  if m.affine.exact and np.isfinite(m.affine.stride).all() and m.name not in known}
         if fixed:
             known.update(fixed)
-            measured = _compose_all(base, input_shape, known)
+            measured = _compose_all(base.layers, input_shape, known)
     return measured
 
 

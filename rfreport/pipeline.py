@@ -143,7 +143,7 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
     size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
     ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
     """
-    if not analysis.needs_larger_input(main, geometry):
+    if main.size_dependent_ops or not analysis.needs_larger_input(main, geometry):
         return None
     for doubling in range(first_doubling(job.input_shape[2:], growth), ENLARGE_DOUBLINGS + 1):
         bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from rfreport.sizedep import size_dependent
+
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",
     "mish", "softplus", "hardswish", "hardsigmoid", "sigmoid", "tanh", "logsigmoid", "threshold",
@@ -165,6 +167,7 @@ class StructuralMode(TorchFunctionMode):
         self.padding_modes: set[str] = set()
         self.signed = False
         self.nonlocal_ops: set[str] = set()
+        self.size_dependent_ops: set[str] = set()  # ops that make the geometry depend on the input size
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -176,6 +179,8 @@ class StructuralMode(TorchFunctionMode):
         if result is NotImplemented:
             result = func(*args, **kwargs)
         result = self._held_if_global(name, args, kwargs, result)
+        if size_dependent(name, args, kwargs, result, self.input_rank):
+            self.size_dependent_ops.add(name)
         return _max_normalised(result) if self.linearise and not _in_place(func) else result
 
     def _observe(self, name: str, args, kwargs) -> None:
