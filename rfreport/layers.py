@@ -28,9 +28,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
-from rfreport.engine import LayerEngine, check_input_shape
+from rfreport.engine import CapturedLayer, LayerEngine, _is_spatial, check_input_shape
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.schema import Column, Schema, register
@@ -38,6 +39,7 @@ from rfreport.sweep import mask_bounds, one_hot_weights
 
 MAX_DOUBLINGS = 3
 ENLARGE_LIMIT = 1 << 18  # input pixels (spatial) a rerun may use
+REPEAT = "#"  # a module's later calls are captured as `name#2`, `name#3`, ... (composed through, not reported)
 POOLED_GRID = 4  # a one-cell output whose window spans a whole grid this large per axis is global pooling
 
 LAYERS = register(Schema(
@@ -152,15 +154,19 @@ class _Capture:
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int) -> _Capture:
+             seed: int, upto: str | None = None) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
+    With `upto`, only that layer and the layers it reads from, transitively, are measured.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
-    seen = []
-    with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+    with _EveryCall(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+        wanted = _cone(engine, upto) if upto else set(engine.layers)
+        seen = []
         for name, captured in engine.layers.items():
+            if name not in wanted:
+                continue
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
             masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
@@ -171,6 +177,48 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             w.name, one_hot_weights(probe_rows(w.out), w.out), sources=[None])[None])[:3]) if w.name in direct else w
             for w in seen]
         return _Capture(seen, engine.size_dependent_ops)
+
+
+class _EveryCall(LayerEngine):
+    """A layer engine that also keeps a module's later calls, as `name#2`, `name#3`, ...
+
+    A module called several times (torchvision's blocks reuse one ReLU) would otherwise leave its
+    later outputs uncaptured, and windows reaching through them span whole stages: wide enough to
+    meet grid borders, and one backward through the stage per layer.
+    """
+
+    def _recorder(self, name: str, wanted: set[str]):
+        """Return a hook that keeps every spatial output of a module, the first under its own name."""
+        rank = len(self.input_shape)
+
+        def record(module, _inputs, out):
+            if not _is_spatial(out, rank):
+                return
+            key, calls = name, 1
+            while key in self.layers:
+                calls += 1
+                key = f"{name}{REPEAT}{calls}"
+            self.layers[key] = CapturedLayer(key, type(module).__name__, out.clone(),
+                                             torch.autograd.graph.get_gradient_edge(out))
+            if self.layer_names and wanted <= set(self.layers):
+                self._stop()
+
+        return record
+
+
+def _cone(engine: LayerEngine, name: str) -> set[str]:
+    """Return a captured layer and every captured layer it reads from, transitively."""
+    if name not in engine.layers:
+        raise SweepError(f"layer {name!r} has no spatial output of the input's rank")
+    found, stack = set(), [name]
+    while stack:
+        layer = stack.pop()
+        if layer in found:
+            continue
+        found.add(layer)
+        twin = engine.same_as(layer)
+        stack.extend([twin] if twin else [s for s in engine.predecessors(layer) if s is not None])
+    return found
 
 
 def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...]) -> set[str]:
@@ -189,8 +237,8 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
                   grid: np.ndarray) -> tuple[bool, bool]:
     """Return (clipped, nonaffine) for a layer's windows on one predecessor grid.
 
-    Clipped: the centre window meets the grid border, or a neighbour's window is smaller than the
-    centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
+    Clipped: the centre window meets the grid border, or a next neighbour's window differs in size
+    from the centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
     window differs from the centre's in size, or on another axis, with no border to explain it, or
     the previous and next neighbours' windows move by different steps or not at all (upsampling,
     transposed convolutions).
@@ -205,10 +253,10 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
         for r in sides:
             if (size[r] == size[0]).all():
                 continue
-            if touch[r].any() or touch[0].any():
-                clipped = True
-            else:
+            if not (touch[r].any() or touch[0].any()):
                 nonaffine = True
+            elif r <= ndim:  # the composition reads the next neighbours; the previous ones only check steps
+                clipped = True
         if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
             after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
             nonaffine = nonaffine or after != before or (after == 0 and not touch[0, axis])
@@ -345,7 +393,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
 
 
 def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
-    """Build the layers frame from measured rows."""
+    """Build the layers frame from measured rows (a module's later calls are left out)."""
+    measured = [m for m in measured if REPEAT not in m.name]
     data: dict[str, object] = {
         "order": np.arange(len(measured)), "layer": [m.name for m in measured], "type": [m.type for m in measured],
         "channels": [m.channels for m in measured], "rf_exact": [m.affine.exact for m in measured],
@@ -358,6 +407,24 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
         data[f"{a}_stride"] = [m.affine.stride[axis] for m in measured]
         data[f"{a}_padding"] = [m.affine.padding[axis] for m in measured]
     return LAYERS.frame(data, ndim)
+
+
+def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "structural", device: str = "auto",
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return the exact unclipped RF size, stride and padding per axis of a layer's centre, or None.
+
+    Composed from the windows of every leaf module the layer reads from, at the given input size
+    only; None when that composition is not exact (a window cut by a grid border, a non-affine
+    layer on the way, a single-cell axis without a stride).
+    """
+    shape = check_input_shape(tuple(input_shape))
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    names = leaves if layer in leaves else [*leaves, layer]
+    captured = _capture(model, shape, names, mode, device, seed, upto=layer)
+    row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
+    if not row.affine.exact or not np.isfinite(row.affine.stride).all():
+        return None
+    return row.affine.rf, row.affine.stride, row.affine.padding
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",

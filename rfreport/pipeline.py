@@ -102,17 +102,24 @@ def plan(model: nn.Module, job: Job) -> np.ndarray:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
-def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advance | None = None) -> SweepResult:
-    """Sweep the selected positions of a job, keeping the masks of the chosen ones."""
-    done = 0
+def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
+               advance: Advance | None = None) -> SweepResult:
+    """Sweep the selected positions of a job (its own selection when None), keeping the masks of the chosen ones."""
+    done, total = 0, 0 if selected is None else len(selected)
+
+    def chosen(output_spatial: tuple[int, ...]) -> list:
+        nonlocal total
+        picked = positions_mod.resolve(job.spec.positions, output_spatial)
+        total = len(picked)
+        return picked.tolist()
 
     def progress(count: int) -> None:
         nonlocal done
         done += count
-        advance(done, len(selected))
+        advance(done, total)
 
-    return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
-                 progress=progress if advance else None, **sweep_options(job))
+    return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
+                 keep_masks=keep_masks(job.spec), progress=progress if advance else None, **sweep_options(job))
 
 
 def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
@@ -126,13 +133,27 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult
     """Sweep the positions the geometry fit needs, unless the main sweep has them all or they cannot help.
 
     When the corners were swept and every RF already spans the whole input, no position at this size
-    can show a box clear of the border: the fit then comes from the enlarged sweep (or the local one).
+    can show a box clear of the border: the fit then comes from the composed or enlarged geometry (or
+    the local sweep). When the centre's RF spans the whole input, only the corners are swept (to
+    tell a global RF): no other position can be clear of the border either.
     """
     extra = analysis.geometry_positions(main.output_spatial)
     spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
     if spans or covers(main, extra):
         return None
+    if centre_spans(main):
+        extra = "corners"
+        if covers(main, extra):
+            return None
     return sweep(model, job.input_shape, extra, **sweep_options(job))
+
+
+def centre_spans(result: SweepResult) -> bool:
+    """Tell whether the sweep holds the centre position and its RF spans the whole input on every axis."""
+    mid = positions_mod.center(result.output_spatial)
+    rows = np.flatnonzero((result.positions == np.array(mid)).all(axis=1) & (result.support > 0))
+    n = np.array(result.input_spatial)
+    return bool(len(rows) and ((result.lo[rows[0]] <= 0) & (result.hi[rows[0]] >= n - 1)).all())
 
 
 def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
@@ -157,6 +178,23 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
         if not analysis.needs_larger_input(larger):
             return larger
     return None
+
+
+def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
+                      geometry: SweepResult | None) -> list[tuple] | None:
+    """Compose the target's exact geometry from per-layer windows when every RF is clipped at this size.
+
+    Only for a named layer (its output is captured as it is); None when the composition is not exact.
+    """
+    spec = job.spec
+    if spec.layer is None or spec.output is not None or not analysis.needs_larger_input(main, geometry):
+        return None
+    try:
+        found = layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,
+                                       device=job.options.device, seed=job.options.seed)
+    except SweepError:
+        return None
+    return None if found is None else list(zip(*found))
 
 
 def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
@@ -221,14 +259,16 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             growth: bool = True) -> Computed:
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
-        main = main or main_sweep(model, job, plan(model, job), advance)
+        main = main or main_sweep(model, job, None, advance)
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main)
-        enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
+        composed = composed_geometry(model, job, main, geometry)
+        enlarged = None if composed else enlarged_sweep(model, job, main, geometry, growth_frame)
         local = local_sweep(model, job, main, geometry)
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
+                              composed=composed)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)

@@ -13,7 +13,7 @@ from torch import nn
 
 from rfreport.analysis import border_layers_from, global_from, no_border_resolution
 from rfreport.errors import SweepError
-from rfreport.layers import layer_growth
+from rfreport.layers import layer_growth, target_geometry
 from rfreport.sweep import sweep
 from tests.oracle import axis_support, lengths
 from tests.test_analysis import hole_free_stacks, recurrence
@@ -209,3 +209,18 @@ def test_exact_rows_equal_a_direct_sweep_at_their_centre(case):
             start = (c * getattr(row, f"{a}_stride") if c else 0.0) - getattr(row, f"{a}_padding")
             end = start + getattr(row, f"{a}_rf") - 1
             assert (max(start, 0), min(end, n - 1)) == (lo[axis], hi[axis]), (row.layer, a)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(hole_free_stacks())
+def test_target_geometry_matches_the_recurrences_or_declines(case):
+    layers, shape = case
+    model = nn.Sequential(nn.Sequential(*(layer.module(1) for layer in layers)))
+    found = target_geometry(model, (1, 1, *shape), "0")
+    if found is not None:
+        assert [tuple(v[axis] for v in found) for axis in range(2)] == [recurrence(layers, a) for a in range(2)]
+
+
+def test_target_geometry_of_a_clipped_residual_network():
+    rf, stride, padding = target_geometry(TinyResNet(), (1, 1, 16, 16), "relu2")
+    assert rf.tolist() == [17, 17] and stride.tolist() == [2, 2] and padding.tolist() == [8, 8]
