@@ -41,6 +41,10 @@ MAX_DOUBLINGS = 3
 ENLARGE_LIMIT = 1 << 18  # input pixels (spatial) a rerun may use
 REPEAT = "#"  # a module's later calls are captured as `name#2`, `name#3`, ... (composed through, not reported)
 POOLED_GRID = 4  # a one-cell output whose window spans a whole grid this large per axis is global pooling
+# autograd node kinds that can stand behind a size-dependent op (sizedep.py): when the pass has one, a
+# layer reading through any of them is measured directly
+RESIZING = ("Upsample", "Adaptive", "Cat", "Slice", "Select", "Split", "Flip", "Roll", "Index", "Gather", "Scatter",
+            "View", "Reshape", "Unsafe", "Im2Col", "Col2Im", "Mm", "Permute", "Transpose", "Expand", "Repeat")
 
 LAYERS = register(Schema(
     name="layers",
@@ -110,6 +114,7 @@ class _Layer:
     is_global: bool
     pooled: bool
     direct: bool = False      # measured by a backward to the input: its geometry is not affine
+    unknown: bool = False     # its centre reads a predecessor whose geometry is unknown
 
 
 def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
@@ -154,10 +159,11 @@ class _Capture:
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int, upto: str | None = None) -> _Capture:
+             seed: int, upto: str | None = None, force: frozenset[str] = frozenset()) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
-    With `upto`, only that layer and the layers it reads from, transitively, are measured.
+    With `upto`, only that layer and the layers it reads from, transitively, are measured; the
+    layers in `force` (and those reading from them) are measured directly.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
@@ -172,11 +178,17 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
                                  {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
-        direct = _not_composable(seen, tuple(input_shape[2:]))
-        seen = [replace(w, direct=mask_bounds(engine.local_support(
-            w.name, one_hot_weights(probe_rows(w.out), w.out), sources=[None])[None])[:3]) if w.name in direct else w
-            for w in seen]
+        resizing = {w.name for w in seen if engine.size_dependent_ops and _reads_through_resizing(engine, w.name)}
+        seen = _measured_directly(engine, seen, _not_composable(seen, tuple(input_shape[2:]), resizing | force))
         return _Capture(seen, engine.size_dependent_ops)
+
+
+def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
+    """Measure the named layers (not measured yet) by a backward from their probe rows to the input."""
+    def direct(w: _Windows) -> tuple:
+        mask = engine.local_support(w.name, one_hot_weights(probe_rows(w.out), w.out), sources=[None])[None]
+        return mask_bounds(mask)[:3]
+    return [replace(w, direct=direct(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
 class _EveryCall(LayerEngine):
@@ -221,12 +233,30 @@ def _cone(engine: LayerEngine, name: str) -> set[str]:
     return found
 
 
-def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...]) -> set[str]:
-    """Return the layers whose window map is not affine at their centre, and every layer reading from one."""
+def _reads_through_resizing(engine: LayerEngine, name: str) -> bool:
+    """Tell whether the autograd nodes between a layer and its captured predecessors include one of the
+    kinds (RESIZING) behind size-dependent ops, whose windows a few probe rows cannot vouch for."""
+    owned = {(layer.edge.node, layer.edge.output_nr) for layer in engine.layers.values() if layer.name != name}
+    start = engine.layers[name].edge.node
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        if any(kind in type(node).__name__ for kind in RESIZING):
+            return True
+        for child, nr in node.next_functions:
+            if child is not None and (child, nr) not in owned and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
+def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizing: set[str]) -> set[str]:
+    """Return the layers whose window map is not affine at their centre or that read through a resizing
+    op, and every layer reading from one."""
     grids = {None: input_spatial, **{w.name: w.out for w in seen}}
     found: set[str] = set()
     for w in _dependency_order(seen):
-        if (w.twin in found or any(source in found for source in w.windows)
+        if (w.name in resizing or w.twin in found or any(source in found for source in w.windows)
                 or any(_window_flags(probe_rows(w.out), *bounds, np.array(grids[source]))[1]
                        for source, bounds in w.windows.items())):
             found.add(w.name)
@@ -314,10 +344,11 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
-    if np.isnan(lo[0]).any():  # gradient mode: the centre may see nothing at all
+    if np.isnan(lo[0]).any() or np.isnan(hi[0]).any():  # the centre sees nothing, or through an unknown layer
         nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan), False)
+        unknown = any(count[0] > 0 for _lo, _hi, count in seen.windows.values())
         return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
-                      known.get(seen.name, nothing), False, False, pooled)
+                      known.get(seen.name, nothing), False, False, pooled, unknown=unknown)
     affine = known.get(seen.name) or _measure(rows, lo, hi, exact)
     covers = (lo <= 0) & (hi >= n - 1)
     size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
@@ -369,8 +400,10 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
     """Measure every layer, taking the unclipped geometry of inexact ones from doubled inputs.
 
     The windows of the given input are recomposed with those exact geometries, so RF extents at
-    the given size stay exact too. Stops when every layer is exact or pooled, after MAX_DOUBLINGS,
-    when the input would exceed ENLARGE_LIMIT pixels, or when the model refuses the size.
+    the given size stay exact too. Stops when every layer is exact, pooled or measured directly,
+    after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
+    the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
+    unknown then (read through a predecessor without a stride) are measured directly.
     """
     base = _capture(model, input_shape, **options)
     known: dict[str, _Affine] = {}
@@ -389,6 +422,9 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
         if fixed:
             known.update(fixed)
             measured = _compose_all(base.layers, input_shape, known)
+    unknown = frozenset(m.name for m in measured if m.unknown)
+    if unknown:  # a predecessor's geometry stayed unknown at every size: measure those layers directly
+        measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
 
 

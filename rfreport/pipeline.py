@@ -184,10 +184,12 @@ def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
                       geometry: SweepResult | None) -> list[tuple] | None:
     """Compose the target's exact geometry from per-layer windows when every RF is clipped at this size.
 
-    Only for a named layer (its output is captured as it is); None when the composition is not exact.
+    Only for a named layer (its output is captured as it is) and a pass without size-dependent ops
+    (whose windows a few probe rows cannot vouch for); None when the composition is not exact.
     """
     spec = job.spec
-    if spec.layer is None or spec.output is not None or not analysis.needs_larger_input(main, geometry):
+    if (spec.layer is None or spec.output is not None or main.size_dependent_ops
+            or not analysis.needs_larger_input(main, geometry)):
         return None
     try:
         found = layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,

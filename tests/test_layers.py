@@ -224,3 +224,21 @@ def test_target_geometry_matches_the_recurrences_or_declines(case):
 def test_target_geometry_of_a_clipped_residual_network():
     rf, stride, padding = target_geometry(TinyResNet(), (1, 1, 16, 16), "relu2")
     assert rf.tolist() == [17, 17] and stride.tolist() == [2, 2] and padding.tolist() == [8, 8]
+
+
+class Resized(nn.Module):
+    """A conv, a resize to a fixed size (size-dependent) and a conv after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.last(torch.nn.functional.interpolate(self.first(x), size=(21, 21), mode="bilinear"))
+
+
+def test_layers_after_a_size_dependent_resize_are_measured_directly():
+    frame = layer_growth(Resized(), (1, 1, 16, 16)).set_index("layer")
+    assert frame.loc["first", "rf_exact"] and not frame.loc["last", "rf_exact"]
+    direct = sweep(Resized(), (1, 1, 16, 16), "center", layer="last")
+    assert frame.loc["last", "h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
