@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfreport.errors import SweepError
+from rfreport.errors import LayoutError, SweepError
+from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
 from rfreport.surrogate import StructuralMode, build_surrogate
 
 OutputKey = str | int | None
@@ -35,12 +36,15 @@ class Target:
 
     layer: str | None = None
     output: OutputKey = None
+    layout: Layout = NCHW
 
     def describe(self) -> str:
-        """Return a short human label, e.g. `layer4` or `output['out']`."""
+        """Return a short human label, e.g. `layer4` or `output['out']` (with a non-default layout)."""
         parts = [self.layer] if self.layer else []
         if self.output is not None:
             parts.append(f"output[{self.output!r}]")
+        if self.layout != NCHW:
+            parts.append(f"as {self.layout}")
         return " ".join(parts) or "model output"
 
 
@@ -153,7 +157,33 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
         if handle is not None:
             handle.remove()
     where = f"output of layer {target.layer!r}" if target.layer else "model output"
-    return _select_output(value, target.output, where)
+    selected = _select_output(value, target.output, where)
+    return channels_first(selected, target.layout, tuple(x.shape[2:]), where)
+
+
+def channels_first(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...],
+                   where: str = "output") -> torch.Tensor:
+    """Return a view of an analysed tensor as (N, C, *grid) according to its layout.
+
+    Raises SweepError when the tensor's rank or size cannot be read with the layout.
+    """
+    rank = len(input_spatial)
+    if value.dim() != layout.rank(rank):
+        expected = {LayoutKind.NCHW: f"(N, C, {rank} spatial axes)", LayoutKind.NHWC: f"(N, {rank} spatial axes, C)",
+                    LayoutKind.TOKENS: "(N, tokens, C)"}[layout.kind]
+        hint = "; choose a spatial layer or output, or a layout (nhwc, tokens)" if layout.kind is LayoutKind.NCHW \
+            else ""
+        raise LayoutError(f"{where} has shape {tuple(value.shape)}; layout {layout} expects {expected}{hint}")
+    if layout.kind is LayoutKind.NCHW:
+        return value
+    if layout.kind is LayoutKind.NHWC:
+        return value.movedim(-1, 1)
+    try:
+        extra, grid = token_grid(value.shape[1], input_spatial, layout)
+    except SweepError as exc:
+        raise LayoutError(f"{where} has shape {tuple(value.shape)}: {exc}") from None
+    tokens = value[:, extra:]
+    return tokens.reshape(value.shape[0], *grid, value.shape[2]).movedim(-1, 1)
 
 
 def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -277,11 +307,7 @@ class Engine:
         self._x, self._y, self.function_mode, self.saved_bytes = x, y, function_mode, saved[0]
 
     def _check_output(self, y: torch.Tensor) -> None:
-        """Require an (N, C, *spatial) output with the input's spatial rank that depends on the input."""
-        rank = len(self.input_shape) - 2
-        if y.dim() != rank + 2:
-            raise SweepError(f"{self.target.describe()} has shape {tuple(y.shape)}; expected "
-                             f"(N, C, {rank} spatial axes) like the input: choose a spatial layer or output")
+        """Require an output that depends on the input (forward_target already read it as (N, C, *spatial))."""
         if not y.requires_grad:
             raise SweepError(f"{self.target.describe()} does not depend on the input (no gradient path)")
 
@@ -378,8 +404,9 @@ class LayerEngine(Engine):
     """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
-                 **kwargs):
+                 layout: Layout | str | None = None, **kwargs):
         super().__init__(model, input_shape, **kwargs)
+        self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.layers: dict[str, CapturedLayer] = {}
 
@@ -397,16 +424,22 @@ class LayerEngine(Engine):
     def _forward(self, working: nn.Module) -> None:
         """Run a forward pass, capturing the layers of this pass only."""
         self.layers = {}
-        super()._forward(working)
+        try:
+            super()._forward(working)
+        except LayoutError:
+            if self.layers:
+                raise
+            self._check_output(None)  # nothing captured: say so rather than how the model output looks
 
     def _recorder(self, name: str, wanted: set[str]):
         """Return a hook that keeps a module's first spatial output and stops once every named one ran."""
-        rank = len(self.input_shape)
-
         def record(module, _inputs, out):
-            if name in self.layers or not _is_spatial(out, rank):
+            batch = self.input_shape[0] * self.probes
+            ours = name not in self.layers and isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == batch
+            value = _spatial_view(out, self.layout, self.input_spatial) if ours else None
+            if value is None:
                 return
-            self.layers[name] = CapturedLayer(name, type(module).__name__, out.clone(),
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value,
                                               torch.autograd.graph.get_gradient_edge(out))
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
@@ -421,8 +454,8 @@ class LayerEngine(Engine):
     def _check_output(self, y: torch.Tensor) -> None:
         """Require at least one captured layer (the model output itself may have any shape)."""
         if not self.layers:
-            raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor of the input's rank "
-                             f"{len(self.input_shape)} that depends on the input")
+            raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor that depends on the "
+                             f"input and reads as layout {self.layout}")
 
     def _owners(self) -> dict:
         """Map each captured graph edge to the first layer that produced it."""
@@ -467,10 +500,14 @@ class LayerEngine(Engine):
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grads)}
 
 
-def _is_spatial(value: Any, rank: int) -> bool:
-    """Tell whether a module output is a floating tensor of the input's rank on the gradient path."""
-    return (isinstance(value, torch.Tensor) and value.dim() == rank and value.is_floating_point()
-            and value.requires_grad)
+def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
+    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
+        return None
+    try:
+        return channels_first(value.clone(), layout, input_spatial)
+    except LayoutError:
+        return None
 
 
 def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:

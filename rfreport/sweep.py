@@ -20,6 +20,7 @@ from torch import nn
 from rfreport import positions as positions_mod
 from rfreport.engine import Engine, Target
 from rfreport.errors import SweepError
+from rfreport.layouts import parse_layout
 
 
 @dataclass(frozen=True)
@@ -183,17 +184,18 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
           mode: str = "structural", layer: str | None = None, output: str | int | None = None,
           batch_size: int | str = "auto", device: str = "auto", seed: int = 0, probes: int = 2,
           local: bool = False, keep_masks: positions_mod.PositionSpec | None = None,
-          method: str = "auto", progress=None) -> SweepResult:
+          method: str = "auto", progress=None, layout: str = "nchw") -> SweepResult:
     """Sweep the receptive fields of the selected output positions of a model.
 
     `positions` may also be a function of the output grid's shape returning a selection;
     `mode` is `structural` (exact theoretical RF) or `gradient` (naive data-dependent support);
     `layer`/`output` choose the analysed tensor; `keep_masks` names positions whose boolean
     support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
-    `progress`, if given, is called with the number of positions done after each chunk.
+    `progress`, if given, is called with the number of positions done after each chunk;
+    `layout` (`nchw`, `nhwc`, `tokens`, `tokens:HxW`) says how the analysed tensor's axes are read.
     """
     started = time.perf_counter()
-    target = Target(layer=layer, output=output)
+    target = Target(layer=layer, output=output, layout=parse_layout(layout))
     with Engine(model, tuple(input_shape), mode=mode, target=target, device=device, seed=seed,
                 probes=probes, local=local) as engine:
         spec = positions(engine.output_spatial) if callable(positions) else positions
