@@ -22,7 +22,7 @@ from torch import nn
 
 from rfreport.errors import LayoutError, SweepError
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
-from rfreport.surrogate import StructuralMode, build_surrogate
+from rfreport.surrogate import StructuralMode, build_surrogate, eager_forward
 
 OutputKey = str | int | None
 MODES = ("structural", "gradient")
@@ -56,6 +56,18 @@ class _Captured(Exception):
         self.value = value
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Return the surrogate's floating dtype from `float32`/`float64` (or a torch dtype)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise SweepError(f"unknown dtype {dtype!r}; use float32 or float64")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Return CUDA when `auto` finds one, else CPU; validate explicit names."""
     if str(device) == "auto":
@@ -71,8 +83,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, requires_grad flags and forward hooks on exit, even after an error."""
+    """Restore train/eval flags, requires_grad flags, buffers and forward hooks on exit, even after an error.
+
+    Buffers matter in gradient mode: a train-mode BatchNorm updates its running statistics on
+    every forward pass of the model as given.
+    """
     training = {m: m.training for m in model.modules()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     grads = {p: p.requires_grad for p in model.parameters()}
     hooks = {m: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
     try:
@@ -82,6 +99,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
             module.training = flag
         for param, flag in grads.items():
             param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
         for module, (forward, pre) in hooks.items():
             _restore_hooks(module._forward_hooks, forward)
             _restore_hooks(module._forward_pre_hooks, pre)
@@ -130,10 +150,11 @@ def _pick(value: Any, key: OutputKey, where: str) -> Any:
 
 
 def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
-                   shown_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Run the model and return the target tensor, stopping early once a chosen layer has run.
+                   shown_shape: tuple[int, ...] | None = None, *, read_layout: bool = True) -> torch.Tensor:
+    """Run the model and return the target tensor read as (N, C, *grid), stopping once a chosen layer has run.
 
-    `shown_shape` is the input shape named in error messages (the user's, not the probe batch).
+    `shown_shape` is the input shape named in error messages (the user's, not the probe batch);
+    `read_layout=False` returns the selected tensor as the model produced it.
     """
     handle = None
     if target.layer:
@@ -158,7 +179,7 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
             handle.remove()
     where = f"output of layer {target.layer!r}" if target.layer else "model output"
     selected = _select_output(value, target.output, where)
-    return channels_first(selected, target.layout, tuple(x.shape[2:]), where)
+    return channels_first(selected, target.layout, tuple(x.shape[2:]), where) if read_layout else selected
 
 
 def channels_first(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...],
@@ -205,7 +226,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "structural",
                  target: Target = Target(), device: str | torch.device = "auto", seed: int = 0,
-                 probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None):
+                 probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None,
+                 dtype: str | torch.dtype = "float32"):
         if mode not in MODES:
             raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
@@ -215,6 +237,7 @@ class Engine:
         self.device = resolve_device(device)
         self.seed, self.local = seed, local
         self.probes = probes if mode == "structural" else 1
+        self.dtype = resolve_dtype(dtype)
         self._inputs = inputs
         self._batched = True
         self._stack = None
@@ -251,7 +274,7 @@ class Engine:
     def _working_model(self) -> nn.Module:
         """Return the module to differentiate: the surrogate, or the model itself (copied across devices)."""
         if self.mode == "structural":
-            return build_surrogate(self.model, self.seed).to(self.device)
+            return build_surrogate(self.model, self.seed, self.dtype).to(self.device)
         params = list(self.model.parameters()) + list(self.model.buffers())
         on_device = all(t.device == self.device for t in params)
         working = self.model if on_device else _copy_to(self.model, self.device)
@@ -292,17 +315,21 @@ class Engine:
 
     def _forward(self, working: nn.Module) -> None:
         """Run one forward pass on a fresh probe input, keeping the graph."""
-        dtype = torch.float64 if self.mode == "structural" else _model_dtype(working)
+        dtype = self.dtype if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
-        function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim())
+        gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim(),
+                                       generator=gates)
         saved = [0]
 
         def count(tensor):
             saved[0] += tensor.numel() * tensor.element_size()
             return tensor
 
-        with torch.enable_grad(), function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
-            y = forward_target(working, x, self.target, self.input_shape)
+        with torch.enable_grad(), eager_forward(), function_mode, \
+                torch.autograd.graph.saved_tensors_hooks(count, _same):
+            raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
+        y = channels_first(raw, self.target.layout, self.input_spatial, self.target.describe())
         self._check_output(y)
         self._x, self._y, self.function_mode, self.saved_bytes = x, y, function_mode, saved[0]
 
@@ -313,7 +340,11 @@ class Engine:
 
     @property
     def nonlocal_ops(self) -> tuple[str, ...]:
-        """Ops seen in the pass that can connect distant pixels (flip, gather, attention, ...)."""
+        """Ops seen in the pass that can move spatial positions (shifts, flips, gathers, attention, unknown ops).
+
+        Empty means the pass is local and translation-equivariant up to borders: the compressed
+        sweep's periodic prediction of RFs can then be trusted.
+        """
         return tuple(sorted(self.function_mode.nonlocal_ops))
 
     @property
