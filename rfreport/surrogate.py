@@ -207,6 +207,9 @@ class StructuralMode(TorchFunctionMode):
 
     def _linearised(self, func, name: str, args, kwargs):
         """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
+        tainted = any(_is_tainted(t) for t in _tensors((args[1:], kwargs)))
+        if tainted and name in rep.SCATTERING:
+            rep.refuse_scatter(name)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if not _is_differentiable(first):
             return NotImplemented
@@ -227,11 +230,8 @@ class StructuralMode(TorchFunctionMode):
         if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
             other = args[1] if len(args) > 1 else kwargs["other"]
             return (args[0] + other) / 2
-        tainted = [t for t in _tensors((args[1:], kwargs)) if _is_tainted(t)]
         if tainted and name in rep.INDEXED:
             return rep.indexed(func, name, args, kwargs)
-        if tainted and name in rep.SCATTERING:
-            rep.refuse_scatter(name)
         return NotImplemented
 
     def _judge_locality(self, name: str, args, kwargs, result) -> None:
