@@ -204,7 +204,7 @@ class CReLU(nn.Module):
 
 @pytest.mark.parametrize("model", [SoftmaxHead(), CReLU()], ids=["softmax-head", "crelu"])
 def test_cancellation_across_channels_loses_nothing(model):
-    result = sweep(model, (1, 3, 12, 12), "center", keep_masks="center")
+    result = sweep(model, (1, 3, 12, 12), "center", keep_masks=True)
     assert result.support.tolist() == [9]
     assert result.masks[(5, 5)].sum() == 9
 
