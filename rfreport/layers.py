@@ -28,10 +28,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
-from rfreport.engine import CapturedLayer, LayerEngine, _is_spatial, check_input_shape
+from rfreport.engine import LayerEngine, check_input_shape
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.schema import Column, Schema, register
@@ -159,7 +158,8 @@ class _Capture:
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int, upto: str | None = None, force: frozenset[str] = frozenset()) -> _Capture:
+             seed: int, layout: str = "nchw", upto: str | None = None,
+             force: frozenset[str] = frozenset()) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
@@ -167,7 +167,8 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
-    with _EveryCall(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+    with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
+                    seed=seed) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
         seen = []
         for name, captured in engine.layers.items():
@@ -178,7 +179,9 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
                                  {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
-        resizing = {w.name for w in seen if engine.size_dependent_ops and _reads_through_resizing(engine, w.name)}
+        # a channels-last or token layout reshapes on purpose: there the window checks alone decide
+        resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
+                    and _reads_through_resizing(engine, w.name)}
         seen = _measured_directly(engine, seen, _not_composable(seen, tuple(input_shape[2:]), resizing | force))
         return _Capture(seen, engine.size_dependent_ops)
 
@@ -201,19 +204,12 @@ class _EveryCall(LayerEngine):
 
     def _recorder(self, name: str, wanted: set[str]):
         """Return a hook that keeps every spatial output of a module, the first under its own name."""
-        rank = len(self.input_shape)
-
-        def record(module, _inputs, out):
-            if not _is_spatial(out, rank):
-                return
+        def record(module, inputs, out):
             key, calls = name, 1
             while key in self.layers:
                 calls += 1
                 key = f"{name}{REPEAT}{calls}"
-            self.layers[key] = CapturedLayer(key, type(module).__name__, out.clone(),
-                                             torch.autograd.graph.get_gradient_edge(out))
-            if self.layer_names and wanted <= set(self.layers):
-                self._stop()
+            LayerEngine._recorder(self, key, wanted)(module, inputs, out)
 
         return record
 
@@ -464,8 +460,12 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
-                 device: str = "auto", seed: int = 0) -> pd.DataFrame:
-    """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order."""
+                 device: str = "auto", seed: int = 0, layout: str = "nchw") -> pd.DataFrame:
+    """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order.
+
+    `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
+    it are skipped.
+    """
     shape = check_input_shape(tuple(input_shape))
-    options = {"layers": layers, "mode": mode, "device": device, "seed": seed}
+    options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options), len(shape) - 2)
