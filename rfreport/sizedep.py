@@ -51,7 +51,18 @@ JOINING = frozenset({"cat", "concat", "concatenate"})
 
 
 def size_dependent(name: str, args: tuple, kwargs: dict, result: Any, rank: int) -> bool:
-    """Tell whether an op on a spatial tensor of a rank-`rank` model makes the geometry size-dependent."""
+    """Tell whether an op on a spatial tensor of a rank-`rank` model makes the geometry size-dependent.
+
+    Arguments this rule cannot read count as size-dependent: it must never break the user's pass.
+    """
+    try:
+        return _judged(name, args, kwargs, result, rank)
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError):
+        return True
+
+
+def _judged(name: str, args: tuple, kwargs: dict, result: Any, rank: int) -> bool:
+    """Apply the rule of the module docstring to one op call."""
     x = _spatial_operand(args, kwargs, rank)
     if x is None:
         return False
