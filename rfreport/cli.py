@@ -1,9 +1,10 @@
 """The `rfreport` command line: thin click commands over the pipeline, run folders, audits and diffs.
 
 RfReportError is turned into a one-line `Error: ...` here and nowhere else: exit code 2 for
-usage, config and run-folder errors, 1 for everything that failed while running. The torch
-stages are imported inside the commands that compute, so `report`, `check RUN_DIR` and `diff`
-start fast and never import torch.
+usage, config and run-folder errors, 1 for everything that failed while running. Each command
+imports what it needs when it runs: torch only in the commands that compute (so `report`,
+`check RUN_DIR` and `diff` never import it), pandas with the run folder, matplotlib and Jinja2
+only where a report is rendered (never for `inspect`); tests/test_imports.py checks it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import click
 
-from rfreport import __version__, diff, runfolder
+from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError
 
@@ -199,7 +200,7 @@ def cli() -> None:
 def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
         verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
-    from rfreport import pipeline
+    from rfreport import pipeline, runfolder
 
     configure_logging(verbose, quiet)
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
@@ -221,6 +222,7 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
 def report(run_dir, assets_dir, verbose, quiet) -> None:
     """Re-render RUN_DIR/index.html from the saved frames (no torch work)."""
     from rfreport import report as report_mod
+    from rfreport import runfolder
 
     configure_logging(verbose, quiet)
     saved = runfolder.load(run_dir)
@@ -247,6 +249,8 @@ def check(sources, device, batch_size, seed, erf_samples, erf_positions, verbose
 
 def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
     """Return the audited entries of one saved run folder, or of the configs swept in memory."""
+    from rfreport import runfolder
+
     folders = [s for s in sources if Path(s).is_dir()]
     if folders:
         if len(sources) != 1:
@@ -268,6 +272,8 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
 @converts_errors
 def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
     """Show per model what changed between RUN_A and RUN_B (RF size, stride, padding, edges, findings, audit)."""
+    from rfreport import diff, runfolder
+
     configure_logging(verbose, quiet)
     found = diff.compare(runfolder.load(run_a), runfolder.load(run_b))
     rows = [[slug, "model", "", "added"] for slug in found.added]

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder
+from rfreport import __version__, analysis, audit, erf, frames, layers, models, runfolder
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -348,6 +348,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
 
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
+    from rfreport import report  # matplotlib and Jinja2 load only when a report is written, not for inspect
     started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
