@@ -68,7 +68,7 @@ def verbosity(command: Callable) -> Callable:
 
 
 def sweep_flags(command: Callable) -> Callable:
-    """Add the shared options of the commands that sweep: device, batch size, seed, ERF and verbosity."""
+    """Add the shared options of the commands that sweep: device, batch size, seed, ERF, cache and verbosity."""
     flags = [
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
         click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
@@ -77,6 +77,9 @@ def sweep_flags(command: Callable) -> Callable:
                      help="Measure the effective RF with this many random inputs (enables ERF)."),
         click.option("--erf-positions", multiple=True, metavar="SPEC",
                      help="Positions for the ERF: center, corners, edges, grid:K or H,W (repeatable; enables ERF)."),
+        click.option("--no-cache", is_flag=True, help="Neither reuse nor store results in the incremental cache."),
+        click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                     help="Cache folder (default: $RFREPORT_CACHE_DIR, else ~/.cache/rfreport)."),
     ]
     for flag in reversed(flags):
         command = flag(command)
@@ -121,14 +124,14 @@ def erf_overrides(samples: int | None, chosen: Sequence[str]) -> dict[str, Any]:
 
 
 def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | None, seed: int | None,
-                erf_samples: int | None, erf_positions: Sequence[str], executor: str | None = None,
-                address: str | None = None):
+                erf_samples: int | None, erf_positions: Sequence[str], no_cache: bool = False,
+                cache_dir: str | None = None, executor: str | None = None, address: str | None = None):
     """Load configs and apply the command-line overrides of the run options and ERF settings."""
     from rfreport import config as config_mod
 
     loaded = config_mod.load(paths)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed, "executor": executor,
-             "address": address}
+             "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir}
     options = replace(loaded.options, **{k: v for k, v in given.items() if v is not None})
     erf = erf_overrides(erf_samples, erf_positions)
     specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
@@ -198,13 +201,14 @@ def cli() -> None:
 @sweep_flags
 @converts_errors
 def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
-        verbose, quiet) -> None:
+        no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
     from rfreport import pipeline, runfolder
 
     configure_logging(verbose, quiet)
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
-                         erf_positions=erf_positions, executor=executor, address=address)
+                         erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
+                         address=address)
     chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
@@ -234,11 +238,13 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @sweep_flags
 @converts_errors
-def check(sources, device, batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
+def check(sources, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,
+          quiet) -> None:
     """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR; exit 1 when one fails."""
     configure_logging(verbose, quiet)
     entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
-                              erf_samples=erf_samples, erf_positions=erf_positions)
+                              erf_samples=erf_samples, erf_positions=erf_positions, no_cache=no_cache,
+                              cache_dir=cache_dir)
     rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
             for e in entries for r in e.get("audit") or []]
     click.echo(table(["model", "rule", "limit", "value", "result"], rows) if rows else "no audit rules")
@@ -298,7 +304,7 @@ def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
 @sweep_flags
 @converts_errors
 def inspect(factory, input_shape, kwargs_json, layer, output, pos, positions, mode, as_json, device, batch_size,
-            seed, erf_samples, erf_positions, verbose, quiet) -> None:
+            seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport import pipeline
     from rfreport.config import ModelSpec, RunOptions
@@ -310,7 +316,8 @@ def inspect(factory, input_shape, kwargs_json, layer, output, pos, positions, mo
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
                      layer=layer, output=parse_output(output), positions=chosen, mode=mode,
                      erf=erf_overrides(erf_samples, erf_positions) or None)
-    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed}
+    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
+             "cache": False if no_cache else None, "cache_dir": cache_dir}
     job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet)
     progress.start(job, 0, 1)
@@ -341,7 +348,8 @@ def inspect_text(record: dict) -> str:
              "yes" if p["edge"] else ""] for p in record["positions"]]
     geometry = record["geometry"]
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
-             f"({record['mode']})", "", table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
+             f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
+             table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
     return "\n".join(lines)
 

@@ -15,6 +15,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """Give every test its own empty result cache, never the developer's ~/.cache/rfreport."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("RFREPORT_CACHE_DIR", str(folder))
+    return folder
+
+
 def _hypothesis_profiles() -> None:
     """Explore new examples on developer machines; replay a fixed set in CI so a red build is reproducible."""
     import os
