@@ -383,6 +383,8 @@ class Slot:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # left over only when another process won the race
         except OSError as exc:
+            if (self.path / RESULT).is_file():   # another process stored the same key first
+                return
             logger.warning("%s: cannot write the cache entry %s (%s)", self.slug, self.path, exc)
 
     def save_result(self, result: Any) -> None:
