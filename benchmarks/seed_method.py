@@ -1,10 +1,11 @@
 """The seed's method, the baseline of every benchmark: what a user without rfreport would run.
 
 One position at a time: one float32 forward pass of the model as given (eval mode, its own
-weights, a standard-normal input), one backward pass of a one-hot output gradient at that
-position (over every channel of the analysed tensor), and the non-zero input gradient read as the
-receptive field. Parameters are frozen, so no weight gradients are computed: that only makes the
-baseline faster. Only torch is imported (and the factory's own module), never rfreport.
+weights, a standard-normal input, on the GPU when there is one, like rfreport's `auto`), one
+backward pass of a one-hot output gradient at that position (over every channel of the analysed
+tensor), and the non-zero input gradient read as the receptive field. Parameters are frozen, so
+no weight gradients are computed: that only makes the baseline faster. Only torch is imported
+(and the factory's own module), never rfreport.
 
 As a script it times whole processes for `bench_inspect.py`::
 
@@ -64,7 +65,8 @@ def support(model: nn.Module, input_shape: Sequence[int], pos: Sequence[int] | N
 
     The RF is the non-zero input gradient of a one-hot output gradient at the position.
     """
-    x = torch.randn(tuple(input_shape), generator=generator).requires_grad_(True)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.randn(tuple(input_shape), generator=generator).to(device).requires_grad_(True)
     y = forward(model, x, layer)
     grid = tuple(y.shape[2:])
     pos = [n // 2 for n in grid] if pos is None else list(pos)
@@ -88,8 +90,9 @@ def main() -> None:
     parser.add_argument("--layer", default=None)
     parser.add_argument("--kwargs", default="{}", type=json.loads)
     parser.add_argument("--sample", type=int, default=0, help="time this many random positions after the centre")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model = build(args.factory, args.kwargs)
+    model = build(args.factory, args.kwargs).to(args.device)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     mask, grid, center = support(model, args.input_shape, None, args.layer, generator)
