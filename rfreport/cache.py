@@ -129,13 +129,28 @@ class OpRecorder(TorchFunctionMode):
         return plain(value)
 
     def _tensor(self, tensor: torch.Tensor, created: bool) -> str:
-        """Name a tensor (a new one on first sight) and describe its shape and dtype."""
+        """Name a tensor (a new one on first sight) and describe its shape, dtype and gradient function."""
         label = self.names.get(id(tensor))
         if label is None:
             label = f"t{len(self.keep)}" if created else f"c{len(self.keep)}:{values_digest(tensor)}"
             self.names[id(tensor)] = label
             self.keep.append(tensor)
-        return f"{label}{list(tensor.shape)}{str(tensor.dtype).removeprefix('torch.')}"
+        return f"{label}{list(tensor.shape)}{str(tensor.dtype).removeprefix('torch.')}{gradient_function(tensor)}"
+
+
+def gradient_function(tensor: torch.Tensor) -> str:
+    """Describe the node that backpropagates through a tensor: a custom autograd.Function's backward is code too.
+
+    A Function's outputs are the tensors its forward returned, relabelled by `apply`, so the
+    node is read where the tensor is used; a custom one adds its class and source file's hash.
+    """
+    node = tensor.grad_fn
+    if node is None:
+        return ""
+    custom = getattr(node, "_forward_cls", None)
+    if custom is None:
+        return f"<{type(node).__name__}>"
+    return f"<{custom.__module__}.{custom.__qualname__}@{_file_digest(_source_file(custom) or '')}>"
 
 
 def plain(value: Any) -> str:
@@ -210,6 +225,8 @@ def trace_digest(model: nn.Module, job: Job) -> str | None:
         except Exception as exc:  # the user's model may raise anything; the sweep will report it properly
             logger.debug("%s: no op trace on %s (%s: %s)", job.slug, device, type(exc).__name__, exc)
             continue
+        if not calls:   # a scripted or compiled forward hides its ops from the recorder
+            return None
         return _digest([device, len(calls), *calls])
     return None
 
@@ -239,6 +256,14 @@ def state_digest(model: nn.Module, *, weights: bool) -> str:
     return digest.hexdigest()
 
 
+def structure_digest(model: nn.Module) -> str:
+    """Hash every submodule's name, class and settings (`extra_repr`) and every parameter's and buffer's shape."""
+    parts = [f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})" for name, m in
+             model.named_modules()]
+    parts += [f"{name}{list(t.shape)}{t.dtype}" for name, t in model.state_dict(keep_vars=True).items()]
+    return _digest(parts)
+
+
 def code_digest(model: nn.Module, factory: str) -> str:
     """Hash the source files of the model's non-torch module classes and of a file factory, with package versions."""
     files, packages = set(), set()
@@ -262,20 +287,20 @@ def _source_file(obj: Any) -> str | None:
         return None
 
 
-def _file_digest(path: str) -> str:
-    """Hash a file's bytes (`missing` when it cannot be read)."""
-    try:
-        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
-    except OSError:
-        return "missing"
-
-
 def _version(package: str) -> str:
     """Return an installed package's version, or `unknown`."""
     try:
         return importlib.metadata.version(package)
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return str(getattr(sys.modules.get(package), "__version__", "unknown"))
+
+
+def _file_digest(path: str) -> str:
+    """Hash a file's bytes (`missing` when it cannot be read)."""
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return "missing"
 
 
 @lru_cache(maxsize=1)
@@ -301,7 +326,8 @@ def job_key(model: nn.Module, job: Job, kind: str) -> str | None:
     weighted = job.spec.mode != "structural" or job.spec.erf is not None
     parts = {"format": FORMAT, "kind": kind, "rfreport": [__version__, source_digest()],
              "versions": [torch.__version__, np.__version__, pd.__version__, sys.version_info[:2]],
-             "job": job_fields(job), "trace": trace, "state": state_digest(model, weights=weighted),
+             "job": job_fields(job), "trace": trace, "structure": structure_digest(model),
+             "state": state_digest(model, weights=weighted),
              "code": code_digest(model, job.spec.factory), "erf_images": _images_digest(job.spec.erf)}
     return _digest([json.dumps(parts, sort_keys=True, default=plain)])
 

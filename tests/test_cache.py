@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,29 +260,42 @@ def test_no_cache_writes_nothing(nets, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_a_damaged_entry_is_recomputed_and_replaced(nets, tmp_path, caplog):
+@pytest.fixture
+def log(caplog, monkeypatch):
+    """Capture rfreport's log records, even after a CLI test has stopped them propagating."""
+    monkeypatch.setattr(logging.getLogger("rfreport"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="rfreport")
+    return caplog
+
+
+def test_a_damaged_entry_is_recomputed_and_replaced(nets, tmp_path, log):
     the_job = file_job(nets, tmp_path / "c")
     first = pipeline.run_job(the_job)
     [stored] = (tmp_path / "c").rglob(cache.RESULT)
     stored.write_text("{not json", encoding="utf-8")
     again = pipeline.run_job(the_job)
-    assert again.status == "ok" and not again.cached and "damaged cache entry" in caplog.text
+    assert again.status == "ok" and not again.cached and "damaged cache entry" in log.text
     assert_same(first, again)
     assert pipeline.run_job(the_job).cached
 
 
-def test_an_unwritable_cache_only_warns(nets, tmp_path, caplog):
+def test_an_unwritable_cache_only_warns(nets, tmp_path, log):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = pipeline.run_job(file_job(nets, blocker / "cache"))
-    assert result.status == "ok" and not result.cached and "cannot write the cache entry" in caplog.text
+    assert result.status == "ok" and not result.cached and "cannot write the cache entry" in log.text
 
 
-def invoke(*args) -> dict | str:
-    """Invoke the CLI; return its output."""
+def invoke(*args) -> str:
+    """Invoke the CLI; return its standard output."""
+    return run_cli(*args).stdout
+
+
+def run_cli(*args):
+    """Invoke the CLI and require success; return click's result (stdout and stderr apart)."""
     done = CliRunner().invoke(cli, [str(a) for a in args])
     assert done.exit_code == 0, done.output
-    return done.output
+    return done
 
 
 def test_run_metadata_says_which_models_came_from_the_cache(nets, tmp_path):
@@ -312,3 +326,53 @@ def test_inspect_reuses_the_cache_unless_told_not_to(nets, tmp_path):
     assert not first.pop("cached") and second.pop("cached") and first == second
     assert "from the cache" in invoke(*args[:-3], "--cache-dir", tmp_path / "c")
     assert json.loads(invoke(*args, "--no-cache"))["cached"] is False
+
+
+class Passthrough(torch.autograd.Function):
+    """A custom autograd function: its backward is code the forward pass does not show."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Custom(Skip):
+    """Sends the middle activation through the custom function."""
+
+    def forward(self, x):
+        return self.c(Passthrough.apply(self.b(self.a(x))))
+
+
+class Doubled(Skip):
+    """The same ops without the custom function."""
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)) * 1)
+
+
+def test_a_custom_autograd_function_is_part_of_the_trace():
+    assert cache.op_trace(Custom(), SHAPE) != cache.op_trace(Doubled(), SHAPE)
+    assert any("Passthrough@" in call for call in cache.op_trace(Custom(), SHAPE))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_scripted_model_is_not_cached():
+    assert cache.job_key(torch.jit.script(stack()), job(), "job") is None
+
+
+def test_module_settings_are_keyed_even_where_the_trace_cannot_see_them():
+    assert cache.structure_digest(stack()) == cache.structure_digest(stack())
+    assert cache.structure_digest(stack()) != cache.structure_digest(stack(padding=2))
+
+
+def test_check_of_a_config_reuses_the_cache(nets, tmp_path):
+    config = tmp_path / "audit.toml"
+    config.write_text(f'[[model]]\nname = "tiny"\nfactory = "{nets}:tiny"\ninput_shape = [1, 1, 12, 12]\n'
+                      '[model.audit]\nmin_rf = 3\n')
+    first, second = (run_cli("check", config, "--cache-dir", tmp_path / "c", "-v") for _ in range(2))
+    assert "from the cache" not in first.stderr and "tiny-12x12: from the cache" in second.stderr
+    assert first.stdout == second.stdout and "pass" in first.stdout
