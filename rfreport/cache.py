@@ -7,9 +7,12 @@ scheduled audit of an unchanged model need not sweep again. The key of a job
 * the **op trace** of one forward pass of the model (:class:`OpRecorder`): every torch function
   called, in order, with its arguments' shapes and dtypes, its plain arguments (kernel sizes,
   strides, paddings, dilations, slices, modes, ...) and *which* earlier tensor each argument is,
-  so a different residual connection changes it as much as a different kernel. The pass runs on
-  the ``meta`` device (no memory, no arithmetic) and falls back to one CPU pass when the model
-  needs values (a data-dependent branch, a tensor created on the CPU inside ``forward``);
+  so a different residual connection changes it as much as a different kernel, and the class and
+  source of every custom ``autograd.Function`` on the way (its backward is code too). The pass
+  runs on the ``meta`` device (no memory, no arithmetic) and falls back to one CPU pass when the
+  model needs values (a data-dependent branch, a tensor created on the CPU inside ``forward``);
+  a model neither can trace, or whose ops the recorder cannot see (TorchScript), is not cached;
+* every submodule's name, class and settings (``extra_repr``) and every parameter's shape;
 * the values of the model's buffers other than normalisation statistics (index tables, masks),
   which the surrogate keeps; in gradient mode, and whenever the ERF is measured, every weight too;
 * the source files of the model's own module classes and of its factory file, the versions of
@@ -75,10 +78,9 @@ def default_dir() -> Path:
 
 def folder(options: RunOptions) -> Path | None:
     """Return the cache folder a run uses, or None when the cache is off."""
-    if not getattr(options, "cache", True):
+    if not options.cache:
         return None
-    chosen = getattr(options, "cache_dir", None)
-    return Path(chosen).expanduser() if chosen else default_dir()
+    return Path(options.cache_dir).expanduser() if options.cache_dir else default_dir()
 
 
 def describe(options: RunOptions, entries: list[dict]) -> dict:
