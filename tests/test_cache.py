@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -376,3 +379,18 @@ def test_check_of_a_config_reuses_the_cache(nets, tmp_path):
     first, second = (run_cli("check", config, "--cache-dir", tmp_path / "c", "-v") for _ in range(2))
     assert "from the cache" not in first.stderr and "tiny-12x12: from the cache" in second.stderr
     assert first.stdout == second.stdout and "pass" in first.stdout
+
+
+KEY_IN_A_FRESH_PROCESS = """
+from tests.test_cache import Skip, job
+from rfreport import cache
+print(cache.job_key(Skip(), job(), "job"))
+"""
+
+
+def test_the_key_is_the_same_in_every_process():
+    # a scheduled audit runs in a new process: nothing in the key may depend on ids, addresses or hash seeds
+    keys = {subprocess.run([sys.executable, "-c", KEY_IN_A_FRESH_PROCESS], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parent.parent).stdout.strip()
+            for seed in ("1", "2")}
+    assert keys == {key(Skip())}
