@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from rfreport import __version__, runfolder
 from rfreport.engine import resolve_device
+from rfreport.surrogate import eager_forward
 
 if TYPE_CHECKING:
     from rfreport.config import RunOptions
@@ -198,7 +199,8 @@ def op_trace(model: nn.Module, input_shape: tuple[int, ...], layer: str | None =
     x.requires_grad_(True)
     keep = [x, *swapped.values()]
     recorder = OpRecorder({id(x): "x", **{id(t): f"p:{name}" for name, t in swapped.items()}}, keep)
-    with _stopping_at(model, layer), torch.enable_grad(), recorder, suppress(_Stop):
+    # as the engine runs it: compiled functions eagerly, checkpointed blocks as plain calls
+    with _stopping_at(model, layer), torch.enable_grad(), eager_forward(), recorder, suppress(_Stop):
         torch.func.functional_call(model, swapped, (x,))
     return recorder.calls
 

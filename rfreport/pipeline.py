@@ -31,6 +31,7 @@ from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
+from rfreport.layouts import parse_layout
 from rfreport.sweep import SweepResult, sweep
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def sweep_options(job: Job) -> dict[str, Any]:
     """Return the sweep keyword arguments every sweep of a job shares."""
     spec, options = job.spec, job.options
     return {"mode": spec.mode, "layer": spec.layer, "output": spec.output, "device": options.device,
-            "seed": options.seed, "batch_size": options.batch_size}
+            "seed": options.seed, "batch_size": options.batch_size, "layout": spec.layout}
 
 
 def keep_masks(spec: ModelSpec) -> list:
@@ -98,8 +99,9 @@ def keep_masks(spec: ModelSpec) -> list:
 def plan(model: nn.Module, job: Job) -> np.ndarray:
     """Resolve the job's positions on its output grid (one forward pass)."""
     spec, options = job.spec, job.options
-    with Engine(model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output),
-                device=options.device, seed=options.seed) as engine:
+    target = Target(spec.layer, spec.output, parse_layout(spec.layout))
+    with Engine(model, job.input_shape, mode=spec.mode, target=target, device=options.device,
+                seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
@@ -179,7 +181,7 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed)
+                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout)
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
@@ -311,7 +313,7 @@ def one_line(exc: BaseException) -> str:
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
-    target = Target(job.spec.layer, job.spec.output).describe()
+    target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
                      status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 
