@@ -63,10 +63,11 @@ logger = logging.getLogger("rfreport")
 ENV = "RFREPORT_CACHE_DIR"
 FORMAT = 1
 RESULT = "result.json"
+TUPLE = "__tuple__"
 UNKEYED_SPEC_FIELDS = ("name", "input_shapes", "audit", "image", "config_file")   # labels, or applied after the cache
 UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # neutralised in the surrogate
-STORED = ("input_shape", "output_shape", "status", "error", "mode", "target", "summary", "findings")
+UNSTORED = ("name", "slug", "seconds", "frames", "arrays", "cached")   # a JobResult's labels, timing and files
 
 
 def default_dir() -> Path:
@@ -366,13 +367,6 @@ class Hit:
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
     arrays: dict[str, Any] = field(default_factory=dict)
 
-    def result_fields(self) -> dict:
-        """Return the stored JobResult fields with the tuples the dataclass holds (JSON keeps lists)."""
-        restored = dict(self.values)
-        for name in ("input_shape", "output_shape", "findings"):
-            if isinstance(restored.get(name), list):
-                restored[name] = tuple(restored[name])
-        return restored
 
 
 @dataclass(frozen=True)
@@ -391,7 +385,7 @@ class Slot:
             if stored.get("format") != FORMAT or stored.get("key") != self.path.name:
                 raise ValueError(f"entry {stored.get('key')!r} of format {stored.get('format')!r}")
             saved = runfolder.ModelRun(self.path, stored["entry"])
-            hit = Hit(stored["values"], saved.frames, saved.arrays)
+            hit = Hit(untagged(stored["values"]), saved.frames, saved.arrays)
         except Exception as exc:  # a damaged entry (any reader error) must never fail the job
             logger.warning("%s: ignoring damaged cache entry %s (%s)", self.slug, self.path, exc)
             shutil.rmtree(self.path, ignore_errors=True)
@@ -412,7 +406,7 @@ class Slot:
                 os.replace(staging, self.path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # left over only when another process won the race
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:   # a full disk, a race, a value JSON cannot hold
             if (self.path / RESULT).is_file():   # another process stored the same key first
                 return
             logger.warning("%s: cannot write the cache entry %s (%s)", self.slug, self.path, exc)
@@ -420,25 +414,49 @@ class Slot:
     def save_result(self, result: Any) -> None:
         """Store a completed JobResult's values, frames and arrays (failed results are never stored)."""
         if result.status == "ok":
-            self.save({name: getattr(result, name) for name in STORED}, result.frames, result.arrays)
+            values = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in UNSTORED}
+            self.save(values, result.frames, result.arrays)
 
     def _write(self, staging: Path, values: Mapping, frames: Mapping, arrays: Mapping) -> None:
         """Write the frames and arrays in the run folder's format, then result.json last."""
         output = runfolder.ModelOutput({"slug": "result"}, frames, arrays)
         entry = runfolder.write_model(staging, output)
-        document = {"format": FORMAT, "key": self.path.name, "entry": entry, "values": dict(values)}
-        (staging / RESULT).write_text(json.dumps(document, default=_json_value) + "\n", encoding="utf-8")
+        document = {"format": FORMAT, "key": self.path.name, "entry": entry, "values": tagged(dict(values))}
+        (staging / RESULT).write_text(json.dumps(document) + "\n", encoding="utf-8")
 
 
-def _json_value(value: Any) -> Any:
-    """Convert numpy values and paths for json.dumps (NaN stays NaN, so the stored values round-trip)."""
+def tagged(value: Any) -> Any:
+    """Return a value as JSON data that :func:`untagged` turns back into it: tuples, numpy values and NaN kept.
+
+    Tuples become {"__tuple__": [...]}, so every field of a JobResult, however later code adds to it,
+    comes back with the types it was stored with; numpy scalars become Python numbers, paths strings.
+    """
+    if isinstance(value, tuple):
+        return {TUPLE: [tagged(v) for v in value]}
+    if isinstance(value, list):
+        return [tagged(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: tagged(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return tagged(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a {type(value).__name__} cannot be stored in the result cache")
+
+
+def untagged(value: Any) -> Any:
+    """Undo :func:`tagged`."""
+    if isinstance(value, list):
+        return [untagged(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {TUPLE}:
+            return tuple(untagged(v) for v in value[TUPLE])
+        return {k: untagged(v) for k, v in value.items()}
+    return value
 
 
 def slot(model: nn.Module, job: Job, kind: str = "job") -> Slot:

@@ -251,7 +251,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     slot = cache.slot(model, job)
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
-                         frames=hit.frames, arrays=hit.arrays, **hit.result_fields())
+                         frames=hit.frames, arrays=hit.arrays, **hit.values)
     done = compute(model, job, advance, main)
     main, result, measured = done.main, done.analysed, done.erf_result
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,

@@ -395,3 +395,13 @@ def test_the_key_is_the_same_in_every_process():
                            env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parent.parent).stdout.strip()
             for seed in ("1", "2")}
     assert keys == {key(Skip())}
+
+
+def test_stored_values_come_back_with_their_types():
+    values = {"shape": (1, 3, 8, 8), "nested": [(1, 2), {"a": (np.int64(3), np.float64(0.5))}], "nan": float("nan"),
+              "none": None, "flag": np.bool_(True), "rows": np.arange(3)}
+    back = cache.untagged(json.loads(json.dumps(cache.tagged(values))))
+    assert back["shape"] == (1, 3, 8, 8) and back["nested"] == [(1, 2), {"a": (3, 0.5)}]
+    assert np.isnan(back["nan"]) and back["none"] is None and back["flag"] is True and back["rows"] == [0, 1, 2]
+    with pytest.raises(TypeError):
+        cache.tagged({(1, 2): "a tuple key"})
