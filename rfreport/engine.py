@@ -381,13 +381,24 @@ class Engine:
         `weights` has shape (B, *output_spatial); each row is spread over every batch element
         and output channel of the analysed tensor.
         """
-        weights = weights.to(self._y.device, self._y.dtype)
-        cotangents = weights[:, None, None].expand(-1, *self._y.shape)
-        grads = self._vjp(cotangents).abs().sum(dim=(1, 2))
+        grads = self._vjp(self.cotangents(weights, self._y)).abs().sum(dim=(1, 2))
         if not torch.isfinite(grads).all():
             raise SweepError(f"the {self.mode} pass gave non-finite gradients for {self.target.describe()} "
                              "(an activation overflowed or divided by zero)")
         return grads
+
+    def cotangents(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Spread rows of weights (B, *spatial) over every batch element and channel of a tensor.
+
+        In structural mode each entry is scaled by a fixed positive random number: the sum of a
+        constant cotangent over channels could cancel exactly (relu(h) and relu(-h) side by side).
+        """
+        weights = weights.to(like.device, like.dtype)
+        spread = weights[:, None, None].expand(-1, *like.shape)
+        if self.mode != "structural":
+            return spread
+        generator = torch.Generator(device=like.device).manual_seed(self.seed + 2)
+        return spread * (torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device) + 0.5)
 
     def support(self, weights: torch.Tensor) -> torch.Tensor:
         """Return the boolean input support of each row of cotangent weights."""
@@ -538,8 +549,7 @@ class LayerEngine(Engine):
         """Return, per nearest predecessor (or per given source; None is the input), the boolean support
         (B, *its spatial) of rows of weights on a layer."""
         value = self.layers[name].value
-        weights = weights.to(value.device, value.dtype)
-        cotangents = weights[:, None, None].expand(-1, *value.shape)
+        cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
         grads = _local_vjp(value, edges, cotangents)

@@ -89,13 +89,15 @@ SHAPE_OPS = frozenset({
 })
 # Ops whose vector-Jacobian product scales each element by itself (or only moves elements): nothing is
 # summed inside them, so nothing can cancel there, and the gates of the summing ops around them keep
-# magnitudes in range. They are left ungated, which halves the gates of a typical network.
+# magnitudes in range. They are left ungated, which halves the gates of a typical network. Replaced
+# ops (ReLU -> identity, max -> mean) stay gated: the replacement changes their Jacobian's signs, and
+# relu(h) + relu(-h) would otherwise cancel exactly.
 POINTWISE = frozenset({
     "add", "radd", "sub", "rsub", "mul", "rmul", "div", "rdiv", "true_divide", "truediv", "rtruediv", "neg", "pos",
     "abs", "pow", "rpow", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "reciprocal",
     "square", "sin", "cos", "erf", "erfc", "where", "masked_fill", "batch_norm", "cat", "concat", "concatenate",
     "stack", "pad", "to", "type_as", "float", "double", "half", "bfloat16", "clone", "contiguous", "copysign",
-    "addcmul", "addcdiv", "lerp", "maximum", "minimum", "fmax", "fmin", *IDENTITY_FUNCTIONS,
+    "addcmul", "addcdiv", "lerp",
 })
 PERMUTING = frozenset({"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"})
 
@@ -229,7 +231,8 @@ class StructuralMode(TorchFunctionMode):
         if not _is_differentiable(first):
             return NotImplemented
         if name in IDENTITY_FUNCTIONS:
-            return first
+            # a fresh tensor, so the gate gives relu(h) and relu(-h) independent cotangents
+            return first if _in_place(func) else first.clone()
         if name == "batch_norm" and not bind(BATCH_NORM, args, kwargs).get("training", False):
             return _affine_batch_norm(**bind(BATCH_NORM, args, kwargs))
         if name.startswith("max_pool") and name[-2:] in ("1d", "2d", "3d"):

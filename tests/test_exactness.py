@@ -202,7 +202,15 @@ class CReLU(nn.Module):
         return torch.cat([F.relu(h), F.relu(-h)], 1)
 
 
-@pytest.mark.parametrize("model", [SoftmaxHead(), CReLU()], ids=["softmax-head", "crelu"])
+class AbsViaRelus(CReLU):
+    """|h| written as relu(h) + relu(-h): the surrogate's identity ReLUs must not cancel."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        return F.relu(h) + F.relu(-h)
+
+
+@pytest.mark.parametrize("model", [SoftmaxHead(), CReLU(), AbsViaRelus()], ids=["softmax-head", "crelu", "abs"])
 def test_cancellation_across_channels_loses_nothing(model):
     result = sweep(model, (1, 3, 12, 12), "center", keep_masks=True)
     assert result.support.tolist() == [9]
