@@ -132,9 +132,12 @@ def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
     return all(tuple(pos) in swept for pos in wanted.tolist())
 
 
-def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult | None:
+def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, *,
+                   corners_only: bool = False) -> SweepResult | None:
     """Sweep the positions the geometry fit needs, unless the main sweep has them all or they cannot help.
 
+    With `corners_only` (the geometry is already composed exactly) only the corners are swept, to
+    tell a global RF.
     When the corners were swept and every RF already spans the whole input, no position at this size
     can show a box clear of the border: the fit then comes from the composed or enlarged geometry (or
     the local sweep). When the centre's RF spans the whole input, only the corners are swept (to
@@ -144,11 +147,17 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult
     spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
     if spans or covers(main, extra):
         return None
-    if centre_spans(main):
+    if corners_only or centre_spans(main):
         extra = "corners"
         if covers(main, extra):
             return None
     return sweep(model, job.input_shape, extra, **sweep_options(job))
+
+
+def global_context(local: SweepResult | None) -> bool:
+    """Tell whether every RF is global through global context (the local sweep's RFs are smaller than the
+    input): then no larger input has an RF clear of the border either."""
+    return local is not None and not analysis.is_global(analysis.Boxes.of(local), local.input_spatial)
 
 
 def centre_spans(result: SweepResult) -> bool:
@@ -268,10 +277,11 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
     with timed(job, "geometry and local sweeps"):
-        geometry = geometry_sweep(model, job, main)
-        composed = composed_geometry(model, job, main, geometry)
-        enlarged = None if composed else enlarged_sweep(model, job, main, geometry, growth_frame)
+        composed = composed_geometry(model, job, main, None)
+        geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
         local = local_sweep(model, job, main, geometry)
+        enlarged = None if composed or global_context(local) else enlarged_sweep(model, job, main, geometry,
+                                                                                growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
                               composed=composed)
     with timed(job, "effective RF"):
