@@ -10,9 +10,10 @@ so the whole table costs about one backward pass however deep the model is.
 
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
 border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
-unclipped values are only lower bounds, and they are taken from a rerun at a doubled input
-instead when the model accepts one and the pass shows no op that makes the geometry depend on
-the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
+unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
+input doubled along that axis (the other axes shrunk to a quarter: windows along one axis do not
+depend on the others) when the model accepts one and the pass shows no op that makes the
+geometry depend on the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
 previous and next neighbours' windows move by different steps or not at all, as through
 upsampling or a transposed convolution, or change size away from any border) cannot be
 composed: it, and every layer reading from it, is measured directly by a backward from its probe
@@ -37,6 +38,7 @@ from rfreport.schema import Column, Schema, register
 from rfreport.sweep import mask_bounds, one_hot_weights
 
 MAX_DOUBLINGS = 3
+STRETCH_MIN = 32  # a rerun stretched along one axis keeps the others at least this size
 ENLARGE_LIMIT = 1 << 18  # input pixels (spatial) a rerun may use
 REPEAT = "#"  # a module's later calls are captured as `name#2`, `name#3`, ... (composed through, not reported)
 POOLED_GRID = 4  # a one-cell output whose window spans a whole grid this large per axis is global pooling
@@ -85,7 +87,7 @@ class _Affine:
     stride: np.ndarray
     anchor: np.ndarray
     start: np.ndarray
-    exact: bool
+    exact: np.ndarray  # per axis
 
     @property
     def padding(self) -> np.ndarray:
@@ -260,8 +262,8 @@ def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizi
 
 
 def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray,
-                  grid: np.ndarray) -> tuple[bool, bool]:
-    """Return (clipped, nonaffine) for a layer's windows on one predecessor grid.
+                  grid: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Return (clipped per axis, nonaffine) for a layer's windows on one predecessor grid.
 
     Clipped: the centre window meets the grid border, or a next neighbour's window differs in size
     from the centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
@@ -272,7 +274,7 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
     ndim, hit = len(grid), count > 0
     touch = (lo == 0) | (hi == grid - 1)
     size = hi - lo + 1
-    clipped = bool(hit[0] and touch[0].any())
+    clipped = touch[0] & hit[0]
     nonaffine = bool(hit[1:-1].any() and not hit[0])
     for axis in range(ndim):
         sides = [r for r in (1 + axis, 1 + ndim + axis) if rows[r, axis] != rows[0, axis] and hit[r] and hit[0]]
@@ -282,7 +284,7 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
             if not (touch[r].any() or touch[0].any()):
                 nonaffine = True
             elif r <= ndim:  # the composition reads the next neighbours; the previous ones only check steps
-                clipped = True
+                clipped[axis] = True
         if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
             after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
             nonaffine = nonaffine or after != before or (after == 0 and not touch[0, axis])
@@ -292,12 +294,12 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
 def _compose(windows: dict, done: dict, rows: np.ndarray, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     """Union the predecessors' composed boxes per probe row (NaN where a row sees nothing).
 
-    Also say whether the result is exact (no window clipped by a predecessor's grid border, see
-    `_window_flags`, every predecessor exact) and whether it is pooled: a `single`-cell output whose window
-    spans a whole predecessor grid of at least POOLED_GRID cells per axis, or a layer depending on
-    one (global pooling: no larger input would make it exact).
+    Also say per axis whether the result is exact (no window clipped by a predecessor's grid
+    border there, see `_window_flags`, every predecessor exact there) and whether it is pooled: a
+    `single`-cell output whose window spans a whole predecessor grid of at least POOLED_GRID cells
+    per axis, or a layer depending on one (global pooling: no larger input would make it exact).
     """
-    lows, highs, exact, pooled = [], [], True, False
+    lows, highs, exact, pooled = [], [], np.ones(rows.shape[1], dtype=bool), False
     for source, (lo, hi, count) in windows.items():
         hit = count > 0
         first, last = done[source].affine.box(lo, hi)
@@ -305,29 +307,28 @@ def _compose(windows: dict, done: dict, rows: np.ndarray, single: bool) -> tuple
         highs.append(np.where(hit[:, None], last, -np.inf))
         grid = np.array(done[source].out)
         clipped, _ = _window_flags(rows, lo, hi, count, grid)
-        exact = exact and done[source].affine.exact and not clipped
+        exact = exact & done[source].affine.exact & ~clipped
         pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
             single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
     lo, hi = np.min(lows, axis=0), np.max(highs, axis=0)
     return np.where(np.isinf(lo), np.nan, lo), np.where(np.isinf(hi), np.nan, hi), exact, pooled
 
 
-def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _Affine:
+def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: np.ndarray) -> _Affine:
     """Read RF size, stride and start at the centre row from composed unclipped bounds."""
     mid = rows[0]
     ndim = len(mid)
     steps = np.array([rows[1 + a, a] - mid[a] for a in range(ndim)], dtype=float)
     moved = np.array([lo[1 + a, a] - lo[0, a] for a in range(ndim)], dtype=float)
     stride = np.divide(moved, steps, out=np.full(ndim, np.nan), where=steps != 0)
-    if not exact:  # a window pinned to the border does not move: that says nothing about the stride
-        stride[moved == 0] = np.nan
+    stride[(moved == 0) & ~exact] = np.nan  # a window pinned to the border does not move: no stride there
     return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, anchor=mid.astype(float), start=lo[0], exact=exact)
 
 
 def _input_layer(input_shape: tuple[int, ...]) -> _Layer:
     """Return the model input as a pseudo-layer: RF 1, stride 1, padding 0 on every axis."""
     ndim = len(input_shape) - 2
-    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), np.zeros(ndim), True)
+    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), np.zeros(ndim), np.ones(ndim, dtype=bool))
     return _Layer("", "input", input_shape[1], tuple(input_shape[2:]), np.ones(ndim, dtype=np.int64), identity,
                   False, False, False)
 
@@ -340,16 +341,27 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
-    if np.isnan(lo[0]).any() or np.isnan(hi[0]).any():  # the centre sees nothing, or through an unknown layer
-        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan), False)
-        unknown = any(count[0] > 0 for _lo, _hi, count in seen.windows.values())
+    blind = np.isnan(lo[0]) | np.isnan(hi[0])  # the centre sees nothing, or reads through an unknown layer
+    unknown = bool(blind.any() and any(count[0] > 0 for _lo, _hi, count in seen.windows.values()))
+    if blind.all():
+        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan),
+                          np.zeros(len(n), dtype=bool))
         return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
                       known.get(seen.name, nothing), False, False, pooled, unknown=unknown)
-    affine = known.get(seen.name) or _measure(rows, lo, hi, exact)
+    affine = _with_known(_measure(rows, lo, hi, exact & ~blind), known.get(seen.name))
     covers = (lo <= 0) & (hi >= n - 1)
     size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),
-                  bool(covers[0].all() and covers[-1].all()), pooled)
+                  bool(covers[0].all() and covers[-1].all()), pooled, unknown=unknown)
+
+
+def _with_known(affine: _Affine, known: _Affine | None) -> _Affine:
+    """Take the axes a larger input measured exactly from `known`, the others from `affine`."""
+    if known is None:
+        return affine
+    take = known.exact & ~affine.exact
+    return _Affine(*(np.where(take, getattr(known, f), getattr(affine, f))
+                     for f in ("rf", "stride", "anchor", "start", "exact")))
 
 
 def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
@@ -359,7 +371,8 @@ def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
     ndim = len(n)
     size = np.where(count[0], hi[0] - lo[0] + 1, 0)
     unknown = np.full(ndim, np.nan)
-    affine = _Affine(rf=size.astype(float), stride=unknown, anchor=rows[0].astype(float), start=unknown, exact=False)
+    affine = _Affine(rf=size.astype(float), stride=unknown, anchor=rows[0].astype(float), start=unknown,
+                     exact=np.zeros(ndim, dtype=bool))
     covers = (lo <= 0) & (hi >= n - 1) & (count > 0)[:, None]
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size.astype(np.int64), affine,
                   bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()), False, direct=True)
@@ -393,10 +406,10 @@ def _dependency_order(captured: list[_Windows]) -> list[_Windows]:
 
 
 def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> list[_Layer]:
-    """Measure every layer, taking the unclipped geometry of inexact ones from doubled inputs.
+    """Measure every layer, taking the unclipped geometry of inexact axes from inputs stretched along them.
 
     The windows of the given input are recomposed with those exact geometries, so RF extents at
-    the given size stay exact too. Stops when every layer is exact, pooled or measured directly,
+    the given size stay exact too. Per axis, stops when every layer is exact there, pooled or measured directly,
     after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
     the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
     unknown then (read through a predecessor without a stride) are measured directly.
@@ -404,24 +417,41 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
     base = _capture(model, input_shape, **options)
     known: dict[str, _Affine] = {}
     measured = _compose_all(base.layers, input_shape, known)
-    for doubling in range(1, MAX_DOUBLINGS + 1):
-        bigger = (*input_shape[:2], *(n << doubling for n in input_shape[2:]))
-        if (base.size_dependent or all(m.affine.exact or m.pooled or m.direct for m in measured)
-                or math.prod(bigger[2:]) > ENLARGE_LIMIT):
-            break
-        try:
-            larger = _compose_all(_capture(model, bigger, **options).layers, bigger, known)
-        except SweepError:
-            break
-        fixed = {m.name: m.affine for m in larger
-                 if m.affine.exact and np.isfinite(m.affine.stride).all() and m.name not in known}
-        if fixed:
-            known.update(fixed)
-            measured = _compose_all(base.layers, input_shape, known)
+    for axis in range(len(input_shape) - 2):
+        for doubling in range(1, MAX_DOUBLINGS + 1):
+            bigger = _stretched(input_shape, axis, doubling)
+            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct for m in measured)
+                    or math.prod(bigger[2:]) > ENLARGE_LIMIT):
+                break
+            try:
+                larger = _compose_all(_capture(model, bigger, **options).layers, bigger, known)
+            except SweepError:
+                break
+            fixed = {m.name: _with_known(known.get(m.name) or m.affine, _on_axis(m.affine, axis)) for m in larger
+                     if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis])}
+            if fixed:
+                known.update(fixed)
+                measured = _compose_all(base.layers, input_shape, known)
     unknown = frozenset(m.name for m in measured if m.unknown)
     if unknown:  # a predecessor's geometry stayed unknown at every size: measure those layers directly
         measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
+
+
+def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
+    """Return the input shape with one spatial axis doubled `doubling` times and the others at a quarter.
+
+    Windows along one axis do not depend on the other axes' sizes, so those shrink to keep the
+    rerun cheap (never below STRETCH_MIN, nor above their given size).
+    """
+    spatial = [min(n, max(n // 4, STRETCH_MIN)) for n in input_shape[2:]]
+    spatial[axis] = input_shape[2 + axis] << doubling
+    return (*input_shape[:2], *spatial)
+
+
+def _on_axis(affine: _Affine, axis: int) -> _Affine:
+    """Keep only one axis of a geometry as exact."""
+    return replace(affine, exact=np.arange(len(affine.exact)) == axis)
 
 
 def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
@@ -429,7 +459,7 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
     measured = [m for m in measured if REPEAT not in m.name]
     data: dict[str, object] = {
         "order": np.arange(len(measured)), "layer": [m.name for m in measured], "type": [m.type for m in measured],
-        "channels": [m.channels for m in measured], "rf_exact": [m.affine.exact for m in measured],
+        "channels": [m.channels for m in measured], "rf_exact": [bool(m.affine.exact.all()) for m in measured],
         "border": [m.border for m in measured], "global": [m.is_global for m in measured],
     }
     for axis, a in enumerate(axis_names(ndim)):
@@ -454,7 +484,7 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
     names = leaves if layer in leaves else [*leaves, layer]
     captured = _capture(model, shape, names, mode, device, seed, upto=layer)
     row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
-    if not row.affine.exact or not np.isfinite(row.affine.stride).all():
+    if not row.affine.exact.all() or not np.isfinite(row.affine.stride).all():
         return None
     return row.affine.rf, row.affine.stride, row.affine.padding
 
