@@ -11,7 +11,7 @@ so the whole table costs about one backward pass however deep the model is.
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
 border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
 unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
-input doubled along that axis (the other axes shrunk to a quarter: windows along one axis do not
+input doubled along that axis (the other axes shrunk to an eighth: windows along one axis do not
 depend on the others) when the model accepts one and the pass shows no op that makes the
 geometry depend on the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
 previous and next neighbours' windows move by different steps or not at all, as through
@@ -439,12 +439,12 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
 
 
 def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
-    """Return the input shape with one spatial axis doubled `doubling` times and the others at a quarter.
+    """Return the input shape with one spatial axis doubled `doubling` times and the others at an eighth.
 
     Windows along one axis do not depend on the other axes' sizes, so those shrink to keep the
     rerun cheap (never below STRETCH_MIN, nor above their given size).
     """
-    spatial = [min(n, max(n // 4, STRETCH_MIN)) for n in input_shape[2:]]
+    spatial = [min(n, max(n // 8, STRETCH_MIN)) for n in input_shape[2:]]
     spatial[axis] = input_shape[2 + axis] << doubling
     return (*input_shape[:2], *spatial)
 
