@@ -118,20 +118,26 @@ class _Layer:
     unknown: bool = False     # its centre reads a predecessor whose geometry is unknown
 
 
-def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
+def probe_rows(shape: tuple[int, ...], axis: int | None = None, corner: bool = True) -> np.ndarray:
     """Return the output positions probed per layer: centre, next and previous neighbour per axis, first corner.
 
     A missing neighbour (an axis of one or two cells) repeats the centre, or the other side for the next one.
+    With `axis`, only the next neighbour on that axis is probed besides the centre (the other rows repeat
+    it); without `corner`, the corner row repeats the centre too. Repeated rows cost nothing.
     """
     mid = np.array(center(shape), dtype=np.int64)
     following, previous = [], []
-    for axis, n in enumerate(shape):
+    for a, n in enumerate(shape):
         after, before = mid.copy(), mid.copy()
-        after[axis] = mid[axis] + 1 if mid[axis] + 1 < n else max(mid[axis] - 1, 0)
-        before[axis] = max(mid[axis] - 1, 0)
+        after[a] = mid[a] + 1 if mid[a] + 1 < n else max(mid[a] - 1, 0)
+        before[a] = max(mid[a] - 1, 0)
         following.append(after)
         previous.append(before)
-    return np.stack([mid, *following, *previous, np.zeros(len(shape), dtype=np.int64)])
+    if axis is not None:
+        following = [f if a == axis else mid for a, f in enumerate(following)]
+        previous = [mid] * len(shape)
+    first = np.zeros(len(shape), dtype=np.int64) if corner and axis is None else mid
+    return np.stack([mid, *following, *previous, first])
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ class _Windows:
     out: tuple[int, ...]
     twin: str | None
     windows: dict
+    rows: np.ndarray
     direct: tuple | None = None
 
 
@@ -161,11 +168,12 @@ class _Capture:
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
-             force: frozenset[str] = frozenset()) -> _Capture:
+             force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
-    layers in `force` (and those reading from them) are measured directly.
+    layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
+    choose the probe rows (see probe_rows).
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
@@ -178,9 +186,12 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
                 continue
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
-            masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
+            rows = probe_rows(out, axis, corner)
+            unique, back = np.unique(rows, axis=0, return_inverse=True)
+            masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
-                                 {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
+                                 {source: tuple(v[back.ravel()] for v in mask_bounds(mask)[:3])
+                                  for source, mask in masks.items()}, rows))
         # a channels-last or token layout reshapes on purpose: there the window checks alone decide
         resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
                     and _reads_through_resizing(engine, w.name)}
@@ -191,7 +202,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
 def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
     """Measure the named layers (not measured yet) by a backward from their probe rows to the input."""
     def direct(w: _Windows) -> tuple:
-        mask = engine.local_support(w.name, one_hot_weights(probe_rows(w.out), w.out), sources=[None])[None]
+        mask = engine.local_support(w.name, one_hot_weights(w.rows, w.out), sources=[None])[None]
         return mask_bounds(mask)[:3]
     return [replace(w, direct=direct(w)) if w.name in names and w.direct is None else w for w in seen]
 
@@ -255,7 +266,7 @@ def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizi
     found: set[str] = set()
     for w in _dependency_order(seen):
         if (w.name in resizing or w.twin in found or any(source in found for source in w.windows)
-                or any(_window_flags(probe_rows(w.out), *bounds, np.array(grids[source]))[1]
+                or any(_window_flags(w.rows, *bounds, np.array(grids[source]))[1]
                        for source, bounds in w.windows.items())):
             found.add(w.name)
     return found
@@ -337,7 +348,7 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     """Measure one layer by composing its windows; an exact geometry from a larger input overrides its own."""
     if seen.twin is not None:
         return replace(done[seen.twin], name=seen.name, type=seen.type)
-    rows = probe_rows(seen.out)
+    rows = seen.rows
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
@@ -424,10 +435,11 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
             try:
-                larger = _compose_all(_capture(model, bigger, **options).layers, bigger, known)
+                larger = _compose_all(_capture(model, bigger, **options, axis=axis).layers, bigger, known)
             except SweepError:
                 break
-            fixed = {m.name: _with_known(known.get(m.name) or m.affine, _on_axis(m.affine, axis)) for m in larger
+            fixed = {m.name: _with_known(known[m.name], _on_axis(m.affine, axis)) if m.name in known
+                     else _on_axis(m.affine, axis) for m in larger
                      if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis])}
             if fixed:
                 known.update(fixed)
@@ -482,7 +494,7 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
     shape = check_input_shape(tuple(input_shape))
     leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
     names = leaves if layer in leaves else [*leaves, layer]
-    captured = _capture(model, shape, names, mode, device, seed, upto=layer)
+    captured = _capture(model, shape, names, mode, device, seed, upto=layer, corner=False)
     row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
     if not row.affine.exact.all() or not np.isfinite(row.affine.stride).all():
         return None
