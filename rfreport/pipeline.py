@@ -277,9 +277,12 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
     with timed(job, "geometry and local sweeps"):
-        composed = composed_geometry(model, job, main, None)
+        # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
+        spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
+        local = local_sweep(model, job, main, None) if spans else None
+        composed = None if global_context(local) else composed_geometry(model, job, main, None)
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
-        local = local_sweep(model, job, main, geometry)
+        local = local or local_sweep(model, job, main, geometry)
         enlarged = None if composed or global_context(local) else enlarged_sweep(model, job, main, geometry,
                                                                                 growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
