@@ -416,14 +416,17 @@ def _dependency_order(captured: list[_Windows]) -> list[_Windows]:
     return ordered
 
 
-def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> list[_Layer]:
+def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
+             global_context: bool = False) -> list[_Layer]:
     """Measure every layer, taking the unclipped geometry of inexact axes from inputs stretched along them.
 
     The windows of the given input are recomposed with those exact geometries, so RF extents at
     the given size stay exact too. Per axis, stops when every layer is exact there, pooled or measured directly,
     after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
     the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
-    unknown then (read through a predecessor without a stride) are measured directly.
+    unknown then (read through a predecessor without a stride) are measured directly. With
+    `global_context` (the model's RFs are global through global pooling), layers whose centre RF
+    covers the input here are not rerun (honestly inexact): global context keeps them so at every size.
     """
     base = _capture(model, input_shape, **options)
     known: dict[str, _Affine] = {}
@@ -431,7 +434,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> l
     for axis in range(len(input_shape) - 2):
         for doubling in range(1, MAX_DOUBLINGS + 1):
             bigger = _stretched(input_shape, axis, doubling)
-            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct for m in measured)
+            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct
+                                           or (global_context and m.border) for m in measured)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
             try:
@@ -502,12 +506,14 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
-                 device: str = "auto", seed: int = 0, layout: str = "nchw") -> pd.DataFrame:
+                 device: str = "auto", seed: int = 0, layout: str = "nchw",
+                 global_context: bool = False) -> pd.DataFrame:
     """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order.
 
     `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
-    it are skipped.
+    it are skipped. `global_context` (known from a local sweep) spares larger inputs for layers whose
+    RF is global here.
     """
     shape = check_input_shape(tuple(input_shape))
     options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
-    return _frame(_refined(model, shape, options), len(shape) - 2)
+    return _frame(_refined(model, shape, options, global_context), len(shape) - 2)

@@ -227,10 +227,11 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
                  **sweep_options(job))
 
 
-def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
+def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout)
+                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout,
+                               global_context=global_context)
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
@@ -274,12 +275,13 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
-    with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job) if growth else None
-    with timed(job, "geometry and local sweeps"):
+    with timed(job, "local sweep"):
         # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
         spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
         local = local_sweep(model, job, main, None) if spans else None
+    with timed(job, "layer growth"):
+        growth_frame = layer_frame(model, job, global_context(local)) if growth else None
+    with timed(job, "geometry and local sweeps"):
         composed = None if global_context(local) else composed_geometry(model, job, main, None)
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
         local = local or local_sweep(model, job, main, geometry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -242,3 +243,19 @@ def test_layers_after_a_size_dependent_resize_are_measured_directly():
     assert frame.loc["first", "rf_exact"] and not frame.loc["last", "rf_exact"]
     direct = sweep(Resized(), (1, 1, 16, 16), "center", layer="last")
     assert frame.loc["last", "h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
+
+
+def test_global_context_spares_larger_inputs_and_changes_nothing(monkeypatch):
+    from rfreport import layers as layers_mod
+    from rfreport.examples import se_net
+
+    calls = []
+    capture = layers_mod._capture
+    monkeypatch.setattr(layers_mod, "_capture", lambda *a, **k: calls.append(a[1]) or capture(*a, **k))
+    plain = layer_growth(se_net(in_channels=1, width=4, depth=2), (1, 1, 16, 16), layers=["0", "2", "3"])
+    rerun = len(calls)
+    calls.clear()
+    spared = layer_growth(se_net(in_channels=1, width=4, depth=2), (1, 1, 16, 16), layers=["0", "2", "3"],
+                          global_context=True)
+    assert len(calls) < rerun
+    pd.testing.assert_frame_equal(plain, spared)
