@@ -487,22 +487,31 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
     return LAYERS.frame(data, ndim)
 
 
-def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "structural", device: str = "auto",
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Return the exact unclipped RF size, stride and padding per axis of a layer's centre, or None.
+@dataclass(frozen=True)
+class TargetGeometry:
+    """The unclipped RF size, stride and padding per axis of a layer's centre, composed at one input size."""
 
-    Composed from the windows of every leaf module the layer reads from, at the given input size
-    only; None when that composition is not exact (a window cut by a grid border, a non-affine
-    layer on the way, a single-cell axis without a stride).
+    rf: np.ndarray
+    stride: np.ndarray
+    padding: np.ndarray
+    exact: bool     # every value is exact
+    pooled: bool    # the layer reads through global pooling: its RF is global at every size
+
+
+def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "structural", device: str = "auto",
+                    seed: int = 0) -> TargetGeometry:
+    """Compose a layer's centre geometry from the windows of every leaf module it reads from.
+
+    At the given input size only; not exact when a window is cut by a grid border, a non-affine
+    layer is on the way or a single-cell axis has no stride.
     """
     shape = check_input_shape(tuple(input_shape))
     leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
     names = leaves if layer in leaves else [*leaves, layer]
     captured = _capture(model, shape, names, mode, device, seed, upto=layer, corner=False)
     row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
-    if not row.affine.exact.all() or not np.isfinite(row.affine.stride).all():
-        return None
-    return row.affine.rf, row.affine.stride, row.affine.padding
+    exact = bool(row.affine.exact.all() and np.isfinite(row.affine.stride).all())
+    return TargetGeometry(row.affine.rf, row.affine.stride, row.affine.padding, exact, row.pooled)
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",

@@ -193,22 +193,26 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
 
 
 def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
-                      geometry: SweepResult | None) -> list[tuple] | None:
-    """Compose the target's exact geometry from per-layer windows when every RF is clipped at this size.
+                      geometry: SweepResult | None) -> layers.TargetGeometry | None:
+    """Compose the target's geometry from per-layer windows when every RF is clipped at this size.
 
     Only for a named NCHW layer (its output is captured as it is) and a pass without size-dependent ops
-    (whose windows a few probe rows cannot vouch for); None when the composition is not exact.
+    (whose windows a few probe rows cannot vouch for); None otherwise or when the model refuses.
     """
     spec = job.spec
     if (spec.layer is None or spec.output is not None or spec.layout != "nchw" or main.size_dependent_ops
             or not analysis.needs_larger_input(main, geometry)):
         return None
     try:
-        found = layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,
-                                       device=job.options.device, seed=job.options.seed)
+        return layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,
+                                      device=job.options.device, seed=job.options.seed)
     except SweepError:
         return None
-    return None if found is None else list(zip(*found))
+
+
+def exact_axes(found: layers.TargetGeometry | None) -> list[tuple] | None:
+    """Return (size, stride, padding) per axis of an exact composed geometry, else None."""
+    return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
 
 
 def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
@@ -282,11 +286,13 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job, global_context(local)) if growth else None
     with timed(job, "geometry and local sweeps"):
-        composed = None if global_context(local) else composed_geometry(model, job, main, None)
+        found = None if global_context(local) else composed_geometry(model, job, main, None)
+        composed = exact_axes(found)
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
         local = local or local_sweep(model, job, main, geometry)
-        enlarged = None if composed or global_context(local) else enlarged_sweep(model, job, main, geometry,
-                                                                                growth_frame)
+        pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
+        enlarged = None if composed or pooled or global_context(local) else enlarged_sweep(
+            model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
                               composed=composed)
     with timed(job, "effective RF"):

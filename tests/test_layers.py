@@ -218,13 +218,16 @@ def test_target_geometry_matches_the_recurrences_or_declines(case):
     layers, shape = case
     model = nn.Sequential(nn.Sequential(*(layer.module(1) for layer in layers)))
     found = target_geometry(model, (1, 1, *shape), "0")
-    if found is not None:
-        assert [tuple(v[axis] for v in found) for axis in range(2)] == [recurrence(layers, a) for a in range(2)]
+    if found.exact:
+        assert [(found.rf[a], found.stride[a], found.padding[a]) for a in range(2)] == [
+            recurrence(layers, a) for a in range(2)]
 
 
 def test_target_geometry_of_a_clipped_residual_network():
-    rf, stride, padding = target_geometry(TinyResNet(), (1, 1, 16, 16), "relu2")
-    assert rf.tolist() == [17, 17] and stride.tolist() == [2, 2] and padding.tolist() == [8, 8]
+    found = target_geometry(TinyResNet(), (1, 1, 16, 16), "relu2")
+    assert found.exact and not found.pooled
+    assert found.rf.tolist() == [17, 17] and found.stride.tolist() == [2, 2] and found.padding.tolist() == [8, 8]
+    assert target_geometry(TinyResNet(), (1, 1, 16, 16), "pool").pooled
 
 
 class Resized(nn.Module):
