@@ -279,18 +279,18 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
-    with timed(job, "local sweep"):
+    with timed(job, "local sweep and composed geometry"):
         # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
         spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
         local = local_sweep(model, job, main, None) if spans else None
-    with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job, global_context(local)) if growth else None
-    with timed(job, "geometry and local sweeps"):
         found = None if global_context(local) else composed_geometry(model, job, main, None)
         composed = exact_axes(found)
+        pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
+    with timed(job, "layer growth"):
+        growth_frame = layer_frame(model, job, global_context(local) or pooled) if growth else None
+    with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
         local = local or local_sweep(model, job, main, geometry)
-        pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
         enlarged = None if composed or pooled or global_context(local) else enlarged_sweep(
             model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
