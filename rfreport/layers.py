@@ -502,14 +502,15 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
                     seed: int = 0) -> TargetGeometry:
     """Compose a layer's centre geometry from the windows of every leaf module it reads from.
 
-    At the given input size only; not exact when a window is cut by a grid border, a non-affine
-    layer is on the way or a single-cell axis has no stride.
+    Axes whose windows a grid border cuts are taken from inputs stretched along them (see
+    `_refined`); not exact when that fails, a non-affine layer is on the way or a single-cell axis
+    has no stride.
     """
     shape = check_input_shape(tuple(input_shape))
     leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
     names = leaves if layer in leaves else [*leaves, layer]
-    captured = _capture(model, shape, names, mode, device, seed, upto=layer, corner=False)
-    row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
+    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False}
+    row = {m.name: m for m in _refined(model, shape, options)}[layer]
     exact = bool(row.affine.exact.all() and np.isfinite(row.affine.stride).all())
     return TargetGeometry(row.affine.rf, row.affine.stride, row.affine.padding, exact, row.pooled)
 
