@@ -424,7 +424,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     the given size stay exact too. Per axis, stops when every layer is exact there, pooled or measured directly,
     after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
     the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
-    unknown then (read through a predecessor without a stride) are measured directly. With
+    unknown then (read through a predecessor without a stride) are measured directly (not when
+    only the layer `upto` of the options is wanted: its reruns stop once it is settled). With
     `global_context` (the model's RFs are global through global pooling), layers whose centre RF
     covers the input here are not rerun (honestly inexact): global context keeps them so at every size.
     """
@@ -434,8 +435,9 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     for axis in range(len(input_shape) - 2):
         for doubling in range(1, MAX_DOUBLINGS + 1):
             bigger = _stretched(input_shape, axis, doubling)
+            chosen = [m for m in measured if m.name == options.get("upto")] or measured
             if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct
-                                           or (global_context and m.border) for m in measured)
+                                           or (global_context and m.border) for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
             try:
@@ -449,7 +451,7 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
                 known.update(fixed)
                 measured = _compose_all(base.layers, input_shape, known)
     unknown = frozenset(m.name for m in measured if m.unknown)
-    if unknown:  # a predecessor's geometry stayed unknown at every size: measure those layers directly
+    if unknown and not options.get("upto"):  # geometry unknown at every size: measure those layers directly
         measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
 
