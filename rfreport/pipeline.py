@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder
+from rfreport import __version__, analysis, audit, erf, frames, layers, models, progress, report, runfolder
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -236,10 +236,9 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
 
 @contextmanager
 def timed(job: Job, stage: str) -> Iterator[None]:
-    """Log how long a stage of a job took (debug level: it lands in log.txt)."""
-    started = time.perf_counter()
-    yield
-    logger.debug("%s: %s took %.1f s", job.slug, stage, time.perf_counter() - started)
+    """Log how long a stage of a job took: in log.txt, and on the console when it was slow."""
+    with progress.stage(f"{job.slug}: {stage}"):
+        yield
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
@@ -355,5 +354,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
         meta["duration_s"] = round(time.perf_counter() - started, 3)
         runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
-        report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
+        progress.announce("rendering the report of %d job(s)", len(entries))
+        with progress.stage("rendering the report", slow_s=0.0):
+            report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
     return runfolder.load(out_dir)

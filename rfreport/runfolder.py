@@ -22,7 +22,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,7 +83,7 @@ class ModelRun:
     @cached_property
     def frames(self) -> dict[str, pd.DataFrame]:
         """Read every Parquet frame of this model, keyed by frame name (positions, geometry, ...)."""
-        return {Path(rel).stem: pd.read_parquet(self._file(rel))
+        return {Path(rel).stem: self._read(rel, pd.read_parquet)
                 for rel in self.entry.get("files", []) if rel.endswith(".parquet")}
 
     @cached_property
@@ -91,13 +91,24 @@ class ModelRun:
         """Read coverage (ndarray) and the position-keyed masks and erf_maps ({position: ndarray})."""
         arrays: dict[str, Any] = {}
         for rel in self.entry.get("files", []):
-            stem, path = Path(rel).stem, self._file(rel)
+            stem = Path(rel).stem
             if rel.endswith(".npy"):
-                arrays[stem] = np.load(path)
+                arrays[stem] = self._read(rel, np.load)
             elif rel.endswith(".npz"):
-                with np.load(path) as archive:
-                    arrays[stem] = {parse_position_key(key): archive[key] for key in archive.files}
+                arrays[stem] = self._read(rel, _read_npz)
         return arrays
+
+    def _read(self, rel: str, reader: Callable[[Path], Any]) -> Any:
+        """Read a listed file with `reader`, turning any failure into one line naming the file."""
+        path = self._file(rel)
+        try:
+            return reader(path)
+        except RunFolderError:
+            raise
+        except Exception as exc:  # pyarrow, numpy and zipfile raise many types for a damaged file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"{path}: unreadable (model {self.name!r}; {type(exc).__name__}: "
+                                 f"{first}); rerun the model or restore the file") from exc
 
     def _file(self, rel: str) -> Path:
         """Return the absolute path of a file the entry lists, or raise if it is missing."""
@@ -121,6 +132,12 @@ class Run:
             if model.slug == slug:
                 return model
         raise RunFolderError(f"{self.path}: no model {slug!r}")
+
+
+def _read_npz(path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Read a position-keyed .npz archive into {position: ndarray}."""
+    with np.load(path) as archive:
+        return {parse_position_key(key): archive[key] for key in archive.files}
 
 
 def slugify(name: str, input_shape: Sequence[int]) -> str:
