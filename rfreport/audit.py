@@ -39,7 +39,9 @@ CHECKS: dict[str, Check] = {
     "max_rf": Check("center_rf_size", _per_axis(lambda v, lim: v <= lim)),
     "max_edge_fraction": Check("edge_fraction", lambda lim, v: v <= lim),
     "no_unseen": Check("unseen_pixels", lambda lim, v: v == 0),
-    "no_global": Check("global", lambda lim, v: not v),
+    "no_global": Check("global", lambda lim, v: v is False),
+    "no_full_coverage": Check("covering_positions", lambda lim, v: v == 0),
+    "max_covering_fraction": Check("covering_fraction", lambda lim, v: v <= lim),
     "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim)),
     "min_fill": Check("min_fill", lambda lim, v: v >= lim),
 }

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, progress, report, runfolder
+from rfreport import __version__, analysis, audit, context, erf, frames, layers, models, progress, report, runfolder
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -175,6 +175,14 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
                  **sweep_options(job))
 
 
+def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
+    """Find the global operations the analysed output depends on; none are looked for when no RF covers the input."""
+    if not analysis.covering(main.lo, main.hi, main.support, main.input_spatial).any():
+        return ()
+    return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
+                              device=job.options.device, seed=job.options.seed)
+
+
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
@@ -228,7 +236,10 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         geometry = geometry_sweep(model, job, main)
         enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
         local = local_sweep(model, job, main, geometry)
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
+    with timed(job, "global context"):
+        found = global_context(model, job, main)
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
+                              global_ops=found)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
