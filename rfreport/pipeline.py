@@ -95,10 +95,11 @@ def keep_masks(spec: ModelSpec) -> list:
 
 
 def plan(model: nn.Module, job: Job) -> np.ndarray:
-    """Resolve the job's positions on its output grid (one forward pass)."""
+    """Resolve the job's positions on its output grid (one forward pass, which checks the input's rank)."""
     spec, options = job.spec, job.options
-    with Engine(model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output),
-                device=options.device, seed=options.seed) as engine:
+    with models.rank_guard(model, job.input_shape, spec.name), Engine(
+            model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output), device=options.device,
+            seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 

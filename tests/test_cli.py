@@ -376,3 +376,59 @@ def test_a_damaged_frame_file_is_one_line_naming_it(ws, good_run, tmp_path, dama
     assert done.exit_code == 2 and "Traceback" not in done.output and done.stderr.count("\n") == 1
     assert done.stderr.startswith(f"Error: {copy if damage == 'missing' else frame}")
     assert "edges.parquet" in done.stderr
+
+
+UNBATCHED = """[[model]]
+name = "flat"
+factory = "torch.nn:Conv2d"
+kwargs = { in_channels = 16, out_channels = 1, kernel_size = 3 }
+input_shape = [3, 16, 16]
+[model.audit]
+min_rf = 1
+[[model]]
+name = "line"
+factory = "torch.nn:Conv1d"
+kwargs = { in_channels = 3, out_channels = 1, kernel_size = 3 }
+input_shape = [1, 3, 16]
+[model.audit]
+min_rf = 1
+"""
+
+
+def test_an_input_shape_the_model_reads_unbatched_fails_its_job_naming_the_key(tmp_path):
+    (tmp_path / "unbatched.toml").write_text(UNBATCHED)
+    done = invoke("check", tmp_path / "unbatched.toml", "--json", "-q")
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    flat, line = json.loads(done.stdout)["models"]
+    assert flat["status"] == "failed" and flat["error"] == (
+        "model 'flat': key 'input_shape': [3, 16, 16] gives 1 spatial axis, but the model's first spatial layer "
+        "(the model itself) (Conv2d) reads 2, so torch would take it as one unbatched sample (its N as channels): "
+        "give [N, C, *spatial] with 2 spatial axes")
+    assert line["status"] == "ok" and line["passed"]
+
+
+def test_the_rank_guard_checks_only_the_first_spatial_layer_and_leaves_no_hook():
+    import torch
+    from torch import nn
+
+    from rfreport.errors import SweepError
+    from rfreport.models import rank_guard
+
+    class Tokens(nn.Module):
+        """A 2-D stem, then a Conv1d over the flattened grid: only the stem is checked."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.mix = nn.Conv2d(1, 2, 3), nn.Conv1d(2, 2, 3)
+
+        def forward(self, x):
+            return self.mix(self.stem(x).flatten(2))
+
+    model = Tokens()
+    with rank_guard(model, (1, 1, 8, 8)):
+        model(torch.zeros(1, 1, 8, 8))
+    model3d = nn.Sequential(nn.Conv3d(1, 1, 3))
+    unbatched = r"layer 0 \(Conv3d\) reads 3, so torch would take it as one unbatched"
+    with pytest.raises(SweepError, match=unbatched), rank_guard(model3d, (1, 1, 8, 8)):
+        model3d(torch.zeros(1, 1, 8, 8))
+    assert all(not m._forward_pre_hooks for m in [*model.modules(), *model3d.modules()])
