@@ -270,6 +270,9 @@ def check_replaceable(path: str | os.PathLike) -> Path:
     if path == cwd or path in cwd.parents:
         raise RunFolderError(f"{given}: refusing to write a run over the current folder (or one above it); "
                              "choose a new or empty folder")
+    above = next((a for a in path.parents if a.exists() or a.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise RunFolderError(f"{given}: cannot create a run folder there ({above} is a file)")
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise RunFolderError(f"{given}: exists and is not a folder; refusing to replace it with a run folder")
     try:

@@ -158,6 +158,13 @@ def test_an_empty_folder_is_filled(tmp_path):
     assert [m.slug for m in run.models] == ["net-8x6"]
 
 
+def test_a_path_below_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunFolderError, match=rf"^{tmp_path / 'afile' / 'sub'}: cannot create a run folder there "
+                                             rf"\({tmp_path / 'afile'} is a file\)$"):
+        runfolder.write(tmp_path / "afile" / "sub", {}, [model_output()])
+
+
 @pytest.mark.parametrize("make", ["file", "notes", "link", "incomplete"])
 def test_anything_but_a_run_folder_or_an_empty_one_is_refused_and_kept(tmp_path, make):
     path = tmp_path / "out"
