@@ -28,8 +28,19 @@ from rfreport.progress import is_progress, stage
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
 MODES = ("structural", "gradient")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Prefix log records with their level; progress lines stay bare."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format one record for stderr."""
+        text = super().format(record)
+        return text if is_progress(record) else f"{record.levelname} {text}"
+
+
 CONSOLE = logging.StreamHandler()
-CONSOLE.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+CONSOLE.setFormatter(ConsoleFormatter("%(message)s"))
 
 
 class CommandError(click.ClickException):

@@ -346,8 +346,8 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "progress")
     assert done.exit_code == 0
     lines = done.stderr.splitlines()
-    assert lines[0].startswith("[1/1] tiny-17x17: ok (") and "rendering the report of 1 job(s)" in lines[1]
-    assert "rendering the report took" in lines[2] and len(lines) == 3
+    assert lines[0].startswith("[1/1] tiny-17x17: ok (") and lines[1] == "rendering the report of 1 job(s)"
+    assert lines[2].startswith("rendering the report took ") and len(lines) == 3
     quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
