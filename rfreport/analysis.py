@@ -514,7 +514,7 @@ def _context_summary(result: SweepResult, geo: pd.DataFrame, global_ops: Sequenc
     """Return the keys that tell global context (a global op) from RFs that merely cover the input."""
     covers = covering(result.lo, result.hi, result.support, result.input_spatial)
     count = int(covers.sum())
-    known = global_ops is not None or count == 0   # no RF covers the input: no global op can be on the path
+    known = global_ops is not None or count < len(covers)   # a global op on the path makes every RF cover
     first = global_ops[0] if global_ops else None
     is_global_context = bool(global_ops) if known else None
     return {

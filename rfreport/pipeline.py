@@ -177,8 +177,12 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 
 
 def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
-    """Find the global operations the analysed output depends on; none are looked for when no RF covers the input."""
-    if not analysis.covering(main.lo, main.hi, main.support, main.input_spatial).any():
+    """Find the global operations the analysed output depends on (one forward and backward pass).
+
+    A global operation on the path makes every RF cover the input, so they are looked for only when
+    every swept RF does (as for the local sweep); otherwise there is none.
+    """
+    if not analysis.is_global(analysis.Boxes.of(main), main.input_spatial):
         return ()
     return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
                               device=job.options.device, seed=job.options.seed)
