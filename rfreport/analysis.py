@@ -451,6 +451,11 @@ def is_global(boxes: Boxes, input_spatial: Sequence[int]) -> bool:
     return bool(len(boxes.positions) and ((boxes.lo <= 0) & (boxes.hi >= n - 1)).all())
 
 
+def one_box(boxes: Boxes) -> bool:
+    """Tell whether every swept position has the same RF box, as a global operation on the path makes them."""
+    return bool(len(boxes.positions) and (boxes.lo == boxes.lo[0]).all() and (boxes.hi == boxes.hi[0]).all())
+
+
 def covering(lo: np.ndarray, hi: np.ndarray, support: np.ndarray, input_spatial: Sequence[int]) -> np.ndarray:
     """Return per position whether its RF box covers the whole input on every axis (unrolled boxes too)."""
     n = np.array(input_spatial)
@@ -514,7 +519,7 @@ def _context_summary(result: SweepResult, geo: pd.DataFrame, global_ops: Sequenc
     """Return the keys that tell global context (a global op) from RFs that merely cover the input."""
     covers = covering(result.lo, result.hi, result.support, result.input_spatial)
     count = int(covers.sum())
-    known = global_ops is not None or count < len(covers)   # a global op on the path makes every RF cover
+    known = global_ops is not None or not one_box(Boxes.of(result))   # a global op gives every RF one box
     first = global_ops[0] if global_ops else None
     is_global_context = bool(global_ops) if known else None
     return {

@@ -179,10 +179,10 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
     """Find the global operations the analysed output depends on (one forward and backward pass).
 
-    A global operation on the path makes every RF cover the input, so they are looked for only when
-    every swept RF does (as for the local sweep); otherwise there is none.
+    A global operation on the path gives every output position the same RF box (all that its input
+    feature map sees), so they are looked for only when every swept position has one box.
     """
-    if not analysis.is_global(analysis.Boxes.of(main), main.input_spatial):
+    if not analysis.one_box(analysis.Boxes.of(main)):
         return ()
     return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
                               device=job.options.device, seed=job.options.seed)
