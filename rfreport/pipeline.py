@@ -168,9 +168,11 @@ def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
     return max(1, *(math.ceil(math.log2(max(w / n, 1.0))) for w, n in zip(widest, spatial)))
 
 
-def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
-    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
-    if not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
+def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
+                global_ops: Sequence[analysis.GlobalOp] = ()) -> SweepResult | None:
+    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input
+    or a global operation was found."""
+    if not global_ops and not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
         return None
     return sweep(model, job.input_shape, analysis.geometry_positions(main.output_spatial), local=True,
                  **sweep_options(job))
@@ -237,12 +239,12 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         main = main or main_sweep(model, job, plan(model, job), advance)
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
+    with timed(job, "global context"):
+        found = global_context(model, job, main)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main)
         enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
-        local = local_sweep(model, job, main, geometry)
-    with timed(job, "global context"):
-        found = global_context(model, job, main)
+        local = local_sweep(model, job, main, geometry, found)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
                               global_ops=found)
     with timed(job, "effective RF"):

@@ -112,6 +112,7 @@ def test_global_context_is_found_even_when_no_rf_covers_the_input():
     job = pipeline.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
     s = pipeline.compute(model, job, growth=False).analysed.summary
     assert (s["global"], s["global_from"], s["covering_positions"]) == (True, "1.gate.0", 0)  # pixel 15 is unseen
+    assert s["local_rf_size"] == [1, 1]
 
 
 def test_a_local_net_has_neither_finding():
