@@ -23,7 +23,15 @@ from torch import nn
 
 from rfreport.analysis import GlobalOp
 from rfreport.engine import Target, check_input_shape, forward_target, resolve_device
-from rfreport.surrogate import REDUCTIONS, StructuralMode, _is_differentiable, _reduced_dims, base_name, build_surrogate
+from rfreport.surrogate import (
+    REDUCTIONS,
+    StructuralMode,
+    _is_differentiable,
+    _reduced_dims,
+    base_name,
+    build_surrogate,
+    eager_forward,
+)
 
 SPATIAL_NORMS = frozenset({"group_norm", "instance_norm"})   # statistics over every spatial position
 TRAILING_NORMS = frozenset({"layer_norm", "rms_norm"})       # over space when they normalise >= 2 trailing dims
@@ -85,12 +93,13 @@ def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target |
                device: str | torch.device = "auto", seed: int = 0) -> tuple[GlobalOp, ...]:
     """Return the global operations the analysed output depends on, in forward order (empty: none)."""
     shape = check_input_shape(tuple(input_shape))
-    surrogate = build_surrogate(model, seed).to(resolve_device(device))
-    generator = torch.Generator().manual_seed(seed)
-    x = (torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5).to(resolve_device(device))
+    where = resolve_device(device)
+    surrogate = build_surrogate(model, seed).to(where)
+    dtype = next((p.dtype for p in surrogate.parameters() if p.is_floating_point()), torch.float32)
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) + 0.5).to(where)
     recorder = _Recorder(len(shape), _track_modules(surrogate))
-    with torch.enable_grad(), recorder:
-        y = forward_target(surrogate, x.requires_grad_(True), target or Target(), shape)
+    with torch.enable_grad(), eager_forward(), recorder:
+        y = forward_target(surrogate, x.requires_grad_(True), target or Target(), shape, read_layout=False)
     if not recorder.taps or not y.requires_grad:
         return ()
     grads = torch.autograd.grad(y.sum(), [tap for _, tap in recorder.taps], allow_unused=True)
