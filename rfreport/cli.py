@@ -315,9 +315,10 @@ def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, e
 
 
 def write_atomically(path: Path, content: str) -> None:
-    """Write a text file through a temporary sibling, so an interrupted write leaves no partial file."""
+    """Write a text file (creating its folder) through a temporary sibling: an interrupted write leaves nothing."""
     partial = path.with_name(f".{path.name}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(content, encoding="utf-8")
         partial.replace(path)
     except OSError as exc:

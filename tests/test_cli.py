@@ -307,8 +307,7 @@ def ci_run(ws) -> Path:
 def test_check_writes_junit_with_failures_for_rules_and_errors_for_jobs(ci_run, tmp_path):
     import xml.etree.ElementTree as ET
 
-    path = tmp_path / "reports" / "audit.xml"
-    path.parent.mkdir()
+    path = tmp_path / "reports" / "audit.xml"   # the folder is created
     done = invoke("check", ci_run, "--junit", path)
     assert done.exit_code == 1 and "audit failed for tiny-17x17, broken-17x17" in done.stderr
     root = ET.parse(path).getroot()
