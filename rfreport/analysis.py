@@ -97,7 +97,7 @@ EDGES = register(Schema(
 class Finding:
     """One plain-language observation about a model's receptive fields."""
 
-    code: str        # stable id, e.g. "edge", "unseen", "global", "wrap", "holes", "nonaffine", "border"
+    code: str        # stable id, e.g. "edge", "unseen", "global", "covers", "wrap", "holes", "nonaffine", "border"
     severity: str    # "info" | "warning"
     message: str     # a plain sentence for the report
 
