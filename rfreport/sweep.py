@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from rfreport import positions as positions_mod
+from rfreport import verify as verify_mod
 from rfreport.engine import Engine, Target
 from rfreport.errors import SweepError
 
@@ -48,6 +49,9 @@ class SweepResult:
     target: str = "model output"
     local: bool = False
     seconds: float = 0.0
+    verified: np.ndarray | None = None     # (P,) bool: the row was checked on the model by forward perturbation
+    violations: np.ndarray | None = None   # (P,) int64: perturbation trials that changed a checked row's output
+    verification: verify_mod.Verification | None = None
 
     @property
     def ndim(self) -> int:
@@ -183,14 +187,16 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
           mode: str = "structural", layer: str | None = None, output: str | int | None = None,
           batch_size: int | str = "auto", device: str = "auto", seed: int = 0, probes: int = 2,
           local: bool = False, keep_masks: positions_mod.PositionSpec | None = None,
-          method: str = "auto", progress=None) -> SweepResult:
+          method: str = "auto", progress=None, verify: int | bool | str = "auto") -> SweepResult:
     """Sweep the receptive fields of the selected output positions of a model.
 
     `positions` may also be a function of the output grid's shape returning a selection;
     `mode` is `structural` (exact theoretical RF) or `gradient` (naive data-dependent support);
     `layer`/`output` choose the analysed tensor; `keep_masks` names positions whose boolean
     support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
-    `progress`, if given, is called with the number of positions done after each chunk.
+    `progress`, if given, is called with the number of positions done after each chunk;
+    `verify` is how many swept positions are checked on the model itself (see verify.py):
+    `auto` (centre, corners and a few random ones in structural mode), `all`, a count, or False.
     """
     started = time.perf_counter()
     target = Target(layer=layer, output=output)
@@ -199,16 +205,36 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
         spec = positions(engine.output_spatial) if callable(positions) else positions
         selected = positions_mod.resolve(spec, engine.output_spatial)
         keep = positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0))
-        acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())),
+        count = verify_mod.resolve_count(verify, mode=mode, local=local, ndim=len(engine.input_spatial))
+        checks = verify_mod.choose(selected, engine.output_spatial, count, seed)
+        acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())) | set(map(tuple, checks.tolist())),
                            wrap="circular" in engine.padding_modes)
         size = resolve_batch_size(engine, batch_size)
         _run_method(method, engine, selected, size, acc, progress)
         pos, lo, hi, support, wrapped, path = acc.arrays()
-        return SweepResult(
+        result = SweepResult(
             input_shape=engine.input_shape, output_shape=engine.output_shape, mode=mode,
             device=str(engine.device), positions=pos, lo=lo, hi=hi, support=support, wrapped=wrapped,
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
             target=target.describe(), local=local, seconds=time.perf_counter() - started)
+    kept = set(map(tuple, keep.tolist()))
+    return with_verification(result, model, target, checks, kept, seed=seed, started=started)
+
+
+def with_verification(result: SweepResult, model: nn.Module, target: Target, checks: np.ndarray,
+                      keep: set[tuple[int, ...]], *, seed: int, started: float) -> SweepResult:
+    """Check the chosen rows on the model itself and record it; drop the masks only the check needed."""
+    verified, violations = np.zeros(len(result.positions), bool), np.zeros(len(result.positions), np.int64)
+    if not len(checks):
+        return replace(result, verified=verified, violations=violations)
+    masks = np.stack([result.masks[tuple(p)] for p in checks.tolist()])
+    done = verify_mod.verify(model, result.input_shape, target, checks, masks, seed=seed, device=result.device)
+    rows = {tuple(p): i for i, p in enumerate(done.positions.tolist())}
+    index = np.array([rows.get(tuple(p), -1) for p in result.positions.tolist()], dtype=np.int64)
+    verified = index >= 0
+    violations[verified] = done.violations[index[verified]]
+    return replace(result, masks={p: m for p, m in result.masks.items() if p in keep}, verified=verified,
+                   violations=violations, verification=done, seconds=time.perf_counter() - started)
 
 
 def _run_method(method: str, engine: Engine, selected: np.ndarray, size: int, acc: _Accumulator,
