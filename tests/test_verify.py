@@ -1,0 +1,265 @@
+"""Run-time verification by forward perturbation: no false alarm on real conv stacks, every planted lie caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn import functional as F
+
+from rfreport import analysis, audit
+from rfreport.cli import cli
+from rfreport.engine import Engine, Target
+from rfreport.errors import SweepError
+from rfreport.frames import positions_frame
+from rfreport.sweep import sweep
+from rfreport.verify import RTOL, choose, default_count, verify
+
+TINY = Path(__file__).parent / "data" / "tiny_model.py"
+
+
+class Residual(nn.Module):
+    """A strided stem and a residual block with batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 5, stride=2, padding=2), nn.BatchNorm2d(4), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return torch.relu(h + self.body(h))
+
+
+class BatchCoupled(nn.Module):
+    """Adds the batch mean of its features: batch elements are coupled even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h + h.mean(dim=0, keepdim=True)
+
+
+class BatchOfOne(nn.Module):
+    """Refuses any batch but one, through a hard-coded view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x).view(1, 2, 10, 10)
+
+
+class PositiveOnly(nn.Module):
+    """Runs on the sweep's positive probe but raises on a signed input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        if (x < 0).any():
+            raise ValueError("inputs must be non-negative")
+        return self.conv(x)
+
+
+class TileRounding(nn.Module):
+    """A 3x3 convolution computed like a fast algorithm: exact in theory, with rounding from its whole 8x8 tile.
+
+    `(y + t) - t` equals `y` in exact arithmetic, but in floating point it rounds `y` at the scale of
+    `t`, a large value built from every pixel of the tile, so pixels outside the RF move the output
+    by a few ulps, as a Winograd or FFT convolution does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        t = 1e3 * F.interpolate(F.avg_pool2d(x.abs().sum(1, keepdim=True), 8), scale_factor=8)
+        return (y + t) - t
+
+
+def large_kernels() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 7, padding=3), nn.ReLU(), nn.Conv2d(4, 2, 5, padding=2))
+
+
+def pooled() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, dilation=3, padding=3), nn.MaxPool2d(3, stride=2, ceil_mode=True),
+                         nn.Conv2d(3, 2, 3, stride=2), nn.BatchNorm2d(2))
+
+
+def residual_in_train_mode() -> nn.Module:
+    torch.manual_seed(0)
+    model = Residual().train()
+    for norm in (model.stem[1], model.body[1]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    return model
+
+
+def state_of(model: nn.Module) -> list:
+    """Snapshot everything a check must leave alone: flags, hooks, parameters and buffers."""
+    return [[m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+            [t.detach().clone() for t in [*model.parameters(), *model.buffers()]],
+            [(t.dtype, t.device) for t in model.parameters()]]
+
+
+def assert_same_state(before: list, after: list) -> None:
+    assert before[:3] == after[:3] and before[4] == after[4]
+    assert all(torch.equal(a, b) for a, b in zip(before[3], after[3], strict=True))
+
+
+@pytest.mark.parametrize(("build", "shape", "chosen"), [
+    (large_kernels, (1, 2, 64, 64), "grid:21"),
+    (pooled, (2, 1, 40, 36), "all"),
+    (residual_in_train_mode, (1, 3, 32, 32), "grid:5"),
+])
+def test_real_conv_stacks_raise_no_false_alarm(build, shape, chosen):
+    model = build()
+    before = state_of(model)
+    result = sweep(model, shape, chosen)
+    assert_same_state(before, state_of(model))
+    expected = min(default_count(2), len(result.positions))
+    assert result.verified.sum() == expected == result.verification.checked
+    assert not result.violations.any() and result.verification.max_deviation <= RTOL
+    assert result.verification.note == "" and result.verification.seconds > 0
+
+
+def test_checked_positions_are_the_centre_the_corners_and_random_ones():
+    grid = np.array([(i, j) for i in range(9) for j in range(7)])
+    picked = choose(grid, (9, 7), 7, seed=3)
+    assert {(4, 3), (0, 0), (0, 6), (8, 0), (8, 6)} <= set(map(tuple, picked.tolist()))
+    assert len(picked) == 7 and len(np.unique(picked, axis=0)) == 7
+    np.testing.assert_array_equal(picked, choose(grid, (9, 7), 7, seed=3))
+    assert len(choose(grid, (9, 7), 0)) == 0 and len(choose(grid[:3], (9, 7), 10)) == 3
+
+
+def test_a_support_one_pixel_too_small_is_caught_in_every_trial():
+    model = large_kernels()
+    result = sweep(model, (1, 2, 24, 24), [(12, 12), (0, 0), (23, 5)], keep_masks="all", verify=False)
+    masks = np.stack([result.masks[tuple(p)] for p in result.positions.tolist()])
+    honest = verify(model, (1, 2, 24, 24), Target(), result.positions, masks)
+    assert honest.checked == 3 and not honest.violations.any()
+    assert result.positions.tolist() == [[0, 0], [12, 12], [23, 5]]
+    masks[0, 0, 0] = False                        # drop one pixel the corner position really reads
+    caught = verify(model, (1, 2, 24, 24), Target(), result.positions, masks, samples=4)
+    assert caught.violations.tolist() == [4, 0, 0] and caught.failed == 1
+    assert caught.deviation[0] > 1e-6 > RTOL >= caught.deviation[1:].max()
+
+
+def test_rounding_noise_from_outside_the_rf_is_not_a_dependency():
+    model = TileRounding()
+    true_rf = sweep(model.conv, (1, 2, 16, 16), "all", keep_masks="all", verify=False)
+    masks = np.stack([true_rf.masks[tuple(p)] for p in true_rf.positions.tolist()])
+    done = verify(model, (1, 2, 16, 16), Target(), true_rf.positions, masks)
+    assert 0 < done.max_deviation < RTOL and not done.violations.any()
+    masks[:, 8:, :] = False      # but one row of a real dependency dropped is caught
+    caught = verify(model, (1, 2, 16, 16), Target(), true_rf.positions, masks)
+    reads_row_8 = true_rf.positions[:, 0] >= 7
+    assert (caught.violations[reads_row_8] == 3).all() and not caught.violations[~reads_row_8].any()
+
+
+def erase_first_column(monkeypatch) -> None:
+    """Make the structural engine under-report: the first column of every support is dropped."""
+    real = Engine.input_grads
+
+    def bogus(self, weights):
+        grads = real(self, weights).clone()
+        first = (grads > 0).any(dim=-2).to(torch.int8).argmax(dim=-1)
+        grads[torch.arange(len(grads)), :, first] = 0
+        return grads
+
+    monkeypatch.setattr(Engine, "input_grads", bogus)
+
+
+def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(monkeypatch):
+    erase_first_column(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), "grid:4", method="dense")
+    assert result.verified.sum() == default_count(2)
+    assert (result.violations[result.verified] == 3).all() and not result.violations[~result.verified].any()
+    frame = positions_frame(result)
+    assert frame["verified"].tolist() == result.verified.tolist()
+    assert frame["violations"].tolist() == result.violations.tolist()
+    done = analysis.analyze(result)
+    assert done.summary["verified"] == default_count(2) == done.summary["violations"]
+    warning = next(f for f in done.findings if f.code == "not_exact")
+    assert warning.severity == "warning" and warning.message.startswith(f"Not exact: {default_count(2)} of ")
+    rows = audit.evaluate({}, {"status": "ok", **done.summary})
+    assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False}]
+
+
+def test_honest_summary_has_no_finding_and_no_audit_row():
+    done = analysis.analyze(sweep(large_kernels(), (1, 2, 20, 20), "grid:4"))
+    assert done.summary["verified"] == default_count(2) and done.summary["violations"] == 0
+    assert not [f for f in done.findings if f.code in ("not_exact", "unverified")]
+    assert audit.evaluate({}, {"status": "ok", **done.summary}) == []
+
+
+def test_check_and_inspect_fail_on_a_violation(monkeypatch, tmp_path):
+    erase_first_column(monkeypatch)
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'[[model]]\nname = "tiny"\nfactory = "{TINY}:build"\ninput_shape = [1, 1, 12, 12]\n'
+                      'positions = "all"\n')
+    checked = CliRunner().invoke(cli, ["check", str(config)])
+    assert checked.exit_code == 1
+    assert "tiny-12x12  exact  0      " in checked.stdout and "FAIL" in checked.stdout
+    assert checked.stderr.endswith("Error: audit failed for tiny-12x12\n")
+    shown = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12", "--json",
+                                     "--positions", "corners"])
+    record = json.loads(shown.stdout)
+    assert record["exact"] is False and record["verified"] == 4 == record["violations"]
+    assert [(p["verified"], p["violations"]) for p in record["positions"]] == [(True, 3)] * 4
+
+
+def test_inspect_reports_exact_when_nothing_changes():
+    shown = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12", "--json"])
+    record = json.loads(shown.stdout)
+    assert record["exact"] is True and record["verified"] == 1 and record["violations"] == 0
+    assert record["positions"][0]["verified"] is True and record["positions"][0]["violations"] == 0
+
+
+@pytest.mark.parametrize("model", [BatchCoupled(), BatchOfOne()])
+def test_stacking_never_invents_a_violation(model):
+    result = sweep(model, (1, 2, 12, 12), "all", verify=6)
+    assert result.verified.sum() == 6 and not result.violations.any()
+
+
+def test_a_model_that_cannot_run_the_check_is_reported_unverified():
+    result = sweep(PositiveOnly(), (1, 1, 9, 9), "all")
+    assert not result.verified.any() and result.verification.checked == 0
+    assert result.verification.note == ("the float64 copy of the model did not run: the model raised ValueError on "
+                                        "input shape (1, 1, 9, 9): inputs must be non-negative")
+    finding = next(f for f in analysis.analyze(result).findings if f.code == "unverified")
+    assert finding.severity == "info" and "not verified on the model" in finding.message
+
+
+def test_verification_is_off_where_supports_are_smaller_on_purpose_or_when_asked():
+    model = large_kernels()
+    for options in ({"mode": "gradient"}, {"local": True}, {"verify": False}, {"verify": 0}):
+        result = sweep(model, (1, 2, 10, 10), "corners", **options)
+        assert result.verification is None and not result.verified.any() and not result.violations.any()
+    assert sweep(model, (1, 2, 10, 10), "all", verify="all").verified.all()
+    with pytest.raises(SweepError, match="verify must be auto, all, true, false or a number"):
+        sweep(model, (1, 2, 10, 10), "corners", verify="some")
+
+
+def test_a_layer_target_is_checked_on_that_layer():
+    model = pooled()
+    result = sweep(model, (1, 1, 30, 30), "all", layer="1")
+    assert result.verified.sum() == default_count(2) and not result.violations.any()
