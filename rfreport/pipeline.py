@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder
+from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder, verify
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -111,8 +111,9 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advanc
         done += count
         advance(done, len(selected))
 
+    checks = verify.among(job.spec.positions, mode=job.spec.mode, seed=job.options.seed)  # chunks agree
     return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
-                 progress=progress if advance else None, **sweep_options(job))
+                 progress=progress if advance else None, verify=checks, **sweep_options(job))
 
 
 def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:

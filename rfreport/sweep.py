@@ -187,7 +187,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
           mode: str = "structural", layer: str | None = None, output: str | int | None = None,
           batch_size: int | str = "auto", device: str = "auto", seed: int = 0, probes: int = 2,
           local: bool = False, keep_masks: positions_mod.PositionSpec | None = None,
-          method: str = "auto", progress=None, verify: int | bool | str = "auto") -> SweepResult:
+          method: str = "auto", progress=None, verify: verify_mod.Checks = "auto") -> SweepResult:
     """Sweep the receptive fields of the selected output positions of a model.
 
     `positions` may also be a function of the output grid's shape returning a selection;
@@ -196,7 +196,8 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
     support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
     `progress`, if given, is called with the number of positions done after each chunk;
     `verify` is how many swept positions are checked on the model itself (see verify.py):
-    `auto` (centre, corners and a few random ones in structural mode), `all`, a count, or False.
+    `auto` (centre, corners and a few random ones in structural mode), `all`, a count, False, or
+    explicit positions (or a function of the output grid returning them), checked where swept.
     """
     started = time.perf_counter()
     target = Target(layer=layer, output=output)
@@ -205,8 +206,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
         spec = positions(engine.output_spatial) if callable(positions) else positions
         selected = positions_mod.resolve(spec, engine.output_spatial)
         keep = positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0))
-        count = verify_mod.resolve_count(verify, mode=mode, local=local, ndim=len(engine.input_spatial))
-        checks = verify_mod.choose(selected, engine.output_spatial, count, seed)
+        checks = verify_mod.plan(verify, selected, engine.output_spatial, mode=mode, local=local, seed=seed)
         acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())) | set(map(tuple, checks.tolist())),
                            wrap="circular" in engine.padding_modes)
         size = resolve_batch_size(engine, batch_size)

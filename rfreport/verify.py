@@ -42,7 +42,7 @@ from torch import nn
 
 from rfreport.engine import Target, forward_target, resolve_device
 from rfreport.errors import SweepError
-from rfreport.positions import center
+from rfreport.positions import PositionSpec, center, resolve
 
 RTOL = 1e-9                  # a change above this share of the output's magnitude is a dependency
 SAMPLES = 3                  # random (base input, perturbation) trials per checked position
@@ -96,6 +96,32 @@ def join(parts: Sequence[Verification | None]) -> Verification | None:
 def default_count(ndim: int) -> int:
     """Return how many positions `verify="auto"` checks: the centre, every corner and a few random ones."""
     return 1 + 2 ** ndim + RANDOM_POSITIONS
+
+
+Chooser = Callable[[tuple[int, ...]], np.ndarray]   # output grid -> positions to check
+Checks = int | bool | str | Sequence[Sequence[int]] | Chooser
+
+
+def plan(verify: Checks, selected: np.ndarray, output_spatial: Sequence[int], *, mode: str, local: bool,
+         seed: int) -> np.ndarray:
+    """Return the swept positions a sweep checks: a count or flag (see resolve_count) or explicit positions.
+
+    Explicit positions (or a function of the output grid returning them) are checked where swept.
+    """
+    grid = tuple(int(n) for n in output_spatial)
+    if callable(verify):
+        verify = verify(grid)
+    if isinstance(verify, (list, tuple, np.ndarray)):
+        wanted = set(map(tuple, np.asarray(verify, dtype=np.int64).reshape(-1, len(grid)).tolist()))
+        return selected[[tuple(p) in wanted for p in selected.tolist()]].reshape(-1, len(grid))
+    return choose(selected, grid, resolve_count(verify, mode=mode, local=local, ndim=len(grid)), seed)
+
+
+def among(spec: PositionSpec, verify: Checks = "auto", *, mode: str, seed: int) -> Chooser:
+    """Return a `verify` argument that picks from a whole selection, so sweeps of its chunks check the same rows."""
+    def pick(grid: tuple[int, ...]) -> np.ndarray:
+        return plan(verify, resolve(spec, grid), grid, mode=mode, local=False, seed=seed)
+    return pick
 
 
 def resolve_count(verify: int | bool | str, *, mode: str, local: bool, ndim: int) -> int:

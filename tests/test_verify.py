@@ -255,6 +255,8 @@ def test_verification_is_off_where_supports_are_smaller_on_purpose_or_when_asked
         result = sweep(model, (1, 2, 10, 10), "corners", **options)
         assert result.verification is None and not result.verified.any() and not result.violations.any()
     assert sweep(model, (1, 2, 10, 10), "all", verify="all").verified.all()
+    chosen = sweep(model, (1, 2, 10, 10), "corners", verify=[(0, 9), (5, 5)])    # checked where swept
+    assert chosen.positions[chosen.verified].tolist() == [[0, 9]]
     with pytest.raises(SweepError, match="verify must be auto, all, true, false or a number"):
         sweep(model, (1, 2, 10, 10), "corners", verify="some")
 
