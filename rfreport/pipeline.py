@@ -111,7 +111,7 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advanc
         done += count
         advance(done, len(selected))
 
-    checks = verify.among(job.spec.positions, mode=job.spec.mode, seed=job.options.seed)  # chunks agree
+    checks = verify.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
     return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
                  progress=progress if advance else None, verify=checks, **sweep_options(job))
 

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from torch import nn
 from torch.nn import functional as F
 
-from rfreport import analysis, audit
+from rfreport import analysis, audit, config, pipeline
 from rfreport.cli import cli
 from rfreport.engine import Engine, Target
-from rfreport.errors import SweepError
+from rfreport.errors import ConfigError, SweepError
 from rfreport.frames import positions_frame
 from rfreport.sweep import sweep
 from rfreport.verify import RTOL, choose, default_count, verify
@@ -265,3 +265,31 @@ def test_a_layer_target_is_checked_on_that_layer():
     model = pooled()
     result = sweep(model, (1, 1, 30, 30), "all", layer="1")
     assert result.verified.sum() == default_count(2) and not result.violations.any()
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", "auto"), ('verify = "all"', "all"), ("verify = false", False),
+                                                ("verify = 4", 4), ("verify = true", True)])
+def test_the_verify_config_key(tmp_path, text, expected):
+    path = tmp_path / "run.toml"
+    path.write_text(f'[[model]]\nname = "a"\nfactory = "{TINY}:build"\ninput_shape = [1, 1, 12, 12]\n{text}\n')
+    assert config.load([path]).models[0].verify == expected
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('"some"', "must be one of auto, all, not 'some'"),
+    ("-1", "must be a number of positions >= 0, not -1"),
+    ("1.5", "must be auto, all, true, false or a number of positions, not float 1.5"),
+])
+def test_a_bad_verify_value_names_file_model_and_key(tmp_path, text, problem):
+    path = tmp_path / "run.toml"
+    path.write_text(f'[[model]]\nname = "a"\nfactory = "{TINY}:build"\ninput_shape = [1, 1, 12, 12]\nverify = {text}\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load([path])
+    assert str(caught.value) == f"{path}: model 'a': key 'verify': {problem}"
+
+
+def test_a_job_checks_as_many_positions_as_its_config_says(tmp_path):
+    spec = config.ModelSpec(name="tiny", factory=f"{TINY}:build", input_shapes=((1, 1, 12, 12),), verify=2)
+    result = pipeline.run_job(pipeline.Job(spec, (1, 1, 12, 12), config.RunOptions()))
+    assert result.frames["positions"]["verified"].sum() == 2 == result.summary["verified"]
+    assert result.summary["violations"] == 0
