@@ -337,6 +337,10 @@ def inspect_text(record: dict) -> str:
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
              f"({record['mode']})", "", table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    if "verified" in record:
+        lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
+                     f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
+                     "input outside the reported RF was perturbed)")
     return "\n".join(lines)
 
 

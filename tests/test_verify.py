@@ -223,6 +223,9 @@ def test_check_and_inspect_fail_on_a_violation(monkeypatch, tmp_path):
     shown = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12", "--json",
                                      "--positions", "corners"])
     record = json.loads(shown.stdout)
+    table = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12"])
+    assert table.stdout.splitlines()[-1] == ("exact: NO (1 of 1 verified position(s) changed when input outside "
+                                             "the reported RF was perturbed)")
     assert record["exact"] is False and record["verified"] == 4 == record["violations"]
     assert [(p["verified"], p["violations"]) for p in record["positions"]] == [(True, 3)] * 4
 
@@ -232,6 +235,8 @@ def test_inspect_reports_exact_when_nothing_changes():
     record = json.loads(shown.stdout)
     assert record["exact"] is True and record["verified"] == 1 and record["violations"] == 0
     assert record["positions"][0]["verified"] is True and record["positions"][0]["violations"] == 0
+    table = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12"])
+    assert table.stdout.splitlines()[-1] == "exact: yes (1 position(s) verified on the model)"
 
 
 @pytest.mark.parametrize("model", [BatchCoupled(), BatchOfOne()])
