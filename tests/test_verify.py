@@ -175,6 +175,40 @@ def test_rounding_noise_from_outside_the_rf_is_not_a_dependency():
     assert (caught.violations[reads_row_8] == 3).all() and not caught.violations[~reads_row_8].any()
 
 
+class LyingShift(torch.autograd.Function):
+    """Shifts right by 3 columns, but its backward claims the identity: an op no engine rule knows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return F.pad(x, (3, 0))[..., :x.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_an_op_whose_gradient_lies_is_caught_on_the_real_model():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    model = nn.Sequential(conv, LambdaModule(LyingShift.apply))
+    result = sweep(model, (1, 1, 12, 12), "all")
+    checked = result.positions[result.verified]
+    reads_shifted = checked[:, 1] >= 3      # columns 0-2 hold the shift's zero padding: constant outputs
+    assert reads_shifted.sum() >= 4
+    np.testing.assert_array_equal(result.violations[result.verified], np.where(reads_shifted, 3, 0))
+
+
+class LambdaModule(nn.Module):
+    """Wraps a function as a module."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
 def erase_first_column(monkeypatch) -> None:
     """Make the structural engine under-report: the first column of every support is dropped."""
     real = Engine.input_grads
