@@ -20,8 +20,8 @@ from rfreport.sweep import sweep
 from rfreport.verify import RTOL
 
 CASES = (
-    ("fcn 5x conv3x3", lambda: conv_stack(5, 16), (1, 3, 64, 64), None),
-    ("u-net 3 levels", UNet, (1, 3, 64, 64), None),
+    ("fcn 5x conv3x3", lambda: conv_stack(5, 16), (1, 3, 32, 32), None),
+    ("u-net 3 levels", UNet, (1, 3, 32, 32), None),
     ("resnet18 layer4", resnet18, (1, 3, 224, 224), "layer4"),
 )
 
