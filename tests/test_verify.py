@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,6 +20,8 @@ from rfreport.errors import ConfigError, SweepError
 from rfreport.frames import positions_frame
 from rfreport.sweep import sweep
 from rfreport.verify import RTOL, choose, default_count, verify
+from tests.oracle import Layer, lengths, support_mask
+from tests.test_sweep import build, layer_stacks
 
 TINY = Path(__file__).parent / "data" / "tiny_model.py"
 
@@ -139,6 +142,27 @@ def test_real_conv_stacks_raise_no_false_alarm(build, shape, chosen):
     assert result.verified.sum() == expected == result.verification.checked
     assert not result.violations.any() and result.verification.max_deviation <= RTOL
     assert result.verification.note == "" and result.verification.seconds > 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(layer_stacks(rank=2))
+def test_random_stacks_pass_against_the_set_propagation_oracle(case):
+    layers, shape = case
+    model = build(layers)
+    out = tuple(lengths(layers, axis, n)[-1] for axis, n in enumerate(shape))
+    grid = np.array(list(np.ndindex(*out)))
+    chosen = choose(grid, out, default_count(2), seed=1)
+    masks = np.stack([support_mask(layers, shape, tuple(p)) for p in chosen.tolist()])
+    done = verify(model, (1, 2, *shape), Target(), chosen, masks, samples=2)
+    assert done.checked == len(chosen) and not done.violations.any()
+
+
+def test_outputs_that_are_nan_on_every_pass_are_unchanged():
+    """Regression: a max-pool window wholly in padding gives -inf, and a conv after it NaN, on every pass."""
+    layers = [Layer("conv", (1, 4), (1, 1), (0, 2), (1, 3)), Layer("max", (1, 2), (1, 1), (0, 1), (1, 2)),
+              Layer("conv", (1, 2), (1, 1), (0, 1), (1, 1))]
+    result = sweep(build(layers), (1, 2, 4, 6), "all", verify="all")
+    assert result.verified.all() and not result.violations.any()
 
 
 def test_checked_positions_are_the_centre_the_corners_and_random_ones():
