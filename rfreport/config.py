@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rfreport import positions as positions_mod
-from rfreport.errors import ConfigError, ModelLoadError, PositionError
+from rfreport.errors import ConfigError, ModelLoadError, PositionError, SweepError
+from rfreport.layouts import parse_layout
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
 EXECUTORS = ("local", "ray")
@@ -63,6 +64,7 @@ class ModelSpec:
     erf: dict[str, Any] | None = None              # {samples, positions, distribution, images} or None
     image: Path | None = None                      # a user image shown under the report's overlays
     layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
+    layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
     config_file: Path | None = None
     verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.verify)
 
@@ -76,6 +78,8 @@ class RunOptions:
     device: str = "auto"
     batch_size: int | str = "auto"
     seed: int = 0
+    cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.cache)
+    cache_dir: str | None = None     # the cache folder (None: $RFREPORT_CACHE_DIR or ~/.cache/rfreport)
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,14 @@ def _output(value: Any, where: _Where, key: str) -> str | int:
     return _expect(value, (str, int), "a string key or an integer index", where, key)
 
 
+def _layout(value: Any, where: _Where, key: str) -> str:
+    """Validate an output layout: nchw, nhwc, tokens or tokens:HxW."""
+    try:
+        return str(parse_layout(_string(value, where, key)))
+    except SweepError as exc:
+        raise where.error(key, str(exc)) from None
+
+
 def _mode(value: Any, where: _Where, key: str) -> str:
     """Validate a sweep mode."""
     from rfreport.engine import MODES  # torch-heavy; see _factory
@@ -320,6 +332,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "erf": _erf,
     "image": _path,
     "layers": _layers,
+    "layout": _layout,
     "verify": _verify,
 }
 RUN_KEYS: dict[str, Checker] = {
@@ -381,8 +394,8 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
         kwargs=values.get("kwargs", {}), checkpoint=values.get("checkpoint"), layer=values.get("layer"),
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
-        image=values.get("image"), layers=values.get("layers"), config_file=file,
-        verify=values.get("verify", "auto"))
+        image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
+        config_file=file, verify=values.get("verify", "auto"))
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder, verify
+from rfreport import __version__, analysis, audit, cache, erf, frames, layers, models, runfolder, verify
 from rfreport import positions as positions_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
+from rfreport.layouts import parse_layout
 from rfreport.sweep import SweepResult, sweep
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class JobResult:
     findings: tuple[dict, ...] = ()                                 # {code, severity, message}
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
     arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position
+    cached: bool = False                                            # taken from the incremental-audit cache
 
 
 def make_jobs(config: RunConfig) -> list[Job]:
@@ -85,7 +87,7 @@ def sweep_options(job: Job) -> dict[str, Any]:
     """Return the sweep keyword arguments every sweep of a job shares."""
     spec, options = job.spec, job.options
     return {"mode": spec.mode, "layer": spec.layer, "output": spec.output, "device": options.device,
-            "seed": options.seed, "batch_size": options.batch_size}
+            "seed": options.seed, "batch_size": options.batch_size, "layout": spec.layout}
 
 
 def keep_masks(spec: ModelSpec) -> list:
@@ -97,8 +99,9 @@ def keep_masks(spec: ModelSpec) -> list:
 def plan(model: nn.Module, job: Job) -> np.ndarray:
     """Resolve the job's positions on its output grid (one forward pass)."""
     spec, options = job.spec, job.options
-    with Engine(model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output),
-                device=options.device, seed=options.seed) as engine:
+    target = Target(spec.layer, spec.output, parse_layout(spec.layout))
+    with Engine(model, job.input_shape, mode=spec.mode, target=target, device=options.device,
+                seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
@@ -180,7 +183,7 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed)
+                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout)
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
@@ -245,25 +248,43 @@ def timed(job: Job, stage: str) -> Iterator[None]:
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
-    """Build the model, run every stage of a job and assemble its result."""
-    done = compute(models.build(job.spec), job, advance, main)
+    """Build the model and return the job's cached result, or run every stage, assemble and cache its result."""
+    model = models.build(job.spec)
+    slot = cache.slot(model, job)
+    if (hit := slot.load()) is not None:
+        return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
+                         frames=hit.frames, arrays=hit.arrays, **hit.values)
+    done = compute(model, job, advance, main)
     main, result, measured = done.main, done.analysed, done.erf_result
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
                     "erf": measured.metrics if measured else None}
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
-    return JobResult(
+    result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
         summary=dict(result.summary) | (measured.summary() if measured else {}),
         findings=tuple(asdict(f) for f in result.findings),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
+    slot.save_result(result)
+    return result
 
 
 def inspect(job: Job, advance: Advance | None = None) -> dict:
-    """Sweep one job without layer growth and return the JSON record of `rfreport inspect --json`."""
-    done = compute(models.build(job.spec), job, advance, growth=False)
+    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept without layer growth."""
+    model = models.build(job.spec)
+    slot = cache.slot(model, job, "inspect")
+    if (hit := slot.load()) is not None:
+        return hit.values | {"cached": True}
+    record = inspect_record(model, job, advance)
+    slot.save(record)
+    return record | {"cached": False}
+
+
+def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
+    """Sweep one job's model without layer growth and return its inspect record."""
+    done = compute(model, job, advance, growth=False)
     summary, frame = done.analysed.summary, done.analysed.positions
     letters = positions_mod.axis_names(done.main.ndim)
 
@@ -302,7 +323,7 @@ def one_line(exc: BaseException) -> str:
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
-    target = Target(job.spec.layer, job.spec.output).describe()
+    target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
                      status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 
@@ -313,7 +334,7 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              **result.summary, "findings": list(result.findings)}
+              **result.summary, "findings": list(result.findings), "cached": result.cached}
     return {**values, "audit": audit.evaluate(job.spec.audit, values)}
 
 
@@ -358,11 +379,13 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
 
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
+    from rfreport import report  # matplotlib and Jinja2 load only when a report is written, not for inspect
     started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
         entries = [runfolder.write_model(staging, output) for output in outputs(jobs, executor)]
         meta["duration_s"] = round(time.perf_counter() - started, 3)
+        meta["cache"] = cache.describe(config.options, entries)
         runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
         report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)

@@ -51,9 +51,6 @@ SCALES = (1.0, 8.0, 0.125)   # perturbation magnitudes cycled over the trials (s
 CPU_BATCH_BYTES = 256 << 20
 MAX_STACK = 32
 
-Layout = Callable[[torch.Tensor], torch.Tensor]   # the analysed tensor -> (N, C, *spatial)
-
-
 @dataclass(frozen=True)
 class Verification:
     """Forward-perturbation check of reported supports on a float64 eval copy of the model (no autograd)."""
@@ -156,12 +153,12 @@ def choose(selected: np.ndarray, output_spatial: Sequence[int], count: int, seed
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positions: np.ndarray,
-           masks: np.ndarray, *, layout: Layout | None = None, samples: int = SAMPLES, seed: int = 0,
+           masks: np.ndarray, *, samples: int = SAMPLES, seed: int = 0,
            device: str | torch.device = "auto") -> Verification:
     """Check that perturbing every input entry outside each position's support leaves its output unchanged.
 
-    `masks` holds one boolean support (*input_spatial) per row of `positions`; `layout` turns the
-    analysed tensor into (N, C, *spatial) (identity when None).
+    `masks` holds one boolean support (*input_spatial) per row of `positions`; the target's
+    layout reads the analysed tensor as (N, C, *spatial), as in the sweep.
     """
     started = time.perf_counter()
     positions = np.asarray(positions, dtype=np.int64).reshape(len(masks), -1)
@@ -173,7 +170,7 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     except Exception as exc:  # a model that cannot be copied or cast is reported unverified, not failed
         return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
                        note=f"the model could not be copied to float64 ({type(exc).__name__})")
-    runner = _Runner(working, shape, target, layout or (lambda y: y))
+    runner = _Runner(working, shape, target)
     violations = np.zeros(len(positions), dtype=np.int64)
     deviation = np.zeros(len(positions))
     with torch.no_grad(), deterministic():
@@ -213,8 +210,8 @@ def deterministic() -> Iterator[None]:
 class _Runner:
     """Forward passes of the float64 copy: a base input, then perturbed inputs stacked along the batch axis."""
 
-    def __init__(self, working: nn.Module, input_shape: tuple[int, ...], target: Target, layout: Layout):
-        self.working, self.input_shape, self.target, self.layout = working, input_shape, target, layout
+    def __init__(self, working: nn.Module, input_shape: tuple[int, ...], target: Target):
+        self.working, self.input_shape, self.target = working, input_shape, target
         self.device = next((t.device for t in [*working.parameters(), *working.buffers()]), torch.device("cpu"))
         per_item = 16 * math.prod(input_shape) * 8
         budget = CPU_BATCH_BYTES
@@ -227,7 +224,7 @@ class _Runner:
         # a model that draws random numbers in eval mode (noise layers) draws the same ones on every pass
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(0)
-            y = self.layout(forward_target(self.working, x, self.target, self.input_shape))
+            y = forward_target(self.working, x, self.target, self.input_shape)
         if y.shape[0] != x.shape[0]:
             raise SweepError(f"the output batch {y.shape[0]} differs from the input batch {x.shape[0]}")
         return y

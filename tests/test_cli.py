@@ -157,7 +157,7 @@ def inspect_json(ws: Path, *args: str) -> dict:
 def test_inspect_json_has_exactly_the_documented_schema(ws):
     record = inspect_json(ws, "--pos", "3,3", "--positions", "corners")
     assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "verified",
-                            "violations", "exact"]
+                            "violations", "exact", "cached"]
     assert record["verified"] == 5 and record["violations"] == 0 and record["exact"] is True
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"

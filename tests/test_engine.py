@@ -28,10 +28,10 @@ class TwoHeads(nn.Module):
 
 
 def state_of(model: nn.Module):
-    """Snapshot the flags and hooks a sweep must restore."""
+    """Snapshot the flags, hooks, parameters and buffers a sweep must restore."""
     return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
             [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-            [p.detach().clone() for p in model.parameters()])
+            [t.detach().clone() for t in model.state_dict().values()])
 
 
 def assert_same_state(before, after) -> None:
@@ -101,7 +101,7 @@ def test_wrong_input_channels_are_reported():
 
 def test_classifier_output_asks_for_a_spatial_layer():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3))
-    with pytest.raises(SweepError, match="expected \\(N, C, 2 spatial axes\\)"):
+    with pytest.raises(SweepError, match="expects \\(N, C, 2 spatial axes\\)"):
         sweep(model, (1, 1, 6, 6))
 
 
