@@ -43,6 +43,7 @@ from torch import nn
 from rfreport.engine import Target, forward_target, resolve_device
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve
+from rfreport.surrogate import eager_forward, unwrap_compiled
 
 RTOL = 1e-9                  # a change above this share of the output's magnitude is a dependency
 SAMPLES = 3                  # random (base input, perturbation) trials per checked position
@@ -173,7 +174,7 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     runner = _Runner(working, shape, target)
     violations = np.zeros(len(positions), dtype=np.int64)
     deviation = np.zeros(len(positions))
-    with torch.no_grad(), deterministic():
+    with torch.no_grad(), deterministic(), eager_forward():  # compiled and checkpointed code as plain calls
         for trial in range(samples):
             try:
                 changed, relative = runner.trial(positions, masks, seed, trial)
@@ -195,8 +196,9 @@ def _result(positions, violations, deviation, samples, started, note: str = "") 
 
 
 def float64_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """Return a float64, eval-mode deep copy of the model on a device, leaving the model as it is."""
-    return copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
+    """Return a float64, eval-mode deep copy of the model on a device (compiled modules unwrapped), leaving it as is."""
+    plain = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model)))
+    return plain.to(device=device, dtype=torch.float64).eval()
 
 
 @contextmanager
