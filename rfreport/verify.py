@@ -163,26 +163,28 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     """
     started = time.perf_counter()
     positions = np.asarray(positions, dtype=np.int64).reshape(len(masks), -1)
+    masks = np.asarray(masks, dtype=bool)
     shape = tuple(int(n) for n in input_shape)
-    if len(positions) == 0:
-        return _result(positions, np.zeros(0), np.zeros(0), samples, started)
+    violations = np.zeros(len(positions), dtype=np.int64)
+    deviation = np.zeros(len(positions))
+    rest = ~masks.reshape(len(masks), math.prod(shape[2:])).all(axis=1)   # a whole-input support: nothing to perturb
+    if not rest.any():
+        return _result(positions, violations, deviation, samples, started)
     try:
         working = float64_copy(model, resolve_device(device))
     except Exception as exc:  # a model that cannot be copied or cast is reported unverified, not failed
         return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
                        note=f"the model could not be copied to float64 ({type(exc).__name__})")
     runner = _Runner(working, shape, target)
-    violations = np.zeros(len(positions), dtype=np.int64)
-    deviation = np.zeros(len(positions))
     with torch.no_grad(), deterministic(), eager_forward():  # compiled and checkpointed code as plain calls
         for trial in range(samples):
             try:
-                changed, relative = runner.trial(positions, masks, seed, trial)
+                changed, relative = runner.trial(positions[rest], masks[rest], seed, trial)
             except SweepError as exc:
                 return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
                                note=f"the float64 copy of the model did not run: {exc}")
-            violations += changed
-            deviation = np.maximum(deviation, relative)
+            violations[rest] += changed
+            deviation[rest] = np.maximum(deviation[rest], relative)
     return _result(positions, violations, deviation, samples, started)
 
 

@@ -324,6 +324,17 @@ def test_verification_is_off_where_supports_are_smaller_on_purpose_or_when_asked
         sweep(model, (1, 2, 10, 10), "corners", verify="some")
 
 
+def test_a_support_of_the_whole_input_is_verified_without_a_forward_pass(monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("no copy, no pass: nothing lies outside the support")
+
+    monkeypatch.setattr("rfreport.verify.float64_copy", refuse)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Upsample(scale_factor=2))
+    result = sweep(model, (1, 1, 8, 8), "all")
+    assert len(result.positions) == 4 and result.verified.all() and result.verification.note == ""
+    assert not result.violations.any()
+
+
 def test_a_layer_target_is_checked_on_that_layer():
     model = pooled()
     result = sweep(model, (1, 1, 30, 30), "all", layer="1")
