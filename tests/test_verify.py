@@ -288,6 +288,19 @@ def test_check_and_inspect_fail_on_a_violation(monkeypatch, tmp_path):
     assert [(p["verified"], p["violations"]) for p in record["positions"]] == [(True, 3)] * 4
 
 
+def test_the_report_shows_the_violation_as_a_warning(monkeypatch, tmp_path):
+    erase_first_column(monkeypatch)
+    config = tmp_path / "tiny.toml"
+    config.write_text(f'[[model]]\nname = "tiny"\nfactory = "{TINY}:build"\ninput_shape = [1, 1, 12, 12]\n'
+                      'positions = "corners"\n')
+    done = CliRunner().invoke(cli, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
+    assert entry["verified"] == 4 == entry["violations"]
+    assert {"rule": "exact", "limit": 0, "value": 4, "passed": False} in entry["audit"]
+    assert "Not exact: 4 of 4 verified positions changed" in (tmp_path / "run" / "index.html").read_text()
+
+
 def test_inspect_reports_exact_when_nothing_changes():
     shown = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12", "--json"])
     record = json.loads(shown.stdout)
