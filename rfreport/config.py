@@ -40,7 +40,11 @@ AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
     AuditRule("max_rf", "size", "RF size at the centre position is at most this (per axis)"),
     AuditRule("max_edge_fraction", "fraction", "at most this fraction of the swept positions see padding"),
     AuditRule("no_unseen", "flag", "when true, every input pixel is seen by some output position"),
-    AuditRule("no_global", "flag", "when true, no output position sees the whole input"),
+    AuditRule("no_global", "flag", "when true, no global operation (global pooling, squeeze-and-excitation, "
+              "spatial normalisation) lies on the path to the analysed output"),
+    AuditRule("no_full_coverage", "flag", "when true, no swept output position has an RF covering the whole input"),
+    AuditRule("max_covering_fraction", "fraction", "at most this fraction of the swept positions have an RF "
+              "covering the whole input"),
     AuditRule("max_center_offset", "pixels", "the centre RF's centre is at most this far from its ideal "
               "centre (input pixels, per axis)"),
     AuditRule("min_fill", "fraction", "every swept RF fills at least this fraction of its box (no gridding holes)"),

@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, cache, erf, frames, layers, models, runfolder, verify
+from rfreport import __version__, analysis, audit, cache, context, erf, frames, layers, models, progress, runfolder
 from rfreport import positions as positions_mod
+from rfreport import verify as verify_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
@@ -97,11 +98,11 @@ def keep_masks(spec: ModelSpec) -> list:
 
 
 def plan(model: nn.Module, job: Job) -> np.ndarray:
-    """Resolve the job's positions on its output grid (one forward pass)."""
+    """Resolve the job's positions on its output grid (one forward pass, which checks the input's rank)."""
     spec, options = job.spec, job.options
     target = Target(spec.layer, spec.output, parse_layout(spec.layout))
-    with Engine(model, job.input_shape, mode=spec.mode, target=target, device=options.device,
-                seed=options.seed) as engine:
+    with models.rank_guard(model, job.input_shape, spec.name), Engine(
+            model, job.input_shape, mode=spec.mode, target=target, device=options.device, seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
@@ -114,7 +115,7 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advanc
         done += count
         advance(done, len(selected))
 
-    checks = verify.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
+    checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
     return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
                  progress=progress if advance else None, verify=checks, **sweep_options(job))
 
@@ -172,12 +173,26 @@ def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
     return max(1, *(math.ceil(math.log2(max(w / n, 1.0))) for w, n in zip(widest, spatial)))
 
 
-def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
-    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
-    if not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
+def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
+                global_ops: Sequence[analysis.GlobalOp] = ()) -> SweepResult | None:
+    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input
+    or a global operation was found."""
+    if not global_ops and not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
         return None
     return sweep(model, job.input_shape, analysis.geometry_positions(main.output_spatial), local=True,
                  **sweep_options(job))
+
+
+def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
+    """Find the global operations the analysed output depends on (one forward and backward pass).
+
+    A global operation on the path gives every output position the same RF box (all that its input
+    feature map sees), so they are looked for only when every swept position has one box.
+    """
+    if not analysis.one_box(analysis.Boxes.of(main)):
+        return ()
+    return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
+                              device=job.options.device, seed=job.options.seed)
 
 
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
@@ -229,11 +244,14 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         main = main or main_sweep(model, job, plan(model, job), advance)
     with timed(job, "layer growth"):
         growth_frame = layer_frame(model, job) if growth else None
+    with timed(job, "global context"):
+        found = global_context(model, job, main)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main)
         enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
-        local = local_sweep(model, job, main, geometry)
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
+        local = local_sweep(model, job, main, geometry, found)
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
+                              global_ops=found)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -241,10 +259,9 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
 
 @contextmanager
 def timed(job: Job, stage: str) -> Iterator[None]:
-    """Log how long a stage of a job took (debug level: it lands in log.txt)."""
-    started = time.perf_counter()
-    yield
-    logger.debug("%s: %s took %.1f s", job.slug, stage, time.perf_counter() - started)
+    """Log how long a stage of a job took: in log.txt, and on the console when it was slow."""
+    with progress.stage(f"{job.slug}: {stage}"):
+        yield
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
@@ -388,5 +405,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
         meta["cache"] = cache.describe(config.options, entries)
         runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
-        report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
+        progress.announce("rendering the report of %d job(s)", len(entries))
+        with progress.stage("rendering the report", slow_s=0.0):
+            report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
     return runfolder.load(out_dir)

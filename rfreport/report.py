@@ -102,7 +102,10 @@ class OverviewRow:
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
-    global_context: bool | None = field(metadata={"doc": "every position sees the whole input"})
+    affine: bool | None = field(metadata={"doc": "the fitted stride, padding and centre offset hold for every "
+                                                  "position (false: non-affine, a best fit that does not hold)"})
+    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
+                                                          "spatial norm) reaches the output"})
     erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
                                                       "summary's ERF position (the centre when measured there)"})
     audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
@@ -133,6 +136,7 @@ class ModelSection:
     output_shape: list | None = field(metadata={"doc": "analysed output shape (None when the model failed)"})
     mode: str = field(metadata={"doc": "structural or gradient"})
     target: str = field(metadata={"doc": "the analysed tensor, e.g. model output or layer4"})
+    affine: bool | None = field(metadata={"doc": "the fitted geometry holds for every position (false: flagged)"})
     status: str = field(metadata={"doc": "ok or failed"})
     error: str = field(metadata={"doc": "the error of a failed model, empty otherwise"})
     findings: tuple[Finding, ...] = field(metadata={"doc": "plain-sentence findings, warnings first"})
@@ -274,7 +278,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
     return OverviewRow(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]), status=model.status,
         rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
-        center_offset=entry.get("center_offset"), edge_fraction=entry.get("edge_fraction"),
+        center_offset=entry.get("center_offset"), affine=entry.get("affine"), edge_fraction=entry.get("edge_fraction"),
         unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
         erf_ratio=entry.get("erf_area95_ratio"), audit=audit_status(entry))
 
@@ -445,7 +449,8 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path) -> 
     return ModelSection(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]),
         input_shape=list(entry["input_shape"]), output_shape=entry.get("output_shape"),
-        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")), status=model.status,
+        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")), affine=entry.get("affine"),
+        status=model.status,
         error=str(entry.get("error") or ""), findings=findings(entry),
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
                     for r in entry.get("audit") or []),

@@ -235,12 +235,12 @@ def test_config_run_table_selects_ray(cluster, tmp_path):
 
 def test_interrupted_driver_leaves_previous_run_untouched(cluster, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("old run", encoding="utf-8")
+    runfolder.write(out, {"seed": "previous"}, [], log="old run")
     loaded = config.load([write_config(tmp_path, *MODELS[:3])])
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(loaded, out, RayExecutor(progress=Interrupt()))
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.json"]
+    assert runfolder.load(out).meta == {"seed": "previous"} and (out / "log.txt").read_text() == "old run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "out"]
 
 

@@ -273,10 +273,11 @@ def test_check_and_inspect_fail_on_a_violation(monkeypatch, tmp_path):
     erase_first_column(monkeypatch)
     config = tmp_path / "tiny.toml"
     config.write_text(f'[[model]]\nname = "tiny"\nfactory = "{TINY}:build"\ninput_shape = [1, 1, 12, 12]\n'
-                      'positions = "all"\n')
+                      'positions = "all"\n[model.audit]\nmin_rf = 1\n')
     checked = CliRunner().invoke(cli, ["check", str(config)])
     assert checked.exit_code == 1
-    assert "tiny-12x12  exact  0      " in checked.stdout and "FAIL" in checked.stdout
+    rows = [line.split() for line in checked.stdout.splitlines()[2:]]
+    assert rows == [["tiny-12x12", "min_rf", "1", "5", "x", "4", "pass"], ["tiny-12x12", "exact", "0", "8", "FAIL"]]
     assert checked.stderr.endswith("Error: audit failed for tiny-12x12\n")
     shown = CliRunner().invoke(cli, ["inspect", f"{TINY}:build", "--input-shape", "1,1,12,12", "--json",
                                      "--positions", "corners"])
