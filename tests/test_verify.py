@@ -18,6 +18,7 @@ from rfreport.cli import cli
 from rfreport.engine import Engine, Target
 from rfreport.errors import ConfigError, SweepError
 from rfreport.frames import positions_frame
+from rfreport.layouts import parse_layout
 from rfreport.sweep import sweep
 from rfreport.verify import RTOL, choose, default_count, verify
 from tests.oracle import Layer, lengths, support_mask
@@ -347,6 +348,18 @@ def test_a_support_of_the_whole_input_is_verified_without_a_forward_pass(monkeyp
     result = sweep(model, (1, 1, 8, 8), "all")
     assert len(result.positions) == 4 and result.verified.all() and result.verification.note == ""
     assert not result.violations.any()
+
+
+def test_a_channels_last_output_is_checked_through_its_layout():
+    model = nn.Sequential(large_kernels(), LambdaModule(lambda y: y.permute(0, 2, 3, 1)))
+    result = sweep(model, (1, 2, 16, 16), "all", layout="nhwc")
+    assert result.verified.sum() == default_count(2) and not result.violations.any()
+    masks = np.stack([np.ones((16, 16), bool)] * 2)
+    masks[0, :, :3] = False                          # position (8, 8) reads columns 3-13 only: still honest
+    masks[1, :, 13:] = False                         # but it reads column 13: caught, through the layout
+    target = Target(layout=parse_layout("nhwc"))
+    done = verify(model, (1, 2, 16, 16), target, np.array([[8, 8], [8, 8]]), masks)
+    assert done.violations.tolist() == [0, 3]
 
 
 def test_a_layer_target_is_checked_on_that_layer():
