@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import torchvision" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench bench-full bench-ray lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray bench-verify lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ bench-full: install  ## the same at full sizes: FCN at 256x256, resnet18 at 1024
 
 bench-ray: install  ## wall time of the example audit in-process and on a local Ray instance
 	$(PY) benchmarks/bench_ray.py
+
+bench-verify: install  ## share of a sweep spent on run-time verification (forward perturbation; a minute or two)
+	$(PY) benchmarks/bench_verify.py
 
 docs: install  ## regenerate docs/columns.md from the frame schemas
 	$(PY) -m rfreport.schema > docs/columns.md

@@ -552,6 +552,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
     }
     coverage = _coverage_summary(result)
     summary.update({k: coverage[k] for k in ("unseen_pixels", "unseen_fraction", "coverage_nonuniform")})
+    summary.update(verification_summary(result))
     return {key: _json(value) for key, value in summary.items()}, coverage
 
 
@@ -715,5 +716,25 @@ def _gradient_findings(c: _Context) -> list[Finding]:
                     "pixels than their structural RF (data-dependent zeros: dead activations, max-pool routing).")]
 
 
-RULES = (_geometry_findings, _edge_findings, _coverage_findings, _support_findings, _context_findings,
-         _gradient_findings)
+def verification_summary(result: SweepResult) -> dict:
+    """Return the summary keys of the run-time check: positions verified and positions that failed it."""
+    verified = 0 if result.verified is None else int(np.sum(result.verified))
+    failed = 0 if result.violations is None else int(np.sum(np.asarray(result.violations) > 0))
+    return {"verified": verified, "violations": failed}
+
+
+def _verification_findings(c: _Context) -> list[Finding]:
+    """Report positions whose output moved when input outside their reported RF was perturbed, or no check."""
+    s, done = c.summary, c.result.verification
+    if s["violations"]:
+        worst = f" (by up to {done.max_deviation:.2g} of the output's magnitude)" if done is not None else ""
+        return [Finding("not_exact", "warning", f"Not exact: {s['violations']} of {s['verified']} verified "
+                        "positions changed when input outside their reported RF was perturbed on the model "
+                        f"itself{worst}; their reported RF is too small.")]
+    if done is not None and done.note:
+        return [Finding("unverified", "info", f"The reported RFs were not verified on the model: {done.note}.")]
+    return []
+
+
+RULES = (_verification_findings, _geometry_findings, _edge_findings, _coverage_findings, _support_findings,
+         _context_findings, _gradient_findings)

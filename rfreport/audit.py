@@ -2,7 +2,8 @@
 
 A config's `[model.audit]` table maps rule names (config.AUDIT_RULES, validated there) to limits.
 Each rule reads one analysis summary key of a model entry and yields one result row
-`{rule, limit, value, passed}`; a model whose job failed fails its audit. The verdicts of a
+`{rule, limit, value, passed}`; a model whose job failed fails its audit, and so
+does one whose run-time verification found violations (an implicit `exact` row). The verdicts of a
 `check` are also written for CI: one JSON object (:func:`verdicts_json`) or a JUnit XML file
 (:func:`junit_xml`). Pure Python, no torch.
 """
@@ -57,6 +58,8 @@ def evaluate(rules: Mapping[str, Any], entry: Mapping[str, Any]) -> list[dict]:
         value = entry.get(check.key)
         results.append({"rule": name, "limit": limit, "value": value,
                         "passed": value is not None and bool(check.test(limit, value))})
+    if entry.get("violations"):  # implicit: a reported RF the model itself contradicts fails every audit
+        results.append({"rule": "exact", "limit": 0, "value": entry["violations"], "passed": False})
     return results
 
 

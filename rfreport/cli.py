@@ -447,6 +447,10 @@ def inspect_text(record: dict) -> str:
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    if "verified" in record:
+        lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
+                     f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
+                     "input outside the reported RF was perturbed)")
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ class ModelSpec:
     layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
     layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
     config_file: Path | None = None
+    verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.verify)
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,16 @@ def _batch_size(value: Any, where: _Where, key: str) -> int | str:
     return _choice(value, ("auto",), where, key) if isinstance(value, str) else _positive_int(value, where, key)
 
 
+def _verify(value: Any, where: _Where, key: str) -> int | bool | str:
+    """Validate the run-time verification setting: auto, all, true, false or a number of positions."""
+    if isinstance(value, str):
+        return _choice(value, ("auto", "all"), where, key)
+    value = _expect(value, (bool, int), "auto, all, true, false or a number of positions", where, key)
+    if not isinstance(value, bool) and value < 0:
+        raise where.error(key, f"must be a number of positions >= 0, not {value}")
+    return value
+
+
 Checker = Callable[[Any, _Where, str], Any]
 ERF_KEYS: dict[str, Checker] = {
     "samples": _positive_int,
@@ -326,6 +337,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "image": _path,
     "layers": _layers,
     "layout": _layout,
+    "verify": _verify,
 }
 RUN_KEYS: dict[str, Checker] = {
     "executor": lambda v, w, k: _choice(v, EXECUTORS, w, k),
@@ -387,7 +399,7 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
         image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
-        config_file=file)
+        config_file=file, verify=values.get("verify", "auto"))
 
 
 def _read(path: Path) -> dict[str, Any]:

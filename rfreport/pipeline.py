@@ -28,6 +28,7 @@ from torch import nn
 
 from rfreport import __version__, analysis, audit, cache, context, erf, frames, layers, models, progress, runfolder
 from rfreport import positions as positions_mod
+from rfreport import verify as verify_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
@@ -114,8 +115,9 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advanc
         done += count
         advance(done, len(selected))
 
+    checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
     return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
-                 progress=progress if advance else None, **sweep_options(job))
+                 progress=progress if advance else None, verify=checks, **sweep_options(job))
 
 
 def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
@@ -135,7 +137,7 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult
     spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
     if spans or covers(main, extra):
         return None
-    return sweep(model, job.input_shape, extra, **sweep_options(job))
+    return sweep(model, job.input_shape, extra, verify=False, **sweep_options(job))
 
 
 def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
@@ -154,7 +156,8 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
             return None
         try:
             # one probe: only the box bounds of three positions are read, and the input is 4-64x larger
-            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, **sweep_options(job))
+            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, verify=False,
+                           **sweep_options(job))
         except SweepError:
             return None
         if not analysis.needs_larger_input(larger):
@@ -305,14 +308,22 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     def axes(template: str, row: Any) -> list[int]:
         return [int(getattr(row, template.format(a))) for a in letters]
 
-    rows = [{"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
-             "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
-             "edge": bool(row.edge)} for row in frame.itertuples(index=False)]
+    checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
+               in zip(done.main.positions.tolist(), done.main.verified, done.main.violations)}
+
+    def record_of(row: Any) -> dict:
+        verified, violations = checked[tuple(axes("pos_{}", row))]
+        return {"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
+                "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
+                "edge": bool(row.edge), "verified": verified, "violations": violations}
+
+    rows = [record_of(row) for row in frame.itertuples(index=False)]
     geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
                 "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
-              "geometry": geometry}
+              "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
+              "exact": not summary["violations"]}
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record

@@ -159,14 +159,17 @@ def inspect_json(ws: Path, *args: str) -> dict:
 
 def test_inspect_json_has_exactly_the_documented_schema(ws):
     record = inspect_json(ws, "--pos", "3,3", "--positions", "corners")
-    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "cached"]
+    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "verified",
+                            "violations", "exact", "cached"]
+    assert record["verified"] == 5 and record["violations"] == 0 and record["exact"] is True
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
     assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
                                   "affine": True, "global": False}
     for entry in record["positions"]:
-        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge"]
+        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
+        assert entry["verified"] is True and entry["violations"] == 0
         mask = support_mask(TINY, (17, 17), tuple(entry["pos"]))
         hs, ws_ = np.nonzero(mask)
         assert entry["lo"] == [hs.min(), ws_.min()] and entry["hi"] == [hs.max(), ws_.max()]
