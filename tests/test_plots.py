@@ -22,7 +22,8 @@ def box_frame(shape: tuple[int, ...], size: int = 3, stride: int = 2) -> pd.Data
     """Return a positions frame of a k=size, stride, no-padding conv on an output grid of this shape."""
     pos = resolve("all", shape)
     data: dict = {"support": np.full(len(pos), size ** len(shape)), "fill": np.ones(len(pos)),
-                  "path": ["dense"] * len(pos)}
+                  "path": ["dense"] * len(pos), "verified": np.zeros(len(pos), bool),
+                  "violations": np.zeros(len(pos), np.int64)}
     for i, a in enumerate(axis_names(len(shape))):
         data[f"pos_{a}"] = pos[:, i]
         data[f"{a}_lo"], data[f"{a}_hi"] = pos[:, i] * stride, pos[:, i] * stride + size - 1
