@@ -294,7 +294,7 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
         rows = diff.text_rows(found)
         click.echo(table(["model", "what", run_a, run_b, "change"], rows) if rows else "no changes")
     if fail_on_change and found.changed:
-        changed = [m.slug for m in found.models if m.state != "unchanged"]
+        changed = [m.slug for m in found.models if m.differs]
         raise CommandError(f"{len(changed)} model(s) changed between {run_a} and {run_b}: {', '.join(changed)}", 1)
 
 

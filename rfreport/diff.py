@@ -141,6 +141,15 @@ class ModelDiff:
         return "changed" if differs or self.spec_changed or self.audit_changed else "unchanged"
 
     @property
+    def differs(self) -> bool:
+        """Return whether anything differs (a model that failed in both runs with the same error does not)."""
+        if self.presence != "both":
+            return True
+        same_error = (self.before or {}).get("error") == (self.after or {}).get("error")
+        return bool(self.changes or self.findings_added or self.findings_removed or self.spec_changed
+                    or self.audit_changed or not same_error)
+
+    @property
     def presence(self) -> str:
         """Return both, added (only in B) or removed (only in A)."""
         return "both" if self.before is not None and self.after is not None else (
@@ -188,7 +197,7 @@ class RunDiff:
     @property
     def changed(self) -> bool:
         """Return whether the runs differ at all."""
-        return any(m.state != "unchanged" for m in self.models)
+        return any(m.differs for m in self.models)
 
     def count(self, state: str) -> int:
         """Return how many models are in a state."""
@@ -205,14 +214,14 @@ def compare(run_a: Run, run_b: Run) -> RunDiff:
 
 
 def compare_model(slug: str, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> ModelDiff:
-    """Compare one model's entries (either may be None)."""
-    both = before is not None and after is not None
+    """Compare one model's entries (either may be None); values and findings only when both runs completed it."""
     old, new = before or {}, after or {}
+    both = old.get("status") == "ok" and new.get("status") == "ok"
     codes_old, codes_new = {f["code"] for f in findings(old)}, {f["code"] for f in findings(new)}
     return ModelDiff(
         slug=slug, before=before, after=after, changes=tuple(compare_entries(slug, old, new)) if both else (),
-        findings_added=tuple(_finding(f) for f in findings(new) if f["code"] not in codes_old),
-        findings_removed=tuple(_finding(f) for f in findings(old) if f["code"] not in codes_new),
+        findings_added=tuple(_finding(f) for f in findings(new) if f["code"] not in codes_old) if both else (),
+        findings_removed=tuple(_finding(f) for f in findings(old) if f["code"] not in codes_new) if both else (),
         audit=verdicts(old, new), spec=spec_rows(old, new))
 
 

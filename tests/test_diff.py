@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
-from rfreport import diff
+import pytest
+from click.testing import CliRunner
+
+from rfreport import diff, diffpage, report
+from rfreport.cli import cli
+from tests.test_report import GOLD_RUN, assert_gold
 from rfreport.runfolder import ModelRun, Run
 
 BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
@@ -52,8 +62,8 @@ def test_added_removed_and_failed_models():
     failed = {"name": "net", "slug": "net-32x32", "status": "failed", "error": "boom"}
     found = diff.compare(make_run(BASE), make_run(failed, other))
     assert found.added == ("new-32x32",) and found.removed == ()
-    fields = {c.field for c in found.changes}
-    assert {"status", "rf_size", "stride", "findings", "audit"} <= fields
+    assert found.changes == ()   # a failed model is shown as failed, not as every value gone
+    assert [m.state for m in found.models] == ["failed", "added"] and found.changed
     assert diff.compare(make_run(BASE, other), make_run(BASE)).removed == ("new-32x32",)
 
 
@@ -136,3 +146,157 @@ def test_markdown_stays_comment_sized():
 def test_audit_status_words():
     assert diff.audit_status({"audit": []}) == "none"
     assert diff.audit_status(BASE) == "pass"
+
+
+# --- the CLI and the HTML page, on the pinned golden run and an edited copy of it ------------------------------
+
+SPEC = {"factory": "rfreport.examples:dilated_net", "kwargs": {"width": 4}, "input_shape": [1, 3, 16, 20],
+        "layer": None, "output": None, "mode": "structural"}
+
+
+def edited_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """Copy the golden run twice; in B widen the dilated net, fail the volume model, drop the 1-D one, add one."""
+    a, b = (shutil.copytree(GOLD_RUN, tmp_path / name) for name in ("a", "b"))
+    for root, edit in ((a, _edit_a), (b, _edit_b)):
+        document = json.loads((root / "summary.json").read_text())
+        document["models"] = edit(document["models"])
+        (root / "summary.json").write_text(json.dumps(document))
+    return a, b
+
+
+def _edit_a(models: list[dict]) -> list[dict]:
+    """Record the spec of the dilated net in run A."""
+    models[0]["spec"] = SPEC
+    return models
+
+
+def _edit_b(models: list[dict]) -> list[dict]:
+    """Change the dilated net, fail the volume model, drop the 1-D model and add a failed one."""
+    dilated, _one_d, volume, broken = models
+    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, rf_size=[15, 15], center_rf_size=[15, 15],
+                   edge_fraction=0.95)
+    dilated["findings"] = [*dilated["findings"], {"code": "unseen", "severity": "warning",
+                                                  "message": "3 <b>pixels</b> are unseen"}]
+    dilated["audit"] = [{**row, "passed": True} if row["rule"] == "max_edge_fraction" else row
+                        for row in dilated["audit"]]
+    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target")} | {
+        "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
+        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
+    newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
+    return [dilated, failed_volume, broken, newcomer]
+
+
+def invoke(*args) -> Any:
+    """Invoke the CLI with string arguments."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_table_has_labels_and_states(tmp_path):
+    a, b = edited_runs(tmp_path)
+    done = invoke("diff", a, b)
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["model", "what"]
+    assert any("config: keyword arguments" in line and "width=4" in line and "width=8" in line for line in lines)
+    assert any(line.startswith("volume-6x8x8") and "failed: RuntimeError: out of memory" in line for line in lines)
+    assert any(line.startswith("newcomer-32x32") and line.rstrip().endswith("failed") for line in lines)
+    assert any("script_alert_1_script-24" in line and "removed" in line for line in lines)
+    assert any("audit: max_edge_fraction" in line and "now passing" in line for line in lines)
+    assert not any(" x " in line for line in lines)
+    failing = invoke("diff", a, b, "--fail-on-change")
+    assert failing.exit_code == 1 and "4 model(s) changed" in failing.stderr
+
+
+def test_cli_json_and_markdown(tmp_path):
+    a, b = edited_runs(tmp_path)
+    done = invoke("diff", a, b, "--json", "-")
+    assert done.exit_code == 0, done.output
+    document = json.loads(done.stdout)
+    assert [(m["slug"], m["state"]) for m in document["models"]] == [
+        ("dilated-16x20", "changed"), ("script_alert_1_script-24", "removed"), ("volume-6x8x8", "failed"),
+        ("broken_b_b-32x32", "failed"), ("newcomer-32x32", "failed")]
+    assert document["models"][0]["spec"]["changed"] == ["kwargs"]
+    markdown = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
+    assert markdown.exit_code == 0 and "model" in markdown.stdout
+    text = (tmp_path / "diff.md").read_text()
+    assert "| dilated-16x20 | changed | 13 × 13 → **15 × 15** | 90% → **95%** |" in text
+    assert "- config keyword arguments: `width=4` → `width=8`" in text and "`diff.html`" in text
+    both = invoke("diff", a, b, "--json", "-", "--markdown", "-")
+    assert both.exit_code == 2
+
+
+def test_cli_refuses_a_missing_run(tmp_path):
+    done = invoke("diff", tmp_path / "nope", GOLD_RUN, "--html", tmp_path / "d.html")
+    assert done.exit_code == 2 and "no run folder there" in done.output and "Traceback" not in done.output
+    assert not (tmp_path / "d.html").exists()
+
+
+def structure(html: str) -> str:
+    """Return the page's outline: headings, captions, table rows and list items as text, one per line."""
+    class Outline(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+            self.stack: list[str] = []
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("td", "th") and self.stack:
+                self.text.append(" | ")
+            if tag in TEXT_TAGS:
+                self.stack.append(tag)
+                self.text = []
+            if tag == "img":
+                self.lines.append(f"  img {dict(attrs)['alt']}")
+
+        def handle_endtag(self, tag):
+            if self.stack and tag == self.stack[-1]:
+                self.stack.pop()
+                line = " ".join("".join(self.text).split())
+                self.lines.append(f"{tag}: {line}")
+
+        def handle_data(self, data):
+            if self.stack:
+                self.text.append(data)
+
+    parser = Outline()
+    parser.feed(html)
+    return "\n".join(parser.lines) + "\n"
+
+
+TEXT_TAGS = ("h1", "h2", "h3", "caption", "tr", "li", "figcaption", "p")
+
+
+@pytest.fixture(scope="module")
+def diff_page(tmp_path_factory) -> Path:
+    """Render the diff page of the edited golden runs once."""
+    tmp = tmp_path_factory.mktemp("diffpage")
+    a, b = edited_runs(tmp)
+    done = invoke("diff", a, b, "--html", tmp / "diff.html")
+    assert done.exit_code == 0, done.output
+    return tmp / "diff.html"
+
+
+def test_diff_page_structure_matches_gold(diff_page):
+    """The page's outline (headings, table rows, findings, map captions) is the golden file; paths scrubbed."""
+    html = diff_page.read_text(encoding="utf-8").replace(str(diff_page.parent), "TMP")
+    assert_gold("diff.txt", structure(html))
+
+
+def test_diff_page_is_self_contained_and_escaped(diff_page):
+    html = diff_page.read_text(encoding="utf-8")
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    assert "3 &lt;b&gt;pixels&lt;/b&gt; are unseen" in html and "<b>pixels" not in html
+    assert html.count('class="heatmap grid-static"') == 6   # RF size h, w and clipped sides, before and after
+
+
+def test_diff_page_context_is_documented_and_used():
+    source = (Path(report.__file__).parent.parent / "templates" / "diff.html").read_text()
+    source += "".join((Path(report.__file__).parent.parent / "templates" / name).read_text()
+                      for name in ("macros.html", "base.html"))
+    for cls in diffpage.context_types().values():
+        assert cls.__doc__
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} is undocumented"
+            assert re.search(rf"\.{f.name}\b", source), f"{cls.__name__}.{f.name} is not used by the diff page"
