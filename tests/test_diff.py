@@ -179,7 +179,7 @@ def _edit_b(models: list[dict]) -> list[dict]:
                                                   "message": "3 <b>pixels</b> are unseen"}]
     dilated["audit"] = [{**row, "passed": True} if row["rule"] == "max_edge_fraction" else row
                         for row in dilated["audit"]]
-    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target")} | {
+    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target", "spec")} | {
         "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
         "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
     newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
