@@ -120,8 +120,9 @@ def overview_row(model: diff.ModelDiff) -> Row:
 
 def section(model: diff.ModelDiff, before: Run, after: Run) -> Section:
     """Return the section of one model that changed."""
-    errors = tuple((run, str(entry.get("error") or "no error recorded")) for run, entry in
-                   (("before", model.before), ("after", model.after)) if entry is not None and entry.get("status") != "ok")
+    sides = (("before", model.before), ("after", model.after))
+    errors = tuple((run, str(entry.get("error") or "no error recorded")) for run, entry in sides
+                   if entry is not None and entry.get("status") != "ok")
     spec = tuple(Pair(r.label, diff.spec_text(r.before), diff.spec_text(r.after), "", r.changed) for r in model.spec)
     changes = tuple(Pair(c.label, diff.value_text(c.field, c.before), diff.value_text(c.field, c.after), c.delta, True)
                     for c in model.changes if c.field not in ("status", "audit"))

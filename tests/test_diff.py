@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from rfreport import diff, diffpage, report
 from rfreport.cli import cli
-from tests.test_report import GOLD_RUN, assert_gold
 from rfreport.runfolder import ModelRun, Run
+from tests.test_report import GOLD_RUN, assert_gold
 
 BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
         "center_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],

@@ -196,7 +196,8 @@ def test_frames_are_embedded_or_say_they_need_the_run_folder(rendered):
             for name in ("geometry", "edges", "erf")}
     decoded = {name: base64.b64decode(data) for data, name in embedded}
     assert {name: decoded[name] for name in csvs} == csvs
-    links = re.findall(r'<a href="(models/[^"]+)" title="needs the run folder beside this page: [^"]+">([^<]+)</a>', html)
+    links = re.findall(r'<a href="(models/[^"]+)" title="needs the run folder beside this page: [^"]+">([^<]+)</a>',
+                       html)
     assert links and {label for _href, label in links} == {"PARQUET (run folder)"}
     assert all((run.path / href).is_file() for href, _label in links)
 
@@ -236,7 +237,8 @@ def test_explorer_data_matches_the_frames(rendered):
     for column in ("pos_h", "pos_w", "h_lo", "h_hi", "w_lo", "w_hi", "support"):
         assert data[column] == frame[column].tolist()
     assert data["grid"] == model.entry["output_shape"][2:] and data["input"] == model.entry["input_shape"][2:]
-    assert data["flags"] == sum(frame[name].to_numpy(dtype=int) << bit for bit, name in enumerate(report.FLAGS)).tolist()
+    flags = sum(frame[name].to_numpy(dtype=int) << bit for bit, name in enumerate(report.FLAGS))
+    assert data["flags"] == flags.tolist()
     assert set(data["masks"]) == {",".join(map(str, pos)) for pos in model.arrays["masks"]}
     assert set(data["erf"]) == {",".join(map(str, pos)) for pos in model.arrays["erf_maps"]}
 
