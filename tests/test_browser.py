@@ -52,7 +52,7 @@ def test_report_opens_cleanly_in_chromium(tmp_path):
 
 
 def open_page(page_path: Path, action):
-    """Open a page in headless Chromium, run `action(page)`, and return (its result, console errors, failed requests)."""
+    """Open a page in headless Chromium, run `action(page)`; return its result, console errors, failed requests."""
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
