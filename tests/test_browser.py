@@ -111,6 +111,13 @@ def test_pointing_at_an_output_cell_draws_its_exact_rf(tmp_path):
         for key in ("ArrowUp", "ArrowLeft", "Enter"):
             page.keyboard.press(key)
         seen["keyboard"] = drawn_box(page)
+        section = page.locator(f"#{report.anchor(model)}")
+        section.locator("input.rf-erf-toggle").check()
+        page.mouse.move(box["x"] + (corner[1] + 0.5) * box["width"] / cols,
+                        box["y"] + (corner[0] + 0.5) * box["height"] / rows)
+        key = ",".join(map(str, corner))
+        seen["erf"] = (section.locator("image.rf-layer").get_attribute("href"),
+                       section.locator(f'figure[data-position="{key}"] img').get_attribute("src"))
         return seen
 
     seen, errors, failed = open_page(report.render(run), act)
@@ -122,6 +129,8 @@ def test_pointing_at_an_output_cell_draws_its_exact_rf(tmp_path):
     assert {k: v for k, v in seen["keyboard"].items() if k != "layer"} == expected(frame, start)
     row = frame[(frame["pos_h"] == corner[0]) & (frame["pos_w"] == corner[1])].iloc[0]
     assert f"size {int(row['h_size'])} × {int(row['w_size'])}" in seen["info"] and "support mask shown" in seen["info"]
+    layer, erf_map = seen["erf"]
+    assert layer == erf_map and layer.startswith("data:image/png")   # the toggle shows the corner's ERF map
 
 
 def test_diff_page_opens_cleanly_in_chromium(tmp_path):
