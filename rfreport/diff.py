@@ -403,7 +403,7 @@ def model_json(m: ModelDiff) -> dict:
 
 def to_markdown(found: RunDiff, html_name: str | None = None) -> str:
     """Return a PR-comment-sized summary: counts, a table of the models that changed, a few bullets each."""
-    shown = [m for m in found.models if m.state != "unchanged"]
+    shown = [m for m in ordered(found.models) if m.state != "unchanged"]
     lines = [f"### Receptive-field diff: `{found.run_a}` → `{found.run_b}`", "", counts_line(found), ""]
     if not shown:
         return "\n".join([*lines, "No model changed.", ""])
@@ -456,13 +456,14 @@ def markdown_bullets(m: ModelDiff) -> list[str]:
                 if c.field not in ("status", "findings", "audit")]
     bullets += [f"- new finding ({f.severity}): {_md(f.message)}" for f in m.findings_added]
     bullets += [f"- finding gone: {_md(f.message)}" for f in m.findings_removed]
-    bullets += [f"- audit {_md(v.rule)}: {v.change}" for v in m.audit if v.change != "unchanged"]
+    bullets += [f"- audit {_md(v.rule)}: {v.change}" for v in m.audit if v.change != "unchanged" and v.rule != "status"]
     return bullets
 
 
 def _md(text: str) -> str:
     """Escape the characters that would break a markdown table cell or emphasis."""
-    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("`", "'").replace("\n", " ")
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("`", "'").replace("\n", " ")
 
 
 def _code(text: str) -> str:
