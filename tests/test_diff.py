@@ -300,3 +300,18 @@ def test_diff_page_context_is_documented_and_used():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} is undocumented"
             assert re.search(rf"\.{f.name}\b", source), f"{cls.__name__}.{f.name} is not used by the diff page"
+
+
+def test_pipeline_records_the_spec_of_every_job():
+    """Each summary.json entry, failed or not, holds what was asked: factory, kwargs, shape, layer, output, mode."""
+    from rfreport import pipeline
+    from rfreport.config import ModelSpec, RunOptions
+
+    spec = ModelSpec(name="net", factory="m.py:f", input_shapes=((1, 3, 8, 8), (1, 3, 16, 16)), kwargs={"k": 3},
+                     layer="body", positions=("center", (1, 2)), audit={"min_rf": 3})
+    job = pipeline.Job(spec, (1, 3, 16, 16), RunOptions())
+    entry = pipeline.entry(job, pipeline.failed_result(job, RuntimeError("boom"), 0.0))
+    assert entry["spec"] == {"factory": "m.py:f", "kwargs": {"k": 3}, "input_shape": [1, 3, 16, 16],
+                             "layer": "body", "output": None, "mode": "structural", "positions": ["center", [1, 2]],
+                             "checkpoint": None, "audit": {"min_rf": 3}}
+    assert json.loads(json.dumps(entry["spec"])) == entry["spec"]
