@@ -48,7 +48,7 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
 gold-update: install  ## rewrite the golden files from the current output
-	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py -q
+	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py tests/test_diff.py -q
 
 clean:  ## remove the venv, caches and reports
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache

@@ -359,20 +359,40 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
 @click.argument("run_a", type=click.Path())
 @click.argument("run_b", type=click.Path())
 @click.option("--fail-on-change", is_flag=True, help="Exit 1 when anything changed.")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained review page (before/after, maps side by side) to this file.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the diff as JSON to this file (- for stdout, instead of the table).")
+@click.option("--markdown", "markdown_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write a PR-comment-sized markdown summary to this file (- for stdout, instead of the table).")
 @verbosity
 @converts_errors
-def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
-    """Show per model what changed between RUN_A and RUN_B (RF size, stride, padding, edges, findings, audit)."""
+def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_path, verbose, quiet) -> None:
+    """Show per model what changed between RUN_A and RUN_B: config, RF geometry, edges, findings, audit verdicts."""
     from rfreport import diff, runfolder
 
     configure_logging(verbose, quiet)
-    found = diff.compare(runfolder.load(run_a), runfolder.load(run_b))
-    rows = [[slug, "model", "", "added"] for slug in found.added]
-    rows += [[slug, "model", "removed", ""] for slug in found.removed]
-    rows += [[c.slug, c.field, text(c.before), text(c.after)] for c in found.changes]
-    click.echo(table(["model", "field", run_a, run_b], rows) if rows else "no changes")
+    if json_path == "-" and markdown_path == "-":
+        raise click.UsageError("only one of --json and --markdown can write to stdout")
+    before, after = runfolder.load(run_a), runfolder.load(run_b)
+    found = diff.compare(before, after)
+    if html_path is not None:
+        from rfreport import diffpage
+
+        diffpage.render(found, before, after, html_path)
+    outputs = {json_path: json.dumps(diff.to_json(found), indent=2, default=str) + "\n",
+               markdown_path: diff.to_markdown(found, Path(html_path).name if html_path else None)}
+    for path, content in outputs.items():
+        if path == "-":
+            click.echo(content, nl=False)
+        elif path is not None:
+            Path(path).write_text(content, encoding="utf-8")
+    if "-" not in outputs:
+        rows = diff.text_rows(found)
+        click.echo(table(["model", "what", run_a, run_b, "change"], rows) if rows else "no changes")
     if fail_on_change and found.changed:
-        raise CommandError(f"{len(rows)} change(s) between {run_a} and {run_b}", 1)
+        changed = [m.slug for m in found.models if m.differs]
+        raise CommandError(f"{len(changed)} model(s) changed between {run_a} and {run_b}: {', '.join(changed)}", 1)
 
 
 @cli.command()

@@ -351,8 +351,22 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              **result.summary, "findings": list(result.findings), "cached": result.cached}
+              "spec": spec_record(job), **result.summary, "findings": list(result.findings),
+              "cached": result.cached}
     return {**values, "audit": audit.evaluate(job.spec.audit, values)}
+
+
+def spec_record(job: Job) -> dict:
+    """Return what a job was asked to compute, as JSON values: how the model is built and what is analysed.
+
+    Stored under `spec` in each summary.json entry, so `rfreport diff` can show what changed.
+    """
+    spec = job.spec
+    return {"factory": spec.factory, "kwargs": dict(spec.kwargs), "input_shape": list(job.input_shape),
+            "layer": spec.layer, "output": spec.output, "mode": spec.mode,
+            "positions": spec.positions if isinstance(spec.positions, str) else [
+                p if isinstance(p, str) else list(p) for p in spec.positions],
+            "checkpoint": str(spec.checkpoint) if spec.checkpoint else None, "audit": dict(spec.audit)}
 
 
 def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.ModelOutput]:

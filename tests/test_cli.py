@@ -143,11 +143,11 @@ def test_diff_lists_changes_and_fails_on_request(ws, good_run):
     assert invoke("run", ws / "wide.toml", "--out", ws / "wide").exit_code == 0
     done = invoke("diff", good_run, ws / "wide")
     assert done.exit_code == 0
-    rows = {line.split()[1]: line for line in done.stdout.splitlines()[2:]}
-    assert "13 x 13" in rows["rf_size"] and "15 x 15" in rows["rf_size"]
-    assert "padding" in rows
+    rows = {line.split("  ")[1].strip(): line for line in done.stdout.splitlines()[2:]}
+    assert "13 × 13" in rows["RF size (clear of the border)"] and "15 × 15" in rows["RF size (clear of the border)"]
+    assert "padding" in rows and "width=" not in done.stdout and "k=5" in rows["config: keyword arguments"]
     failing = invoke("diff", good_run, ws / "wide", "--fail-on-change")
-    assert failing.exit_code == 1 and "change(s) between" in failing.stderr
+    assert failing.exit_code == 1 and "1 model(s) changed between" in failing.stderr
 
 
 def inspect_json(ws: Path, *args: str) -> dict:
