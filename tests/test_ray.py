@@ -28,7 +28,7 @@ from rfreport.ray_executor import RayExecutor, task_resources  # noqa: E402 (onl
 pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve()
 CHUNK = 30   # tiny-10x10 (64 positions) and tiny-9x7 (35) are swept in chunks, the others whole
-PER_RUN = {"seconds", "cached"}  # what two runs of the same jobs may differ in
+PER_RUN = {"seconds", "cached", "spec"}  # what two runs of the same jobs may differ in (spec: the attempts folder)
 
 
 def tiny(stride: int = 1, dilation: int = 1) -> nn.Module:
@@ -180,6 +180,7 @@ def test_summary_entries_equal_except_timings(runs):
     local, on_ray, _ = runs
     strip = lambda entry: {k: v for k, v in entry.items() if k not in PER_RUN}  # noqa: E731
     assert [strip(m.entry) for m in on_ray.models] == [strip(m.entry) for m in local.models]
+    assert [m.entry["spec"] for m in on_ray.models if m.ok] == [m.entry["spec"] for m in local.models if m.ok]
     assert local.model("se-8x8").entry["global"] and local.model("tiny-10x10").entry["rf_size"] == [5, 5]
 
 
