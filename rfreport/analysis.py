@@ -34,7 +34,7 @@ GEOMETRY_REACH = 3           # geometry_positions sweeps the centre +- this many
 NONUNIFORM_RATIO = 1.5       # interior coverage max/min at or above this is a checkerboard
 FALLOFF_RATIO = 0.5          # border coverage below this fraction of the interior median is a fall-off
 MIRRORING = ("reflect", "replicate")
-EXACT_FITS = ("affine", "enlarged")    # fits whose size, stride and padding are exact
+EXACT_FITS = ("affine", "enlarged", "composed")    # fits whose size, stride and padding are exact
 
 GEOMETRY = register(Schema(
     name="geometry",
@@ -54,9 +54,12 @@ GEOMETRY = register(Schema(
         Column("center_size", "int64", "input pixels", "RF extent of the centre output position as swept "
                "(clipped to the input)"),
         Column("fit", "string", "", "affine (exact fit), enlarged (every RF is clipped at this input: fitted "
-               "exactly on a larger input, see problem), nonaffine (see problem), estimated (no position is clear of "
-               "the border and no larger input was accepted: best estimate) or none (no position sees the input)"),
-        Column("problem", "string", "", "why the fit is not affine, only estimated or enlarged, and where; empty "
+               "exactly on a larger input, see problem), composed (every RF is clipped at this input: composed "
+               "exactly from per-layer windows at this size, see problem), nonaffine (see problem), estimated (no "
+               "position is clear of the border and no larger input was accepted: best estimate) or none (no "
+               "position sees the input)"),
+        Column("problem", "string", "", "why the fit is not affine, only estimated, enlarged or composed, and "
+               "where; empty "
                "if affine"),
         Column("positions_used", "int64", "output positions", "positions whose unclipped RF the fit used"),
         Column("border_lo", "float64", "input pixels", "how far the first position's unclipped RF reaches before "
@@ -328,6 +331,23 @@ def with_enlarged(fits: list[AxisFit], enlarged: SweepResult | None) -> list[Axi
             if fit.fit == "estimated" and big.fit == "affine" else fit for fit, big in zip(fits, larger)]
 
 
+def with_composed(fits: list[AxisFit], composed: Sequence[tuple] | None) -> list[AxisFit]:
+    """Replace estimated axes by the exact geometry composed from per-layer windows at this input size."""
+    if composed is None:
+        return fits
+    problem = "every RF is clipped at this input size; composed exactly from per-layer windows at this size"
+    return [AxisFit(int(size), float(stride), float(padding), "composed", problem)
+            if fit.fit == "estimated" else fit for fit, (size, stride, padding) in zip(fits, composed)]
+
+
+def sized(fit: AxisFit, ops: Sequence[str]) -> AxisFit:
+    """Say why an estimated axis was not fitted on a larger input when the geometry depends on the size."""
+    if fit.fit != "estimated" or not ops:
+        return fit
+    return replace(fit, problem=f"{fit.problem}; the geometry depends on the input size ({', '.join(ops)}), so a "
+                   "larger input cannot stand in for this one")
+
+
 def fit_geometry(boxes: Boxes, input_spatial: Sequence[int], output_spatial: Sequence[int]) -> list[AxisFit]:
     """Fit every axis of a sweep's boxes, lining wrapped boxes up with their neighbours first."""
     names = axis_names(len(input_spatial))
@@ -549,6 +569,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
         "border_layers_from": border_layers_from(layers),
         "no_border_resolution": no_border_resolution(layers, result.ndim),
+        "size_dependent": list(result.size_dependent_ops) or None,
     }
     coverage = _coverage_summary(result)
     summary.update({k: coverage[k] for k in ("unseen_pixels", "unseen_fraction", "coverage_nonuniform")})
@@ -558,11 +579,14 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
 
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
             gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
-            enlarged: SweepResult | None = None, global_ops: Sequence[GlobalOp] | None = None) -> Analysis:
+            enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None,
+            global_ops: Sequence[GlobalOp] | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
     `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `enlarged` a sweep
-    of `enlarged_positions` on a larger input used where every RF is clipped here, `local` a
+    of `enlarged_positions` on a larger input used where every RF is clipped here, `composed` the
+    exact (size, stride, padding) per axis of the target composed from per-layer windows
+    (`layers.target_geometry`), used there likewise, `local` a
     `local=True` sweep (the local RF under global context), `gradient` a gradient-mode sweep
     (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
     `global_ops` the global operations the output depends on (`context.global_ops`; None: not
@@ -570,6 +594,8 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
+    fits = with_composed(fits, composed)
+    fits = [sized(fit, result.size_dependent_ops) for fit in fits]
     local_fits = (fit_geometry(Boxes.of(local), result.input_spatial, result.output_spatial)
                   if local is not None else None)
     geo = geometry_frame(fits, result.input_spatial, result.output_spatial,
@@ -600,9 +626,13 @@ def _geometry_findings(c: _Context) -> list[Finding]:
     found = [Finding("nonaffine", "warning", f"The RF geometry is not affine: {c.summary['nonaffine']}.")
              ] if c.summary["nonaffine"] else []
     estimated = c.geo.loc[c.geo["fit"] == "estimated", "problem"]
-    enlarged = c.geo.loc[c.geo["fit"] == "enlarged", ["axis", "problem"]]
+    enlarged = c.geo.loc[c.geo["fit"].isin(["enlarged", "composed"]), ["axis", "problem"]]
+    ops = c.summary["size_dependent"]
+    sized = [Finding("size_dependent", "info", f"The RF geometry depends on the input size ({', '.join(ops)}): "
+                     f"it holds at {_axes_text(c.result.input_spatial)} only and was measured there.")] if ops else []
     return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated] + [
-        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)]
+        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)
+    ] + sized
 
 
 def _edge_findings(c: _Context) -> list[Finding]:

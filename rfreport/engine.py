@@ -351,6 +351,11 @@ class Engine:
         return tuple(sorted(self.function_mode.nonlocal_ops))
 
     @property
+    def size_dependent_ops(self) -> tuple[str, ...]:
+        """Ops seen in the pass that make the RF geometry depend on the input size (see sizedep.py)."""
+        return tuple(sorted(self.function_mode.size_dependent_ops))
+
+    @property
     def padding_modes(self) -> tuple[str, ...]:
         """Non-zero padding modes (circular, reflect, replicate) seen during the forward pass."""
         return tuple(sorted(self.function_mode.padding_modes))
@@ -539,11 +544,13 @@ class LayerEngine(Engine):
                     stack.append(node)
         return list(found)
 
-    def local_support(self, name: str, weights: torch.Tensor) -> dict[str | None, torch.Tensor]:
-        """Return, per nearest predecessor, the boolean support (B, *its spatial) of rows of weights on a layer."""
+    def local_support(self, name: str, weights: torch.Tensor,
+                      sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:
+        """Return, per nearest predecessor (or per given source; None is the input), the boolean support
+        (B, *its spatial) of rows of weights on a layer."""
         value = self.layers[name].value
         cotangents = self.cotangents(weights, value)
-        sources = self.predecessors(name)
+        sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
         grads = _local_vjp(value, edges, cotangents)
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grads)}

@@ -1,17 +1,24 @@
 """Per-layer growth: RF size, effective stride and padding at the centre of every layer's output.
 
 One forward pass of a :class:`~rfreport.engine.LayerEngine` keeps every leaf module's output.
-Per layer, one small batched backward from its centre, one neighbour per axis and its first
-corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
+Per layer, one small batched backward from its centre, its next and previous neighbour per axis
+and its first corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
 found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
 predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1,
 anchored at the predecessor's centre so a window on that centre alone needs no stride),
 so the whole table costs about one backward pass however deep the model is.
 
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
-border. Where a window touches it (deep grids of one or two cells at small inputs) the unclipped
-values are only lower bounds, and they are taken from a rerun at a doubled input instead when the
-model accepts one. A layer read through a predecessor whose geometry is unknown (an output whose
+border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
+unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
+input doubled along that axis (the other axes shrunk to an eighth: windows along one axis do not
+depend on the others) when the model accepts one and the pass shows no op that makes the
+geometry depend on the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
+previous and next neighbours' windows move by different steps or not at all, as through
+upsampling or a transposed convolution, or change size away from any border) cannot be
+composed: it, and every layer reading from it, is measured directly by a backward from its probe
+rows to the input, and reported with its size at the centre, no stride and `rf_exact` false.
+A layer read through a predecessor whose geometry is unknown (an output whose
 centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `rf_exact` false.
 """
 
@@ -31,8 +38,14 @@ from rfreport.schema import Column, Schema, register
 from rfreport.sweep import mask_bounds, one_hot_weights
 
 MAX_DOUBLINGS = 3
+STRETCH_MIN = 32  # a rerun stretched along one axis keeps the others at least this size
 ENLARGE_LIMIT = 1 << 18  # input pixels (spatial) a rerun may use
+REPEAT = "#"  # a module's later calls are captured as `name#2`, `name#3`, ... (composed through, not reported)
 POOLED_GRID = 4  # a one-cell output whose window spans a whole grid this large per axis is global pooling
+# autograd node kinds that can stand behind a size-dependent op (sizedep.py): when the pass has one, a
+# layer reading through any of them is measured directly
+RESIZING = ("Upsample", "Adaptive", "Cat", "Slice", "Select", "Split", "Flip", "Roll", "Index", "Gather", "Scatter",
+            "View", "Reshape", "Unsafe", "Im2Col", "Col2Im", "Mm", "Permute", "Transpose", "Expand", "Repeat")
 
 LAYERS = register(Schema(
     name="layers",
@@ -48,11 +61,12 @@ LAYERS = register(Schema(
         Column("{a}_rf", "int64", "input pixels", "unclipped RF size of the centre output position (its extent "
                "on an input large enough; a lower bound when rf_exact is false)"),
         Column("{a}_stride", "float64", "input pixels", "effective stride: how far the RF moves per output step "
-               "(NaN when the axis has a single position at every size tried)"),
+               "(NaN when the axis has a single position at every size tried, or the layer is not affine)"),
         Column("{a}_padding", "float64", "input pixels", "effective padding P: the unclipped RF of output "
                "position p starts at input index -P + p * stride"),
         Column("rf_exact", "bool", "flag", "the unclipped values are exact; false when a local window met a grid "
-               "border at every input size tried"),
+               "border at every input size tried, or when the layer's geometry is not affine (it reads through "
+               "upsampling or a transposed convolution: then the size is measured directly, with no stride)"),
         Column("border", "bool", "flag", "border layer: the centre position's RF already covers the whole input, "
                "so this layer's depth adds no context at this resolution"),
         Column("global", "bool", "flag", "both the centre and the first corner position see the whole input"),
@@ -73,7 +87,7 @@ class _Affine:
     stride: np.ndarray
     anchor: np.ndarray
     start: np.ndarray
-    exact: bool
+    exact: np.ndarray  # per axis
 
     @property
     def padding(self) -> np.ndarray:
@@ -100,25 +114,38 @@ class _Layer:
     border: bool
     is_global: bool
     pooled: bool
+    direct: bool = False      # measured by a backward to the input: its geometry is not affine
+    unknown: bool = False     # its centre reads a predecessor whose geometry is unknown
 
 
-def probe_rows(shape: tuple[int, ...]) -> np.ndarray:
-    """Return the output positions probed per layer: centre, one neighbour per axis, first corner."""
+def probe_rows(shape: tuple[int, ...], axis: int | None = None, corner: bool = True) -> np.ndarray:
+    """Return the output positions probed per layer: centre, next and previous neighbour per axis, first corner.
+
+    A missing neighbour (an axis of one or two cells) repeats the centre, or the other side for the next one.
+    With `axis`, only the next neighbour on that axis is probed besides the centre (the other rows repeat
+    it); without `corner`, the corner row repeats the centre too. Repeated rows cost nothing.
+    """
     mid = np.array(center(shape), dtype=np.int64)
-    rows = [mid]
-    for axis, n in enumerate(shape):
-        neighbour = mid.copy()
-        neighbour[axis] = mid[axis] + 1 if mid[axis] + 1 < n else max(mid[axis] - 1, 0)
-        rows.append(neighbour)
-    rows.append(np.zeros(len(shape), dtype=np.int64))
-    return np.stack(rows)
+    following, previous = [], []
+    for a, n in enumerate(shape):
+        after, before = mid.copy(), mid.copy()
+        after[a] = mid[a] + 1 if mid[a] + 1 < n else max(mid[a] - 1, 0)
+        before[a] = max(mid[a] - 1, 0)
+        following.append(after)
+        previous.append(before)
+    if axis is not None:
+        following = [f if a == axis else mid for a, f in enumerate(following)]
+        previous = [mid] * len(shape)
+    first = np.zeros(len(shape), dtype=np.int64) if corner and axis is None else mid
+    return np.stack([mid, *following, *previous, first])
 
 
 @dataclass(frozen=True)
 class _Windows:
     """What one capture pass saw of a layer: its grid and its local windows on its predecessors.
 
-    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row.
+    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row;
+    `direct`, set for layers measured by a backward to the input, holds those (lo, hi, count).
     """
 
     name: str
@@ -127,62 +154,192 @@ class _Windows:
     out: tuple[int, ...]
     twin: str | None
     windows: dict
+    rows: np.ndarray
+    direct: tuple | None = None
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """One capture pass: every layer's windows in forward order, and the size-dependent ops of the pass."""
+
+    layers: list[_Windows]
+    size_dependent: tuple[str, ...]
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int, layout: str) -> list[_Windows]:
-    """Run one capture pass: every layer's local windows on its predecessors, in forward order."""
-    seen = []
-    with LayerEngine(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
-                     seed=seed) as engine:
+             seed: int, layout: str = "nchw", upto: str | None = None,
+             force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True) -> _Capture:
+    """Run one capture pass: every layer's local windows on its predecessors, in forward order.
+
+    With `upto`, only that layer and the layers it reads from, transitively, are measured; the
+    layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
+    choose the probe rows (see probe_rows).
+    Layers whose window map is not affine, and every layer reading from one, are measured directly
+    instead: one backward from their probe rows to the input.
+    """
+    with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
+                    seed=seed) as engine:
+        wanted = _cone(engine, upto) if upto else set(engine.layers)
+        seen = []
         for name, captured in engine.layers.items():
+            if name not in wanted:
+                continue
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
-            masks = {} if twin else engine.local_support(name, one_hot_weights(probe_rows(out), out))
+            rows = probe_rows(out, axis, corner)
+            unique, back = np.unique(rows, axis=0, return_inverse=True)
+            masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
-                                 {source: mask_bounds(mask)[:3] for source, mask in masks.items()}))
-    return seen
+                                 {source: tuple(v[back.ravel()] for v in mask_bounds(mask)[:3])
+                                  for source, mask in masks.items()}, rows))
+        # a channels-last or token layout reshapes on purpose: there the window checks alone decide
+        resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
+                    and _reads_through_resizing(engine, w.name)}
+        seen = _measured_directly(engine, seen, _not_composable(seen, tuple(input_shape[2:]), resizing | force))
+        return _Capture(seen, engine.size_dependent_ops)
 
 
-def _compose(windows: dict, done: dict, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
+    """Measure the named layers (not measured yet) by a backward from their probe rows to the input."""
+    def direct(w: _Windows) -> tuple:
+        mask = engine.local_support(w.name, one_hot_weights(w.rows, w.out), sources=[None])[None]
+        return mask_bounds(mask)[:3]
+    return [replace(w, direct=direct(w)) if w.name in names and w.direct is None else w for w in seen]
+
+
+class _EveryCall(LayerEngine):
+    """A layer engine that also keeps a module's later calls, as `name#2`, `name#3`, ...
+
+    A module called several times (torchvision's blocks reuse one ReLU) would otherwise leave its
+    later outputs uncaptured, and windows reaching through them span whole stages: wide enough to
+    meet grid borders, and one backward through the stage per layer.
+    """
+
+    def _recorder(self, name: str, wanted: set[str]):
+        """Return a hook that keeps every spatial output of a module, the first under its own name."""
+        def record(module, inputs, out):
+            key, calls = name, 1
+            while key in self.layers:
+                calls += 1
+                key = f"{name}{REPEAT}{calls}"
+            LayerEngine._recorder(self, key, wanted)(module, inputs, out)
+
+        return record
+
+
+def _cone(engine: LayerEngine, name: str) -> set[str]:
+    """Return a captured layer and every captured layer it reads from, transitively."""
+    if name not in engine.layers:
+        raise SweepError(f"layer {name!r} has no spatial output of the input's rank")
+    found, stack = set(), [name]
+    while stack:
+        layer = stack.pop()
+        if layer in found:
+            continue
+        found.add(layer)
+        twin = engine.same_as(layer)
+        stack.extend([twin] if twin else [s for s in engine.predecessors(layer) if s is not None])
+    return found
+
+
+def _reads_through_resizing(engine: LayerEngine, name: str) -> bool:
+    """Tell whether the autograd nodes between a layer and its captured predecessors include one of the
+    kinds (RESIZING) behind size-dependent ops, whose windows a few probe rows cannot vouch for."""
+    owned = {(layer.edge.node, layer.edge.output_nr) for layer in engine.layers.values() if layer.name != name}
+    start = engine.layers[name].edge.node
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        if any(kind in type(node).__name__ for kind in RESIZING):
+            return True
+        for child, nr in node.next_functions:
+            if child is not None and (child, nr) not in owned and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
+def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizing: set[str]) -> set[str]:
+    """Return the layers whose window map is not affine at their centre or that read through a resizing
+    op, and every layer reading from one."""
+    grids = {None: input_spatial, **{w.name: w.out for w in seen}}
+    found: set[str] = set()
+    for w in _dependency_order(seen):
+        if (w.name in resizing or w.twin in found or any(source in found for source in w.windows)
+                or any(_window_flags(w.rows, *bounds, np.array(grids[source]))[1]
+                       for source, bounds in w.windows.items())):
+            found.add(w.name)
+    return found
+
+
+def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray,
+                  grid: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Return (clipped per axis, nonaffine) for a layer's windows on one predecessor grid.
+
+    Clipped: the centre window meets the grid border, or a next neighbour's window differs in size
+    from the centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
+    window differs from the centre's in size, or on another axis, with no border to explain it, or
+    the previous and next neighbours' windows move by different steps or not at all (upsampling,
+    transposed convolutions).
+    """
+    ndim, hit = len(grid), count > 0
+    touch = (lo == 0) | (hi == grid - 1)
+    size = hi - lo + 1
+    clipped = touch[0] & hit[0]
+    nonaffine = bool(hit[1:-1].any() and not hit[0])
+    for axis in range(ndim):
+        sides = [r for r in (1 + axis, 1 + ndim + axis) if rows[r, axis] != rows[0, axis] and hit[r] and hit[0]]
+        for r in sides:
+            if (size[r] == size[0]).all():
+                continue
+            if not (touch[r].any() or touch[0].any()):
+                nonaffine = True
+            elif r <= ndim:  # the composition reads the next neighbours; the previous ones only check steps
+                clipped[axis] = True
+        if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
+            after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
+            nonaffine = nonaffine or after != before or (after == 0 and not touch[0, axis])
+    return clipped, nonaffine
+
+
+def _compose(windows: dict, done: dict, rows: np.ndarray, single: bool) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     """Union the predecessors' composed boxes per probe row (NaN where a row sees nothing).
 
-    Also say whether the result is exact (no centre/neighbour window touched a predecessor's grid
-    border, every predecessor exact) and whether it is pooled: a `single`-cell output whose window
-    spans a whole predecessor grid of at least POOLED_GRID cells per axis, or a layer depending on
-    one (global pooling: no larger input would make it exact).
+    Also say per axis whether the result is exact (no window clipped by a predecessor's grid
+    border there, see `_window_flags`, every predecessor exact there) and whether it is pooled: a
+    `single`-cell output whose window spans a whole predecessor grid of at least POOLED_GRID cells
+    per axis, or a layer depending on one (global pooling: no larger input would make it exact).
     """
-    lows, highs, exact, pooled = [], [], True, False
+    lows, highs, exact, pooled = [], [], np.ones(rows.shape[1], dtype=bool), False
     for source, (lo, hi, count) in windows.items():
         hit = count > 0
         first, last = done[source].affine.box(lo, hi)
         lows.append(np.where(hit[:, None], first, np.inf))
         highs.append(np.where(hit[:, None], last, -np.inf))
         grid = np.array(done[source].out)
-        touched = ((lo == 0) | (hi == grid - 1))[:-1][hit[:-1]]
-        exact = exact and done[source].affine.exact and not touched.any()
+        clipped, _ = _window_flags(rows, lo, hi, count, grid)
+        exact = exact & done[source].affine.exact & ~clipped
         pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
             single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
     lo, hi = np.min(lows, axis=0), np.max(highs, axis=0)
     return np.where(np.isinf(lo), np.nan, lo), np.where(np.isinf(hi), np.nan, hi), exact, pooled
 
 
-def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: bool) -> _Affine:
+def _measure(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact: np.ndarray) -> _Affine:
     """Read RF size, stride and start at the centre row from composed unclipped bounds."""
     mid = rows[0]
     ndim = len(mid)
     steps = np.array([rows[1 + a, a] - mid[a] for a in range(ndim)], dtype=float)
     moved = np.array([lo[1 + a, a] - lo[0, a] for a in range(ndim)], dtype=float)
     stride = np.divide(moved, steps, out=np.full(ndim, np.nan), where=steps != 0)
-    if not exact:  # a window pinned to the border does not move: that says nothing about the stride
-        stride[moved == 0] = np.nan
+    stride[(moved == 0) & ~exact] = np.nan  # a window pinned to the border does not move: no stride there
     return _Affine(rf=hi[0] - lo[0] + 1, stride=stride, anchor=mid.astype(float), start=lo[0], exact=exact)
 
 
 def _input_layer(input_shape: tuple[int, ...]) -> _Layer:
     """Return the model input as a pseudo-layer: RF 1, stride 1, padding 0 on every axis."""
     ndim = len(input_shape) - 2
-    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), np.zeros(ndim), True)
+    identity = _Affine(np.ones(ndim), np.ones(ndim), np.zeros(ndim), np.zeros(ndim), np.ones(ndim, dtype=bool))
     return _Layer("", "input", input_shape[1], tuple(input_shape[2:]), np.ones(ndim, dtype=np.int64), identity,
                   False, False, False)
 
@@ -191,17 +348,45 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     """Measure one layer by composing its windows; an exact geometry from a larger input overrides its own."""
     if seen.twin is not None:
         return replace(done[seen.twin], name=seen.name, type=seen.type)
-    rows = probe_rows(seen.out)
-    lo, hi, exact, pooled = _compose(seen.windows, done, single=max(seen.out) == 1)
-    if np.isnan(lo[0]).any():  # gradient mode: the centre may see nothing at all
-        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan), False)
+    rows = seen.rows
+    if seen.direct is not None:
+        return _direct_layer(seen, rows, n)
+    lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
+    blind = np.isnan(lo[0]) | np.isnan(hi[0])  # the centre sees nothing, or reads through an unknown layer
+    unknown = bool(blind.any() and any(count[0] > 0 for _lo, _hi, count in seen.windows.values()))
+    if blind.all():
+        nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan),
+                          np.zeros(len(n), dtype=bool))
         return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
-                      known.get(seen.name, nothing), False, False, pooled)
-    affine = known.get(seen.name) or _measure(rows, lo, hi, exact)
+                      known.get(seen.name, nothing), False, False, pooled, unknown=unknown)
+    affine = _with_known(_measure(rows, lo, hi, exact & ~blind), known.get(seen.name))
     covers = (lo <= 0) & (hi >= n - 1)
     size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),
-                  bool(covers[0].all() and covers[-1].all()), pooled)
+                  bool(covers[0].all() and covers[-1].all()), pooled, unknown=unknown)
+
+
+def _with_known(affine: _Affine, known: _Affine | None) -> _Affine:
+    """Take the axes a larger input measured exactly from `known`, the others from `affine`."""
+    if known is None:
+        return affine
+    take = known.exact & ~affine.exact
+    return _Affine(*(np.where(take, getattr(known, f), getattr(affine, f))
+                     for f in ("rf", "stride", "anchor", "start", "exact")))
+
+
+def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
+    """Measure a layer from its probe rows' boxes on the input: the centre's extent, with no stride or
+    padding (its geometry is not affine) and never exact."""
+    lo, hi, count = seen.direct
+    ndim = len(n)
+    size = np.where(count[0], hi[0] - lo[0] + 1, 0)
+    unknown = np.full(ndim, np.nan)
+    affine = _Affine(rf=size.astype(float), stride=unknown, anchor=rows[0].astype(float), start=unknown,
+                     exact=np.zeros(ndim, dtype=bool))
+    covers = (lo <= 0) & (hi >= n - 1) & (count > 0)[:, None]
+    return _Layer(seen.name, seen.type, seen.channels, seen.out, size.astype(np.int64), affine,
+                  bool(covers[0].all()), bool(covers[0].all() and covers[-1].all()), False, direct=True)
 
 
 def _compose_all(captured: list[_Windows], input_shape: tuple[int, ...], known: dict) -> list[_Layer]:
@@ -231,37 +416,66 @@ def _dependency_order(captured: list[_Windows]) -> list[_Windows]:
     return ordered
 
 
-def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict) -> list[_Layer]:
-    """Measure every layer, taking the unclipped geometry of inexact ones from doubled inputs.
+def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
+             global_context: bool = False) -> list[_Layer]:
+    """Measure every layer, taking the unclipped geometry of inexact axes from inputs stretched along them.
 
     The windows of the given input are recomposed with those exact geometries, so RF extents at
-    the given size stay exact too. Stops when every layer is exact or pooled, after MAX_DOUBLINGS,
-    when the input would exceed ENLARGE_LIMIT pixels, or when the model refuses the size.
+    the given size stay exact too. Per axis, stops when every layer is exact there, pooled or measured directly,
+    after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
+    the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
+    unknown then (read through a predecessor without a stride) are measured directly. With
+    `global_context` (the model's RFs are global through global pooling), layers whose centre RF
+    covers the input here are not rerun (honestly inexact): global context keeps them so at every size.
     """
     base = _capture(model, input_shape, **options)
     known: dict[str, _Affine] = {}
-    measured = _compose_all(base, input_shape, known)
-    for doubling in range(1, MAX_DOUBLINGS + 1):
-        bigger = (*input_shape[:2], *(n << doubling for n in input_shape[2:]))
-        if all(m.affine.exact or m.pooled for m in measured) or math.prod(bigger[2:]) > ENLARGE_LIMIT:
-            break
-        try:
-            larger = _compose_all(_capture(model, bigger, **options), bigger, known)
-        except SweepError:
-            break
-        fixed = {m.name: m.affine for m in larger
-                 if m.affine.exact and np.isfinite(m.affine.stride).all() and m.name not in known}
-        if fixed:
-            known.update(fixed)
-            measured = _compose_all(base, input_shape, known)
+    measured = _compose_all(base.layers, input_shape, known)
+    for axis in range(len(input_shape) - 2):
+        for doubling in range(1, MAX_DOUBLINGS + 1):
+            bigger = _stretched(input_shape, axis, doubling)
+            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct
+                                           or (global_context and m.border) for m in measured)
+                    or math.prod(bigger[2:]) > ENLARGE_LIMIT):
+                break
+            try:
+                larger = _compose_all(_capture(model, bigger, **options, axis=axis).layers, bigger, known)
+            except SweepError:
+                break
+            fixed = {m.name: _with_known(known[m.name], _on_axis(m.affine, axis)) if m.name in known
+                     else _on_axis(m.affine, axis) for m in larger
+                     if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis])}
+            if fixed:
+                known.update(fixed)
+                measured = _compose_all(base.layers, input_shape, known)
+    unknown = frozenset(m.name for m in measured if m.unknown)
+    if unknown:  # a predecessor's geometry stayed unknown at every size: measure those layers directly
+        measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
 
 
+def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
+    """Return the input shape with one spatial axis doubled `doubling` times and the others at an eighth.
+
+    Windows along one axis do not depend on the other axes' sizes, so those shrink to keep the
+    rerun cheap (never below STRETCH_MIN, nor above their given size).
+    """
+    spatial = [min(n, max(n // 8, STRETCH_MIN)) for n in input_shape[2:]]
+    spatial[axis] = input_shape[2 + axis] << doubling
+    return (*input_shape[:2], *spatial)
+
+
+def _on_axis(affine: _Affine, axis: int) -> _Affine:
+    """Keep only one axis of a geometry as exact."""
+    return replace(affine, exact=np.arange(len(affine.exact)) == axis)
+
+
 def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
-    """Build the layers frame from measured rows."""
+    """Build the layers frame from measured rows (a module's later calls are left out)."""
+    measured = [m for m in measured if REPEAT not in m.name]
     data: dict[str, object] = {
         "order": np.arange(len(measured)), "layer": [m.name for m in measured], "type": [m.type for m in measured],
-        "channels": [m.channels for m in measured], "rf_exact": [m.affine.exact for m in measured],
+        "channels": [m.channels for m in measured], "rf_exact": [bool(m.affine.exact.all()) for m in measured],
         "border": [m.border for m in measured], "global": [m.is_global for m in measured],
     }
     for axis, a in enumerate(axis_names(ndim)):
@@ -273,13 +487,42 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
     return LAYERS.frame(data, ndim)
 
 
+@dataclass(frozen=True)
+class TargetGeometry:
+    """The unclipped RF size, stride and padding per axis of a layer's centre, composed at one input size."""
+
+    rf: np.ndarray
+    stride: np.ndarray
+    padding: np.ndarray
+    exact: bool     # every value is exact
+    pooled: bool    # the layer reads through global pooling: its RF is global at every size
+
+
+def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "structural", device: str = "auto",
+                    seed: int = 0) -> TargetGeometry:
+    """Compose a layer's centre geometry from the windows of every leaf module it reads from.
+
+    At the given input size only; not exact when a window is cut by a grid border, a non-affine
+    layer is on the way or a single-cell axis has no stride.
+    """
+    shape = check_input_shape(tuple(input_shape))
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    names = leaves if layer in leaves else [*leaves, layer]
+    captured = _capture(model, shape, names, mode, device, seed, upto=layer, corner=False)
+    row = {m.name: m for m in _compose_all(captured.layers, shape, {})}[layer]
+    exact = bool(row.affine.exact.all() and np.isfinite(row.affine.stride).all())
+    return TargetGeometry(row.affine.rf, row.affine.stride, row.affine.padding, exact, row.pooled)
+
+
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
-                 device: str = "auto", seed: int = 0, layout: str = "nchw") -> pd.DataFrame:
+                 device: str = "auto", seed: int = 0, layout: str = "nchw",
+                 global_context: bool = False) -> pd.DataFrame:
     """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order.
 
     `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
-    it are skipped.
+    it are skipped. `global_context` (known from a local sweep) spares larger inputs for layers whose
+    RF is global here.
     """
     shape = check_input_shape(tuple(input_shape))
     options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
-    return _frame(_refined(model, shape, options), len(shape) - 2)
+    return _frame(_refined(model, shape, options, global_context), len(shape) - 2)

@@ -106,18 +106,27 @@ def plan(model: nn.Module, job: Job) -> np.ndarray:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
-def main_sweep(model: nn.Module, job: Job, selected: np.ndarray, advance: Advance | None = None) -> SweepResult:
-    """Sweep the selected positions of a job, keeping the masks of the chosen ones."""
-    done = 0
+def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
+               advance: Advance | None = None) -> SweepResult:
+    """Sweep the selected positions of a job (its own selection when None), keeping the masks of the chosen ones."""
+    done, total = 0, 0 if selected is None else len(selected)
+
+    def chosen(output_spatial: tuple[int, ...]) -> list:
+        nonlocal total
+        picked = positions_mod.resolve(job.spec.positions, output_spatial)
+        total = len(picked)
+        return picked.tolist()
 
     def progress(count: int) -> None:
         nonlocal done
         done += count
-        advance(done, len(selected))
+        advance(done, total)
 
     checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
-    return sweep(model, job.input_shape, selected.tolist(), keep_masks=keep_masks(job.spec),
-                 progress=progress if advance else None, verify=checks, **sweep_options(job))
+    with models.rank_guard(model, job.input_shape, job.spec.name):
+        return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
+                     keep_masks=keep_masks(job.spec), progress=progress if advance else None, verify=checks,
+                     **sweep_options(job))
 
 
 def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
@@ -127,17 +136,40 @@ def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
     return all(tuple(pos) in swept for pos in wanted.tolist())
 
 
-def geometry_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult | None:
+def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, *,
+                   corners_only: bool = False) -> SweepResult | None:
     """Sweep the positions the geometry fit needs, unless the main sweep has them all or they cannot help.
 
+    With `corners_only` (the geometry is already composed exactly) only the corners are swept, to
+    tell a global RF.
     When the corners were swept and every RF already spans the whole input, no position at this size
-    can show a box clear of the border: the fit then comes from the enlarged sweep (or the local one).
+    can show a box clear of the border: the fit then comes from the composed or enlarged geometry (or
+    the local sweep). When the centre's RF spans the whole input, only the corners are swept (to
+    tell a global RF): no other position can be clear of the border either.
     """
     extra = analysis.geometry_positions(main.output_spatial)
     spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
     if spans or covers(main, extra):
         return None
+    if corners_only or centre_spans(main):
+        extra = "corners"
+        if covers(main, extra):
+            return None
     return sweep(model, job.input_shape, extra, verify=False, **sweep_options(job))
+
+
+def context_bound(local: SweepResult | None) -> bool:
+    """Tell whether every RF is global through global context (the local sweep's RFs are smaller than the
+    input): then no larger input has an RF clear of the border either."""
+    return local is not None and not analysis.is_global(analysis.Boxes.of(local), local.input_spatial)
+
+
+def centre_spans(result: SweepResult) -> bool:
+    """Tell whether the sweep holds the centre position and its RF spans the whole input on every axis."""
+    mid = positions_mod.center(result.output_spatial)
+    rows = np.flatnonzero((result.positions == np.array(mid)).all(axis=1) & (result.support > 0))
+    n = np.array(result.input_spatial)
+    return bool(len(rows) and ((result.lo[rows[0]] <= 0) & (result.hi[rows[0]] >= n - 1)).all())
 
 
 def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
@@ -148,7 +180,7 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
     size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
     ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
     """
-    if not analysis.needs_larger_input(main, geometry):
+    if main.size_dependent_ops or not analysis.needs_larger_input(main, geometry):
         return None
     for doubling in range(first_doubling(job.input_shape[2:], growth), ENLARGE_DOUBLINGS + 1):
         bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))
@@ -163,6 +195,29 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
         if not analysis.needs_larger_input(larger):
             return larger
     return None
+
+
+def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
+                      geometry: SweepResult | None) -> layers.TargetGeometry | None:
+    """Compose the target's geometry from per-layer windows when every RF is clipped at this size.
+
+    Only for a named NCHW layer (its output is captured as it is) and a pass without size-dependent ops
+    (whose windows a few probe rows cannot vouch for); None otherwise or when the model refuses.
+    """
+    spec = job.spec
+    if (spec.layer is None or spec.output is not None or spec.layout != "nchw" or main.size_dependent_ops
+            or not analysis.needs_larger_input(main, geometry)):
+        return None
+    try:
+        return layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,
+                                      device=job.options.device, seed=job.options.seed)
+    except SweepError:
+        return None
+
+
+def exact_axes(found: layers.TargetGeometry | None) -> list[tuple] | None:
+    """Return (size, stride, padding) per axis of an exact composed geometry, else None."""
+    return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
 
 
 def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
@@ -195,10 +250,11 @@ def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analy
                               device=job.options.device, seed=job.options.seed)
 
 
-def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
+def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout)
+                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout,
+                               global_context=global_context)
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
@@ -241,17 +297,25 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             growth: bool = True) -> Computed:
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
-        main = main or main_sweep(model, job, plan(model, job), advance)
-    with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job) if growth else None
+        main = main or main_sweep(model, job, None, advance)
     with timed(job, "global context"):
-        found = global_context(model, job, main)
+        found_ops = global_context(model, job, main)
+    with timed(job, "local sweep and composed geometry"):
+        # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
+        spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
+        local = local_sweep(model, job, main, None, found_ops) if spans or found_ops else None
+        found = None if context_bound(local) else composed_geometry(model, job, main, None)
+        composed = exact_axes(found)
+        pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
+    with timed(job, "layer growth"):
+        growth_frame = layer_frame(model, job, context_bound(local) or pooled) if growth else None
     with timed(job, "geometry and local sweeps"):
-        geometry = geometry_sweep(model, job, main)
-        enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
-        local = local_sweep(model, job, main, geometry, found)
+        geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
+        local = local or local_sweep(model, job, main, geometry, found_ops)
+        enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
+            model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              global_ops=found)
+                              composed=composed, global_ops=found_ops)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)

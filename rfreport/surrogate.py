@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from rfreport import replacements as rep
 from rfreport.errors import SweepError
 from rfreport.replacements import bind
+from rfreport.sizedep import size_dependent
 
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",
@@ -171,6 +172,7 @@ class StructuralMode(TorchFunctionMode):
         self.signed = False
         self.nonlocal_ops: set[str] = set()
         self.ops_seen: set[str] = set()
+        self.size_dependent_ops: set[str] = set()  # ops that make the geometry depend on the input size
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,6 +192,8 @@ class StructuralMode(TorchFunctionMode):
             return result
         self._judge_locality(name, args, kwargs, result)
         result = self._held_if_global(name, args, kwargs, result)
+        if size_dependent(name, args, kwargs, result, self.input_rank):
+            self.size_dependent_ops.add(name)
         return self._gated(func, result, inputs) if self.linearise and name not in POINTWISE else result
 
     def _observe(self, name: str, args, kwargs) -> None:

@@ -47,6 +47,7 @@ class SweepResult:
     coverage: np.ndarray           # input spatial shape, int64: swept positions that see each input pixel
     masks: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     padding_modes: tuple[str, ...] = ()
+    size_dependent_ops: tuple[str, ...] = ()   # ops that make the geometry depend on the input size
     target: str = "model output"
     local: bool = False
     seconds: float = 0.0
@@ -223,6 +224,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             input_shape=engine.input_shape, output_shape=engine.output_shape, mode=mode,
             device=str(engine.device), positions=pos, lo=lo, hi=hi, support=support, wrapped=wrapped,
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
+            size_dependent_ops=engine.size_dependent_ops,
             target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
     kept = set(map(tuple, keep.tolist()))
     return with_verification(result, model, target, checks, kept, seed=seed, started=started)

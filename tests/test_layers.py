@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from rfreport.analysis import border_layers_from, global_from, no_border_resolution
 from rfreport.errors import SweepError
-from rfreport.layers import layer_growth
+from rfreport.layers import layer_growth, target_geometry
+from rfreport.sweep import sweep
 from tests.oracle import axis_support, lengths
 from tests.test_analysis import hole_free_stacks, recurrence
 
@@ -130,3 +133,132 @@ def test_a_shortcut_that_fires_after_its_readers_is_measured_first():
     frame = layer_growth(LateShortcut(), (1, 1, 16, 16)).set_index("layer")
     assert frame.loc["shortcut", "h_rf"] == 3 and frame.loc["body", "h_rf"] == 5
     assert list(frame.index) == ["first", "body", "shortcut"]
+
+
+class Add(nn.Module):
+    """A skip connection that adds two tensors (a leaf, so it is a layer)."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+class Cat(nn.Module):
+    """A skip connection that concatenates two tensors along channels."""
+
+    def forward(self, a, b):
+        return torch.cat([a, b], dim=1)
+
+
+class Graph(nn.Module):
+    """Nodes applied in order, each to earlier nodes' outputs (node 0 is the input); returns the last."""
+
+    def __init__(self, nodes: list[tuple[nn.Module, tuple[int, ...]]]):
+        super().__init__()
+        self.mods = nn.ModuleList(module for module, _ in nodes)
+        self.inputs = [inputs for _, inputs in nodes]
+
+    def forward(self, x):
+        outs = [x]
+        for module, inputs in zip(self.mods, self.inputs):
+            outs.append(module(*(outs[i] for i in inputs)))
+        return outs[-1]
+
+
+@st.composite
+def graphs(draw):
+    """Draw a graph of convs (some strided), nearest/bilinear upsampling by 2 and add/cat skips, on a square input."""
+    n = draw(st.sampled_from([8, 16]))
+    sizes, channels, nodes = [n], [1], []
+    for _ in range(draw(st.integers(2, 7))):
+        kind = draw(st.sampled_from(["conv", "conv", "stride", "nearest", "bilinear", "add", "cat"]))
+        source = draw(st.integers(max(0, len(sizes) - 3), len(sizes) - 1))
+        partners = [i for i in range(len(sizes)) if sizes[i] == sizes[-1] and i != len(sizes) - 1 and i > 0]
+        if kind in ("add", "cat") and partners:
+            other = draw(st.sampled_from(partners))
+            module = Add() if kind == "add" and channels[other] == channels[-1] else Cat()
+            c = channels[-1] + channels[other] if isinstance(module, Cat) else channels[-1]
+            nodes.append((module, (len(sizes) - 1, other)))
+            sizes.append(sizes[-1])
+            channels.append(c)
+            continue
+        if kind in ("nearest", "bilinear") and sizes[source] <= 32:
+            nodes.append((nn.Upsample(scale_factor=2, mode=kind), (source,)))
+            sizes.append(sizes[source] * 2)
+            channels.append(channels[source])
+            continue
+        k = draw(st.sampled_from([1, 3, 5])) if kind != "stride" else draw(st.sampled_from([2, 3]))
+        stride = 2 if kind == "stride" and sizes[source] >= 2 else 1
+        nodes.append((nn.Conv2d(channels[source], 2, k, stride=stride, padding=k // 2 if k % 2 else 0), (source,)))
+        sizes.append(sizes[source] // stride if k == 2 else (sizes[source] - 1) // stride + 1)
+        channels.append(2)
+    return Graph(nodes), n
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_exact_rows_equal_a_direct_sweep_at_their_centre(case):
+    model, n = case
+    frame = layer_growth(model, (1, 1, n, n))
+    for row in frame.itertuples(index=False):
+        direct = sweep(model, (1, 1, n, n), "center", layer=row.layer)
+        lo, hi = direct.lo[0], direct.hi[0]
+        for axis, a in enumerate("hw"):
+            assert getattr(row, f"{a}_size") == hi[axis] - lo[axis] + 1, (row.layer, a)
+            if not row.rf_exact:
+                continue
+            c = (getattr(row, f"out_{a}") - 1) // 2
+            start = (c * getattr(row, f"{a}_stride") if c else 0.0) - getattr(row, f"{a}_padding")
+            end = start + getattr(row, f"{a}_rf") - 1
+            assert (max(start, 0), min(end, n - 1)) == (lo[axis], hi[axis]), (row.layer, a)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(hole_free_stacks())
+def test_target_geometry_matches_the_recurrences_or_declines(case):
+    layers, shape = case
+    model = nn.Sequential(nn.Sequential(*(layer.module(1) for layer in layers)))
+    found = target_geometry(model, (1, 1, *shape), "0")
+    if found.exact:
+        assert [(found.rf[a], found.stride[a], found.padding[a]) for a in range(2)] == [
+            recurrence(layers, a) for a in range(2)]
+
+
+def test_target_geometry_of_a_clipped_residual_network():
+    found = target_geometry(TinyResNet(), (1, 1, 16, 16), "relu2")
+    assert found.exact and not found.pooled
+    assert found.rf.tolist() == [17, 17] and found.stride.tolist() == [2, 2] and found.padding.tolist() == [8, 8]
+    assert target_geometry(TinyResNet(), (1, 1, 16, 16), "pool").pooled
+
+
+class Resized(nn.Module):
+    """A conv, a resize to a fixed size (size-dependent) and a conv after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.last(torch.nn.functional.interpolate(self.first(x), size=(21, 21), mode="bilinear"))
+
+
+def test_layers_after_a_size_dependent_resize_are_measured_directly():
+    frame = layer_growth(Resized(), (1, 1, 16, 16)).set_index("layer")
+    assert frame.loc["first", "rf_exact"] and not frame.loc["last", "rf_exact"]
+    direct = sweep(Resized(), (1, 1, 16, 16), "center", layer="last")
+    assert frame.loc["last", "h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
+
+
+def test_global_context_spares_larger_inputs_and_changes_nothing(monkeypatch):
+    from rfreport import layers as layers_mod
+    from rfreport.examples import se_net
+
+    calls = []
+    capture = layers_mod._capture
+    monkeypatch.setattr(layers_mod, "_capture", lambda *a, **k: calls.append(a[1]) or capture(*a, **k))
+    plain = layer_growth(se_net(in_channels=1, width=4, depth=2), (1, 1, 16, 16), layers=["0", "2", "3"])
+    rerun = len(calls)
+    calls.clear()
+    spared = layer_growth(se_net(in_channels=1, width=4, depth=2), (1, 1, 16, 16), layers=["0", "2", "3"],
+                          global_context=True)
+    assert len(calls) < rerun
+    pd.testing.assert_frame_equal(plain, spared)

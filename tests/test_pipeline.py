@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rfreport import config, executors, pipeline, report, runfolder
+from rfreport import analysis, config, executors, pipeline, report, runfolder
 from rfreport.config import ModelSpec, RunOptions
 from tests.oracle import Layer, support_mask
 
@@ -205,3 +205,21 @@ def test_a_crash_while_rendering_keeps_the_old_run(nets, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "summary.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "run"]
     assert runfolder.load(tmp_path / "run").meta["seed"] == 0
+
+
+@pytest.mark.parametrize(("shape", "fit"), [((1, 3, 32, 32), "composed"), ((1, 3, 16, 16), "enlarged")])
+def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
+    spec = ModelSpec(name="small", factory="rfreport.examples:resnet_small", kwargs={"width": 4, "blocks": 2},
+                     input_shapes=(shape,), layer="stages", positions="center")
+    job = pipeline.Job(spec, shape, RunOptions())
+    model = pipeline.models.build(spec)
+    done = pipeline.compute(model, job, growth=False)
+    geometry = pipeline.geometry_sweep(model, job, done.main)
+    enlarged = pipeline.enlarged_sweep(model, job, done.main, geometry)
+    found = pipeline.global_context(model, job, done.main)
+    local = pipeline.local_sweep(model, job, done.main, geometry, found)
+    reference = analysis.analyze(done.main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
+    assert (done.analysed.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
+    assert done.analysed.summary == reference.summary
+    same = [c for c in reference.geometry.columns if c not in ("fit", "problem", "positions_used")]
+    pd.testing.assert_frame_equal(done.analysed.geometry[same], reference.geometry[same])
