@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import torchvision" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench bench-full bench-ray lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray bench-verify lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ bench-full: install  ## the same at full sizes: FCN at 256x256, resnet18 at 1024
 bench-ray: install  ## wall time of the example audit in-process and on a local Ray instance
 	$(PY) benchmarks/bench_ray.py
 
+bench-verify: install  ## share of a sweep spent on run-time verification (forward perturbation; a minute or two)
+	$(PY) benchmarks/bench_verify.py
+
 docs: install  ## regenerate docs/columns.md from the frame schemas
 	$(PY) -m rfreport.schema > docs/columns.md
 
@@ -45,7 +48,7 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff check .
 
 gold-update: install  ## rewrite the golden files from the current output
-	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py -q
+	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py tests/test_diff.py -q
 
 clean:  ## remove the venv, caches and reports
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache

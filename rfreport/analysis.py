@@ -100,9 +100,17 @@ EDGES = register(Schema(
 class Finding:
     """One plain-language observation about a model's receptive fields."""
 
-    code: str        # stable id, e.g. "edge", "unseen", "global", "wrap", "holes", "nonaffine", "border"
+    code: str        # stable id, e.g. "edge", "unseen", "global", "covers", "wrap", "holes", "nonaffine", "border"
     severity: str    # "info" | "warning"
     message: str     # a plain sentence for the report
+
+
+@dataclass(frozen=True)
+class GlobalOp:
+    """An operation that pools over a whole feature map (global context), and the layer it runs in."""
+
+    layer: str       # qualified module name ("" when it runs in the model's own forward)
+    op: str          # torch function, e.g. adaptive_avg_pool2d, mean, group_norm
 
 
 @dataclass(frozen=True)
@@ -458,9 +466,31 @@ def global_from(layers: pd.DataFrame | None) -> str | None:
 
 
 def is_global(boxes: Boxes, input_spatial: Sequence[int]) -> bool:
-    """Tell whether every swept position's RF box spans the whole input."""
+    """Tell whether every swept position's RF box spans the whole input (by saturation or global context)."""
     n = np.array(input_spatial)
     return bool(len(boxes.positions) and ((boxes.lo <= 0) & (boxes.hi >= n - 1)).all())
+
+
+def one_box(boxes: Boxes) -> bool:
+    """Tell whether every swept position has the same RF box, as a global operation on the path makes them."""
+    return bool(len(boxes.positions) and (boxes.lo == boxes.lo[0]).all() and (boxes.hi == boxes.hi[0]).all())
+
+
+def covering(lo: np.ndarray, hi: np.ndarray, support: np.ndarray, input_spatial: Sequence[int]) -> np.ndarray:
+    """Return per position whether its RF box covers the whole input on every axis (unrolled boxes too)."""
+    n = np.array(input_spatial)
+    return (support > 0) & ((lo <= 0) & (hi >= n - 1)).all(axis=1)
+
+
+def no_coverage_resolution(geo: pd.DataFrame, is_global_context: bool | None) -> list[int] | None:
+    """Return per axis the input size from which no RF can cover the input (RF size + 1), or None.
+
+    Unknown (None) under global context (every RF covers any input) or when some axis's RF size is
+    only a lower bound (fit estimated or none).
+    """
+    if is_global_context or not geo["fit"].isin((*EXACT_FITS, "nonaffine")).all():
+        return None
+    return [int(size) + 1 for size in geo["size"]]
 
 
 def _json(value: Any) -> Any:
@@ -505,8 +535,23 @@ def _coverage_summary(result: SweepResult) -> dict:
             "falloff": stats["border"] if stats["border"] < FALLOFF_RATIO else None}
 
 
-def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes: Boxes,
-             local_fits: list[AxisFit] | None, modes: list[str], layers: pd.DataFrame | None) -> dict:
+def _context_summary(result: SweepResult, geo: pd.DataFrame, global_ops: Sequence[GlobalOp] | None) -> dict:
+    """Return the keys that tell global context (a global op) from RFs that merely cover the input."""
+    covers = covering(result.lo, result.hi, result.support, result.input_spatial)
+    count = int(covers.sum())
+    known = global_ops is not None or not one_box(Boxes.of(result))   # a global op gives every RF one box
+    first = global_ops[0] if global_ops else None
+    is_global_context = bool(global_ops) if known else None
+    return {
+        "global": is_global_context, "global_from": first.layer if first else None, "global_op": first.op if first
+        else None, "covers_input": bool(len(covers) and covers.all()), "covering_positions": count,
+        "covering_fraction": count / len(covers) if len(covers) else 0.0,
+        "no_coverage_resolution": no_coverage_resolution(geo, is_global_context),
+    }
+
+
+def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_fits: list[AxisFit] | None,
+             modes: list[str], layers: pd.DataFrame | None, global_ops: Sequence[GlobalOp] | None) -> dict:
     """Collect the JSON-ready summary scalars of an analysis."""
     positions, edge = _edge_counts(geo, edges)
     valid = None if geo["valid_lo"].isna().any() else {"lo": geo["valid_lo"].tolist(), "hi": geo["valid_hi"].tolist()}
@@ -520,7 +565,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes:
         "valid_region": valid, "asymmetric_axes": geo.loc[geo["asymmetric"], "axis"].tolist(),
         "holes": bool((fill < 1).any()), "min_fill": float(fill.min()) if len(fill) else 1.0,
         "wrapped": bool(result.wrapped.any()), "padding_modes": modes,
-        "global": is_global(boxes, result.input_spatial), "global_from": global_from(layers),
+        **_context_summary(result, geo, global_ops),
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
         "border_layers_from": border_layers_from(layers),
         "no_border_resolution": no_border_resolution(layers, result.ndim),
@@ -528,12 +573,14 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, boxes:
     }
     coverage = _coverage_summary(result)
     summary.update({k: coverage[k] for k in ("unseen_pixels", "unseen_fraction", "coverage_nonuniform")})
+    summary.update(verification_summary(result))
     return {key: _json(value) for key, value in summary.items()}, coverage
 
 
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
             gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
-            enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None) -> Analysis:
+            enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None,
+            global_ops: Sequence[GlobalOp] | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
     `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `enlarged` a sweep
@@ -541,7 +588,9 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     exact (size, stride, padding) per axis of the target composed from per-layer windows
     (`layers.target_geometry`), used there likewise, `local` a
     `local=True` sweep (the local RF under global context), `gradient` a gradient-mode sweep
-    (padding modes, data-dependent support) and `layers` the frame of `layers.layer_growth`.
+    (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
+    `global_ops` the global operations the output depends on (`context.global_ops`; None: not
+    looked for, so global context is unknown wherever some RF covers the input).
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
@@ -553,7 +602,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
                          center_sizes(boxes, result.output_spatial), local_fits)
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
-    summary, coverage = _summary(result, geo, edges, boxes, local_fits, modes, layers)
+    summary, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
     context = _Context(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
@@ -649,22 +698,38 @@ def _support_findings(c: _Context) -> list[Finding]:
 
 
 def _context_findings(c: _Context) -> list[Finding]:
-    """Report global context (with the layer that causes it and the local RF) and border layers."""
+    """Report global context (op, layer, local RF) apart from RFs that merely cover the input; border layers."""
     s = c.summary
     found = []
+    size = _axes_text(c.result.input_spatial)
     if s["global"]:
-        cause = f", from layer {s['global_from']} on" if s["global_from"] else ""
-        local = (f"; the local RF with global-context paths held constant is {_axes_text(s['local_rf_size'])}"
+        where = f"layer {s['global_from']}" if s["global_from"] else "the model's own forward"
+        local = (f"; with global-context paths held constant the local RF is {_axes_text(s['local_rf_size'])}"
                  if s["local_rf_size"] else "")
-        found.append(Finding("global", "warning", f"Every output position sees the whole input (global context"
-                             f"{cause}){local}."))
+        found.append(Finding("global", "warning", f"Global context: {s['global_op']} in {where} pools over a whole "
+                             "feature map, so every output position depends on every input pixel at any input size"
+                             f"{local}."))
+    elif s["covering_positions"]:
+        found.append(_covers_finding(c, size))
     if s["border_layers_from"]:
-        size = _axes_text(c.result.input_spatial)
         fix = (f"; no layer would be a border layer from an input of {_axes_text(s['no_border_resolution'])} on"
                if s["no_border_resolution"] else "")
         found.append(Finding("border", "info", f"From layer {s['border_layers_from']} on, every layer's RF covers "
                              f"the whole {size} input (border layers: their depth adds no context here){fix}."))
     return found
+
+
+def _covers_finding(c: _Context, size: str) -> Finding:
+    """Describe RFs that cover the whole input without global context: saturation at this resolution."""
+    s = c.summary
+    who = ("Every swept output position's RF covers" if s["covers_input"] else
+           f"The RFs of {s['covering_positions']} of {len(c.result.positions)} swept output positions "
+           f"({s['covering_fraction']:.0%}) cover")
+    why = (": the RF saturates at this resolution (no global operation)" if s["global"] is False else
+           " (global operations were not looked for)")
+    stops = (f"; from an input of {_axes_text(s['no_coverage_resolution'])} on, no RF can cover it"
+             if s["no_coverage_resolution"] else "")
+    return Finding("covers", "warning" if s["covers_input"] else "info", f"{who} the whole {size} input{why}{stops}.")
 
 
 def _gradient_findings(c: _Context) -> list[Finding]:
@@ -681,5 +746,25 @@ def _gradient_findings(c: _Context) -> list[Finding]:
                     "pixels than their structural RF (data-dependent zeros: dead activations, max-pool routing).")]
 
 
-RULES = (_geometry_findings, _edge_findings, _coverage_findings, _support_findings, _context_findings,
-         _gradient_findings)
+def verification_summary(result: SweepResult) -> dict:
+    """Return the summary keys of the run-time check: positions verified and positions that failed it."""
+    verified = 0 if result.verified is None else int(np.sum(result.verified))
+    failed = 0 if result.violations is None else int(np.sum(np.asarray(result.violations) > 0))
+    return {"verified": verified, "violations": failed}
+
+
+def _verification_findings(c: _Context) -> list[Finding]:
+    """Report positions whose output moved when input outside their reported RF was perturbed, or no check."""
+    s, done = c.summary, c.result.verification
+    if s["violations"]:
+        worst = f" (by up to {done.max_deviation:.2g} of the output's magnitude)" if done is not None else ""
+        return [Finding("not_exact", "warning", f"Not exact: {s['violations']} of {s['verified']} verified "
+                        "positions changed when input outside their reported RF was perturbed on the model "
+                        f"itself{worst}; their reported RF is too small.")]
+    if done is not None and done.note:
+        return [Finding("unverified", "info", f"The reported RFs were not verified on the model: {done.note}.")]
+    return []
+
+
+RULES = (_verification_findings, _geometry_findings, _edge_findings, _coverage_findings, _support_findings,
+         _context_findings, _gradient_findings)

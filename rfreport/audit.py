@@ -2,11 +2,15 @@
 
 A config's `[model.audit]` table maps rule names (config.AUDIT_RULES, validated there) to limits.
 Each rule reads one analysis summary key of a model entry and yields one result row
-`{rule, limit, value, passed}`; a model whose job failed fails its audit. Pure Python, no torch.
+`{rule, limit, value, passed}`; a model whose job failed fails its audit, and so
+does one whose run-time verification found violations (an implicit `exact` row). The verdicts of a
+`check` are also written for CI: one JSON object (:func:`verdicts_json`) or a JUnit XML file
+(:func:`junit_xml`). Pure Python, no torch.
 """
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +40,9 @@ CHECKS: dict[str, Check] = {
     "max_rf": Check("center_rf_size", _per_axis(lambda v, lim: v <= lim)),
     "max_edge_fraction": Check("edge_fraction", lambda lim, v: v <= lim),
     "no_unseen": Check("unseen_pixels", lambda lim, v: v == 0),
-    "no_global": Check("global", lambda lim, v: not v),
+    "no_global": Check("global", lambda lim, v: v is False),
+    "no_full_coverage": Check("covering_positions", lambda lim, v: v == 0),
+    "max_covering_fraction": Check("covering_fraction", lambda lim, v: v <= lim),
     "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim)),
     "min_fill": Check("min_fill", lambda lim, v: v >= lim),
 }
@@ -47,16 +53,74 @@ def evaluate(rules: Mapping[str, Any], entry: Mapping[str, Any]) -> list[dict]:
     if entry.get("status") != "ok":
         return [{"rule": "status", "limit": "ok", "value": entry.get("status"), "passed": False}]
     results = []
-    for name, limit in rules.items():
-        if AUDIT_RULES[name].kind == "flag" and not limit:
-            continue
+    for name, limit in active(rules).items():
         check = CHECKS[name]
         value = entry.get(check.key)
         results.append({"rule": name, "limit": limit, "value": value,
                         "passed": value is not None and bool(check.test(limit, value))})
+    if entry.get("violations"):  # implicit: a reported RF the model itself contradicts fails every audit
+        results.append({"rule": "exact", "limit": 0, "value": entry["violations"], "passed": False})
     return results
 
 
 def passed(results: Sequence[Mapping[str, Any]]) -> bool:
     """Return whether every result row of a model passed."""
     return all(row["passed"] for row in results)
+
+
+def active(rules: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the rules that check something: every rule but flags set to false."""
+    return {name: limit for name, limit in rules.items() if AUDIT_RULES[name].kind != "flag" or limit}
+
+
+def checked(entries: Sequence[Mapping[str, Any]]) -> bool:
+    """Tell whether a check has anything to judge: a result row in some entry (a failed job is one)."""
+    return any(entry.get("audit") for entry in entries)
+
+
+def verdicts_json(entries: Sequence[Mapping[str, Any]]) -> dict:
+    """Return the machine-readable verdicts of a check: overall and per model, with every rule's row."""
+    models = [{"name": e.get("name"), "slug": e.get("slug"), "status": e.get("status"), "error": e.get("error"),
+               "passed": passed(e.get("audit") or []), "audit": list(e.get("audit") or [])} for e in entries]
+    return {"passed": all(m["passed"] for m in models), "models": models}
+
+
+def junit_xml(entries: Sequence[Mapping[str, Any]], name: str = "rfreport check") -> str:
+    """Return a JUnit XML report: a testsuite per model, a testcase per rule (failure) or failed job (error)."""
+    root = ET.Element("testsuites", name=name)
+    for entry in entries:
+        root.append(_testsuite(entry))
+    for key in ("tests", "failures", "errors"):
+        root.set(key, str(sum(int(suite.get(key)) for suite in root)))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _testsuite(entry: Mapping[str, Any]) -> ET.Element:
+    """Return one model's testsuite: its rules as testcases, or one erroring `job` testcase if its job failed."""
+    slug = str(entry.get("slug"))
+    suite = ET.Element("testsuite", name=slug, time=f"{float(entry.get('seconds') or 0):.3f}")
+    failures = errors = 0
+    for row in entry.get("audit") or []:
+        case = ET.SubElement(suite, "testcase", classname=slug, name="job" if row["rule"] == "status" else row["rule"])
+        if row["rule"] == "status":
+            errors += 1
+            message = f"the job failed: {entry.get('error') or row['value']}"
+            ET.SubElement(case, "error", message=message, type="JobFailed").text = message
+        elif not row["passed"]:
+            failures += 1
+            message = f"{row['rule']}: value {_text(row['value'])}, limit {_text(row['limit'])}"
+            ET.SubElement(case, "failure", message=message, type="AuditFailure").text = (
+                f"{message} ({AUDIT_RULES[row['rule']].help})")
+    suite.set("tests", str(len(suite)))
+    suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
+    suite.set("skipped", "0")
+    return suite
+
+
+def _text(value: Any) -> str:
+    """Format a rule's value or limit for a message: lists per axis as `a x b`."""
+    if isinstance(value, (list, tuple)):
+        return " x ".join(_text(v) for v in value)
+    return "none" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,7 +1,8 @@
 """The `rfreport` command line: thin click commands over the pipeline, run folders, audits and diffs.
 
 RfReportError is turned into a one-line `Error: ...` here and nowhere else: exit code 2 for
-usage, config and run-folder errors, 1 for everything that failed while running. Each command
+usage, config and run-folder errors, 1 for everything that failed while running, 130 for
+Ctrl-C (a run folder being written is discarded, the old one left as it was). Each command
 imports what it needs when it runs: torch only in the commands that compute (so `report`,
 `check RUN_DIR` and `diff` never import it), pandas with the run folder, matplotlib and Jinja2
 only where a report is rendered (never for `inspect`); tests/test_imports.py checks it.
@@ -24,11 +25,24 @@ from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
+from rfreport.progress import is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
+INTERRUPTED = 130   # the shell's exit status for SIGINT
 MODES = ("structural", "gradient")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Prefix log records with their level; progress lines stay bare."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format one record for stderr."""
+        text = super().format(record)
+        return text if is_progress(record) else f"{record.levelname} {text}"
+
+
 CONSOLE = logging.StreamHandler()
-CONSOLE.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+CONSOLE.setFormatter(ConsoleFormatter("%(message)s"))
 
 
 class CommandError(click.ClickException):
@@ -45,20 +59,40 @@ def converts_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise CommandError("interrupted; nothing was written", INTERRUPTED) from exc
         except RfReportError as exc:
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             raise CommandError(lines[0], 2 if isinstance(exc, USAGE_ERRORS) else 1) from exc
     return wrapper
 
 
+class ConsoleFilter(logging.Filter):
+    """Pass records at or above the chosen level, and progress lines unless -q."""
+
+    def __init__(self):
+        super().__init__()
+        self.level, self.progress = logging.WARNING, True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tell whether the console shows a record."""
+        return record.levelno >= self.level or (self.progress and is_progress(record))
+
+
+CONSOLE_FILTER = ConsoleFilter()
+CONSOLE.addFilter(CONSOLE_FILTER)
+
+
 def configure_logging(verbose: int, quiet: bool) -> None:
-    """Send rfreport's log to stderr: warnings by default, info with -v, debug with -vv, errors with -q."""
+    """Send rfreport's log to stderr: warnings and progress lines by default, info with -v, debug with -vv,
+    errors only with -q."""
     CONSOLE.setStream(sys.stderr)  # click's test runner swaps sys.stderr per invocation
-    CONSOLE.setLevel(logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
+    CONSOLE_FILTER.level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    CONSOLE_FILTER.progress = not quiet
     logger = logging.getLogger("rfreport")
     if CONSOLE not in logger.handlers:
         logger.addHandler(CONSOLE)
-    logger.setLevel(CONSOLE.level)
+    logger.setLevel(min(CONSOLE_FILTER.level, logging.INFO if not quiet else logging.ERROR))
     logger.propagate = False
 
 
@@ -140,9 +174,10 @@ def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | N
 
 
 class ClickProgress:
-    """Progress bars on stderr: one per job, advanced per position chunk."""
+    """Progress on stderr: a line per job with its status, and on a terminal a bar per job's sweep."""
 
-    def __init__(self):
+    def __init__(self, bars: bool = True):
+        self.bars = bars
         self.bar = None
         self.label = ""
 
@@ -151,16 +186,24 @@ class ClickProgress:
         self.label = f"[{index + 1}/{count}] {job.slug}"
 
     def advance(self, done: int, total: int) -> None:
-        """Open the job's bar on its first chunk and move it to `done` positions."""
+        """Open the job's bar on its first chunk, move it to `done` positions and close it when complete."""
+        if not self.bars:
+            return
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
         self.bar.update(done - self.bar.pos)
+        if done >= total:  # the later stages of the job print lines of their own
+            self.close()
 
-    def finish(self, result=None) -> None:
-        """Close the job's bar and print its status, when there is a result."""
+    def close(self) -> None:
+        """Close the open bar, if any."""
         if self.bar is not None:
             self.bar.render_finish()
             self.bar = None
+
+    def finish(self, result=None) -> None:
+        """Close the job's bar and print its status, when there is a result."""
+        self.close()
         if result is None:
             return
         status = "ok" if result.status == "ok" else f"FAILED: {result.error}"
@@ -168,10 +211,10 @@ class ClickProgress:
 
 
 def make_progress(quiet: bool):
-    """Return progress bars when stdout is a terminal and not -q, else a silent reporter."""
+    """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q."""
     from rfreport.executors import Silent
 
-    return ClickProgress() if sys.stdout.isatty() and sys.stderr.isatty() and not quiet else Silent()
+    return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty())
 
 
 def make_executor(kind: str, address: str | None, progress):
@@ -232,40 +275,81 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
     configure_logging(verbose, quiet)
     saved = runfolder.load(run_dir)
     assets = saved.path / assets_dir if assets_dir is not None else None
-    click.echo(str(report_mod.render(saved, saved.path / "index.html", assets_dir=assets)))
+    with stage("rendering the report"):
+        page = report_mod.render(saved, saved.path / "index.html", assets_dir=assets)
+    click.echo(str(page))
 
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the verdicts as JUnit XML: a testsuite per model, a testcase per rule.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as one JSON object instead of a table.")
 @sweep_flags
 @converts_errors
-def check(sources, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,
-          quiet) -> None:
-    """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR; exit 1 when one fails."""
+def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir,
+          verbose, quiet) -> None:
+    """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR.
+
+    Exit 0 when every rule passes, 1 when one fails or a job failed, 2 when there is nothing to
+    check (no model, or no audit rules) or on a usage error.
+    """
     configure_logging(verbose, quiet)
     entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
                               erf_samples=erf_samples, erf_positions=erf_positions, no_cache=no_cache,
                               cache_dir=cache_dir)
-    rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
-            for e in entries for r in e.get("audit") or []]
-    click.echo(table(["model", "rule", "limit", "value", "result"], rows) if rows else "no audit rules")
+    if not audit_mod.checked(entries):
+        raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
+                           "(add a [model.audit] table)", 2)
+    if junit_path is not None:
+        write_atomically(Path(junit_path), audit_mod.junit_xml(entries))
+    if as_json:
+        click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2))
+    else:
+        rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
+                for e in entries for r in e.get("audit") or []]
+        click.echo(table(["model", "rule", "limit", "value", "result"], rows))
     failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
     if failing:
         raise CommandError(f"audit failed for {', '.join(failing)}", 1)
 
 
+def write_atomically(path: Path, content: str) -> None:
+    """Write a text file (creating its folder) through a temporary sibling: an interrupted write leaves nothing."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(content, encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"{path}: cannot write ({exc.strerror or exc})", 2) from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
-    """Return the audited entries of one saved run folder, or of the configs swept in memory."""
+    """Return the audited entries of one saved run folder, or of the configs swept in memory.
+
+    Raise (exit 2) before any sweep when there is nothing to check: no models, or no audit rules.
+    """
     from rfreport import runfolder
 
     folders = [s for s in sources if Path(s).is_dir()]
     if folders:
         if len(sources) != 1:
             raise click.UsageError("give either one RUN_DIR or one or more CONFIG files, not both")
-        return [model.entry for model in runfolder.load(folders[0]).models]
+        saved = runfolder.load(folders[0])
+        if not saved.models:
+            raise CommandError(f"{folders[0]}: nothing to check: the run folder has no models", 2)
+        return [model.entry for model in saved.models]
     from rfreport import pipeline
 
     config = load_config(sources, **flags)
+    if not any(audit_mod.active(spec.audit) for spec in config.models):
+        raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
+                           "(add a [model.audit] table)", 2)
     jobs = pipeline.make_jobs(config)
     executor = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     return [output.entry for output in pipeline.outputs(jobs, executor)]
@@ -275,20 +359,40 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
 @click.argument("run_a", type=click.Path())
 @click.argument("run_b", type=click.Path())
 @click.option("--fail-on-change", is_flag=True, help="Exit 1 when anything changed.")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained review page (before/after, maps side by side) to this file.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the diff as JSON to this file (- for stdout, instead of the table).")
+@click.option("--markdown", "markdown_path", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write a PR-comment-sized markdown summary to this file (- for stdout, instead of the table).")
 @verbosity
 @converts_errors
-def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
-    """Show per model what changed between RUN_A and RUN_B (RF size, stride, padding, edges, findings, audit)."""
+def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_path, verbose, quiet) -> None:
+    """Show per model what changed between RUN_A and RUN_B: config, RF geometry, edges, findings, audit verdicts."""
     from rfreport import diff, runfolder
 
     configure_logging(verbose, quiet)
-    found = diff.compare(runfolder.load(run_a), runfolder.load(run_b))
-    rows = [[slug, "model", "", "added"] for slug in found.added]
-    rows += [[slug, "model", "removed", ""] for slug in found.removed]
-    rows += [[c.slug, c.field, text(c.before), text(c.after)] for c in found.changes]
-    click.echo(table(["model", "field", run_a, run_b], rows) if rows else "no changes")
+    if json_path == "-" and markdown_path == "-":
+        raise click.UsageError("only one of --json and --markdown can write to stdout")
+    before, after = runfolder.load(run_a), runfolder.load(run_b)
+    found = diff.compare(before, after)
+    if html_path is not None:
+        from rfreport import diffpage
+
+        diffpage.render(found, before, after, html_path)
+    outputs = {json_path: json.dumps(diff.to_json(found), indent=2, default=str) + "\n",
+               markdown_path: diff.to_markdown(found, Path(html_path).name if html_path else None)}
+    for path, content in outputs.items():
+        if path == "-":
+            click.echo(content, nl=False)
+        elif path is not None:
+            Path(path).write_text(content, encoding="utf-8")
+    if "-" not in outputs:
+        rows = diff.text_rows(found)
+        click.echo(table(["model", "what", run_a, run_b, "change"], rows) if rows else "no changes")
     if fail_on_change and found.changed:
-        raise CommandError(f"{len(rows)} change(s) between {run_a} and {run_b}", 1)
+        changed = [m.slug for m in found.models if m.differs]
+        raise CommandError(f"{len(changed)} model(s) changed between {run_a} and {run_b}: {', '.join(changed)}", 1)
 
 
 @cli.command()
@@ -363,6 +467,10 @@ def inspect_text(record: dict) -> str:
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    if "verified" in record:
+        lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
+                     f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
+                     "input outside the reported RF was perturbed)")
     return "\n".join(lines)
 
 

@@ -40,7 +40,11 @@ AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
     AuditRule("max_rf", "size", "RF size at the centre position is at most this (per axis)"),
     AuditRule("max_edge_fraction", "fraction", "at most this fraction of the swept positions see padding"),
     AuditRule("no_unseen", "flag", "when true, every input pixel is seen by some output position"),
-    AuditRule("no_global", "flag", "when true, no output position sees the whole input"),
+    AuditRule("no_global", "flag", "when true, no global operation (global pooling, squeeze-and-excitation, "
+              "spatial normalisation) lies on the path to the analysed output"),
+    AuditRule("no_full_coverage", "flag", "when true, no swept output position has an RF covering the whole input"),
+    AuditRule("max_covering_fraction", "fraction", "at most this fraction of the swept positions have an RF "
+              "covering the whole input"),
     AuditRule("max_center_offset", "pixels", "the centre RF's centre is at most this far from its ideal "
               "centre (input pixels, per axis)"),
     AuditRule("min_fill", "fraction", "every swept RF fills at least this fraction of its box (no gridding holes)"),
@@ -66,6 +70,7 @@ class ModelSpec:
     layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
     layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
     config_file: Path | None = None
+    verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.verify)
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,16 @@ def _batch_size(value: Any, where: _Where, key: str) -> int | str:
     return _choice(value, ("auto",), where, key) if isinstance(value, str) else _positive_int(value, where, key)
 
 
+def _verify(value: Any, where: _Where, key: str) -> int | bool | str:
+    """Validate the run-time verification setting: auto, all, true, false or a number of positions."""
+    if isinstance(value, str):
+        return _choice(value, ("auto", "all"), where, key)
+    value = _expect(value, (bool, int), "auto, all, true, false or a number of positions", where, key)
+    if not isinstance(value, bool) and value < 0:
+        raise where.error(key, f"must be a number of positions >= 0, not {value}")
+    return value
+
+
 Checker = Callable[[Any, _Where, str], Any]
 ERF_KEYS: dict[str, Checker] = {
     "samples": _positive_int,
@@ -322,6 +337,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "image": _path,
     "layers": _layers,
     "layout": _layout,
+    "verify": _verify,
 }
 RUN_KEYS: dict[str, Checker] = {
     "executor": lambda v, w, k: _choice(v, EXECUTORS, w, k),
@@ -383,7 +399,7 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
         image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
-        config_file=file)
+        config_file=file, verify=values.get("verify", "auto"))
 
 
 def _read(path: Path) -> dict[str, Any]:

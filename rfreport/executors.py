@@ -18,6 +18,7 @@ import numpy as np
 from rfreport import models
 from rfreport.pipeline import Advance, Job, JobResult, main_sweep, plan, run_job
 from rfreport.sweep import SweepResult
+from rfreport.verify import join
 
 
 class Executor(Protocol):
@@ -91,9 +92,9 @@ def merge(parts: Sequence[SweepResult]) -> SweepResult:
     """Merge chunk sweeps of one job into one sweep: rows in position order, coverage summed, masks joined."""
     first = parts[0]
     columns = {name: np.concatenate([getattr(p, name) for p in parts])
-               for name in ("positions", "lo", "hi", "support", "wrapped", "path")}
+               for name in ("positions", "lo", "hi", "support", "wrapped", "path", "verified", "violations")}
     order = np.lexsort(columns["positions"].T[::-1])
     return replace(first, **{name: values[order] for name, values in columns.items()},
                    coverage=np.sum([p.coverage for p in parts], axis=0),
                    masks={pos: mask for p in parts for pos, mask in p.masks.items()},
-                   seconds=sum(p.seconds for p in parts))
+                   seconds=sum(p.seconds for p in parts), verification=join([p.verification for p in parts]))

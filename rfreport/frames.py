@@ -29,6 +29,10 @@ POSITIONS = register(Schema(
                "change this output position"),
         Column("fill", "float64", "ratio", "support / volume of the RF box; below 1 means holes"),
         Column("path", "string", "", "which sweep produced the row: dense or compressed"),
+        Column("verified", "bool", "flag", "the row was checked on the model itself: a float64 eval copy run on random "
+               "inputs with every input entry outside the support replaced by random values"),
+        Column("violations", "int64", "trials", "perturbation trials (of a checked row) that changed this output: "
+               "above 0 the reported RF is too small and the row is not exact"),
     ),
 ))
 
@@ -41,10 +45,16 @@ def positions_frame(result: SweepResult) -> pd.DataFrame:
     data: dict[str, object] = {"support": result.support,
                                "fill": np.divide(result.support, volume, out=np.zeros(len(volume)),
                                                  where=volume > 0),
-                               "path": result.path}
+                               "path": result.path, "verified": _flags(result.verified, len(volume), bool),
+                               "violations": _flags(result.violations, len(volume), np.int64)}
     for i, a in enumerate(axis_names(ndim)):
         data[f"pos_{a}"] = result.positions[:, i]
         data[f"{a}_lo"], data[f"{a}_hi"] = result.lo[:, i], result.hi[:, i]
         data[f"{a}_size"], data[f"{a}_wrap"] = size[:, i], result.wrapped[:, i]
     return POSITIONS.frame(data, ndim)
 
+
+
+def _flags(values: np.ndarray | None, rows: int, dtype) -> np.ndarray:
+    """Return a per-row verification column, all zero when the sweep was not verified."""
+    return np.zeros(rows, dtype=dtype) if values is None else np.asarray(values, dtype=dtype)

@@ -7,11 +7,14 @@ model and the factory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from rfreport.config import ModelSpec
-from rfreport.errors import ModelLoadError
+from rfreport.errors import ModelLoadError, SweepError
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,3 +137,49 @@ def build(spec: ModelSpec) -> nn.Module:
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint, spec.name)
     return model.eval()
+
+
+SPATIAL_CLASS = re.compile(r"(?:Pool|Norm|Pad|Dropout)([123])d$")
+
+
+def spatial_rank(module: nn.Module) -> int | None:
+    """Return how many spatial axes a module reads (Conv2d: 2, MaxPool3d: 3), or None if it has no fixed rank."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size)
+    match = SPATIAL_CLASS.search(type(module).__name__)
+    return int(match.group(1)) if match else None
+
+
+@contextmanager
+def rank_guard(model: nn.Module, input_shape: Sequence[int], name: str | None = None) -> Iterator[None]:
+    """Fail the forward passes of the block when the model reads the input with another rank than input_shape's.
+
+    The first module with a fixed spatial rank (a convolution, pooling, norm or padding layer) to
+    receive a tensor of the input's rank must read it batched, as (N, C, *spatial): torch would
+    otherwise take a 3-D input to a Conv2d as one unbatched image, its N as channels. Raises a
+    SweepError naming the model (`name`) and the `input_shape` key. The hooks are removed on exit.
+    """
+    shape, checked = [int(n) for n in input_shape], []
+    model_name = f"model {name!r}: " if name else ""
+
+    def check(name: str, module: nn.Module, args) -> None:
+        x, rank = (args[0] if args else None), spatial_rank(module)
+        if checked or not isinstance(x, torch.Tensor) or x.dim() != len(shape):
+            return
+        checked.append(name)
+        if x.dim() != rank + 2:
+            axes = len(shape) - 2
+            unbatched = ", so torch would take it as one unbatched sample (its N as channels)" if (
+                x.dim() == rank + 1) else ""
+            layer = f"{name or '(the model itself)'} ({type(module).__name__})"
+            given = f"{shape} gives {axes} spatial ax{'is' if axes == 1 else 'es'}"
+            raise SweepError(f"{model_name}key 'input_shape': {given}, but the model's first spatial layer {layer} "
+                             f"reads {rank}{unbatched}: give [N, C, *spatial] with {rank} spatial axes")
+
+    handles = [m.register_forward_pre_hook(functools.partial(check, name)) for name, m in model.named_modules()
+               if spatial_rank(m) is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, cache, erf, frames, layers, models, runfolder
+from rfreport import __version__, analysis, audit, cache, context, erf, frames, layers, models, progress, runfolder
 from rfreport import positions as positions_mod
+from rfreport import verify as verify_mod
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
@@ -97,11 +98,11 @@ def keep_masks(spec: ModelSpec) -> list:
 
 
 def plan(model: nn.Module, job: Job) -> np.ndarray:
-    """Resolve the job's positions on its output grid (one forward pass)."""
+    """Resolve the job's positions on its output grid (one forward pass, which checks the input's rank)."""
     spec, options = job.spec, job.options
     target = Target(spec.layer, spec.output, parse_layout(spec.layout))
-    with Engine(model, job.input_shape, mode=spec.mode, target=target, device=options.device,
-                seed=options.seed) as engine:
+    with models.rank_guard(model, job.input_shape, spec.name), Engine(
+            model, job.input_shape, mode=spec.mode, target=target, device=options.device, seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
@@ -121,8 +122,11 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
         done += count
         advance(done, total)
 
-    return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
-                 keep_masks=keep_masks(job.spec), progress=progress if advance else None, **sweep_options(job))
+    checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
+    with models.rank_guard(model, job.input_shape, job.spec.name):
+        return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
+                     keep_masks=keep_masks(job.spec), progress=progress if advance else None, verify=checks,
+                     **sweep_options(job))
 
 
 def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
@@ -151,10 +155,10 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, *,
         extra = "corners"
         if covers(main, extra):
             return None
-    return sweep(model, job.input_shape, extra, **sweep_options(job))
+    return sweep(model, job.input_shape, extra, verify=False, **sweep_options(job))
 
 
-def global_context(local: SweepResult | None) -> bool:
+def context_bound(local: SweepResult | None) -> bool:
     """Tell whether every RF is global through global context (the local sweep's RFs are smaller than the
     input): then no larger input has an RF clear of the border either."""
     return local is not None and not analysis.is_global(analysis.Boxes.of(local), local.input_spatial)
@@ -184,7 +188,8 @@ def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: Swee
             return None
         try:
             # one probe: only the box bounds of three positions are read, and the input is 4-64x larger
-            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, **sweep_options(job))
+            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, verify=False,
+                           **sweep_options(job))
         except SweepError:
             return None
         if not analysis.needs_larger_input(larger):
@@ -223,12 +228,26 @@ def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
     return max(1, *(math.ceil(math.log2(max(w / n, 1.0))) for w, n in zip(widest, spatial)))
 
 
-def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None) -> SweepResult | None:
-    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input."""
-    if not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
+def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
+                global_ops: Sequence[analysis.GlobalOp] = ()) -> SweepResult | None:
+    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input
+    or a global operation was found."""
+    if not global_ops and not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
         return None
     return sweep(model, job.input_shape, analysis.geometry_positions(main.output_spatial), local=True,
                  **sweep_options(job))
+
+
+def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
+    """Find the global operations the analysed output depends on (one forward and backward pass).
+
+    A global operation on the path gives every output position the same RF box (all that its input
+    feature map sees), so they are looked for only when every swept position has one box.
+    """
+    if not analysis.one_box(analysis.Boxes.of(main)):
+        return ()
+    return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
+                              device=job.options.device, seed=job.options.seed)
 
 
 def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:
@@ -279,22 +298,24 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
+    with timed(job, "global context"):
+        found_ops = global_context(model, job, main)
     with timed(job, "local sweep and composed geometry"):
         # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
         spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
-        local = local_sweep(model, job, main, None) if spans else None
-        found = None if global_context(local) else composed_geometry(model, job, main, None)
+        local = local_sweep(model, job, main, None, found_ops) if spans or found_ops else None
+        found = None if context_bound(local) else composed_geometry(model, job, main, None)
         composed = exact_axes(found)
         pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
     with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job, global_context(local) or pooled) if growth else None
+        growth_frame = layer_frame(model, job, context_bound(local) or pooled) if growth else None
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
-        local = local or local_sweep(model, job, main, geometry)
-        enlarged = None if composed or pooled or global_context(local) else enlarged_sweep(
+        local = local or local_sweep(model, job, main, geometry, found_ops)
+        enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
             model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              composed=composed)
+                              composed=composed, global_ops=found_ops)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -302,10 +323,9 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
 
 @contextmanager
 def timed(job: Job, stage: str) -> Iterator[None]:
-    """Log how long a stage of a job took (debug level: it lands in log.txt)."""
-    started = time.perf_counter()
-    yield
-    logger.debug("%s: %s took %.1f s", job.slug, stage, time.perf_counter() - started)
+    """Log how long a stage of a job took: in log.txt, and on the console when it was slow."""
+    with progress.stage(f"{job.slug}: {stage}"):
+        yield
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
@@ -352,14 +372,22 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     def axes(template: str, row: Any) -> list[int]:
         return [int(getattr(row, template.format(a))) for a in letters]
 
-    rows = [{"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
-             "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
-             "edge": bool(row.edge)} for row in frame.itertuples(index=False)]
+    checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
+               in zip(done.main.positions.tolist(), done.main.verified, done.main.violations)}
+
+    def record_of(row: Any) -> dict:
+        verified, violations = checked[tuple(axes("pos_{}", row))]
+        return {"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
+                "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
+                "edge": bool(row.edge), "verified": verified, "violations": violations}
+
+    rows = [record_of(row) for row in frame.itertuples(index=False)]
     geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
                 "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
-              "geometry": geometry}
+              "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
+              "exact": not summary["violations"]}
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record
@@ -387,8 +415,22 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              **result.summary, "findings": list(result.findings), "cached": result.cached}
+              "spec": spec_record(job), **result.summary, "findings": list(result.findings),
+              "cached": result.cached}
     return {**values, "audit": audit.evaluate(job.spec.audit, values)}
+
+
+def spec_record(job: Job) -> dict:
+    """Return what a job was asked to compute, as JSON values: how the model is built and what is analysed.
+
+    Stored under `spec` in each summary.json entry, so `rfreport diff` can show what changed.
+    """
+    spec = job.spec
+    return {"factory": spec.factory, "kwargs": dict(spec.kwargs), "input_shape": list(job.input_shape),
+            "layer": spec.layer, "output": spec.output, "mode": spec.mode,
+            "positions": spec.positions if isinstance(spec.positions, str) else [
+                p if isinstance(p, str) else list(p) for p in spec.positions],
+            "checkpoint": str(spec.checkpoint) if spec.checkpoint else None, "audit": dict(spec.audit)}
 
 
 def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.ModelOutput]:
@@ -441,5 +483,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
         meta["cache"] = cache.describe(config.options, entries)
         runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
-        report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
+        progress.announce("rendering the report of %d job(s)", len(entries))
+        with progress.stage("rendering the report", slow_s=0.0):
+            report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
     return runfolder.load(out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
@@ -27,6 +28,7 @@ CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#e4e4e4")
 UNSEEN = "#d62728"
 BORDER = "#fde0c5"
 DPI = 100
+PALETTE = 96   # colours of a figure's PNG
 BOX_COLOURS = matplotlib.colormaps["tab10"].colors
 MAX_PANELS = 9
 MAX_TICK_LABELS = 40
@@ -39,10 +41,78 @@ COLOUR_BAR = 0.2  # inches the colour bar and its pad take from a panel
 WIDE = 0.45  # data aspect (height / width) below which panels are stacked one per row
 
 
-def to_png(fig: Figure) -> bytes:
-    """Render a figure to PNG bytes with no metadata, so equal figures give equal bytes."""
+@dataclass(frozen=True)
+class Tile:
+    """A heatmap rendered straight from an array: one PNG pixel per cell, and the range its colours span."""
+
+    png: bytes
+    shape: tuple[int, int]   # (rows, columns) of cells
+    lo: float                # value of the colour scale's first colour
+    hi: float                # value of its last colour
+    log: bool                # whether the scale is logarithmic
+
+
+def encode_png(rgba: np.ndarray) -> bytes:
+    """Encode an (H, W, 4) uint8 array as PNG bytes with no metadata chunks (equal arrays give equal bytes)."""
+    from PIL import Image as PILImage  # matplotlib's own dependency
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    PILImage.fromarray(np.ascontiguousarray(rgba, dtype=np.uint8), "RGBA").save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def tile(values: np.ndarray, *, log: bool = False, cmap=CMAP, span: tuple[float, float] | None = None) -> Tile:
+    """Map a 2-D array (NaN or masked cells take the colour map's `bad` colour) through a colour map to a Tile.
+
+    Linear scales span the finite values (a constant array gets one colour); log scales span
+    the peak and 1e-4 of it, smaller values clipped to the floor; `span` fixes a linear scale's
+    ends instead (to compare two maps).
+    """
+    array = np.ma.masked_invalid(np.ma.asarray(values, dtype=float))
+    finite = array.compressed()
+    if log:
+        hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        lo = hi * 1e-4
+        scaled = (np.log10(np.ma.maximum(array, lo)) - np.log10(lo)) / (np.log10(hi) - np.log10(lo))
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        lo, hi = span if span is not None else (lo, hi)
+        scaled = (array - lo) / (hi - lo) if hi > lo else array * 0 + 0.5
+    rgba = cmap(scaled, bytes=True)
+    return Tile(png=encode_png(rgba), shape=(array.shape[0], array.shape[1]), lo=lo, hi=hi, log=log)
+
+
+def colour_bar(cmap=CMAP) -> bytes:
+    """Return a 256 x 1 PNG of a colour map, stretched by the page into a colour-scale legend."""
+    return encode_png(cmap(np.linspace(0.0, 1.0, 256)[None, :], bytes=True))
+
+
+def grid_values(frame: pd.DataFrame, column: str, ndim: int) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """Return a column laid out over the swept output grid (NaN where not swept), its coordinates, a slice note."""
+    values, coords, _letters, note = _grid(frame, column, ndim)
+    return values, coords, note
+
+
+def plane(array: np.ndarray, depth: int | None = None) -> tuple[np.ndarray, str]:
+    """Return 1-D/2-D data as is, or one depth slice of 3-D data (the centre by default), with a note."""
+    return _plane(array, depth)
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render a figure to a paletted PNG with no metadata, so equal figures give equal bytes.
+
+    Line plots and labels need few colours: PALETTE colours without dithering keep them sharp at
+    a third of the bytes of a true-colour PNG.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image as PILImage  # matplotlib's own dependency
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = PILImage.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
+    paletted = rgb.quantize(colors=PALETTE, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE)
+    buffer = io.BytesIO()
+    paletted.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -216,6 +286,12 @@ def _box_label(pos: tuple[int, ...], row: pd.Series) -> str:
 def _bounds(row: pd.Series, letters: tuple[str, ...], prefix: str = "") -> tuple[list[int], list[int]]:
     """Return the inclusive (lo, hi) input bounds of a frame row, per axis, from `<prefix><a>_lo/hi` columns."""
     return ([int(row[f"{prefix}{a}_lo"]) for a in letters], [int(row[f"{prefix}{a}_hi"]) for a in letters])
+
+
+def box_bounds(frame: pd.DataFrame, pos: Sequence[int], prefix: str = "") -> tuple[list[int], list[int]]:
+    """Return the inclusive (lo, hi) input bounds of one output position of a frame, per axis."""
+    pos = tuple(int(p) for p in pos)
+    return _bounds(_row(frame, pos), axis_names(len(pos)), prefix)
 
 
 def _draw_box(ax, lo: Sequence[int], hi: Sequence[int], colour) -> None:

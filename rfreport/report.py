@@ -9,6 +9,7 @@ figures are written as files beside it instead (see :class:`AssetsFolder`).
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,17 +18,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jinja2
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import plots
+from rfreport.diff import SPEC_LABELS, spec_text
 from rfreport.positions import axis_names, resolve
 from rfreport.runfolder import ModelRun, Run
 
 PREVIEW_ROWS = 12
 CHOSEN = ("center", "corners", "edges")
+EMBED_CSV = 96 * 1024      # CSV files up to this size are embedded in a self-contained page
+HEATMAP_PX = 180           # longest side of a heatmap on the page, in CSS pixels
+EXPLORER_ROWS = 20_000     # positions beyond this are left out of the explorer's data
+MASK_TINT = (255, 127, 14, 150)
+INPUT_PX = 280             # longest side of an input panel
+EXPANDED_SECTIONS = 6      # runs with more jobs start with their model sections collapsed
 
 
 @dataclass(frozen=True)
@@ -36,25 +45,60 @@ class Image:
 
     src: str = field(metadata={"doc": "data URI or relative URL of the PNG"})
     alt: str = field(metadata={"doc": "text alternative describing the figure"})
-    width: int = field(metadata={"doc": "width in CSS pixels (the PNG's natural width)"})
-    height: int = field(metadata={"doc": "height in CSS pixels (the PNG's natural height)"})
+    width: int = field(metadata={"doc": "width in CSS pixels (the PNG's natural width, or a heatmap's display width)"})
+    height: int = field(metadata={"doc": "height in CSS pixels (the PNG's natural height, or its display height)"})
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle drawn over a heatmap, in its cell coordinates (columns x, rows y)."""
+
+    label: str = field(metadata={"doc": "what the box is, e.g. the position it belongs to"})
+    x: float = field(metadata={"doc": "left edge (cell units: input pixels on an input panel)"})
+    y: float = field(metadata={"doc": "top edge"})
+    width: float = field(metadata={"doc": "width in cells"})
+    height: float = field(metadata={"doc": "height in cells"})
+    colour: str = field(metadata={"doc": "CSS colour of the outline"})
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """An array drawn straight through the colour map: one PNG pixel per cell, scaled up by the page."""
+
+    title: str = field(metadata={"doc": "panel title, e.g. RF size h"})
+    image: Image = field(metadata={"doc": "the PNG (natural size: one pixel per cell) and its display size"})
+    unit: str = field(metadata={"doc": "unit of the colour scale"})
+    lo: str = field(metadata={"doc": "value at the scale's first colour, formatted"})
+    hi: str = field(metadata={"doc": "value at the scale's last colour, formatted"})
+    log: bool = field(metadata={"doc": "whether the colour scale is logarithmic"})
+    rows: int = field(metadata={"doc": "cells per column (the SVG overlay's height in cells)"})
+    cols: int = field(metadata={"doc": "cells per row"})
+    grid: str = field(metadata={"doc": "output (pointable: each cell is an output position) or input"})
+    boxes: tuple[Box, ...] = field(metadata={"doc": "static boxes drawn over the heatmap (kept for print)"})
+    position: str = field(metadata={"doc": "the output position an ERF heatmap belongs to, `h,w`; empty otherwise"})
+    cmap: str = field(default="viridis", metadata={"doc": "colour map name (the legend's CSS class)"})
 
 
 @dataclass(frozen=True)
 class FigureBlock:
-    """One titled figure of a model section."""
+    """One titled figure of a model section: a matplotlib figure, or a row of heatmaps."""
 
     title: str = field(metadata={"doc": "heading above the figure"})
     caption: str = field(metadata={"doc": "one or two sentences saying how to read the figure"})
-    image: Image = field(metadata={"doc": "the figure itself"})
+    image: Image | None = field(metadata={"doc": "the figure itself (None for a row of heatmaps)"})
+    heatmaps: tuple[Heatmap, ...] = field(default=(), metadata={"doc": "heatmaps drawn from arrays, in a row"})
+    explorer: bool = field(default=False, metadata={
+        "doc": "the block holds the model's input panel: pointing at an output cell draws its RF box there"})
 
 
 @dataclass(frozen=True)
 class Link:
-    """A relative link to a file of the run folder."""
+    """A link to a frame file: embedded as a data URI, or relative into the run folder."""
 
     label: str = field(metadata={"doc": "link text, e.g. CSV"})
-    href: str = field(metadata={"doc": "path relative to the report"})
+    href: str = field(metadata={"doc": "data URI of the file, or its path relative to the report"})
+    download: str = field(default="", metadata={"doc": "file name to save an embedded file as; empty for links"})
+    note: str = field(default="", metadata={"doc": "tooltip, e.g. that the link needs the run folder beside the page"})
 
 
 @dataclass(frozen=True)
@@ -102,7 +146,10 @@ class OverviewRow:
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
-    global_context: bool | None = field(metadata={"doc": "every position sees the whole input"})
+    affine: bool | None = field(metadata={"doc": "the fitted stride, padding and centre offset hold for every "
+                                                  "position (false: non-affine, a best fit that does not hold)"})
+    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
+                                                          "spatial norm) reaches the output"})
     erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
                                                       "summary's ERF position (the centre when measured there)"})
     audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
@@ -133,12 +180,28 @@ class ModelSection:
     output_shape: list | None = field(metadata={"doc": "analysed output shape (None when the model failed)"})
     mode: str = field(metadata={"doc": "structural or gradient"})
     target: str = field(metadata={"doc": "the analysed tensor, e.g. model output or layer4"})
+    affine: bool | None = field(metadata={"doc": "the fitted geometry holds for every position (false: flagged)"})
     status: str = field(metadata={"doc": "ok or failed"})
     error: str = field(metadata={"doc": "the error of a failed model, empty otherwise"})
     findings: tuple[Finding, ...] = field(metadata={"doc": "plain-sentence findings, warnings first"})
     audit: tuple[AuditResult, ...] = field(metadata={"doc": "audit rules and their results"})
     figures: tuple[FigureBlock, ...] = field(metadata={"doc": "the model's figures in reading order"})
     tables: tuple[Table, ...] = field(metadata={"doc": "previews of the geometry, positions and ERF frames"})
+    spec: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "doc": "(label, value) of the config the model was run with: factory, kwargs, input shape, layer, ..."})
+    data: Mapping | None = field(default=None, metadata={
+        "doc": "the explorer's data (positions, bounds, masks) as JSON values; None when the model has no explorer"})
+    open: bool = field(default=True, metadata={"doc": "whether the section starts expanded"})
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the header counts."""
+
+    models: int = field(metadata={"doc": "distinct model names"})
+    jobs: int = field(metadata={"doc": "model and input-shape pairs (one section each)"})
+    failed_jobs: int = field(metadata={"doc": "jobs that did not complete"})
+    failed_audits: int = field(metadata={"doc": "jobs with at least one failing audit rule (failed jobs included)"})
 
 
 @dataclass(frozen=True)
@@ -152,26 +215,38 @@ class ReportContext:
     sections: tuple[ModelSection, ...] = field(metadata={"doc": "one section per model and resolution"})
     css: str = field(metadata={"doc": "the stylesheet, inlined when the report is self-contained, else empty"})
     css_href: str = field(metadata={"doc": "relative URL of the stylesheet in assets mode, else empty"})
+    counts: Counts = field(metadata={"doc": "models, jobs, failed jobs and failed audits, for the header"})
+    script: str = field(metadata={"doc": "the page's inline script (explorer, collapsible sections); no CDN"})
 
 
 class Assets(Protocol):
     """Where figures and the stylesheet go: embedded in the page or written beside it."""
 
+    embeds: bool   # whether frame files are embedded as data URIs (self-contained) or linked
+
     def image(self, name: str, fig: Figure, alt: str) -> Image:
         """Store a figure under a file-safe name and return how the page refers to it."""
+
+    def png(self, name: str, png: bytes, alt: str, size: tuple[int, int]) -> Image:
+        """Store PNG bytes shown at `size` (CSS width, height) and return how the page refers to it."""
 
     def stylesheet(self, css: str) -> tuple[str, str]:
         """Return (inline css, href): exactly one of them is non-empty."""
 
 
 class Embedded:
-    """Self-contained mode: figures as PNG data URIs, CSS inline."""
+    """Self-contained mode: figures as PNG data URIs, CSS inline, frames as CSV data URIs."""
+
+    embeds = True
 
     def image(self, name: str, fig: Figure, alt: str) -> Image:
         """Embed the figure's PNG as a data URI."""
         png = plots.to_png(fig)
-        width, height = plots.png_size(png)
-        return Image(src=plots.data_uri(png), alt=alt, width=width, height=height)
+        return self.png(name, png, alt, plots.png_size(png))
+
+    def png(self, name: str, png: bytes, alt: str, size: tuple[int, int]) -> Image:
+        """Embed PNG bytes as a data URI."""
+        return Image(src=plots.data_uri(png), alt=alt, width=size[0], height=size[1])
 
     def stylesheet(self, css: str) -> tuple[str, str]:
         """Inline the stylesheet."""
@@ -184,6 +259,7 @@ class AssetsFolder:
 
     folder: Path
     page_dir: Path
+    embeds = False
 
     def _href(self, filename: str) -> str:
         """Return the URL of a file in the assets folder, relative to the page."""
@@ -192,9 +268,12 @@ class AssetsFolder:
     def image(self, name: str, fig: Figure, alt: str) -> Image:
         """Write the figure as `<name>.png` and link it."""
         png = plots.to_png(fig)
-        width, height = plots.png_size(png)
+        return self.png(name, png, alt, plots.png_size(png))
+
+    def png(self, name: str, png: bytes, alt: str, size: tuple[int, int]) -> Image:
+        """Write PNG bytes as `<name>.png` and link it."""
         (self.folder / f"{name}.png").write_bytes(png)
-        return Image(src=self._href(f"{name}.png"), alt=alt, width=width, height=height)
+        return Image(src=self._href(f"{name}.png"), alt=alt, width=size[0], height=size[1])
 
     def stylesheet(self, css: str) -> tuple[str, str]:
         """Write report.css and link it."""
@@ -255,6 +334,11 @@ def _template_source(name: str) -> str:
         raise jinja2.TemplateNotFound(name) from exc
 
 
+def template_text(name: str) -> str:
+    """Return the text of a shipped template file, e.g. report.css."""
+    return _template_source(name)
+
+
 def resolution(shape: Sequence[int]) -> str:
     """Return the spatial size of an (N, C, *spatial) shape, e.g. `224 × 224`."""
     return " × ".join(str(int(n)) for n in shape[2:])
@@ -274,7 +358,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
     return OverviewRow(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]), status=model.status,
         rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
-        center_offset=entry.get("center_offset"), edge_fraction=entry.get("edge_fraction"),
+        center_offset=entry.get("center_offset"), affine=entry.get("affine"), edge_fraction=entry.get("edge_fraction"),
         unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
         erf_ratio=entry.get("erf_area95_ratio"), audit=audit_status(entry))
 
@@ -294,23 +378,34 @@ TABLES = (("geometry", "Geometry per axis"), ("edges", "Positions"), ("positions
           ("erf", "Effective-RF metrics"))
 
 
-def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path) -> Table:
-    """Preview a frame's first rows with links to its CSV and Parquet files."""
+def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path, embeds: bool = False) -> Table:
+    """Preview a frame's first rows with links to its CSV (embedded when self-contained and small) and Parquet files."""
     frame = model.frames[name]
-    links = tuple(Link(label=rel.rsplit(".", 1)[1].upper(),
-                       href=Path(os.path.relpath(run.path / rel, page_dir)).as_posix())
+    links = tuple(frame_link(run, rel, page_dir, embeds)
                   for rel in model.entry.get("files", []) if Path(rel).stem == name)
     rows = tuple(tuple(number_text(v) for v in row)
                  for row in frame.head(PREVIEW_ROWS).itertuples(index=False))
     return Table(title=title, columns=tuple(frame.columns), rows=rows, total=len(frame), links=links)
 
 
-def model_tables(run: Run, model: ModelRun, page_dir: Path) -> tuple[Table, ...]:
+def frame_link(run: Run, rel: str, page_dir: Path, embeds: bool) -> Link:
+    """Link a frame file: a CSV data URI in a self-contained page (up to EMBED_CSV bytes), else into the run."""
+    path, kind = run.path / rel, rel.rsplit(".", 1)[1]
+    if embeds and kind == "csv" and path.is_file() and path.stat().st_size <= EMBED_CSV:
+        uri = "data:text/csv;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return Link(label="CSV", href=uri, download=f"{Path(rel).parent.name}-{path.name}",
+                    note="embedded in this page")
+    href = Path(os.path.relpath(path, page_dir)).as_posix()
+    return Link(label=f"{kind.upper()} (run folder)" if embeds else kind.upper(), href=href,
+                note=f"needs the run folder beside this page: {rel}" if embeds else rel)
+
+
+def model_tables(run: Run, model: ModelRun, page_dir: Path, embeds: bool = False) -> tuple[Table, ...]:
     """Preview the geometry, positions (the edges frame when present) and ERF frames of a model."""
     names = [name for name, _ in TABLES if name in model.frames]
     if "edges" in names:
         names.remove("positions")
-    return tuple(frame_table(run, model, name, dict(TABLES)[name], page_dir) for name in names)
+    return tuple(frame_table(run, model, name, dict(TABLES)[name], page_dir, embeds) for name in names)
 
 
 def chosen_positions(model: ModelRun, frame: pd.DataFrame) -> list[tuple[int, ...]]:
@@ -358,17 +453,88 @@ def _ndim(model: ModelRun) -> int:
     return len(model.entry["input_shape"]) - 2
 
 
+def explorable(model: ModelRun) -> bool:
+    """Return whether a model gets the pointable output grid: 2-D, with a positions frame and coverage."""
+    return _ndim(model) == 2 and "positions" in model.frames and model.arrays.get("coverage") is not None
+
+
+def scale_text(value: float, log: bool) -> str:
+    """Format a colour-scale end: compact numbers, two significant digits on a log scale."""
+    return f"{value:.2g}" if log else number_text(float(value))
+
+
+def heatmap(model: ModelRun, assets: Assets, kind: str, title: str, values: np.ndarray, unit: str, *,
+            grid: str, log: bool = False, cmap=plots.CMAP, boxes: tuple[Box, ...] = (), position: str = "",
+            longest: int = HEATMAP_PX, span: tuple[float, float] | None = None) -> Heatmap:
+    """Draw a 2-D array straight through the colour map and size it so its longest side is `longest` CSS pixels."""
+    drawn = plots.tile(values, log=log, cmap=cmap, span=span)
+    rows, cols = drawn.shape
+    scale = longest / max(rows, cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    image = assets.png(f"{model.slug}-{kind}", drawn.png, f"{title}: {model.name}", size)
+    return Heatmap(title=title, image=image, unit=unit, lo=scale_text(drawn.lo, log), hi=scale_text(drawn.hi, log),
+                   log=log, rows=rows, cols=cols, grid=grid, boxes=boxes, position=position, cmap=cmap.name)
+
+
+def grid_heatmaps(model: ModelRun, assets: Assets, kind: str, frame: pd.DataFrame,
+                  columns: Sequence[tuple[str, str, str]]) -> tuple[Heatmap, ...]:
+    """Draw columns of a positions-like frame over the swept output grid (the central depth slice in 3-D)."""
+    pointable = "output" if explorable(model) else "slice" if _ndim(model) == 3 else "static"
+    maps = []
+    for column, title, unit in columns:
+        values, _coords, note = plots.grid_values(frame, column, _ndim(model))
+        maps.append(heatmap(model, assets, f"{kind}-{column}", title + note, values, unit, grid=pointable))
+    return tuple(maps)
+
+
+def grid_note(model: ModelRun, frame: pd.DataFrame) -> str:
+    """Say how the swept positions sit on the output grid (all of it, or every k-th position)."""
+    spatial = model.entry["output_shape"][2:]
+    swept = [len(np.unique(frame[f"pos_{a}"])) for a in axis_names(_ndim(model))]
+    if swept == list(spatial):
+        return "Every output position was swept."
+    return (f"Only the swept positions are drawn ({' × '.join(map(str, swept))} of "
+            f"{' × '.join(map(str, spatial))}), side by side.")
+
+
 def _rf_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """RF size per axis and fill over the output grid."""
+    """RF size per axis and fill over the output grid; in 2-D with the input panel the explorer draws on."""
     frame = model.frames.get("positions")
     if frame is None:
         return None
     columns = [(f"{a}_size", f"RF size {a}", "input pixels") for a in axis_names(_ndim(model))]
-    fig = plots.grid_maps(frame, [*columns, ("fill", "fill (support / box)", "ratio")], _ndim(model))
-    return _block(model, assets, "rf", "Receptive field over the output grid",
-                  "Each cell is one output position: the size of its RF box per axis, and the share of the box "
-                  "its support fills (below 1 means holes). Positions near the border usually have smaller, "
-                  "clipped boxes.", fig)
+    columns.append(("fill", "fill (support / box)", "ratio"))
+    title, caption = ("Receptive field over the output grid",
+                      "Each cell is one output position: the size of its RF box per axis, and the share of the box "
+                      "its support fills (below 1 means holes). Positions near the border usually have smaller, "
+                      "clipped boxes.")
+    if _ndim(model) == 1:
+        return _block(model, assets, "rf", title, caption, plots.grid_maps(frame, columns, 1))
+    maps = grid_heatmaps(model, assets, "rf", frame, columns)
+    if not explorable(model):
+        return FigureBlock(title=title, caption=f"{caption} {grid_note(model, frame)}", image=None, heatmaps=maps)
+    return FigureBlock(
+        title=title, image=None, heatmaps=(*maps, input_panel(model, assets, frame)), explorer=True,
+        caption=f"{caption} {grid_note(model, frame)} Point at a cell (hover or click it, or focus a map and use "
+                "the arrow keys and Enter): the input panel draws that position's exact RF box, and its support "
+                "where it was kept (centre, corners, edges); the numbers appear below. The outlined boxes are the "
+                "chosen positions, for print.")
+
+
+def input_panel(model: ModelRun, assets: Assets, frame: pd.DataFrame) -> Heatmap:
+    """The input panel of a 2-D model: its coverage (or the config's image) with the chosen positions' boxes."""
+    boxes = tuple(Box(label=plots.position_text(pos), x=float(lo[1]), y=float(lo[0]), width=hi[1] - lo[1] + 1,
+                      height=hi[0] - lo[0] + 1, colour=matplotlib.colors.to_hex(colour))
+                  for pos, colour in zip(chosen_positions(model, frame), plots.BOX_COLOURS)
+                  for lo, hi in [plots.box_bounds(frame, pos)] if all(h >= low for low, h in zip(lo, hi)))
+    if model.entry.get("image"):
+        image, source = sample_image(model.entry)
+        return heatmap(model, assets, "input", f"Input: {source}", image, "grey level", grid="input",
+                       cmap=matplotlib.colormaps["gray"], boxes=boxes, longest=INPUT_PX)
+    coverage = np.asarray(model.arrays["coverage"])
+    return heatmap(model, assets, "input", "Input coverage (unseen pixels in red)",
+                   np.ma.masked_equal(coverage, 0), "output positions that see the pixel", grid="input",
+                   cmap=plots.CMAP.with_extremes(bad=plots.UNSEEN), boxes=boxes, longest=INPUT_PX)
 
 
 def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
@@ -381,33 +547,49 @@ def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
         clipped=sum(frame[f"{a}_clip_{side}"].astype(int) for a in letters for side in ("lo", "hi")),
         **{f"{a}_padding": frame[f"{a}_out_lo"] + frame[f"{a}_out_hi"] for a in letters})
     columns = [(f"{a}_padding", f"padding seen on {a}", "input pixels") for a in letters]
-    fig = plots.grid_maps(derived, [*columns, ("clipped", "clipped sides", "sides")], _ndim(model))
-    return _block(model, assets, "padding", "Padding seen by each output position",
-                  "Rows or columns of each position's unclipped RF that fall outside the input, i.e. are fed by "
-                  "padding (both sides added), and how many sides of its RF the input border cuts.", fig)
+    columns.append(("clipped", "clipped sides", "sides"))
+    title, caption = ("Padding seen by each output position",
+                      "Rows or columns of each position's unclipped RF that fall outside the input, i.e. are fed by "
+                      "padding (both sides added), and how many sides of its RF the input border cuts.")
+    if _ndim(model) == 1:
+        return _block(model, assets, "padding", title, caption, plots.grid_maps(derived, columns, 1))
+    return FigureBlock(title=title, caption=caption, image=None,
+                       heatmaps=grid_heatmaps(model, assets, "padding", derived, columns))
 
 
 def _coverage(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """The input coverage map."""
+    """The input coverage map (in 2-D it is the explorer's input panel unless the config gives an image)."""
     coverage = model.arrays.get("coverage")
-    if coverage is None:
+    if coverage is None or (explorable(model) and not model.entry.get("image")):
         return None
-    return _block(model, assets, "coverage", "Input coverage",
-                  "For every input pixel, how many swept output positions see it. Pixels no output sees are red.",
-                  plots.coverage_map(coverage))
+    title, caption = ("Input coverage",
+                      "For every input pixel, how many swept output positions see it. Pixels no output sees are red.")
+    if _ndim(model) == 1:
+        return _block(model, assets, "coverage", title, caption, plots.coverage_map(coverage))
+    shown, note = plots.plane(np.asarray(coverage))
+    return FigureBlock(title=title, caption=caption, image=None, heatmaps=(heatmap(
+        model, assets, "coverage", f"Input coverage{note}", np.ma.masked_equal(shown, 0),
+        "output positions that see the pixel", grid="static", cmap=plots.CMAP.with_extremes(bad=plots.UNSEEN),
+        longest=INPUT_PX),))
 
 
 def _overlay(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """RF boxes and support masks of chosen positions on a sample image."""
+    """RF boxes and support masks of chosen positions on a sample image (1-D and 3-D; 2-D has the explorer)."""
     frame = model.frames.get("positions")
     positions = chosen_positions(model, frame) if frame is not None else []
-    if not positions:
+    if not positions or explorable(model):
         return None
     image, source = sample_image(model.entry)
     fig = plots.rf_overlay(image, frame, model.arrays.get("masks") or {}, positions)
     return _block(model, assets, "overlay", "Receptive fields of chosen positions",
                   f"The RF box (outline) and support (tint) of each chosen output position over {source}; "
                   "titles give the position and the box size in input pixels.", fig)
+
+
+def layer_labels(frame: pd.DataFrame) -> list[str]:
+    """Return the growth plot's tick labels: each layer's qualified name with its type, e.g. `layer1.0 (BasicBlock)`."""
+    return [f"{name} ({kind})" if kind else str(name)
+            for name, kind in zip(frame["layer"].astype(str), frame.get("type", pd.Series([""] * len(frame))))]
 
 
 def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
@@ -417,7 +599,7 @@ def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
         return None
     letters = axis_names(_ndim(model))
     spatial = model.entry["input_shape"][2:]
-    fig = plots.layer_growth(frame["layer"].tolist(), {a: frame[f"{a}_rf"].to_numpy() for a in letters},
+    fig = plots.layer_growth(layer_labels(frame), {a: frame[f"{a}_rf"].to_numpy() for a in letters},
                              dict(zip(letters, spatial)), frame["border"].to_numpy(dtype=bool))
     return _block(model, assets, "layers", "RF growth per layer",
                   "Unclipped RF size at the centre of each layer's output, in forward order; dashed lines are the "
@@ -426,31 +608,109 @@ def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
 
 
 def _erf(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """Effective-RF heatmaps, when the run measured them."""
+    """Effective-RF heatmaps with the theoretical RF box, when the run measured them."""
     maps = model.arrays.get("erf_maps") or {}
     frame = model.frames.get("erf")
     if not maps or frame is None:
         return None
-    return _block(model, assets, "erf", "Effective receptive field",
-                  "Mean gradient magnitude of the output position with respect to each input pixel over random "
-                  "inputs, on a log scale; the white box is the theoretical RF.", plots.erf_maps(maps, frame))
+    title = "Effective receptive field"
+    caption = ("Mean gradient magnitude of the output position with respect to each input pixel over random "
+               "inputs, on a log scale; the white box is the theoretical RF.")
+    if _ndim(model) == 1:
+        return _block(model, assets, "erf", title, caption, plots.erf_maps(maps, frame))
+    panels = []
+    for pos in sorted(maps)[:plots.MAX_PANELS]:
+        values = np.asarray(maps[pos], dtype=float)
+        depth = int(np.unravel_index(np.argmax(values), values.shape)[0]) if values.ndim == 3 else None
+        shown, note = plots.plane(values, depth)
+        lo, hi = plots.box_bounds(frame, pos, "rf_")
+        box = Box(label=f"theoretical RF of {plots.position_text(pos)}", x=float(lo[-1]), y=float(lo[-2]),
+                  width=hi[-1] - lo[-1] + 1, height=hi[-2] - lo[-2] + 1, colour="#ffffff")
+        panels.append(heatmap(model, assets, f"erf-{runfolder_key(pos)}", f"ERF of {plots.position_text(pos)}{note}",
+                              shown, "mean |dy/dx|", grid="input", log=True, boxes=(box,),
+                              position=",".join(map(str, pos))))
+    extra = " When you point at one of these positions above, the input panel shows its ERF." if explorable(
+        model) else ""
+    return FigureBlock(title=title, caption=caption + extra, image=None, heatmaps=tuple(panels))
+
+
+def runfolder_key(pos: Sequence[int]) -> str:
+    """Return a file-safe key of a position, e.g. `h3_w4`."""
+    return "_".join(f"{a}{int(p)}" for a, p in zip(axis_names(len(pos)), pos))
 
 
 FIGURES = (_rf_maps, _padding_maps, _coverage, _overlay, _growth, _erf)
+FLAGS = ("edge", "h_clip_lo", "h_clip_hi", "w_clip_lo", "w_clip_hi", "h_wrap", "w_wrap")
 
 
-def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path) -> ModelSection:
+def explorer_data(model: ModelRun, assets: Assets) -> dict | None:
+    """Return what the page's script needs to draw any output position's RF on the input panel, as JSON values.
+
+    Columnar and compact: `cell` is the flat index on the drawn (swept) grid; `flags` packs FLAGS
+    as bits; masks are tinted PNGs of the input size; `erf` holds the ERF metrics by position.
+    """
+    if not explorable(model):
+        return None
+    frame = model.frames.get("edges", model.frames["positions"]).head(EXPLORER_ROWS)
+    coords = [np.unique(model.frames["positions"][f"pos_{a}"]) for a in ("h", "w")]
+    cell = np.searchsorted(coords[0], frame["pos_h"]) * len(coords[1]) + np.searchsorted(coords[1], frame["pos_w"])
+    flags = sum((frame[name].to_numpy(dtype=bool).astype(int) << bit) for bit, name in enumerate(FLAGS)
+                if name in frame)
+    columns = {name: frame[name].astype(int).tolist() for name in ("pos_h", "pos_w", "h_lo", "h_hi", "w_lo", "w_hi",
+                                                                   "support")}
+    return {"input": list(model.entry["input_shape"][2:]), "grid": [len(coords[0]), len(coords[1])],
+            "coords": [c.astype(int).tolist() for c in coords], "flagNames": list(FLAGS),
+            "cell": cell.astype(int).tolist(), **columns, "fill": frame["fill"].round(4).tolist(),
+            "flags": np.broadcast_to(flags, len(frame)).astype(int).tolist(),
+            "masks": mask_images(model, assets), "erf": erf_records(model)}
+
+
+def mask_images(model: ModelRun, assets: Assets) -> dict[str, str]:
+    """Return the kept support masks as tinted, otherwise transparent PNGs, keyed `h,w`."""
+    images = {}
+    for pos, mask in sorted((model.arrays.get("masks") or {}).items()):
+        rgba = np.zeros((*np.shape(mask), 4), dtype=np.uint8)
+        rgba[np.asarray(mask, dtype=bool)] = MASK_TINT
+        key = ",".join(map(str, pos))
+        images[key] = assets.png(f"{model.slug}-mask-{runfolder_key(pos)}", plots.encode_png(rgba),
+                                 f"support of {key}", (rgba.shape[1], rgba.shape[0])).src
+    return images
+
+
+def erf_records(model: ModelRun) -> dict[str, dict]:
+    """Return the ERF metrics the explorer shows, keyed `h,w`, for positions whose ERF was measured."""
+    frame = model.frames.get("erf")
+    if frame is None or not (model.arrays.get("erf_maps") or {}):
+        return {}
+    records = {}
+    for row in frame.itertuples(index=False):
+        key = f"{int(row.pos_h)},{int(row.pos_w)}"
+        records[key] = {"area95_ratio": round(float(row.area95_ratio), 4), "peak": [int(row.peak_h), int(row.peak_w)],
+                        "offset": [round(float(row.offset_h), 2), round(float(row.offset_w), 2)]}
+    return records
+
+
+def spec_rows(entry: Mapping) -> tuple[tuple[str, str], ...]:
+    """Return the recorded config of a model as (label, value) rows; empty for runs that did not record it."""
+    spec = entry.get("spec") or {}
+    return tuple((SPEC_LABELS.get(key, key), spec_text(value)) for key, value in spec.items())
+
+
+def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, expanded: bool = True) -> ModelSection:
     """Build the section of one model; a failed model gets its error and no figures."""
     entry = model.entry
     return ModelSection(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]),
         input_shape=list(entry["input_shape"]), output_shape=entry.get("output_shape"),
-        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")), status=model.status,
+        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")), affine=entry.get("affine"),
+        status=model.status,
         error=str(entry.get("error") or ""), findings=findings(entry),
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
                     for r in entry.get("audit") or []),
         figures=model_figures(model, assets) if model.ok else (),
-        tables=model_tables(run, model, page_dir) if model.ok else ())
+        tables=model_tables(run, model, page_dir, assets.embeds) if model.ok else (),
+        spec=spec_rows(entry), data=explorer_data(model, assets) if model.ok else None,
+        open=expanded or not model.ok)
 
 
 def run_info(meta: Mapping) -> RunInfo:
@@ -464,14 +724,23 @@ def run_info(meta: Mapping) -> RunInfo:
         cached=tuple((meta.get("cache") or {}).get("hits") or ()))
 
 
+def counts(run: Run) -> Counts:
+    """Count distinct models, jobs, failed jobs and jobs whose audit failed."""
+    return Counts(models=len({model.name for model in run.models}), jobs=len(run.models),
+                  failed_jobs=sum(not model.ok for model in run.models),
+                  failed_audits=sum(audit_status(model.entry) == "fail" for model in run.models))
+
+
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:
-    """Build the whole page context of a run."""
-    sections = tuple(model_section(run, model, assets, page_dir) for model in run.models)
+    """Build the whole page context of a run; sections start collapsed past EXPANDED_SECTIONS jobs."""
+    expanded = len(run.models) <= EXPANDED_SECTIONS
+    sections = tuple(model_section(run, model, assets, page_dir, expanded) for model in run.models)
     css, css_href = assets.stylesheet(_template_source("report.css"))
     return ReportContext(
         title=f"Receptive-field report: {Path(run.path).name}", run=run_info(run.meta),
         overview=tuple(overview_row(model) for model in run.models),
-        failed=tuple(s for s in sections if s.status != "ok"), sections=sections, css=css, css_href=css_href)
+        failed=tuple(s for s in sections if s.status != "ok"), sections=sections, css=css, css_href=css_href,
+        counts=counts(run), script=_template_source("report.js"))
 
 
 def render(run: Run, out_path: str | os.PathLike | None = None, *,

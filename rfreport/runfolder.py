@@ -13,13 +13,16 @@ once everything is written, so a crash never leaves a folder that looks complete
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,6 +39,9 @@ FORMAT = 1
 SUMMARY = "summary.json"
 LOG = "log.txt"
 POSITION_KEYED = ("masks", "erf_maps")
+STAGING_MARK = ".tmp-"       # staging folders are `.<name>.tmp-<random>` beside the run folder
+OWNER = "owner"             # in a staging folder: "<host> <pid>" of the run writing it
+ORPHAN_AGE_S = 60           # a staging folder without an owner file older than this is a leftover
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class ModelRun:
     @cached_property
     def frames(self) -> dict[str, pd.DataFrame]:
         """Read every Parquet frame of this model, keyed by frame name (positions, geometry, ...)."""
-        return {Path(rel).stem: pd.read_parquet(self._file(rel))
+        return {Path(rel).stem: self._read(rel, pd.read_parquet)
                 for rel in self.entry.get("files", []) if rel.endswith(".parquet")}
 
     @cached_property
@@ -85,13 +91,24 @@ class ModelRun:
         """Read coverage (ndarray) and the position-keyed masks and erf_maps ({position: ndarray})."""
         arrays: dict[str, Any] = {}
         for rel in self.entry.get("files", []):
-            stem, path = Path(rel).stem, self._file(rel)
+            stem = Path(rel).stem
             if rel.endswith(".npy"):
-                arrays[stem] = np.load(path)
+                arrays[stem] = self._read(rel, np.load)
             elif rel.endswith(".npz"):
-                with np.load(path) as archive:
-                    arrays[stem] = {parse_position_key(key): archive[key] for key in archive.files}
+                arrays[stem] = self._read(rel, _read_npz)
         return arrays
+
+    def _read(self, rel: str, reader: Callable[[Path], Any]) -> Any:
+        """Read a listed file with `reader`, turning any failure into one line naming the file."""
+        path = self._file(rel)
+        try:
+            return reader(path)
+        except RunFolderError:
+            raise
+        except Exception as exc:  # pyarrow, numpy and zipfile raise many types for a damaged file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"{path}: unreadable (model {self.name!r}; {type(exc).__name__}: "
+                                 f"{first}); rerun the model or restore the file") from exc
 
     def _file(self, rel: str) -> Path:
         """Return the absolute path of a file the entry lists, or raise if it is missing."""
@@ -115,6 +132,12 @@ class Run:
             if model.slug == slug:
                 return model
         raise RunFolderError(f"{self.path}: no model {slug!r}")
+
+
+def _read_npz(path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Read a position-keyed .npz archive into {position: ndarray}."""
+    with np.load(path) as archive:
+        return {parse_position_key(key): archive[key] for key in archive.files}
 
 
 def slugify(name: str, input_shape: Sequence[int]) -> str:
@@ -203,19 +226,94 @@ def write(path: Path, meta: dict, outputs: Sequence[ModelOutput], log: str = "")
 def staged(path: Path) -> Iterator[Path]:
     """Yield a folder to assemble a run in, named like `path` inside a hidden sibling; move it to `path` on success.
 
-    On any exception (KeyboardInterrupt included) the staging folder is removed and an existing
-    `path` is left untouched; an old run is moved aside only once the new one is complete.
+    `path` must be missing, an empty folder or an rfreport run folder (:func:`check_replaceable`);
+    leftover staging folders of killed runs at that location are removed first. On any exception
+    (KeyboardInterrupt included) the staging folder is removed and an existing `path` is left
+    untouched; an old run is moved aside only once the new one is complete.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    path = check_replaceable(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(path)
+        holder = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING_MARK}", dir=path.parent))
+    except OSError as exc:
+        raise RunFolderError(f"{path}: cannot create the run folder there ({exc.strerror or exc})") from exc
+    try:
+        (holder / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
         staging = holder / path.name
         staging.mkdir()
         yield staging
         _replace(staging, path, holder / ".old")
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+def is_run_folder(path: Path) -> bool:
+    """Tell whether a folder holds an rfreport summary.json (any format version), i.e. can be replaced."""
+    try:
+        document = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and isinstance(document.get("format"), int) and isinstance(
+        document.get("models"), list)
+
+
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """Return `path` made absolute if a run may be written there, else raise RunFolderError naming it.
+
+    Allowed: a missing path, an empty folder, or an rfreport run folder. Refused: a file, a link,
+    a folder holding anything else, and the current folder or one of its parents.
+    """
+    given = Path(path)
+    path = Path(os.path.abspath(given))
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents:
+        raise RunFolderError(f"{given}: refusing to write a run over the current folder (or one above it); "
+                             "choose a new or empty folder")
+    above = next((a for a in path.parents if a.exists() or a.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise RunFolderError(f"{given}: cannot create a run folder there ({above} is a file)")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise RunFolderError(f"{given}: exists and is not a folder; refusing to replace it with a run folder")
+    try:
+        empty = path.is_dir() and not any(path.iterdir())
+    except OSError as exc:
+        raise RunFolderError(f"{given}: cannot read the folder ({exc.strerror or exc})") from exc
+    if path.is_dir() and not empty and not is_run_folder(path):
+        raise RunFolderError(f"{given}: not an rfreport run folder (no {SUMMARY} of a run) and not empty; "
+                             "refusing to replace it: choose a new or empty folder")
+    return path
+
+
+def clean_leftovers(path: Path) -> list[Path]:
+    """Remove staging folders of earlier runs into `path` whose process is gone (killed runs); return them."""
+    removed = []
+    for holder in path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*"):
+        if holder.is_dir() and not holder.is_symlink() and not _owner_alive(holder):
+            shutil.rmtree(holder, ignore_errors=True)
+            removed.append(holder)
+    return removed
+
+
+def _owner_alive(holder: Path) -> bool:
+    """Tell whether the process that created a staging folder may still be writing it."""
+    try:
+        host, pid = (holder / OWNER).read_text(encoding="utf-8").split()
+    except (OSError, ValueError):
+        # no owner file yet: a run that is just starting, unless the folder is old
+        try:
+            return time.time() - holder.stat().st_mtime < ORPHAN_AGE_S
+        except OSError:
+            return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def _replace(staging: Path, path: Path, aside: Path) -> None:

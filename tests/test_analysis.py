@@ -31,8 +31,9 @@ from tests.oracle import Layer, lengths
 SUMMARY_KEYS = {
     "rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "center_rf_size", "positions",
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
-    "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from",
-    "local_rf_size", "border_layers_from", "no_border_resolution", "size_dependent",
+    "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
+    "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
+    "local_rf_size", "border_layers_from", "no_border_resolution", "verified", "violations", "size_dependent",
 }
 
 
@@ -208,14 +209,16 @@ class SqueezeExcite(nn.Module):
 
 
 def test_squeeze_excitation_is_global_with_a_local_rf():
+    from rfreport.context import global_ops
     from rfreport.layers import layer_growth
 
     model = SqueezeExcite()
     local = sweep(model, (1, 1, 12, 12), "all", local=True)
     layers = layer_growth(model, (1, 1, 12, 12))
-    analysis = analysed(model, (12, 12), local=local, layers=layers)
+    analysis = analysed(model, (12, 12), local=local, layers=layers, global_ops=global_ops(model, (1, 1, 12, 12)))
     s = analysis.summary
-    assert s["global"] and s["global_from"] == "se.0"
+    assert s["global"] and s["global_from"] == "se.0" and s["global_op"] == "adaptive_avg_pool2d"
+    assert s["covers_input"] and s["no_coverage_resolution"] is None
     assert s["local_rf_size"] == [5, 5]
     assert analysis.geometry["local_stride"].tolist() == [1.0, 1.0]
     assert any(f.code == "global" and "se.0" in f.message and "5 x 5" in f.message for f in analysis.findings)

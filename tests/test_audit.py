@@ -8,7 +8,7 @@ from rfreport import audit
 from rfreport.config import AUDIT_RULES
 
 ENTRY = {"status": "ok", "center_rf_size": [11, 9], "edge_fraction": 0.25, "unseen_pixels": 0, "global": False,
-         "center_offset": [0.5, -1.0], "min_fill": 0.75}
+         "center_offset": [0.5, -1.0], "min_fill": 0.75, "covering_positions": 0, "covering_fraction": 0.0}
 
 
 def verdict(rule: str, limit, **changes) -> tuple:
@@ -40,13 +40,29 @@ def test_no_unseen(unseen, passed):
     assert verdict("no_unseen", True, unseen_pixels=unseen) == (unseen, passed)
 
 
-@pytest.mark.parametrize("is_global, passed", [(False, True), (True, False)])
-def test_no_global(is_global, passed):
+@pytest.mark.parametrize("is_global, passed", [(False, True), (True, False), (None, False)])
+def test_no_global_fails_on_a_global_op_or_when_unknown(is_global, passed):
     assert verdict("no_global", True, **{"global": is_global}) == (is_global, passed)
 
 
+def test_no_global_ignores_rfs_that_merely_cover_the_input():
+    assert verdict("no_global", True, covering_positions=25, covering_fraction=0.4) == (False, True)
+
+
+@pytest.mark.parametrize("count, passed", [(0, True), (1, False), (25, False)])
+def test_no_full_coverage_fails_when_any_swept_position_covers_the_input(count, passed):
+    assert verdict("no_full_coverage", True, covering_positions=count) == (count, passed)
+
+
+@pytest.mark.parametrize("limit, fraction, passed", [(0.5, 0.39, True), (0.25, 0.39, False), (0.0, 0.0, True)])
+def test_max_covering_fraction(limit, fraction, passed):
+    assert verdict("max_covering_fraction", limit, covering_fraction=fraction) == (fraction, passed)
+
+
 def test_a_false_flag_disables_its_rule():
-    assert audit.evaluate({"no_unseen": False, "no_global": False}, {**ENTRY, "unseen_pixels": 5}) == []
+    assert audit.evaluate({"no_unseen": False, "no_global": False, "no_full_coverage": False},
+                          {**ENTRY, "unseen_pixels": 5}) == []
+    assert audit.active({"no_unseen": False, "min_rf": 3, "no_global": True}) == {"min_rf": 3, "no_global": True}
 
 
 @pytest.mark.parametrize("limit, passed", [(1.0, True), (0.99, False), (2, True)])

@@ -27,6 +27,9 @@ CONFIGS = {
     "mixed.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[[model]]\n"
                   f"{MODEL.format(name='broken', factory='broken')}",
     "bad.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}bogus = 1\n",
+    "ci.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[model.audit]\nmin_rf = 100\nno_unseen = true\n"
+               f"[[model]]\n{MODEL.format(name='broken', factory='broken')}[model.audit]\nmin_rf = 1\n",
+    "norules.toml": f"[[model]]\n{MODEL.format(name='tiny', factory='tiny')}[model.audit]\nno_global = false\n",
 }
 
 
@@ -140,11 +143,11 @@ def test_diff_lists_changes_and_fails_on_request(ws, good_run):
     assert invoke("run", ws / "wide.toml", "--out", ws / "wide").exit_code == 0
     done = invoke("diff", good_run, ws / "wide")
     assert done.exit_code == 0
-    rows = {line.split()[1]: line for line in done.stdout.splitlines()[2:]}
-    assert "13 x 13" in rows["rf_size"] and "15 x 15" in rows["rf_size"]
-    assert "padding" in rows
+    rows = {line.split("  ")[1].strip(): line for line in done.stdout.splitlines()[2:]}
+    assert "13 × 13" in rows["RF size (clear of the border)"] and "15 × 15" in rows["RF size (clear of the border)"]
+    assert "padding" in rows and "width=" not in done.stdout and "k=5" in rows["config: keyword arguments"]
     failing = invoke("diff", good_run, ws / "wide", "--fail-on-change")
-    assert failing.exit_code == 1 and "change(s) between" in failing.stderr
+    assert failing.exit_code == 1 and "1 model(s) changed between" in failing.stderr
 
 
 def inspect_json(ws: Path, *args: str) -> dict:
@@ -156,14 +159,17 @@ def inspect_json(ws: Path, *args: str) -> dict:
 
 def test_inspect_json_has_exactly_the_documented_schema(ws):
     record = inspect_json(ws, "--pos", "3,3", "--positions", "corners")
-    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "cached"]
+    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "verified",
+                            "violations", "exact", "cached"]
+    assert record["verified"] == 5 and record["violations"] == 0 and record["exact"] is True
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
     assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
                                   "affine": True, "global": False}
     for entry in record["positions"]:
-        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge"]
+        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
+        assert entry["verified"] is True and entry["violations"] == 0
         mask = support_mask(TINY, (17, 17), tuple(entry["pos"]))
         hs, ws_ = np.nonzero(mask)
         assert entry["lo"] == [hs.min(), ws_.min()] and entry["hi"] == [hs.max(), ws_.max()]
@@ -223,7 +229,8 @@ def test_flags_override_the_config(ws):
                                  erf_positions=["corners", "2,3"])
     assert (loaded.options.device, loaded.options.batch_size, loaded.options.seed) == ("cpu", 8, 3)
     assert loaded.models[0].erf == {"samples": 4, "positions": ["corners", (2, 3)]}
-    assert isinstance(cli_mod.make_progress(quiet=False), Silent)  # stdout is not a terminal under pytest
+    assert not cli_mod.make_progress(quiet=False).bars  # stdout is not a terminal under pytest: lines only
+    assert isinstance(cli_mod.make_progress(quiet=True), Silent)
     plain = cli_mod.load_config([ws / "good.toml"], device=None, batch_size=None, seed=None, erf_samples=None,
                                 erf_positions=())
     assert plain.models[0].erf is None and plain.options.seed == 0
@@ -233,3 +240,197 @@ def test_an_unknown_device_fails_before_any_job(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "nodevice", "--device", "warp:7")
     assert done.exit_code == 1 and done.stderr == "Error: unknown device 'warp:7'\n"
     assert not (ws / "nodevice").exists()
+
+
+def test_run_refuses_a_folder_that_is_not_a_run_folder_and_keeps_it(ws):
+    (ws / "mine").mkdir()
+    (ws / "mine" / "notes.txt").write_text("precious")
+    done = invoke("run", ws / "good.toml", "--out", ws / "mine")
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert done.stderr.startswith(f"Error: {ws / 'mine'}: not an rfreport run folder") and done.stderr.count("\n") == 1
+    assert [p.name for p in (ws / "mine").iterdir()] == ["notes.txt"]
+    assert (ws / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_run_refuses_the_current_folder_and_a_file(ws, monkeypatch):
+    (ws / "here").mkdir()
+    monkeypatch.chdir(ws / "here")
+    done = invoke("run", ws / "good.toml", "--out", ".")
+    assert done.exit_code == 2 and "current folder" in done.stderr and "Traceback" not in done.output
+    assert list((ws / "here").iterdir()) == []
+    (ws / "afile").write_text("x")
+    done = invoke("run", ws / "good.toml", "--out", ws / "afile")
+    assert done.exit_code == 2 and str(ws / "afile") in done.stderr and (ws / "afile").read_text() == "x"
+
+
+def test_rerun_replaces_a_run_folder_and_cleans_leftovers_of_killed_runs(ws, good_run):
+    leftover = ws / ".good.tmp-killed"
+    (leftover / "good").mkdir(parents=True)
+    (leftover / "owner").write_text(f"{__import__('socket').gethostname()} 999999999")
+    done = invoke("run", ws / "good.toml", "--out", good_run, "-q")
+    assert done.exit_code == 0, done.output
+    assert not leftover.exists() and runfolder.load(good_run).models[0].ok
+
+
+def test_ctrl_c_exits_130_and_leaves_the_old_run_and_no_staging(ws, good_run, monkeypatch):
+    from rfreport import pipeline
+
+    before = (good_run / "summary.json").read_text()
+
+    def interrupted(jobs, executor):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "outputs", interrupted)
+    done = invoke("run", ws / "good.toml", "--out", good_run)
+    assert done.exit_code == 130 and done.stderr.endswith("Error: interrupted; nothing was written\n")
+    assert (good_run / "summary.json").read_text() == before
+    assert not [p for p in ws.iterdir() if p.name.startswith(".good.tmp-")]
+    done = invoke("check", ws / "ci.toml", "--junit", ws / "never.xml")
+    assert done.exit_code == 130 and not list(ws.glob("*never.xml*"))
+
+
+def test_check_with_nothing_to_check_exits_2(ws, tmp_path):
+    done = invoke("check", ws / "norules.toml")
+    assert done.exit_code == 2 and "nothing to check: no model has audit rules" in done.stderr
+    runfolder.write(tmp_path / "empty-run", {}, [])
+    done = invoke("check", tmp_path / "empty-run")
+    assert done.exit_code == 2 and done.stderr == f"Error: {tmp_path / 'empty-run'}: nothing to check: the run " \
+                                                  "folder has no models\n"
+
+
+@pytest.fixture(scope="module")
+def ci_run(ws) -> Path:
+    """Run ci.toml (a failing rule, a passing rule, a failing job) into a run folder."""
+    done = invoke("run", ws / "ci.toml", "--out", ws / "ci", "-q")
+    assert done.exit_code == 1, done.output
+    return ws / "ci"
+
+
+def test_check_writes_junit_with_failures_for_rules_and_errors_for_jobs(ci_run, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    path = tmp_path / "reports" / "audit.xml"   # the folder is created
+    done = invoke("check", ci_run, "--junit", path)
+    assert done.exit_code == 1 and "audit failed for tiny-17x17, broken-17x17" in done.stderr
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures"), root.get("errors")) == ("3", "1", "1")
+    suites = {suite.get("name"): suite for suite in root.iter("testsuite")}
+    assert list(suites) == ["tiny-17x17", "broken-17x17"]
+    cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
+    assert list(cases) == [("tiny-17x17", "min_rf"), ("tiny-17x17", "no_unseen"), ("broken-17x17", "job")]
+    (failure,) = cases["tiny-17x17", "min_rf"]
+    assert failure.tag == "failure" and failure.get("message") == "min_rf: value 13 x 13, limit 100"
+    assert list(cases["tiny-17x17", "no_unseen"]) == []
+    (error,) = cases["broken-17x17", "job"]
+    assert error.tag == "error" and "no model today" in error.get("message")
+    for suite in suites.values():
+        counted = {k: sum(1 for c in suite for e in c if e.tag == k[:-1]) for k in ("failures", "errors")}
+        assert int(suite.get("tests")) == len(suite) and all(int(suite.get(k)) == v for k, v in counted.items())
+    assert list(tmp_path.rglob(".*partial")) == []
+
+
+def test_check_json_prints_the_verdicts(ci_run):
+    done = invoke("check", ci_run, "--json")
+    assert done.exit_code == 1
+    verdicts = json.loads(done.stdout)
+    assert verdicts["passed"] is False
+    tiny, broken = verdicts["models"]
+    assert (tiny["slug"], tiny["status"], tiny["passed"]) == ("tiny-17x17", "ok", False)
+    assert [(r["rule"], r["value"], r["passed"]) for r in tiny["audit"]] == [("min_rf", [13, 13], False),
+                                                                            ("no_unseen", 0, True)]
+    assert (broken["status"], broken["passed"]) == ("failed", False) and "no model today" in broken["error"]
+    passing = invoke("check", ci_run.parent / "good.toml", "--json")
+    assert passing.exit_code == 0 and json.loads(passing.stdout)["passed"] is True
+
+
+def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
+    done = invoke("run", ws / "good.toml", "--out", ws / "progress")
+    assert done.exit_code == 0
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("[1/1] tiny-17x17: ok (") and lines[1] == "rendering the report of 1 job(s)"
+    assert lines[2].startswith("rendering the report took ") and len(lines) == 3
+    quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_a_slow_stage_gets_a_progress_line(ws, monkeypatch):
+    from rfreport import progress
+
+    monkeypatch.setattr(progress, "SLOW_S", 0.0)
+    done = invoke("check", ws / "good.toml")
+    assert done.exit_code == 0
+    assert "tiny-17x17: main sweep took" in done.stderr and "tiny-17x17: layer growth took" in done.stderr
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_damaged_frame_file_is_one_line_naming_it(ws, good_run, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    frame = copy / "models" / "tiny-17x17" / "edges.parquet"
+    if damage == "corrupt":
+        frame.write_bytes(b"PAR1 this is not parquet")
+    else:
+        frame.unlink()
+    done = invoke("report", copy)
+    assert done.exit_code == 2 and "Traceback" not in done.output and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"Error: {copy if damage == 'missing' else frame}")
+    assert "edges.parquet" in done.stderr
+
+
+UNBATCHED = """[[model]]
+name = "flat"
+factory = "torch.nn:Conv2d"
+kwargs = { in_channels = 16, out_channels = 1, kernel_size = 3 }
+input_shape = [3, 16, 16]
+[model.audit]
+min_rf = 1
+[[model]]
+name = "line"
+factory = "torch.nn:Conv1d"
+kwargs = { in_channels = 3, out_channels = 1, kernel_size = 3 }
+input_shape = [1, 3, 16]
+[model.audit]
+min_rf = 1
+"""
+
+
+def test_an_input_shape_the_model_reads_unbatched_fails_its_job_naming_the_key(tmp_path):
+    (tmp_path / "unbatched.toml").write_text(UNBATCHED)
+    done = invoke("check", tmp_path / "unbatched.toml", "--json", "-q")
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    flat, line = json.loads(done.stdout)["models"]
+    assert flat["status"] == "failed" and flat["error"] == (
+        "model 'flat': key 'input_shape': [3, 16, 16] gives 1 spatial axis, but the model's first spatial layer "
+        "(the model itself) (Conv2d) reads 2, so torch would take it as one unbatched sample (its N as channels): "
+        "give [N, C, *spatial] with 2 spatial axes")
+    assert line["status"] == "ok" and line["passed"]
+
+
+def test_the_rank_guard_checks_only_the_first_spatial_layer_and_leaves_no_hook():
+    import torch
+    from torch import nn
+
+    from rfreport.errors import SweepError
+    from rfreport.models import rank_guard
+
+    class Tokens(nn.Module):
+        """A 2-D stem, then a Conv1d over the flattened grid: only the stem is checked."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.mix = nn.Conv2d(1, 2, 3), nn.Conv1d(2, 2, 3)
+
+        def forward(self, x):
+            return self.mix(self.stem(x).flatten(2))
+
+    model = Tokens()
+    with rank_guard(model, (1, 1, 8, 8)):
+        model(torch.zeros(1, 1, 8, 8))
+    model3d = nn.Sequential(nn.Conv3d(1, 1, 3))
+    unbatched = r"layer 0 \(Conv3d\) reads 3, so torch would take it as one unbatched"
+    with pytest.raises(SweepError, match=unbatched), rank_guard(model3d, (1, 1, 8, 8)):
+        model3d(torch.zeros(1, 1, 8, 8))
+    assert all(not m._forward_pre_hooks for m in [*model.modules(), *model3d.modules()])

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
-from rfreport import diff
+import pytest
+from click.testing import CliRunner
+
+from rfreport import diff, diffpage, report
+from rfreport.cli import cli
 from rfreport.runfolder import ModelRun, Run
+from tests.test_report import GOLD_RUN, assert_gold
 
 BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
         "center_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
@@ -51,11 +62,256 @@ def test_added_removed_and_failed_models():
     failed = {"name": "net", "slug": "net-32x32", "status": "failed", "error": "boom"}
     found = diff.compare(make_run(BASE), make_run(failed, other))
     assert found.added == ("new-32x32",) and found.removed == ()
-    fields = {c.field for c in found.changes}
-    assert {"status", "rf_size", "stride", "findings", "audit"} <= fields
+    assert found.changes == ()   # a failed model is shown as failed, not as every value gone
+    assert [m.state for m in found.models] == ["failed", "added"] and found.changed
     assert diff.compare(make_run(BASE, other), make_run(BASE)).removed == ("new-32x32",)
+
+
+def test_failed_model_is_failed_not_added():
+    """A model that failed in B is shown as failed, whether or not A had it; one failed in A and ok in B is fixed."""
+    failed = {"name": "net", "slug": "net-32x32", "status": "failed", "error": "boom",
+              "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
+    only_b = diff.compare(make_run(), make_run(failed))
+    (model,) = only_b.models
+    assert (model.state, model.presence, model.status("a"), model.status("b")) == ("failed", "added", "absent",
+                                                                                   "failed")
+    assert diff.text_rows(only_b)[0] == ["net-32x32", "status", "absent", "failed: boom", "failed"]
+    assert diff.compare(make_run(BASE), make_run(failed)).models[0].state == "failed"
+    assert diff.compare(make_run(failed), make_run(BASE)).models[0].state == "fixed"
+
+
+def test_spec_rows_show_what_was_asked():
+    """The config recorded under `spec` is compared key by key; runs without it show nothing."""
+    spec = {"factory": "m:f", "kwargs": {"width": 8}, "input_shape": [1, 3, 32, 32], "layer": None,
+            "output": None, "mode": "structural"}
+    before, after = {**BASE, "spec": spec}, {**BASE, "spec": {**spec, "kwargs": {"width": 16}, "layer": "body"}}
+    (model,) = diff.compare(make_run(before), make_run(after)).models
+    changed = {row.key: (diff.spec_text(row.before), diff.spec_text(row.after)) for row in model.spec if row.changed}
+    assert changed == {"kwargs": ("width=8", "width=16"), "layer": ("—", "body")}
+    assert model.state == "changed" and model.spec_changed
+    assert diff.compare(make_run(BASE), make_run(BASE)).models[0].spec == ()
+
+
+def test_findings_added_and_removed_with_messages():
+    after = {**BASE, "findings": [{"code": "unseen", "severity": "warning", "message": "3 pixels unseen"}]}
+    (model,) = diff.compare(make_run(BASE), make_run(after)).models
+    assert model.findings_added == (diff.FindingChange("unseen", "warning", "3 pixels unseen"),)
+    assert model.findings_removed == (diff.FindingChange("edge", "warning", "50% see padding"),)
+
+
+def test_audit_verdicts_per_rule():
+    after = {**BASE, "audit": [{"rule": "min_rf", "limit": 10, "value": [9, 9], "passed": False},
+                               {"rule": "no_unseen", "limit": True, "value": 0, "passed": True}]}
+    (model,) = diff.compare(make_run(BASE), make_run(after)).models
+    assert [(v.rule, v.change) for v in model.audit] == [("min_rf", "now failing"), ("no_unseen", "added")]
+    assert diff.verdict_text(model.audit[0].after) == "FAIL (value 9 × 9, limit 10)"
+
+
+def test_values_have_labels_and_never_join_codes_with_the_axis_separator():
+    """Finding codes are joined with commas; per-axis values with ×; fractions are percentages with pp deltas."""
+    assert diff.value_text("findings", ["edge", "unseen"]) == "edge, unseen"
+    assert diff.value_text("rf_size", [11, 13]) == "11 × 13"
+    assert diff.value_text("edge_fraction", 0.25) == "25%"
+    assert diff.delta_text("edge_fraction", 0.5, 0.25) == "-25 pp"
+    assert diff.delta_text("rf_size", [11, 11], [15, 13]) == "+4 × +2"
+    assert diff.label("center_rf_size") == "RF size at the centre"
+    after = {**BASE, "findings": [{"code": "unseen", "severity": "warning", "message": "x"},
+                                  {"code": "holes", "severity": "info", "message": "y"}]}
+    rows = diff.text_rows(diff.compare(make_run(BASE), make_run(after)))
+    assert not any(" x " in cell for row in rows for cell in row)
+
+
+def test_json_document():
+    after = {**BASE, "rf_size": [15, 15]}
+    document = diff.to_json(diff.compare(make_run(BASE), make_run(after, {**BASE, "slug": "b-1", "name": "b"})))
+    assert document["counts"] == {"failed": 0, "fixed": 0, "added": 1, "removed": 0, "changed": 1, "unchanged": 0}
+    first = document["models"][0]
+    assert first["state"] == "changed" and first["changes"] == [
+        {"field": "rf_size", "label": "RF size (clear of the border)", "a": [11, 11], "b": [15, 15],
+         "delta": "+4 × +4"}]
+    assert json.loads(json.dumps(document)) == document
+
+
+def test_markdown_stays_comment_sized():
+    """Forty changed models give a table and at most MARKDOWN_MODELS detailed sections."""
+    before = [{**BASE, "slug": f"m{i}", "name": f"m{i}"} for i in range(40)]
+    after = [{**entry, "rf_size": [15, 15], "edge_fraction": 0.75} for entry in before]
+    text = diff.to_markdown(diff.compare(make_run(*before), make_run(*after)), "diff.html")
+    assert text.count("\n**m") == diff.MARKDOWN_MODELS and "… and 28 more changed models." in text
+    assert "| m0 | changed | 11 × 11 | 50% → **75%** | pass |" in text
+    assert len(text.splitlines()) < 120 and "`diff.html`" in text
+    assert diff.to_markdown(diff.compare(make_run(BASE), make_run(BASE))).endswith("No model changed.\n")
 
 
 def test_audit_status_words():
     assert diff.audit_status({"audit": []}) == "none"
     assert diff.audit_status(BASE) == "pass"
+
+
+# --- the CLI and the HTML page, on the pinned golden run and an edited copy of it ------------------------------
+
+SPEC = {"factory": "rfreport.examples:dilated_net", "kwargs": {"width": 4}, "input_shape": [1, 3, 16, 20],
+        "layer": None, "output": None, "mode": "structural"}
+
+
+def edited_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """Copy the golden run twice; in B widen the dilated net, fail the volume model, drop the 1-D one, add one."""
+    a, b = (shutil.copytree(GOLD_RUN, tmp_path / name) for name in ("a", "b"))
+    for root, edit in ((a, _edit_a), (b, _edit_b)):
+        document = json.loads((root / "summary.json").read_text())
+        document["models"] = edit(document["models"])
+        (root / "summary.json").write_text(json.dumps(document))
+    return a, b
+
+
+def _edit_a(models: list[dict]) -> list[dict]:
+    """Record the spec of the dilated net in run A."""
+    models[0]["spec"] = SPEC
+    return models
+
+
+def _edit_b(models: list[dict]) -> list[dict]:
+    """Change the dilated net, fail the volume model, drop the 1-D model and add a failed one."""
+    dilated, _one_d, volume, broken = models
+    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, rf_size=[15, 15], center_rf_size=[15, 15],
+                   edge_fraction=0.95)
+    dilated["findings"] = [*dilated["findings"], {"code": "unseen", "severity": "warning",
+                                                  "message": "3 <b>pixels</b> are unseen"}]
+    dilated["audit"] = [{**row, "passed": True} if row["rule"] == "max_edge_fraction" else row
+                        for row in dilated["audit"]]
+    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target", "spec")} | {
+        "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
+        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
+    newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
+    return [dilated, failed_volume, broken, newcomer]
+
+
+def invoke(*args) -> Any:
+    """Invoke the CLI with string arguments."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_table_has_labels_and_states(tmp_path):
+    a, b = edited_runs(tmp_path)
+    done = invoke("diff", a, b)
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["model", "what"]
+    assert any("config: keyword arguments" in line and "width=4" in line and "width=8" in line for line in lines)
+    assert any(line.startswith("volume-6x8x8") and "failed: RuntimeError: out of memory" in line for line in lines)
+    assert any(line.startswith("newcomer-32x32") and line.rstrip().endswith("failed") for line in lines)
+    assert any("script_alert_1_script-24" in line and "removed" in line for line in lines)
+    assert any("audit: max_edge_fraction" in line and "now passing" in line for line in lines)
+    assert not any(" x " in line for line in lines)
+    failing = invoke("diff", a, b, "--fail-on-change")
+    assert failing.exit_code == 1 and "4 model(s) changed" in failing.stderr
+
+
+def test_cli_json_and_markdown(tmp_path):
+    a, b = edited_runs(tmp_path)
+    done = invoke("diff", a, b, "--json", "-")
+    assert done.exit_code == 0, done.output
+    document = json.loads(done.stdout)
+    assert [(m["slug"], m["state"]) for m in document["models"]] == [
+        ("dilated-16x20", "changed"), ("script_alert_1_script-24", "removed"), ("volume-6x8x8", "failed"),
+        ("broken_b_b-32x32", "failed"), ("newcomer-32x32", "failed")]
+    assert document["models"][0]["spec"]["changed"] == ["kwargs"]
+    markdown = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
+    assert markdown.exit_code == 0 and "model" in markdown.stdout
+    text = (tmp_path / "diff.md").read_text()
+    assert "| dilated-16x20 | changed | 13 × 13 → **15 × 15** | 90% → **95%** |" in text
+    assert "- config keyword arguments: `width=4` → `width=8`" in text and "`diff.html`" in text
+    both = invoke("diff", a, b, "--json", "-", "--markdown", "-")
+    assert both.exit_code == 2
+
+
+def test_cli_refuses_a_missing_run(tmp_path):
+    done = invoke("diff", tmp_path / "nope", GOLD_RUN, "--html", tmp_path / "d.html")
+    assert done.exit_code == 2 and "no run folder there" in done.output and "Traceback" not in done.output
+    assert not (tmp_path / "d.html").exists()
+
+
+def structure(html: str) -> str:
+    """Return the page's outline: headings, captions, table rows and list items as text, one per line."""
+    class Outline(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+            self.stack: list[str] = []
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("td", "th") and self.stack:
+                self.text.append(" | ")
+            if tag in TEXT_TAGS:
+                self.stack.append(tag)
+                self.text = []
+            if tag == "img":
+                self.lines.append(f"  img {dict(attrs)['alt']}")
+
+        def handle_endtag(self, tag):
+            if self.stack and tag == self.stack[-1]:
+                self.stack.pop()
+                line = " ".join("".join(self.text).split())
+                self.lines.append(f"{tag}: {line}")
+
+        def handle_data(self, data):
+            if self.stack:
+                self.text.append(data)
+
+    parser = Outline()
+    parser.feed(html)
+    return "\n".join(parser.lines) + "\n"
+
+
+TEXT_TAGS = ("h1", "h2", "h3", "caption", "tr", "li", "figcaption", "p")
+
+
+@pytest.fixture(scope="module")
+def diff_page(tmp_path_factory) -> Path:
+    """Render the diff page of the edited golden runs once."""
+    tmp = tmp_path_factory.mktemp("diffpage")
+    a, b = edited_runs(tmp)
+    done = invoke("diff", a, b, "--html", tmp / "diff.html")
+    assert done.exit_code == 0, done.output
+    return tmp / "diff.html"
+
+
+def test_diff_page_structure_matches_gold(diff_page):
+    """The page's outline (headings, table rows, findings, map captions) is the golden file; paths scrubbed."""
+    html = diff_page.read_text(encoding="utf-8").replace(str(diff_page.parent), "TMP")
+    assert_gold("diff.txt", structure(html))
+
+
+def test_diff_page_is_self_contained_and_escaped(diff_page):
+    html = diff_page.read_text(encoding="utf-8")
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    assert "3 &lt;b&gt;pixels&lt;/b&gt; are unseen" in html and "<b>pixels" not in html
+    assert html.count('class="heatmap grid-static"') == 6   # RF size h, w and clipped sides, before and after
+
+
+def test_diff_page_context_is_documented_and_used():
+    source = (Path(report.__file__).parent.parent / "templates" / "diff.html").read_text()
+    source += "".join((Path(report.__file__).parent.parent / "templates" / name).read_text()
+                      for name in ("macros.html", "base.html"))
+    for cls in diffpage.context_types().values():
+        assert cls.__doc__
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} is undocumented"
+            assert re.search(rf"\.{f.name}\b", source), f"{cls.__name__}.{f.name} is not used by the diff page"
+
+
+def test_pipeline_records_the_spec_of_every_job():
+    """Each summary.json entry, failed or not, holds what was asked: factory, kwargs, shape, layer, output, mode."""
+    from rfreport import pipeline
+    from rfreport.config import ModelSpec, RunOptions
+
+    spec = ModelSpec(name="net", factory="m.py:f", input_shapes=((1, 3, 8, 8), (1, 3, 16, 16)), kwargs={"k": 3},
+                     layer="body", positions=("center", (1, 2)), audit={"min_rf": 3})
+    job = pipeline.Job(spec, (1, 3, 16, 16), RunOptions())
+    entry = pipeline.entry(job, pipeline.failed_result(job, RuntimeError("boom"), 0.0))
+    assert entry["spec"] == {"factory": "m.py:f", "kwargs": {"k": 3}, "input_shape": [1, 3, 16, 16],
+                             "layer": "body", "output": None, "mode": "structural", "positions": ["center", [1, 2]],
+                             "checkpoint": None, "audit": {"min_rf": 3}}
+    assert json.loads(json.dumps(entry["spec"])) == entry["spec"]

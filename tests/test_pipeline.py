@@ -216,8 +216,9 @@ def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
     done = pipeline.compute(model, job, growth=False)
     geometry = pipeline.geometry_sweep(model, job, done.main)
     enlarged = pipeline.enlarged_sweep(model, job, done.main, geometry)
-    local = pipeline.local_sweep(model, job, done.main, geometry)
-    reference = analysis.analyze(done.main, geometry=geometry, enlarged=enlarged, local=local)
+    found = pipeline.global_context(model, job, done.main)
+    local = pipeline.local_sweep(model, job, done.main, geometry, found)
+    reference = analysis.analyze(done.main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
     assert (done.analysed.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
     assert done.analysed.summary == reference.summary
     same = [c for c in reference.geometry.columns if c not in ("fit", "problem", "positions_used")]

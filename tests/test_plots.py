@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ def box_frame(shape: tuple[int, ...], size: int = 3, stride: int = 2) -> pd.Data
     """Return a positions frame of a k=size, stride, no-padding conv on an output grid of this shape."""
     pos = resolve("all", shape)
     data: dict = {"support": np.full(len(pos), size ** len(shape)), "fill": np.ones(len(pos)),
-                  "path": ["dense"] * len(pos)}
+                  "path": ["dense"] * len(pos), "verified": np.zeros(len(pos), bool),
+                  "violations": np.zeros(len(pos), np.int64)}
     for i, a in enumerate(axis_names(len(shape))):
         data[f"pos_{a}"] = pos[:, i]
         data[f"{a}_lo"], data[f"{a}_hi"] = pos[:, i] * stride, pos[:, i] * stride + size - 1
@@ -131,3 +133,22 @@ def test_plots_need_neither_pyplot_nor_torch():
             "assert not {'torch', 'matplotlib.pyplot'} & set(sys.modules), 'pyplot or torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_tile_maps_values_through_the_colour_map_without_metadata():
+    """A tile has one PNG pixel per cell, the colour map's colours at its ends, NaN in the bad colour, no metadata."""
+    from PIL import Image
+
+    values = np.array([[0.0, 1.0, 2.0], [np.nan, 4.0, 4.0]])
+    tile = plots.tile(values)
+    assert (tile.shape, tile.lo, tile.hi, tile.log) == ((2, 3), 0.0, 4.0, False)
+    assert tile.png.startswith(PNG_SIGNATURE) and tile.png == plots.tile(values.copy()).png
+    assert not {b"tEXt", b"iTXt", b"zTXt", b"tIME"} & set(chunks(tile.png))
+    pixels = np.asarray(Image.open(io.BytesIO(tile.png)).convert("RGBA"))
+    np.testing.assert_array_equal(pixels[0, 0], plots.CMAP(0.0, bytes=True))
+    np.testing.assert_array_equal(pixels[1, 1], plots.CMAP(1.0, bytes=True))
+    np.testing.assert_array_equal(pixels[1, 0], plots.CMAP(np.nan, bytes=True))
+    fixed = plots.tile(values, span=(0.0, 8.0))
+    assert (fixed.lo, fixed.hi) == (0.0, 8.0)
+    log = plots.tile(np.array([[1e-9, 1.0]]), log=True)
+    assert (log.lo, log.hi) == (1e-4, 1.0)

@@ -28,7 +28,7 @@ from rfreport.ray_executor import RayExecutor, task_resources  # noqa: E402 (onl
 pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve()
 CHUNK = 30   # tiny-10x10 (64 positions) and tiny-9x7 (35) are swept in chunks, the others whole
-TIMINGS = {"seconds"}
+PER_RUN = {"seconds", "cached", "spec"}  # what two runs of the same jobs may differ in (spec: the attempts folder)
 
 
 def tiny(stride: int = 1, dilation: int = 1) -> nn.Module:
@@ -178,8 +178,9 @@ def test_csv_files_identical_byte_for_byte(runs):
 
 def test_summary_entries_equal_except_timings(runs):
     local, on_ray, _ = runs
-    strip = lambda entry: {k: v for k, v in entry.items() if k not in TIMINGS}  # noqa: E731
+    strip = lambda entry: {k: v for k, v in entry.items() if k not in PER_RUN}  # noqa: E731
     assert [strip(m.entry) for m in on_ray.models] == [strip(m.entry) for m in local.models]
+    assert [m.entry["spec"] for m in on_ray.models if m.ok] == [m.entry["spec"] for m in local.models if m.ok]
     assert local.model("se-8x8").entry["global"] and local.model("tiny-10x10").entry["rf_size"] == [5, 5]
 
 
@@ -235,12 +236,12 @@ def test_config_run_table_selects_ray(cluster, tmp_path):
 
 def test_interrupted_driver_leaves_previous_run_untouched(cluster, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("old run", encoding="utf-8")
+    runfolder.write(out, {"seed": "previous"}, [], log="old run")
     loaded = config.load([write_config(tmp_path, *MODELS[:3])])
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(loaded, out, RayExecutor(progress=Interrupt()))
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.json"]
+    assert runfolder.load(out).meta == {"seed": "previous"} and (out / "log.txt").read_text() == "old run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "out"]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +150,56 @@ print("ok")
 def test_readers_import_without_torch():
     done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_empty_folder_is_filled(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = runfolder.write(tmp_path / "empty", {"seed": 1}, [model_output()])
+    assert [m.slug for m in run.models] == ["net-8x6"]
+
+
+def test_a_path_below_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunFolderError, match=rf"^{tmp_path / 'afile' / 'sub'}: cannot create a run folder there "
+                                             rf"\({tmp_path / 'afile'} is a file\)$"):
+        runfolder.write(tmp_path / "afile" / "sub", {}, [model_output()])
+
+
+@pytest.mark.parametrize("make", ["file", "notes", "link", "incomplete"])
+def test_anything_but_a_run_folder_or_an_empty_one_is_refused_and_kept(tmp_path, make):
+    path = tmp_path / "out"
+    if make == "file":
+        path.write_text("x")
+    elif make == "link":
+        (tmp_path / "target").mkdir()
+        path.symlink_to(tmp_path / "target")
+    else:
+        path.mkdir()
+        (path / ("notes.txt" if make == "notes" else "log.txt")).write_text("keep me")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(RunFolderError, match=rf"^{path}: .*refusing to replace it"):
+        runfolder.write(path, {}, [model_output()])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_current_folder_and_its_parents_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for path in (".", "..", str(tmp_path / "work")):
+        with pytest.raises(RunFolderError, match="current folder"):
+            runfolder.write(Path(path), {}, [model_output()])
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_leftovers_of_killed_runs_are_cleaned_but_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {".run.tmp-dead": f"{socket.gethostname()} {dead.stdout.strip()}",
+              ".run.tmp-live": f"{socket.gethostname()} {os.getpid()}", ".run.tmp-other": "elsewhere 1"}
+    for name, owner in owners.items():
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "owner").write_text(owner)
+    (tmp_path / ".run.tmp-old" / "run").mkdir(parents=True)   # killed before writing its owner file
+    os.utime(tmp_path / ".run.tmp-old", (0, 0))
+    (tmp_path / ".runner.tmp-x").mkdir()                       # another run's name: not ours to clean
+    runfolder.write(tmp_path / "run", {}, [model_output()])
+    assert siblings(tmp_path / "run") == [".run.tmp-live", ".run.tmp-other", ".runner.tmp-x", "run"]

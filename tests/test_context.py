@@ -1,0 +1,203 @@
+"""Global context against RFs that merely cover the input; the audit rules against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rfreport import audit, examples, pipeline
+from rfreport.analysis import GlobalOp
+from rfreport.config import AUDIT_RULES, ModelSpec, RunOptions
+from rfreport.context import global_ops
+from rfreport.engine import Target
+from rfreport.positions import center
+
+
+class Gated(nn.Module):
+    """conv -> x * f(x) -> conv, where f is a given global (or local) operation on the feature map."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3, padding=1)
+        self.gate = gate
+
+    def forward(self, x):
+        x = self.conv1(x)
+        return self.conv2(x * self.gate(x))
+
+
+class SpatialMean(nn.Module):
+    """The timm squeeze: a mean over both spatial axes."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
+
+
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt's LayerNorm2d: a layer norm over channels only, in channels-last order."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("gate, expected", [
+    (nn.AdaptiveAvgPool2d(1), [GlobalOp("gate", "adaptive_avg_pool2d")]),
+    (nn.AdaptiveMaxPool2d(1), [GlobalOp("gate", "adaptive_max_pool2d")]),
+    (SpatialMean(), [GlobalOp("gate", "mean")]),
+    (nn.GroupNorm(1, 2), [GlobalOp("gate", "group_norm")]),
+    (nn.InstanceNorm2d(2), [GlobalOp("gate", "instance_norm")]),
+    (nn.LayerNorm([8, 8]), [GlobalOp("gate", "layer_norm")]),
+    (ChannelsLastNorm(2), []),
+    (nn.AvgPool2d(3, stride=1, padding=1), []),
+    (nn.Conv2d(2, 2, 3, padding=1), []),
+], ids=["avgpool", "maxpool", "mean", "groupnorm", "instancenorm", "spatial-layernorm", "channel-layernorm",
+        "local-pool", "conv"])
+def test_global_ops_are_recognised_by_what_they_pool_over(gate, expected):
+    assert list(global_ops(Gated(gate), (1, 1, 8, 8))) == expected
+
+
+def test_a_global_op_after_the_analysed_layer_does_not_count():
+    model = examples.resnet_small(width=4, blocks=1)
+    assert global_ops(model, (1, 3, 16, 16), target=Target("stages")) == ()
+    assert global_ops(model, (1, 3, 16, 16), target=Target("head.0")) == (GlobalOp("head.0", "adaptive_avg_pool2d"),)
+
+
+def run(model_factory: str, shape, layer: str | None = None, **kwargs):
+    """Run one job through the pipeline's compute stages (no layer growth); return its analysis."""
+    spec = ModelSpec(name="m", factory=model_factory, input_shapes=(shape,), kwargs=kwargs, layer=layer)
+    job = pipeline.Job(spec, shape, RunOptions(device="cpu"))
+    from rfreport import models
+
+    return pipeline.compute(models.build(spec), job, growth=False).analysed
+
+
+def codes(analysis) -> list[str]:
+    """Return the finding codes of an analysis."""
+    return [f.code for f in analysis.findings]
+
+
+def test_saturation_is_not_called_global_context():
+    analysis = run("rfreport.examples:resnet_small", (1, 3, 24, 24), layer="stages", width=4, blocks=1)
+    s = analysis.summary
+    assert s["global"] is False and s["global_from"] is None and s["covering_positions"] > 0
+    assert "global" not in codes(analysis) and "covers" in codes(analysis)
+    (covers,) = [f for f in analysis.findings if f.code == "covers"]
+    size = s["rf_size"]
+    assert s["no_coverage_resolution"] == [n + 1 for n in size]
+    assert f"from an input of {size[0] + 1} x {size[1] + 1} on, no RF can cover it" in covers.message
+    assert "no global operation" in covers.message
+
+
+def test_global_context_names_its_layer_op_and_local_rf():
+    analysis = run("rfreport.examples:se_net", (1, 3, 16, 16), width=4, depth=2)
+    s = analysis.summary
+    assert (s["global"], s["global_from"], s["global_op"]) == (True, "2.gate.0", "adaptive_avg_pool2d")
+    assert s["covers_input"] and s["no_coverage_resolution"] is None and s["local_rf_size"] == [5, 5]
+    (found,) = [f for f in analysis.findings if f.code == "global"]
+    assert "adaptive_avg_pool2d in layer 2.gate.0" in found.message and "local RF is 5 x 5" in found.message
+    assert "covers" not in codes(analysis)
+
+
+def test_global_context_is_found_even_when_no_rf_covers_the_input():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, stride=2), examples.SqueezeExcite(2, reduction=1))
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 16, 16),))
+    job = pipeline.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
+    s = pipeline.compute(model, job, growth=False).analysed.summary
+    assert (s["global"], s["global_from"], s["covering_positions"]) == (True, "1.gate.0", 0)  # pixel 15 is unseen
+    assert s["local_rf_size"] == [1, 1]
+
+
+def test_a_local_net_has_neither_finding():
+    analysis = run("torch.nn:Conv2d", (1, 1, 12, 12), in_channels=1, out_channels=1, kernel_size=3)
+    s = analysis.summary
+    assert (s["global"], s["covering_positions"], s["covering_fraction"], s["covers_input"]) == (False, 0, 0.0, False)
+    assert not {"global", "covers"} & set(codes(analysis))
+
+
+# --- every audit rule against a direct computation on the frames --------------------------------------------
+
+@st.composite
+def nets(draw):
+    """Draw a small conv stack, maybe gated by a global average (squeeze-and-excitation), and an input size.
+
+    Strides without padding may leave border pixels unseen: the global op must be found even when no
+    RF covers the whole input.
+    """
+    layers, channels = [], 1
+    for _ in range(draw(st.integers(1, 3))):
+        k, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        layers.append(nn.Conv2d(channels, 2, k, stride=s, padding=draw(st.integers(0, k // 2)), dilation=d))
+        channels = 2
+    gated = draw(st.booleans())
+    if gated:
+        layers.append(examples.SqueezeExcite(2, reduction=1))
+    size = draw(st.tuples(st.integers(6, 14), st.integers(6, 14)))
+    return nn.Sequential(*layers), gated, size
+
+
+LIMITS = {"min_rf": st.integers(1, 15), "max_rf": st.integers(1, 15), "max_edge_fraction": st.floats(0, 1),
+          "no_unseen": st.just(True), "no_global": st.just(True), "no_full_coverage": st.just(True),
+          "max_covering_fraction": st.floats(0, 1), "max_center_offset": st.floats(0, 3),
+          "min_fill": st.floats(0, 1)}
+
+
+def direct(rule: str, limit, frame, coverage: np.ndarray, gated: bool, shape) -> bool:
+    """Judge a rule from the positions frame, the coverage map and how the net was built."""
+    n = np.array(shape[2:])
+    lo, hi = frame[["h_lo", "w_lo"]].to_numpy(), frame[["h_hi", "w_hi"]].to_numpy()
+    seen = frame["support"].to_numpy() > 0
+    covers = seen & ((lo <= 0) & (hi >= n - 1)).all(axis=1)
+    out = (int(frame["pos_h"].max()) + 1, int(frame["pos_w"].max()) + 1)
+    mid = frame[(frame["pos_h"] == center(out)[0]) & (frame["pos_w"] == center(out)[1])]
+    size = (mid[["h_hi", "w_hi"]].to_numpy() - mid[["h_lo", "w_lo"]].to_numpy() + 1)[0]
+    fill = frame["support"].to_numpy()[seen] / np.prod(hi[seen] - lo[seen] + 1, axis=1)
+    return {
+        "min_rf": lambda: bool((size >= limit).all()),
+        "max_rf": lambda: bool((size <= limit).all()),
+        "max_edge_fraction": lambda: bool(frame["edge"].mean() <= limit),
+        "no_unseen": lambda: bool((coverage == 0).sum() == 0),
+        "no_global": lambda: not gated,
+        "no_full_coverage": lambda: not covers.any(),
+        "max_covering_fraction": lambda: bool(covers.mean() <= limit),
+        "min_fill": lambda: bool(fill.min() >= limit) if len(fill) else True,
+    }[rule]()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=nets(), data=st.data())
+def test_every_rule_agrees_with_a_direct_computation(drawn, data):
+    model, gated, size = drawn
+    shape = (1, 1, *size)
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=(shape,))
+    job = pipeline.Job(spec, shape, RunOptions(device="cpu"))
+    torch.manual_seed(0)
+    try:
+        done = pipeline.compute(model, job, growth=False)
+    except Exception:   # an input too small for the stack: nothing to judge
+        return
+    analysis = done.analysed
+    rule = data.draw(st.sampled_from([r for r in AUDIT_RULES if r != "max_center_offset"]))
+    limit = data.draw(LIMITS[rule])
+    entry = {"status": "ok", **analysis.summary}
+    (row,) = audit.evaluate({rule: limit}, entry)
+    frame = analysis.positions
+    pooled = gated and len(frame) > 1   # a global pool over a one-cell map pools nothing
+    assert row["passed"] == direct(rule, limit, frame, analysis.coverage, pooled, shape)
+
+
+def test_max_center_offset_agrees_with_the_closed_form():
+    for k, s, p in [(3, 1, 1), (2, 1, 0), (4, 2, 1), (5, 2, 0)]:
+        analysis = run("torch.nn:Conv2d", (1, 1, 16, 16), in_channels=1, out_channels=1, kernel_size=k, stride=s,
+                       padding=p)
+        offset = (k - s) / 2 - p
+        for limit in (abs(offset), abs(offset) - 0.25):
+            (row,) = audit.evaluate({"max_center_offset": limit}, {"status": "ok", **analysis.summary})
+            assert row["passed"] == (limit >= abs(offset)) and row["value"] == [offset, offset]
