@@ -285,25 +285,29 @@ def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
 @click.option("--kwargs", "kwargs_json", default="{}", help="Factory keyword arguments as a JSON object.")
 @click.option("--layer", default=None, help="Analyse this submodule's output.")
 @click.option("--output", default=None, help="Analyse this key (or integer index) of a tuple/dict output.")
+@click.option("--level", "level_keys", multiple=True, metavar="KEY",
+              help="Also analyse this output key or index as a pyramid level (repeatable; see `levels`).")
 @click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
 @click.option("--positions", default=None, help="all, center, corners, edges or grid:K (default: center).")
 @click.option("--mode", type=click.Choice(MODES), default="structural", help="Exact structural RF or naive gradient.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @sweep_flags
 @converts_errors
-def inspect(factory, input_shape, kwargs_json, layer, output, pos, positions, mode, as_json, device, batch_size,
-            seed, erf_samples, erf_positions, verbose, quiet) -> None:
+def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, as_json, device,
+            batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport import pipeline
-    from rfreport.config import ModelSpec, RunOptions
+    from rfreport.config import Level, ModelSpec, RunOptions
 
     configure_logging(verbose, quiet)
     if layer is not None and output is not None:
         raise click.UsageError("give --layer or --output, not both")
     chosen = [*([positions] if positions else []), *(parse_position(p) for p in pos)] or "center"
+    levels = tuple(Level(name=key, layer=layer, output=parse_output(key)) for key in level_keys)
+    output = parse_output(output) if output is not None or not levels else levels[-1].output
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
-                     layer=layer, output=parse_output(output), positions=chosen, mode=mode,
-                     erf=erf_overrides(erf_samples, erf_positions) or None)
+                     layer=layer, output=output, positions=chosen, mode=mode,
+                     erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed}
     job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet)
@@ -337,6 +341,11 @@ def inspect_text(record: dict) -> str:
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
              f"({record['mode']})", "", table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    if record.get("levels"):
+        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]), text(lv["rf_size"]), text(lv["padding"]),
+                 text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
+                for lv in record["levels"]]
+        lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
     return "\n".join(lines)
 
 

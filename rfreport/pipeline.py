@@ -16,7 +16,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, models, report, runfolder
+from rfreport import __version__, analysis, audit, erf, frames, layers, levels, models, report, runfolder
 from rfreport import positions as positions_mod
-from rfreport.config import ModelSpec, RunConfig, RunOptions
+from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
 from rfreport.sweep import SweepResult, sweep
@@ -242,26 +242,56 @@ def timed(job: Job, stage: str) -> Iterator[None]:
     logger.debug("%s: %s took %.1f s", job.slug, stage, time.perf_counter() - started)
 
 
+def level_job(job: Job, level: Level) -> Job:
+    """Return the job that analyses one level: its own target, the centre (plus the fit's positions), no ERF."""
+    spec = replace(job.spec, layer=level.layer, output=level.output, positions="center", erf=None, levels=(),
+                   audit={})
+    return replace(job, spec=spec)
+
+
+def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
+    """Analyse every level of a job as a sweep with its own target (the job's own target is reused)."""
+    records = []
+    for level in job.spec.levels:
+        sub = level_job(job, level)
+        try:
+            with timed(job, f"level {level.name}"):
+                same = (level.layer, level.output) == (job.spec.layer, job.spec.output)
+                # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
+                first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
+                                                **sweep_options(sub))
+                computed = done if same else compute(model, sub, main=first, growth=False)
+        except RfReportError as exc:
+            raise SweepError(f"level {level.name!r}: {one_line(exc)}") from exc
+        records.append(levels.record(level, computed.analysed, computed.main.output_shape, computed.main.target))
+    return records
+
+
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
     """Build the model, run every stage of a job and assemble its result."""
-    done = compute(models.build(job.spec), job, advance, main)
+    model = models.build(job.spec)
+    done = compute(model, job, advance, main)
     main, result, measured = done.main, done.analysed, done.erf_result
+    records = level_records(model, job, done)
+    pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
+                    "levels": levels.frame(records, main.ndim) if records else None,
                     "erf": measured.metrics if measured else None}
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
     return JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary) | (measured.summary() if measured else {}),
-        findings=tuple(asdict(f) for f in result.findings),
+        summary=dict(result.summary) | (measured.summary() if measured else {}) | pyramid,
+        findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
 
 
 def inspect(job: Job, advance: Advance | None = None) -> dict:
     """Sweep one job without layer growth and return the JSON record of `rfreport inspect --json`."""
-    done = compute(models.build(job.spec), job, advance, growth=False)
+    model = models.build(job.spec)
+    done = compute(model, job, advance, growth=False)
     summary, frame = done.analysed.summary, done.analysed.positions
     letters = positions_mod.axis_names(done.main.ndim)
 
@@ -276,6 +306,8 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry}
+    if job.spec.levels:
+        record["levels"] = level_records(model, job, done)
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record
@@ -304,7 +336,10 @@ def entry(job: Job, result: JobResult) -> dict:
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
               **result.summary, "findings": list(result.findings)}
-    return {**values, "audit": audit.evaluate(job.spec.audit, values)}
+    checks = audit.evaluate(job.spec.audit, values)
+    if result.status == "ok":
+        checks += levels.audit_rows(job.spec.levels, values.get("levels") or [])
+    return {**values, "audit": checks}
 
 
 def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.ModelOutput]:
