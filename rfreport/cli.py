@@ -21,7 +21,8 @@ import click
 
 from rfreport import __version__, diff, runfolder
 from rfreport import audit as audit_mod
-from rfreport.errors import ConfigError, RfReportError, RunFolderError
+from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
+from rfreport.layouts import parse_layout
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 MODES = ("structural", "gradient")
@@ -290,11 +291,13 @@ def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
 @click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
 @click.option("--positions", default=None, help="all, center, corners, edges or grid:K (default: center).")
 @click.option("--mode", type=click.Choice(MODES), default="structural", help="Exact structural RF or naive gradient.")
+@click.option("--layout", default="nchw", show_default=True,
+              help="How the analysed tensor's axes are read: nchw, nhwc, tokens or tokens:HxW.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @sweep_flags
 @converts_errors
-def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, as_json, device,
-            batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
+def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
+            device, batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport import pipeline
     from rfreport.config import Level, ModelSpec, RunOptions
@@ -306,7 +309,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     levels = tuple(Level(name=key, layer=layer, output=parse_output(key)) for key in level_keys)
     output = parse_output(output) if output is not None or not levels else levels[-1].output
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
-                     layer=layer, output=output, positions=chosen, mode=mode,
+                     layer=layer, output=output, positions=chosen, mode=mode, layout=parse_layout_option(layout),
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed}
     job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
@@ -326,6 +329,14 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise click.BadParameter("must be a JSON object like '{\"num_classes\": 10}'", param_hint="--kwargs")
     return value
+
+
+def parse_layout_option(text: str) -> str:
+    """Parse --layout into its canonical spelling."""
+    try:
+        return str(parse_layout(text))
+    except SweepError as exc:
+        raise click.BadParameter(str(exc), param_hint="--layout") from None
 
 
 def parse_output(text: str | None) -> str | int | None:

@@ -82,23 +82,47 @@ class Plan:
 
 
 def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc: _Accumulator,
-                     progress=None, *, auto: bool = False) -> None:
-    """Sweep positions by colour groups, densely where compression cannot be trusted or does not pay."""
-    if auto and (engine.mode != "structural" or engine.nonlocal_ops
-                 or len(selected) < 4 * _pilot_count(engine.output_spatial)):
-        return dense_sweep(engine, selected, batch_size, acc, progress)
-    plan = next(filter(None, (learn_plan(engine, batch_size, wrap=acc.wrap, span=span) for span in PILOT_SPANS)),
-                None)
+                     progress=None, *, auto: bool = False) -> str:
+    """Sweep positions by colour groups, densely where compression cannot be trusted or does not pay.
+
+    Returns why the sweep ran densely ("" when it compressed, or when `auto` found too few positions).
+    """
+    reason = untrusted(engine)
+    if not reason and auto and len(selected) < 4 * _pilot_count(engine.output_spatial):
+        dense_sweep(engine, selected, batch_size, acc, progress)
+        return ""
+    plan = None if reason else next(
+        filter(None, (learn_plan(engine, batch_size, wrap=acc.wrap, span=span) for span in PILOT_SPANS)), None)
     groups = plan.groups(selected) if plan is not None else []
     if plan is None or (auto and len(groups) * MIN_GAIN > len(selected)):
-        return dense_sweep(engine, selected, batch_size, acc, progress)
+        dense_sweep(engine, selected, batch_size, acc, progress)
+        return reason or ("no periodic RF prediction fits the pilot positions" if plan is None
+                          else "compression would not save passes here")
     rows, failed = sweep_groups(engine, plan, groups, batch_size, acc.keep, progress)
     if not _pilots_agree(plan, rows):
-        return dense_sweep(engine, selected, batch_size, acc, None)
+        dense_sweep(engine, selected, batch_size, acc, None)
+        return "the compressed rows disagreed with the exact pilot positions"
     for chunk, bounds, coverage, kept in rows:
         acc.add_bounds(chunk, bounds, coverage, lambda i, c=chunk, m=kept: m[tuple(c[i].tolist())], "compressed")
     if failed:
         dense_sweep(engine, np.concatenate(failed), batch_size, acc, progress)
+    return ""
+
+
+def untrusted(engine: Engine) -> str:
+    """Return why compression cannot be proved exact for this pass, or "" when it can.
+
+    A group's union of supports is split back by predicted regions; a dependency of one member
+    landing in another member's region would be invisible in the union. The prediction is only
+    sound for passes whose every op keeps spatial positions in place (Engine.nonlocal_ops empty):
+    then every RF is a translate of its neighbours' up to borders, which the pilots and the
+    per-group checks pin down.
+    """
+    if engine.mode != "structural":
+        return "gradient mode supports are data-dependent"
+    if engine.nonlocal_ops:
+        return f"ops that can move spatial positions ({', '.join(engine.nonlocal_ops)})"
+    return ""
 
 
 def sweep_groups(engine: Engine, plan: Plan, groups: list[np.ndarray], batch_size: int,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rfreport import positions as positions_mod
-from rfreport.errors import ConfigError, ModelLoadError, PositionError
+from rfreport.errors import ConfigError, ModelLoadError, PositionError, SweepError
+from rfreport.layouts import parse_layout
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
 EXECUTORS = ("local", "ray")
@@ -57,6 +58,7 @@ class Level:
     name: str
     layer: str | None = None                       # submodule whose output is read (None: the model's layer)
     output: str | int | None = None                # key or index of a tuple/dict output
+    layout: str | None = None                      # how the level's tensor is read (None: the model's layout)
     anchors: tuple[tuple[int, ...], ...] = ()      # anchor sizes in input pixels, one entry per axis (or one for all)
     audit: dict[str, Any] = field(default_factory=dict)    # rule name -> limit, checked on this level
 
@@ -79,6 +81,7 @@ class ModelSpec:
     erf: dict[str, Any] | None = None              # {samples, positions, distribution, images} or None
     image: Path | None = None                      # a user image shown under the report's overlays
     layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
+    layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
     levels: tuple[Level, ...] = ()                 # extra targets analysed in the same job (feature pyramids)
     config_file: Path | None = None
 
@@ -238,6 +241,14 @@ def _output(value: Any, where: _Where, key: str) -> str | int:
     return _expect(value, (str, int), "a string key or an integer index", where, key)
 
 
+def _layout(value: Any, where: _Where, key: str) -> str:
+    """Validate an output layout: nchw, nhwc, tokens or tokens:HxW."""
+    try:
+        return str(parse_layout(_string(value, where, key)))
+    except SweepError as exc:
+        raise where.error(key, str(exc)) from None
+
+
 def _mode(value: Any, where: _Where, key: str) -> str:
     """Validate a sweep mode."""
     from rfreport.engine import MODES  # torch-heavy; see _factory
@@ -318,7 +329,7 @@ def _anchors(value: Any, where: _Where, key: str) -> tuple[tuple[int, ...], ...]
     return tuple(anchors)
 
 
-LEVEL_KEYS = ("name", "layer", "output", "anchors", "audit")
+LEVEL_KEYS = ("name", "layer", "output", "layout", "anchors", "audit")
 
 
 def _level(item: Any, where: _Where, key: str) -> Level:
@@ -332,7 +343,9 @@ def _level(item: Any, where: _Where, key: str) -> Level:
     if layer is None and output is None:
         raise where.error(key, "a level needs a layer, an output or both")
     default = f"{layer}[{output!r}]" if layer and output is not None else layer or str(output)
+    layout = _layout(item["layout"], where, f"{key}.layout") if "layout" in item else None
     return Level(name=_string(item.get("name", default), where, f"{key}.name"), layer=layer, output=output,
+                 layout=layout,
                  anchors=_anchors(item.get("anchors", []), where, f"{key}.anchors"),
                  audit=_audit(item.get("audit", {}), where, f"{key}.audit", LEVEL_AUDIT_RULES))
 
@@ -371,6 +384,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "erf": _erf,
     "image": _path,
     "layers": _layers,
+    "layout": _layout,
     "levels": _levels,
 }
 RUN_KEYS: dict[str, Checker] = {
@@ -436,12 +450,14 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
                    for lv in values.get("levels", ()))
     if levels and "layer" not in values and "output" not in values:   # the model's own target: its last level
         values |= {"layer": levels[-1].layer, "output": levels[-1].output}
+        values |= {"layout": levels[-1].layout} if levels[-1].layout else {}
     return ModelSpec(
         name=values["name"], factory=values["factory"], input_shapes=values["input_shape"],
         kwargs=values.get("kwargs", {}), checkpoint=values.get("checkpoint"), layer=values.get("layer"),
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
-        image=values.get("image"), layers=values.get("layers"), levels=levels, config_file=file)
+        image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
+        levels=levels, config_file=file)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfreport.errors import SweepError
-from rfreport.surrogate import StructuralMode, build_surrogate
+from rfreport.errors import LayoutError, SweepError
+from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
+from rfreport.surrogate import StructuralMode, build_surrogate, eager_forward
 
 OutputKey = str | int | None
 MODES = ("structural", "gradient")
@@ -35,12 +36,15 @@ class Target:
 
     layer: str | None = None
     output: OutputKey = None
+    layout: Layout = NCHW
 
     def describe(self) -> str:
-        """Return a short human label, e.g. `layer4` or `output['out']`."""
+        """Return a short human label, e.g. `layer4` or `output['out']` (with a non-default layout)."""
         parts = [self.layer] if self.layer else []
         if self.output is not None:
             parts.append(f"output[{self.output!r}]")
+        if self.layout != NCHW:
+            parts.append(f"as {self.layout}")
         return " ".join(parts) or "model output"
 
 
@@ -50,6 +54,18 @@ class _Captured(Exception):
     def __init__(self, value: Any):
         super().__init__("captured")
         self.value = value
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Return the surrogate's floating dtype from `float32`/`float64` (or a torch dtype)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise SweepError(f"unknown dtype {dtype!r}; use float32 or float64")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,8 +83,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, requires_grad flags and forward hooks on exit, even after an error."""
+    """Restore train/eval flags, requires_grad flags, buffers and forward hooks on exit, even after an error.
+
+    Buffers matter in gradient mode: a train-mode BatchNorm updates its running statistics on
+    every forward pass of the model as given.
+    """
     training = {m: m.training for m in model.modules()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     grads = {p: p.requires_grad for p in model.parameters()}
     hooks = {m: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
     try:
@@ -78,6 +99,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
             module.training = flag
         for param, flag in grads.items():
             param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
         for module, (forward, pre) in hooks.items():
             _restore_hooks(module._forward_hooks, forward)
             _restore_hooks(module._forward_pre_hooks, pre)
@@ -126,10 +150,11 @@ def _pick(value: Any, key: OutputKey, where: str) -> Any:
 
 
 def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
-                   shown_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Run the model and return the target tensor, stopping early once a chosen layer has run.
+                   shown_shape: tuple[int, ...] | None = None, *, read_layout: bool = True) -> torch.Tensor:
+    """Run the model and return the target tensor read as (N, C, *grid), stopping once a chosen layer has run.
 
-    `shown_shape` is the input shape named in error messages (the user's, not the probe batch).
+    `shown_shape` is the input shape named in error messages (the user's, not the probe batch);
+    `read_layout=False` returns the selected tensor as the model produced it.
     """
     handle = None
     if target.layer:
@@ -153,7 +178,33 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
         if handle is not None:
             handle.remove()
     where = f"output of layer {target.layer!r}" if target.layer else "model output"
-    return _select_output(value, target.output, where)
+    selected = _select_output(value, target.output, where)
+    return channels_first(selected, target.layout, tuple(x.shape[2:]), where) if read_layout else selected
+
+
+def channels_first(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...],
+                   where: str = "output") -> torch.Tensor:
+    """Return a view of an analysed tensor as (N, C, *grid) according to its layout.
+
+    Raises SweepError when the tensor's rank or size cannot be read with the layout.
+    """
+    rank = len(input_spatial)
+    if value.dim() != layout.rank(rank):
+        expected = {LayoutKind.NCHW: f"(N, C, {rank} spatial axes)", LayoutKind.NHWC: f"(N, {rank} spatial axes, C)",
+                    LayoutKind.TOKENS: "(N, tokens, C)"}[layout.kind]
+        hint = "; choose a spatial layer or output, or a layout (nhwc, tokens)" if layout.kind is LayoutKind.NCHW \
+            else ""
+        raise LayoutError(f"{where} has shape {tuple(value.shape)}; layout {layout} expects {expected}{hint}")
+    if layout.kind is LayoutKind.NCHW:
+        return value
+    if layout.kind is LayoutKind.NHWC:
+        return value.movedim(-1, 1)
+    try:
+        extra, grid = token_grid(value.shape[1], input_spatial, layout)
+    except SweepError as exc:
+        raise LayoutError(f"{where} has shape {tuple(value.shape)}: {exc}") from None
+    tokens = value[:, extra:]
+    return tokens.reshape(value.shape[0], *grid, value.shape[2]).movedim(-1, 1)
 
 
 def check_input_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -175,7 +226,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, mode: str = "structural",
                  target: Target = Target(), device: str | torch.device = "auto", seed: int = 0,
-                 probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None):
+                 probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None,
+                 dtype: str | torch.dtype = "float32"):
         if mode not in MODES:
             raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
@@ -185,6 +237,7 @@ class Engine:
         self.device = resolve_device(device)
         self.seed, self.local = seed, local
         self.probes = probes if mode == "structural" else 1
+        self.dtype = resolve_dtype(dtype)
         self._inputs = inputs
         self._batched = True
         self._stack = None
@@ -221,7 +274,7 @@ class Engine:
     def _working_model(self) -> nn.Module:
         """Return the module to differentiate: the surrogate, or the model itself (copied across devices)."""
         if self.mode == "structural":
-            return build_surrogate(self.model, self.seed).to(self.device)
+            return build_surrogate(self.model, self.seed, self.dtype).to(self.device)
         params = list(self.model.parameters()) + list(self.model.buffers())
         on_device = all(t.device == self.device for t in params)
         working = self.model if on_device else _copy_to(self.model, self.device)
@@ -262,32 +315,36 @@ class Engine:
 
     def _forward(self, working: nn.Module) -> None:
         """Run one forward pass on a fresh probe input, keeping the graph."""
-        dtype = torch.float64 if self.mode == "structural" else _model_dtype(working)
+        dtype = self.dtype if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
-        function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim())
+        gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim(),
+                                       generator=gates)
         saved = [0]
 
         def count(tensor):
             saved[0] += tensor.numel() * tensor.element_size()
             return tensor
 
-        with torch.enable_grad(), function_mode, torch.autograd.graph.saved_tensors_hooks(count, _same):
-            y = forward_target(working, x, self.target, self.input_shape)
+        with torch.enable_grad(), eager_forward(), function_mode, \
+                torch.autograd.graph.saved_tensors_hooks(count, _same):
+            raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
+        y = channels_first(raw, self.target.layout, self.input_spatial, self.target.describe())
         self._check_output(y)
         self._x, self._y, self.function_mode, self.saved_bytes = x, y, function_mode, saved[0]
 
     def _check_output(self, y: torch.Tensor) -> None:
-        """Require an (N, C, *spatial) output with the input's spatial rank that depends on the input."""
-        rank = len(self.input_shape) - 2
-        if y.dim() != rank + 2:
-            raise SweepError(f"{self.target.describe()} has shape {tuple(y.shape)}; expected "
-                             f"(N, C, {rank} spatial axes) like the input: choose a spatial layer or output")
+        """Require an output that depends on the input (forward_target already read it as (N, C, *spatial))."""
         if not y.requires_grad:
             raise SweepError(f"{self.target.describe()} does not depend on the input (no gradient path)")
 
     @property
     def nonlocal_ops(self) -> tuple[str, ...]:
-        """Ops seen in the pass that can connect distant pixels (flip, gather, attention, ...)."""
+        """Ops seen in the pass that can move spatial positions (shifts, flips, gathers, attention, unknown ops).
+
+        Empty means the pass is local and translation-equivariant up to borders: the compressed
+        sweep's periodic prediction of RFs can then be trusted.
+        """
         return tuple(sorted(self.function_mode.nonlocal_ops))
 
     @property
@@ -378,8 +435,9 @@ class LayerEngine(Engine):
     """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
-                 **kwargs):
+                 layout: Layout | str | None = None, **kwargs):
         super().__init__(model, input_shape, **kwargs)
+        self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.layers: dict[str, CapturedLayer] = {}
 
@@ -397,16 +455,22 @@ class LayerEngine(Engine):
     def _forward(self, working: nn.Module) -> None:
         """Run a forward pass, capturing the layers of this pass only."""
         self.layers = {}
-        super()._forward(working)
+        try:
+            super()._forward(working)
+        except LayoutError:
+            if self.layers:
+                raise
+            self._check_output(None)  # nothing captured: say so rather than how the model output looks
 
     def _recorder(self, name: str, wanted: set[str]):
         """Return a hook that keeps a module's first spatial output and stops once every named one ran."""
-        rank = len(self.input_shape)
-
         def record(module, _inputs, out):
-            if name in self.layers or not _is_spatial(out, rank):
+            batch = self.input_shape[0] * self.probes
+            ours = name not in self.layers and isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == batch
+            value = _spatial_view(out, self.layout, self.input_spatial) if ours else None
+            if value is None:
                 return
-            self.layers[name] = CapturedLayer(name, type(module).__name__, out.clone(),
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value,
                                               torch.autograd.graph.get_gradient_edge(out))
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
@@ -421,8 +485,8 @@ class LayerEngine(Engine):
     def _check_output(self, y: torch.Tensor) -> None:
         """Require at least one captured layer (the model output itself may have any shape)."""
         if not self.layers:
-            raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor of the input's rank "
-                             f"{len(self.input_shape)} that depends on the input")
+            raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor that depends on the "
+                             f"input and reads as layout {self.layout}")
 
     def _owners(self) -> dict:
         """Map each captured graph edge to the first layer that produced it."""
@@ -467,10 +531,14 @@ class LayerEngine(Engine):
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grads)}
 
 
-def _is_spatial(value: Any, rank: int) -> bool:
-    """Tell whether a module output is a floating tensor of the input's rank on the gradient path."""
-    return (isinstance(value, torch.Tensor) and value.dim() == rank and value.is_floating_point()
-            and value.requires_grad)
+def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
+    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
+        return None
+    try:
+        return channels_first(value.clone(), layout, input_spatial)
+    except LayoutError:
+        return None
 
 
 def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:

@@ -39,6 +39,7 @@ from torch import nn
 from rfreport import positions as positions_mod
 from rfreport.engine import Engine, Target, check_input_shape, preserved
 from rfreport.errors import SweepError
+from rfreport.layouts import parse_layout
 from rfreport.positions import axis_names
 from rfreport.schema import Column, Schema, register
 from rfreport.sweep import SweepResult, chunks, one_hot_weights, resolve_batch_size, sweep
@@ -148,7 +149,8 @@ def _json_float(value: float) -> float | None:
 def effective_rf(model: nn.Module, input_shape: Sequence[int], positions: positions_mod.PositionSpec = "center", *,
                  samples: int = 32, distribution: str = "normal", images: str | Path | None = None,
                  layer: str | None = None, output: str | int | None = None, device: str = "auto", seed: int = 0,
-                 batch_size: int | str = "auto", theoretical: SweepResult | None = None) -> ErfResult:
+                 batch_size: int | str = "auto", theoretical: SweepResult | None = None,
+                 layout: str = "nchw") -> ErfResult:
     """Measure the effective receptive field of the selected output positions of a model.
 
     `input_shape` is (N, C, *spatial); N is ignored, `samples` inputs are drawn from `distribution`
@@ -161,7 +163,7 @@ def effective_rf(model: nn.Module, input_shape: Sequence[int], positions: positi
     shape = check_input_shape(input_shape)
     kind = _distribution(distribution, images)
     x = draw_samples(shape, samples, distribution=kind, images=images, seed=seed)
-    target = Target(layer=layer, output=output)
+    target = Target(layer=layer, output=output, layout=parse_layout(layout))
     with preserved(model):
         model.eval()
         with Engine(model, (1, *shape[1:]), mode="gradient", target=target, device=device, inputs=x[:1]) as probe:
@@ -170,7 +172,7 @@ def effective_rf(model: nn.Module, input_shape: Sequence[int], positions: positi
             output_shape, used = probe.output_shape, probe.device
         sums = _gradient_sums(model, x, selected, target, used, per_pass, per_forward)
     theory = theoretical or sweep(model, shape, selected.tolist(), mode="structural", layer=layer, output=output,
-                                  batch_size=batch_size, device=device, seed=seed)
+                                  batch_size=batch_size, device=device, seed=seed, layout=layout)
     maps = {tuple(pos): total / len(x) for pos, total in zip(selected.tolist(), sums)}
     return ErfResult(input_shape=shape, output_shape=output_shape, positions=selected,
                      metrics=erf_frame(selected, maps, theory), maps=maps, samples=len(x), distribution=kind,

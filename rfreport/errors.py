@@ -23,5 +23,9 @@ class PositionError(SweepError):
     """A requested output position is malformed or outside the output grid."""
 
 
+class LayoutError(SweepError):
+    """An analysed tensor's rank or size cannot be read with the chosen layout."""
+
+
 class RunFolderError(RfReportError):
     """A run folder is missing, incomplete or of an unknown format version."""

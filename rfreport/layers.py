@@ -130,10 +130,11 @@ class _Windows:
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
-             seed: int) -> list[_Windows]:
+             seed: int, layout: str) -> list[_Windows]:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order."""
     seen = []
-    with LayerEngine(model, input_shape, layers=layers, mode=mode, device=device, seed=seed) as engine:
+    with LayerEngine(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
+                     seed=seed) as engine:
         for name, captured in engine.layers.items():
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
@@ -273,8 +274,12 @@ def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
-                 device: str = "auto", seed: int = 0) -> pd.DataFrame:
-    """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order."""
+                 device: str = "auto", seed: int = 0, layout: str = "nchw") -> pd.DataFrame:
+    """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order.
+
+    `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
+    it are skipped.
+    """
     shape = check_input_shape(tuple(input_shape))
-    options = {"layers": layers, "mode": mode, "device": device, "seed": seed}
+    options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options), len(shape) - 2)

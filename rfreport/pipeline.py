@@ -31,6 +31,7 @@ from rfreport import positions as positions_mod
 from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
+from rfreport.layouts import parse_layout
 from rfreport.sweep import SweepResult, sweep
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def sweep_options(job: Job) -> dict[str, Any]:
     """Return the sweep keyword arguments every sweep of a job shares."""
     spec, options = job.spec, job.options
     return {"mode": spec.mode, "layer": spec.layer, "output": spec.output, "device": options.device,
-            "seed": options.seed, "batch_size": options.batch_size}
+            "seed": options.seed, "batch_size": options.batch_size, "layout": spec.layout}
 
 
 def keep_masks(spec: ModelSpec) -> list:
@@ -97,8 +98,9 @@ def keep_masks(spec: ModelSpec) -> list:
 def plan(model: nn.Module, job: Job) -> np.ndarray:
     """Resolve the job's positions on its output grid (one forward pass)."""
     spec, options = job.spec, job.options
-    with Engine(model, job.input_shape, mode=spec.mode, target=Target(spec.layer, spec.output),
-                device=options.device, seed=options.seed) as engine:
+    target = Target(spec.layer, spec.output, parse_layout(spec.layout))
+    with Engine(model, job.input_shape, mode=spec.mode, target=target, device=options.device,
+                seed=options.seed) as engine:
         return positions_mod.resolve(spec.positions, engine.output_spatial)
 
 
@@ -178,7 +180,7 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
 def layer_frame(model: nn.Module, job: Job) -> pd.DataFrame:
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed)
+                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout)
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
@@ -244,8 +246,8 @@ def timed(job: Job, stage: str) -> Iterator[None]:
 
 def level_job(job: Job, level: Level) -> Job:
     """Return the job that analyses one level: its own target, the centre (plus the fit's positions), no ERF."""
-    spec = replace(job.spec, layer=level.layer, output=level.output, positions="center", erf=None, levels=(),
-                   audit={})
+    spec = replace(job.spec, layer=level.layer, output=level.output, layout=level.layout or job.spec.layout,
+                   positions="center", erf=None, levels=(), audit={})
     return replace(job, spec=spec)
 
 
@@ -256,7 +258,8 @@ def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
         sub = level_job(job, level)
         try:
             with timed(job, f"level {level.name}"):
-                same = (level.layer, level.output) == (job.spec.layer, job.spec.output)
+                same = (sub.spec.layer, sub.spec.output, sub.spec.layout) == (job.spec.layer, job.spec.output,
+                                                                              job.spec.layout)
                 # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
                 first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
                                                 **sweep_options(sub))
@@ -324,7 +327,7 @@ def one_line(exc: BaseException) -> str:
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
-    target = Target(job.spec.layer, job.spec.output).describe()
+    target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
                      status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 

@@ -1,61 +1,91 @@
-"""The structural surrogate: a positive, linearised float64 copy of a model.
+"""The structural surrogate: a positive, linearised copy of a model, exact by construction.
 
 Structural mode must report the theoretical receptive field whatever the weights and the
-input. The naive one-hot gradient under-reports wherever the derivative is exactly zero
-(max-pooling routes it to the argmax, dead ReLUs, saturated clamps, zero-initialised
-branches, float32 underflow). The surrogate removes every such zero:
+input. The naive one-hot gradient under-reports wherever a derivative is exactly zero
+(max-pooling routes it to the argmax, dead ReLUs, saturated clamps, sorts and medians,
+input-dependent gathers, zero-initialised branches) and wherever gradients cancel (the sum of
+an all-ones cotangent over the channels of a CReLU or a softmax) or underflow over depth.
+The surrogate removes every such zero:
 
 * weights are random positive values normalised so activations stay O(1), biases are zero,
-  normalisation statistics neutral, in float64 and eval mode, so every path carries a
-  strictly positive product and no cancellation or underflow happens;
-* during the pass, :class:`StructuralMode` swaps argmax-like and saturating operations for
-  operations of the same window (max-pool to a mean over the same window, with the same
-  kernel, stride, padding, dilation and ceil_mode; adaptive max to adaptive mean; ReLU-like
-  and clamping functions to the identity), catching ``nn`` modules and functional calls
-  alike because both end in the same torch functions.
+  normalisation statistics neutral, in eval mode (float32 by default, float64 on request);
+* during the pass, :class:`StructuralMode` swaps every zero-gradient op for a linear op over
+  exactly what its value can depend on (rfreport/replacements.py), catching ``nn`` modules and
+  functional calls alike because both end in the same torch functions;
+* after every op, the result passes through a *gate*: an identity in the forward pass (the
+  value rescaled to a largest magnitude of 1, so residual sums and gates cannot overflow) whose
+  backward replaces the incoming cotangent by ``(g != 0) * u``, with ``u`` a positive random
+  tensor drawn in the forward pass. Every op therefore differentiates a fresh random positive
+  cotangent: a dependency is lost only if one op's own vector-Jacobian product of a random
+  positive vector is exactly zero (probability zero), never through cancellation between
+  channels or across ops, and magnitudes are reset at every op, so nothing underflows over depth.
+  Views and in-place results are left ungated, so writes through views keep their effect.
 
-The same mode records the non-zero padding modes it sees (circular, reflect, replicate,
-and ``roll``) so the analysis can explain wrap-around and mirrored borders, and in *local*
-mode it holds global-context paths constant (spatial reductions, adaptive pooling to one
-cell, normalisation statistics) to expose the local receptive field under them.
+The same mode records the non-zero padding modes it sees (circular, reflect, replicate, and
+``roll``), whether the pass is *local*: made only of ops that keep spatial positions in place
+(what the compressed sweep needs to be exact), and in *local* mode it holds global-context
+paths constant (spatial reductions, adaptive pooling to one cell, normalisation statistics) to
+expose the local receptive field under them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from rfreport import replacements as rep
+from rfreport.errors import SweepError
 
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",
     "mish", "softplus", "hardswish", "hardsigmoid", "sigmoid", "tanh", "logsigmoid", "threshold",
     "softshrink", "hardshrink", "prelu", "clamp", "clip", "clamp_min", "clamp_max",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-    "feature_dropout", "round", "floor", "ceil", "trunc", "sign",
+    "feature_dropout", "round", "floor", "ceil", "trunc", "sign", "frac", "fix", "nan_to_num",
 })
 REDUCTIONS = frozenset({
     "mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "norm",
-    "logsumexp", "nansum", "nanmean", "median", "nanmedian",
+    "logsumexp", "nansum", "nanmean", "median", "nanmedian", "prod",
 })
 NORMALISATIONS = frozenset({"group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm"})
 WRAPPING = frozenset({"roll"})
-NONLOCAL = frozenset({
-    "flip", "fliplr", "flipud", "rot90", "roll", "gather", "index_select", "take", "take_along_dim", "scatter",
-    "scatter_add", "scatter_reduce", "index_put", "index_add", "index_copy", "matmul", "bmm", "baddbmm", "einsum",
-    "scaled_dot_product_attention", "multi_head_attention_forward", "grid_sample", "fft_fftn", "fft_rfftn",
-    "fft_fft2", "fft_rfft2",
-})
 SIGNED = frozenset({
     "sub", "rsub", "isub", "neg", "softmax", "log_softmax", "softmin", "group_norm", "layer_norm",
     "instance_norm", "rms_norm", "var", "std", "var_mean", "std_mean", "cos", "sin", "reciprocal", "rsqrt",
     "cosine_similarity", "normalize", "scaled_dot_product_attention", "multi_head_attention_forward",
 })
+# Ops that keep every spatial position where it is (pointwise, windowed or reducing over whole axes).
+# A pass made of these alone is translation-equivariant up to borders: the compressed sweep may trust
+# a periodic prediction of its RFs. Shape, index, padding and concatenation ops are judged by the
+# shapes they see (see StructuralMode._keeps_positions); anything else makes the pass non-local.
+LOCAL_OPS = frozenset({
+    *IDENTITY_FUNCTIONS, *REDUCTIONS, *NORMALISATIONS,
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "lp_pool1d",
+    "lp_pool2d", "lp_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample",
+    "upsample_nearest", "upsample_bilinear", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "div", "rdiv", "idiv", "true_divide",
+    "truediv", "rtruediv", "itruediv", "neg", "pos", "abs", "pow", "rpow", "ipow", "exp", "exp2", "expm1", "log",
+    "log2", "log10", "log1p", "sqrt", "rsqrt", "reciprocal", "square", "sin", "cos", "erf", "erfc", "lerp",
+    "addcmul", "addcdiv", "where", "maximum", "minimum", "fmax", "fmin", "softmax", "log_softmax", "softmin",
+    "glu", "silu_", "hardswish_", "relu_", "cumsum", "logcumsumexp", "to", "type_as", "float", "double", "half",
+    "bfloat16", "detach", "clone", "contiguous", "requires_grad_", "masked_fill", "dropout_", "copysign",
+})
+SHAPE_OPS = frozenset({
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
+    "reshape_as", "broadcast_to", "getitem", "narrow", "select", "split", "chunk", "unbind", "split_with_sizes",
+    "tensor_split", "cat", "concat", "concatenate", "stack", "pad", "permute", "transpose", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "t",
+})
+PERMUTING = frozenset({"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"})
 
 
 def base_name(func: Callable) -> str:
@@ -69,64 +99,249 @@ def _is_differentiable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def _ntuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    """Broadcast an int or a sequence to an n-tuple of ints."""
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * n
+def _tensors(values: Any) -> Iterator[torch.Tensor]:
+    """Yield every tensor in a nest of tuples, lists and dicts."""
+    if isinstance(values, torch.Tensor):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            yield from _tensors(value)
+    elif isinstance(values, dict):
+        for value in values.values():
+            yield from _tensors(value)
 
 
-def pool_output_length(length: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
-    """Return max_pool's output length on one axis, with PyTorch's ceil_mode rule."""
-    span = length + 2 * p - d * (k - 1) - 1
-    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= length + p:
-        out -= 1
-    return out
+def _is_tainted(value: Any) -> bool:
+    """Tell an integer or boolean tensor computed from the input (an argmax, a mask, a sort order)."""
+    return isinstance(value, torch.Tensor) and getattr(value, "_rfreport_from_input", False)
 
 
-def window_mean(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
-                ceil_mode: bool = False) -> torch.Tensor:
-    """Average over exactly the windows a max-pool with these arguments would take a max over."""
-    rank = x.dim() - 2
-    k = _ntuple(kernel_size, rank)
-    s = _ntuple(stride if stride not in (None, []) else kernel_size, rank)
-    p, d = _ntuple(padding, rank), _ntuple(dilation, rank)
-    sizes = x.shape[2:]
-    outs = [pool_output_length(n, *args, ceil_mode) for n, *args in zip(sizes, k, s, p, d)]
-    right = [max(p_i, (o - 1) * s_i + d_i * (k_i - 1) + 1 - n - p_i)
-             for n, o, k_i, s_i, p_i, d_i in zip(sizes, outs, k, s, p, d)]
-    pads = [v for pair in reversed(list(zip(p, right))) for v in pair]
-    padded = F.pad(x, pads)
-    channels = x.shape[1]
-    weight = torch.full((channels, 1, *k), 1.0 / math.prod(k), dtype=x.dtype, device=x.device)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-    y = conv(padded, weight, stride=s, dilation=d, groups=channels)
-    return y[(Ellipsis, *(slice(0, o) for o in outs))]
+class _Gate(torch.autograd.Function):
+    """Identity up to a positive scale in the forward pass; backward sends `(g != 0) * u` on.
+
+    `u` is a positive random tensor drawn in the forward pass, so the gate works unchanged under
+    `is_grads_batched` (vmap): every row of cotangents gets the same fresh positive values wherever
+    it is non-zero.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x / scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        return u * (grad != 0), None, None
 
 
-def _max_pool(func, args, kwargs):
-    """Replace a max-pool by the window mean, keeping the real indices when they are asked for."""
-    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    bound = dict(zip(names, args)) | kwargs
-    x = bound.pop("input")
-    wants_indices = bound.pop("return_indices", False) or func.__name__.endswith("_with_indices")
-    mean = window_mean(x, **bound)
-    if not wants_indices:
-        return mean
-    _, indices = func(x.detach(), *args[1:], **kwargs)
-    return mean, indices
+class StructuralMode(TorchFunctionMode):
+    """Swap zero-gradient operations for linear ones of the same reach, gate every result, observe the pass.
+
+    `linearise` turns on the surrogate (structural mode: replacements and gates); `local` additionally
+    holds global-context paths constant; `input_rank` is the rank of the model input, used to tell
+    spatial reductions from channel reductions and spatial axes in shape ops; `generator` draws the
+    gates' positive cotangents.
+    """
+
+    def __init__(self, *, linearise: bool, local: bool = False, input_rank: int = 4,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.linearise, self.local, self.input_rank = linearise, local, input_rank
+        self.generator = generator
+        self.padding_modes: set[str] = set()
+        self.signed = False
+        self.nonlocal_ops: set[str] = set()
+        self.ops_seen: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = base_name(func)
+        inputs = list(_tensors((args, kwargs)))
+        differentiable = any(_is_differentiable(t) for t in inputs)
+        if differentiable:
+            self._observe(name, args, kwargs)
+        result = NotImplemented
+        if self.linearise and differentiable:
+            result = self._linearised(func, name, args, kwargs)
+        if result is NotImplemented:
+            result = func(*args, **kwargs)
+        if differentiable or any(map(_is_tainted, inputs)):
+            _taint(result)
+        if not differentiable:
+            return result
+        self._judge_locality(name, args, kwargs, result)
+        result = self._held_if_global(name, args, kwargs, result)
+        return self._gated(func, result, inputs) if self.linearise else result
+
+    def _observe(self, name: str, args, kwargs) -> None:
+        """Record padding modes that make borders wrap or mirror, and ops that can mix gradient signs."""
+        self.ops_seen.add(name)
+        if not self.signed and self._may_cancel(name, args, kwargs):
+            self.signed = True
+        if name == "pad":
+            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            if mode != "constant":
+                self.padding_modes.add(mode)
+        elif name in WRAPPING:
+            self.padding_modes.add("circular")
+
+    @staticmethod
+    def _may_cancel(name: str, args, kwargs) -> bool:
+        """Tell whether an op can mix gradient signs on the differentiated path.
+
+        The gates make a single probe exact up to a probability-zero accident; when signs can
+        mix, a second, independent probe makes even that accident need to happen twice.
+        """
+        values = [*args, *kwargs.values()]
+        if name in SIGNED:
+            return True
+        if name in ("div", "true_divide", "floor_divide", "idiv") and len(args) > 1 and _is_differentiable(args[1]):
+            return True
+        return any(_has_negative(v) for v in values)
+
+    def _linearised(self, func, name: str, args, kwargs):
+        """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if not _is_differentiable(first):
+            return NotImplemented
+        if name in IDENTITY_FUNCTIONS:
+            return first
+        if name.startswith("max_pool") and name[-2:] in ("1d", "2d", "3d"):
+            return rep.max_pool(func, name, args, kwargs)
+        if name.startswith("adaptive_max_pool"):
+            return rep.adaptive_max_pool(func, name, args, kwargs)
+        if name.startswith("fractional_max_pool"):
+            return rep.fractional_max_pool(func, name, args, kwargs)
+        if name.startswith("max_unpool"):
+            return rep.max_unpool(func, name, args, kwargs)
+        if name in rep.ROUTED_ALONG_DIM:
+            return rep.routed(func, name, args, kwargs)
+        if name in ("amax", "amin") or (name in ("max", "min") and not _second_is_tensor(args, kwargs)):
+            return _mean_reduction(func, args, kwargs)
+        if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
+            other = args[1] if len(args) > 1 else kwargs["other"]
+            return (args[0] + other) / 2
+        tainted = [t for t in _tensors((args[1:], kwargs)) if _is_tainted(t)]
+        if tainted and name in rep.INDEXED:
+            return rep.indexed(func, name, args, kwargs)
+        if tainted and name in rep.SCATTERING:
+            rep.refuse_scatter(name)
+        return NotImplemented
+
+    def _judge_locality(self, name: str, args, kwargs, result) -> None:
+        """Mark the pass non-local when an op can move spatial positions (see LOCAL_OPS)."""
+        if name in LOCAL_OPS:
+            return
+        if name in SHAPE_OPS and self._keeps_positions(name, args, kwargs, result):
+            return
+        if all(_positionless(t, self.input_rank) for t in _tensors((args, kwargs, result))
+               if t.is_floating_point()):
+            return
+        self.nonlocal_ops.add(name)
+
+    def _keeps_positions(self, name: str, args, kwargs, result) -> bool:
+        """Tell a shape op that leaves the spatial axes untouched (it only regroups batch or channels)."""
+        spatial = self.input_rank - 2
+        if name == "pad" and kwargs.get("mode", args[2] if len(args) > 2 else "constant") != "constant":
+            return True  # a border condition (wrap, mirror, repeat) the compressed sweep's prediction models
+        shapes = [tuple(t.shape) for t in _tensors((args, kwargs, result)) if t.is_floating_point()]
+        if any(len(s) < spatial + 2 for s in shapes) or len({s[-spatial:] for s in shapes}) != 1:
+            return False
+        if name in PERMUTING:
+            return _permutation_keeps_tail(name, args, kwargs, spatial)
+        return True
+
+    def _held_if_global(self, name: str, args, kwargs, result):
+        """In local mode, cut the gradient of results that pool over space (global context)."""
+        if not (self.local and args and _is_differentiable(args[0])):
+            return result
+        x = args[0]
+        if name in NORMALISATIONS and isinstance(result, torch.Tensor):
+            return result.detach() + (x - x.detach())
+        if name.startswith("adaptive_") and _pools_to_one_cell(result):
+            return _detach_all(result)
+        if name in REDUCTIONS and self._reduces_space(x, args, kwargs):
+            return _detach_all(result)
+        return result
+
+    def _reduces_space(self, x: torch.Tensor, args, kwargs) -> bool:
+        """Tell whether a reduction runs over a spatial axis (any axis from 2 on, or all)."""
+        if x.dim() < 3:
+            return False
+        dims = _reduced_dims(args, kwargs, x.dim())
+        return dims is None or any(d >= 2 for d in dims)
+
+    def _gated(self, func: Callable, result: Any, inputs: list[torch.Tensor]) -> Any:
+        """Gate every new differentiable result; views of inputs and in-place results stay as they are."""
+        if _in_place(func):
+            return result
+        owners = {id(t) for t in inputs} | {id(t._base) for t in inputs if t._base is not None}
+
+        def gate(value: torch.Tensor) -> torch.Tensor:
+            if not _is_differentiable(value) or not value.numel() or id(value) in owners or (
+                    value._base is not None and id(value._base) in owners):
+                return value
+            u = torch.rand(value.shape, generator=self.generator, dtype=value.dtype, device=value.device) + 0.5
+            scale = value.detach().abs().amax()
+            return _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
+
+        return _map_tensors(result, gate)
 
 
-def _adaptive_max_pool(func, args, kwargs):
-    """Replace an adaptive max-pool by the adaptive mean over the same bins."""
-    x, output_size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
-    rank = x.dim() - 2
-    mean = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[rank - 1](x, output_size)
-    wants_indices = (len(args) > 2 and args[2]) or kwargs.get("return_indices") or func.__name__.endswith(
-        "_with_indices")
-    if not wants_indices:
-        return mean
-    _, indices = func(x.detach(), *args[1:], **kwargs)
-    return mean, indices
+def _taint(result: Any) -> None:
+    """Mark the integer and boolean tensors of a result as computed from the input."""
+    for tensor in _tensors(result):
+        if not tensor.is_floating_point() and not tensor.is_complex():
+            tensor._rfreport_from_input = True
+
+
+def _map_tensors(result: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply fn to a tensor or to every tensor of a tuple, list or named tuple result."""
+    if isinstance(result, torch.Tensor):
+        return fn(result)
+    if isinstance(result, (tuple, list)):
+        mapped = [fn(r) if isinstance(r, torch.Tensor) else r for r in result]
+        if hasattr(result, "_fields"):
+            return type(result)(*mapped)
+        try:
+            return type(result)(mapped)
+        except TypeError:
+            return tuple(mapped)
+    return result
+
+
+def _positionless(tensor: torch.Tensor, input_rank: int) -> bool:
+    """Tell a tensor with no spatial extent left: (N, C) or (N, C, 1, ..., 1)."""
+    return tensor.dim() <= 2 or math.prod(tensor.shape[2:]) == 1
+
+
+def _permutation_keeps_tail(name: str, args, kwargs, spatial: int) -> bool:
+    """Tell whether a permute/transpose/movedim leaves the last `spatial` axes where they are."""
+    x = args[0]
+    rank = x.dim()
+    order = list(range(rank))
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+        order = [int(d) % rank for d in kwargs.get("dims", dims)]
+    elif name == "t":
+        order = order[::-1]
+    else:
+        first, second = (args[1], args[2]) if len(args) > 2 else (kwargs.get("dim0", kwargs.get("source")),
+                                                                  kwargs.get("dim1", kwargs.get("destination")))
+        if isinstance(first, (list, tuple)):
+            return False
+        first, second = int(first) % rank, int(second) % rank
+        if name in ("movedim", "moveaxis"):
+            order.insert(second, order.pop(first))
+        else:
+            order[first], order[second] = order[second], order[first]
+    return order[rank - spatial:] == list(range(rank - spatial, rank))
 
 
 def _reduced_dims(args, kwargs, rank: int) -> tuple[int, ...] | None:
@@ -151,125 +366,10 @@ def _mean_reduction(func, args, kwargs):
     return getattr(torch.return_types, name)((mean, indices))
 
 
-class StructuralMode(TorchFunctionMode):
-    """Swap zero-gradient operations for same-window linear ones and record padding modes.
-
-    `linearise` turns on the surrogate replacements (structural mode); `local` additionally
-    holds global-context paths constant; `input_rank` is the rank of the model input, used to
-    tell spatial reductions from channel reductions.
-    """
-
-    def __init__(self, *, linearise: bool, local: bool = False, input_rank: int = 4):
-        super().__init__()
-        self.linearise, self.local, self.input_rank = linearise, local, input_rank
-        self.padding_modes: set[str] = set()
-        self.signed = False
-        self.nonlocal_ops: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = base_name(func)
-        self._observe(name, args, kwargs)
-        result = NotImplemented
-        if self.linearise and args and _is_differentiable(args[0]):
-            result = self._linearised(func, name, args, kwargs)
-        if result is NotImplemented:
-            result = func(*args, **kwargs)
-        result = self._held_if_global(name, args, kwargs, result)
-        return _max_normalised(result) if self.linearise and not _in_place(func) else result
-
-    def _observe(self, name: str, args, kwargs) -> None:
-        """Record padding modes that make borders wrap or mirror, and ops that can cancel gradients."""
-        if not self.signed and self._may_cancel(name, args, kwargs):
-            self.signed = True
-        if (name in NONLOCAL or (name == "getitem" and _indexes_with_tensors(args))) and any(
-                _is_differentiable(v) for v in args):
-            self.nonlocal_ops.add(name)
-        if name == "pad":
-            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
-            if mode != "constant":
-                self.padding_modes.add(mode)
-        elif name in WRAPPING:
-            self.padding_modes.add("circular")
-
-    @staticmethod
-    def _may_cancel(name: str, args, kwargs) -> bool:
-        """Tell whether an op can mix gradient signs on the differentiated path.
-
-        With positive weights and inputs every activation is positive and every path product
-        too, so one probe is exact; a subtraction, a normalisation, a softmax, a division by
-        a differentiated tensor or a negative constant breaks that, and then several probes
-        are needed to make an accidental cancellation vanishingly unlikely.
-        """
-        values = [*args, *kwargs.values()]
-        if not any(_is_differentiable(v) for v in values):
-            return False
-        if name in SIGNED:
-            return True
-        if name in ("div", "true_divide", "floor_divide", "idiv") and len(args) > 1 and _is_differentiable(args[1]):
-            return True
-        return any(_has_negative(v) for v in values)
-
-    def _linearised(self, func, name: str, args, kwargs):
-        """Return the linear same-window replacement of a zero-gradient op, or NotImplemented."""
-        if name in IDENTITY_FUNCTIONS:
-            return args[0]
-        if name.startswith("max_pool") and name[-2:] in ("1d", "2d", "3d"):
-            return _max_pool(func, args, kwargs)
-        if name.startswith("adaptive_max_pool"):
-            return _adaptive_max_pool(func, args, kwargs)
-        if name in ("amax", "amin") or (name in ("max", "min") and not _second_is_tensor(args, kwargs)):
-            return _mean_reduction(func, args, kwargs)
-        if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
-            other = args[1] if len(args) > 1 else kwargs["other"]
-            return (args[0] + other) / 2
-        return NotImplemented
-
-    def _held_if_global(self, name: str, args, kwargs, result):
-        """In local mode, cut the gradient of results that pool over space (global context)."""
-        if not (self.local and args and _is_differentiable(args[0])):
-            return result
-        x = args[0]
-        if name in NORMALISATIONS and isinstance(result, torch.Tensor):
-            return result.detach() + (x - x.detach())
-        if name.startswith("adaptive_") and _pools_to_one_cell(result):
-            return _detach_all(result)
-        if name in REDUCTIONS and self._reduces_space(x, args, kwargs):
-            return _detach_all(result)
-        return result
-
-    def _reduces_space(self, x: torch.Tensor, args, kwargs) -> bool:
-        """Tell whether a reduction runs over a spatial axis (any axis from 2 on, or all)."""
-        if x.dim() < 3:
-            return False
-        dims = _reduced_dims(args, kwargs, x.dim())
-        return dims is None or any(d >= 2 for d in dims)
-
-
-def _indexes_with_tensors(args) -> bool:
-    """Tell advanced indexing (`x[idx]` with a tensor index), which can move values anywhere."""
-    index = args[1] if len(args) > 1 else None
-    parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(part, torch.Tensor) for part in parts)
-
-
 def _in_place(func: Callable) -> bool:
-    """Tell in-place ops (`add_`, `__iadd__`), whose result must stay the mutated tensor itself."""
+    """Tell in-place ops (`add_`, `__iadd__`, `__setitem__`), whose result is the mutated tensor itself."""
     name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
-
-
-def _max_normalised(result: Any) -> Any:
-    """Scale a differentiable result so its largest magnitude is 1.
-
-    A positive constant factor changes no receptive field, but without it residual sums
-    double and gating products square the activations block after block until float64
-    overflows (an EfficientNet's squeeze-and-excitation stages reach inf within a few blocks).
-    """
-    if not (_is_differentiable(result) and result.numel()):
-        return result
-    scale = result.detach().abs().amax()
-    return result / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
 
 
 def _has_negative(value: Any) -> bool:
@@ -294,10 +394,41 @@ def _pools_to_one_cell(result) -> bool:
 
 def _detach_all(result):
     """Detach a tensor or every tensor of a tuple-like result."""
-    if isinstance(result, torch.Tensor):
-        return result.detach()
-    detached = [r.detach() if isinstance(r, torch.Tensor) else r for r in result]
-    return type(result)(detached) if not hasattr(result, "_fields") else type(result)(*detached)
+    return _map_tensors(result, lambda t: t.detach())
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """Replace every `torch.compile`d module (an OptimizedModule) of a model copy by its original module."""
+    model = getattr(model, "_orig_mod", model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, unwrap_compiled(child))
+    return model
+
+
+def refuse_torchscript(model: nn.Module) -> None:
+    """Refuse scripted or traced modules: their ops run in TorchScript, out of the surrogate's reach."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = f"submodule {name!r}" if name else "the model"
+            raise SweepError(f"{where} is a TorchScript module (torch.jit.script/trace): structural mode cannot "
+                             "see its ops; pass the original nn.Module (before scripting), or use mode='gradient'")
+
+
+@contextmanager
+def eager_forward() -> Iterator[None]:
+    """Run compiled functions eagerly and checkpointed blocks as plain calls during a forward pass.
+
+    `torch.compile` would trace past the TorchFunctionMode, and activation checkpointing would
+    recompute the block in backward outside it; both would hide ops from the surrogate.
+    """
+    import torch.utils.checkpoint as checkpointing
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        original = checkpointing._checkpoint_impl
+        checkpointing._checkpoint_impl = lambda function, args, kwargs, **_options: function(*args, **kwargs)
+        stack.callback(setattr, checkpointing, "_checkpoint_impl", original)
+        yield
 
 
 def _positive_weight(param: torch.Tensor, transposed: bool, generator: torch.Generator) -> torch.Tensor:
@@ -317,9 +448,13 @@ def _surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
     return torch.ones(param.shape, dtype=torch.float64)
 
 
-def build_surrogate(model: nn.Module, seed: int) -> nn.Module:
-    """Return a float64, eval-mode copy of the model with positive weights and neutral statistics."""
-    surrogate = copy.deepcopy(model).to(torch.float64).eval()
+def build_surrogate(model: nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Return an eval-mode copy of the model in `dtype` with positive weights and neutral statistics.
+
+    Compiled submodules are replaced by their original modules; TorchScript modules are refused.
+    """
+    refuse_torchscript(model)
+    surrogate = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model))).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _neutralise(surrogate, generator)

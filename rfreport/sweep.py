@@ -20,6 +20,7 @@ from torch import nn
 from rfreport import positions as positions_mod
 from rfreport.engine import Engine, Target
 from rfreport.errors import SweepError
+from rfreport.layouts import parse_layout
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class SweepResult:
     target: str = "model output"
     local: bool = False
     seconds: float = 0.0
+    method_note: str = ""          # why a compressed sweep ran densely (empty when it did not need to)
 
     @property
     def ndim(self) -> int:
@@ -183,41 +185,43 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
           mode: str = "structural", layer: str | None = None, output: str | int | None = None,
           batch_size: int | str = "auto", device: str = "auto", seed: int = 0, probes: int = 2,
           local: bool = False, keep_masks: positions_mod.PositionSpec | None = None,
-          method: str = "auto", progress=None) -> SweepResult:
+          method: str = "auto", progress=None, layout: str = "nchw", dtype: str = "float32") -> SweepResult:
     """Sweep the receptive fields of the selected output positions of a model.
 
     `positions` may also be a function of the output grid's shape returning a selection;
     `mode` is `structural` (exact theoretical RF) or `gradient` (naive data-dependent support);
     `layer`/`output` choose the analysed tensor; `keep_masks` names positions whose boolean
     support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
-    `progress`, if given, is called with the number of positions done after each chunk.
+    `progress`, if given, is called with the number of positions done after each chunk;
+    `layout` (`nchw`, `nhwc`, `tokens`, `tokens:HxW`) says how the analysed tensor's axes are read;
+    `dtype` (`float32` or `float64`) is the structural surrogate's precision (the answers are the same).
     """
     started = time.perf_counter()
-    target = Target(layer=layer, output=output)
+    target = Target(layer=layer, output=output, layout=parse_layout(layout))
     with Engine(model, tuple(input_shape), mode=mode, target=target, device=device, seed=seed,
-                probes=probes, local=local) as engine:
+                probes=probes, local=local, dtype=dtype) as engine:
         spec = positions(engine.output_spatial) if callable(positions) else positions
         selected = positions_mod.resolve(spec, engine.output_spatial)
         keep = positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0))
         acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())),
                            wrap="circular" in engine.padding_modes)
         size = resolve_batch_size(engine, batch_size)
-        _run_method(method, engine, selected, size, acc, progress)
+        note = _run_method(method, engine, selected, size, acc, progress)
         pos, lo, hi, support, wrapped, path = acc.arrays()
         return SweepResult(
             input_shape=engine.input_shape, output_shape=engine.output_shape, mode=mode,
             device=str(engine.device), positions=pos, lo=lo, hi=hi, support=support, wrapped=wrapped,
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
-            target=target.describe(), local=local, seconds=time.perf_counter() - started)
+            target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
 
 
 def _run_method(method: str, engine: Engine, selected: np.ndarray, size: int, acc: _Accumulator,
-                progress) -> None:
-    """Dispatch to the dense sweep or the compressed sweep (`auto` compresses only where it pays)."""
+                progress) -> str:
+    """Dispatch to the dense or the compressed sweep; return why a compressed sweep ran densely, if it did."""
     if method not in ("auto", "dense", "compressed"):
         raise SweepError(f"unknown sweep method {method!r}; use auto, dense or compressed")
     if method == "dense":
         dense_sweep(engine, selected, size, acc, progress)
-        return
+        return ""
     from rfreport.compress import compressed_sweep  # compress.py builds on this module's helpers
-    compressed_sweep(engine, selected, size, acc, progress, auto=method == "auto")
+    return compressed_sweep(engine, selected, size, acc, progress, auto=method == "auto")

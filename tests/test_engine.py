@@ -101,7 +101,7 @@ def test_wrong_input_channels_are_reported():
 
 def test_classifier_output_asks_for_a_spatial_layer():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3))
-    with pytest.raises(SweepError, match="expected \\(N, C, 2 spatial axes\\)"):
+    with pytest.raises(SweepError, match="expects \\(N, C, 2 spatial axes\\)"):
         sweep(model, (1, 1, 6, 6))
 
 
