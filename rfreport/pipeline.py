@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, erf, frames, layers, levels, models, report, runfolder
+from rfreport import __version__, analysis, attention, audit, erf, frames, layers, levels, models, report, runfolder
 from rfreport import positions as positions_mod
 from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -219,9 +219,33 @@ class Computed:
     erf_result: erf.ErfResult | None
 
 
+def attention_record(model: nn.Module, job: Job) -> dict | None:
+    """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
+    with timed(job, "attention"):
+        try:
+            calls = attention.detect(model, job.input_shape)
+        except RfReportError:
+            logger.debug("%s: no attention findings", job.slug, exc_info=True)
+            return None
+        if not calls:
+            return None
+
+        def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
+            try:
+                found = sweep(model, job.input_shape, "center", **(sweep_options(job) | {
+                    "layer": layer, "output": None, "layout": layout}))
+            except RfReportError:
+                logger.debug("%s: no RF for attention block %s", job.slug, layer, exc_info=True)
+                return None
+            return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
+
+        return attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
+
+
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True) -> Computed:
-    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
+            growth: bool = True, attention_found: dict | None = None) -> Computed:
+    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth, `attention_found`
+    is the job's attention record (attention_record) for the findings."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, plan(model, job), advance)
     with timed(job, "layer growth"):
@@ -230,7 +254,8 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         geometry = geometry_sweep(model, job, main)
         enlarged = enlarged_sweep(model, job, main, geometry, growth_frame)
         local = local_sweep(model, job, main, geometry)
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged)
+    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
+                              attention=attention_found)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -273,7 +298,7 @@ def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
     """Build the model, run every stage of a job and assemble its result."""
     model = models.build(job.spec)
-    done = compute(model, job, advance, main)
+    done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
     records = level_records(model, job, done)
     pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
@@ -294,7 +319,8 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
 def inspect(job: Job, advance: Advance | None = None) -> dict:
     """Sweep one job without layer growth and return the JSON record of `rfreport inspect --json`."""
     model = models.build(job.spec)
-    done = compute(model, job, advance, growth=False)
+    found = attention_record(model, job)
+    done = compute(model, job, advance, growth=False, attention_found=found)
     summary, frame = done.analysed.summary, done.analysed.positions
     letters = positions_mod.axis_names(done.main.ndim)
 
@@ -311,6 +337,8 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
               "geometry": geometry}
     if job.spec.levels:
         record["levels"] = level_records(model, job, done)
+    if found is not None:
+        record["attention"] = found
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record
