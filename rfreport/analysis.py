@@ -626,7 +626,7 @@ def _context_findings(c: _Context) -> list[Finding]:
     s = c.summary
     found = []
     if s["global"]:
-        cause = f", from layer {s['global_from']} on" if s["global_from"] else ""
+        cause = f", from layer {s['global_from']}{_type_of(c.layers, s['global_from'])} on" if s["global_from"] else ""
         local = (f"; the local RF with global-context paths held constant is {_axes_text(s['local_rf_size'])}"
                  if s["local_rf_size"] else "")
         found.append(Finding("global", "warning", f"Every output position sees the whole input (global context"
@@ -638,6 +638,12 @@ def _context_findings(c: _Context) -> list[Finding]:
         found.append(Finding("border", "info", f"From layer {s['border_layers_from']} on, every layer's RF covers "
                              f"the whole {size} input (border layers: their depth adds no context here){fix}."))
     return found
+
+
+def _type_of(layers: pd.DataFrame | None, name: str) -> str:
+    """Return ` (ModuleType)` of a layer of the growth frame, e.g. ` (AdaptiveAvgPool2d)` for global pooling."""
+    kinds = layers.loc[layers["layer"] == name, "type"] if layers is not None else []
+    return f" ({kinds.iloc[0]})" if len(kinds) else ""
 
 
 def _gradient_findings(c: _Context) -> list[Finding]:
