@@ -32,7 +32,7 @@ SUMMARY_KEYS = {
     "rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "center_rf_size", "positions",
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from",
-    "local_rf_size", "border_layers_from", "no_border_resolution",
+    "local_rf_size", "border_layers_from", "no_border_resolution", "attention",
 }
 
 
