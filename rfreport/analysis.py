@@ -627,6 +627,11 @@ def _context_findings(c: _Context) -> list[Finding]:
     found = []
     if s["global"]:
         cause = f", from layer {s['global_from']}{_type_of(c.layers, s['global_from'])} on" if s["global_from"] else ""
+        pools = (s["attention"] or {}).get("pooling") or []
+        if pools:
+            cause += ("; global pooling feeds it, so at any input size: " +
+                      ", ".join(f"{p['module'] or 'the model'} ({p['op']})" for p in pools[:3]) +
+                      (f" and {len(pools) - 3} more" if len(pools) > 3 else ""))
         local = (f"; the local RF with global-context paths held constant is {_axes_text(s['local_rf_size'])}"
                  if s["local_rf_size"] else "")
         found.append(Finding("global", "warning", f"Every output position sees the whole input (global context"
@@ -663,7 +668,7 @@ def _gradient_findings(c: _Context) -> list[Finding]:
 def _attention_findings(c: _Context) -> list[Finding]:
     """Say where attention is global (first global block, local RF before it) or windowed (reach per block)."""
     record = c.summary.get("attention")
-    if not record or not record["stages"]:
+    if not record or not record.get("stages"):
         return []
     first = record["stages"][0]
     if first["groups"] == 1:

@@ -224,11 +224,13 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
     with timed(job, "attention"):
         try:
             calls = attention.detect(model, job.input_shape)
+            target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
+            pools = attention.global_pooling(model, job.input_shape, target)
         except RfReportError:
             logger.debug("%s: no attention findings", job.slug, exc_info=True)
             return None
         if not calls:
-            return None
+            return {"pooling": list(pools)} if pools else None
 
         def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
             try:
@@ -239,7 +241,8 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
                 return None
             return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
 
-        return attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
+        found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
+        return found | {"pooling": list(pools)}
 
 
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,

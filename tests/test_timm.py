@@ -191,3 +191,29 @@ def test_cli_refuses_impossible_layouts_in_one_line(vit_file, args, message):
     assert done.exit_code in (1, 2)
     lines = [line for line in done.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], done.output
+
+
+def test_global_pooling_that_feeds_the_output_is_found_through_the_graph():
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    from rfreport.engine import Target
+
+    aspp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), ASPP(4, [2], 4)).eval()
+    assert attention.global_pooling(aspp, (1, 3, 12, 12), Target()) == (
+        {"module": "1.convs.2.0", "op": "adaptive_avg_pool2d"},)
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target(layer="0")) == ()   # pooling after the target
+    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target()) == ({"module": "1",
+                                                                               "op": "adaptive_avg_pool2d"},)
+
+
+def test_the_global_finding_names_the_pooling(tmp_path):
+    path = tmp_path / "se.toml"
+    path.write_text('[[model]]\nname = "se"\nfactory = "rfreport.examples:se_net"\nkwargs = { in_channels = 1, '
+                    'width = 4, depth = 1 }\ninput_shape = [1, 1, 16, 16]\npositions = "center"\n')
+    done = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
+    message = next(f["message"] for f in entry["findings"] if f["code"] == "global")
+    assert "global pooling feeds it, so at any input size: " in message, message
+    assert entry["attention"]["pooling"] and "stages" not in entry["attention"]
