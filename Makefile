@@ -27,11 +27,13 @@ test: install browser  ## run the whole test suite
 report: install  ## sweep the example configs into reports/latest and print the report's path
 	$(VENV)/bin/rfreport run $(CONFIGS) --out $(OUT)
 
-bench: install  ## benchmark naive, dense and compressed sweeps on samples (prints ratios; minutes)
+bench: install  ## rfreport against the seed's method: sweeps in-process and whole inspect processes (quick sizes; minutes)
 	$(PY) benchmarks/bench_sweep.py --quick
+	$(PY) benchmarks/bench_inspect.py --quick
 
-bench-full: install  ## the same benchmark timing every position and colour group (hours on a CPU)
+bench-full: install  ## the same at full sizes: FCN at 256x256, resnet18 at 1024x1024, bigger samples (hours on a CPU)
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_inspect.py
 
 bench-ray: install  ## wall time of the example audit in-process and on a local Ray instance
 	$(PY) benchmarks/bench_ray.py

@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ def main() -> None:
     parser.add_argument("--chunk-positions", type=int, default=CHUNK_POSITIONS,
                         help="Split jobs with more output positions than this into chunks.")
     args = parser.parse_args()
-    jobs = pipeline.make_jobs(config.load(args.configs))
+    loaded = config.load(args.configs)
+    # every run must sweep: the incremental-audit cache would serve the second run from disk
+    jobs = pipeline.make_jobs(replace(loaded, options=replace(loaded.options, cache=False)))
     print(f"{len(jobs)} jobs from {', '.join(args.configs)}; {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads in-process), ray {ray.__version__}, python {platform.python_version()}")
     local, local_s = timed(LocalExecutor(), jobs)

@@ -1,16 +1,28 @@
-"""Benchmark: positions per second of the naive, dense batched and compressed sweeps (`make bench`).
+"""Benchmark: positions per second of rfreport's sweep against the seed's method (`make bench`).
 
-One process. For each model: the naive way (one forward + one backward per position, as the
-original library did) and the dense batched sweep are timed on a random sample of positions and
-extrapolated per position (both cost the same for every position). The compressed sweep is timed
-as its pilots plus every colour group; `--quick` times a random sample of groups and extrapolates
-(every group costs one backward row), and shrinks the other samples, so the run takes minutes.
-The compressed rows are checked against dense rows at the same positions.
+One process, torch's default threads, public API only (`rfreport.sweep.sweep` and the seed's
+method in `seed_method.py`). For each model, every output position is swept once the way
+rfreport does it (`sweep(..., "all")`, method `auto`: compressed where it pays, verified, dense
+elsewhere) and compared with:
+
+* **seed** — the baseline a user would otherwise run: float32, the model as given, one forward
+  and one one-hot backward per position, the non-zero input gradient read as the RF. Timed on a
+  random sample of positions after one warm-up position and extrapolated (every position costs
+  the same pass);
+* **per-position sweep** — rfreport's surrogate one position at a time (`sweep(model, shape,
+  [pos])`, as `NumericRF.heatmap` calls it), on a smaller sample, extrapolated the same way;
+* **dense** — rfreport's batched one-hot sweep on a sample: (time of the sample - time of one
+  position) / (sample - 1), i.e. without the one-off surrogate build and forward pass.
+
+The swept rows are checked against the dense rows at the sampled positions, and the seed's boxes
+against the exact ones (the seed under-reports through max-pooling, dead ReLUs and float32
+underflow). `--quick` shrinks the inputs and the samples so the whole run takes minutes on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from collections.abc import Callable
@@ -18,31 +30,30 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from seed_method import support as seed_support
 from torch import nn
 
-from rfreport.compress import PILOT_SPANS, learn_plan, sweep_groups
-from rfreport.engine import Engine, Target
-from rfreport.sweep import _Accumulator, dense_sweep, mask_bounds, one_hot_weights, resolve_batch_size
+from rfreport.sweep import SweepResult, sweep
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked model at one input shape."""
+    """One benchmarked model at its full and its quick input size."""
 
     name: str
     build: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
+    size: int
+    quick_size: int
     layer: str | None = None
-    quick: tuple[int, int, int] = (2, 16, 16)   # naive positions, dense positions, groups timed with --quick
 
 
-def conv_stack(layers: int, channels: int = 8) -> nn.Module:
-    """A fully convolutional stride-1 net of 3x3 convolutions and ReLUs."""
+def conv_stack(layers: int, channels: int = 8, out: int | None = 1) -> nn.Module:
+    """A fully convolutional stride-1 net of 3x3 convolutions and ReLUs (and a 1x1 head when `out` is given)."""
     mods, c = [], 3
     for _ in range(layers):
         mods += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
         c = channels
-    return nn.Sequential(*mods, nn.Conv2d(channels, 1, 1))
+    return nn.Sequential(*mods, nn.Conv2d(channels, out, 1)) if out else nn.Sequential(*mods[:-1])
 
 
 class Block(nn.Module):
@@ -93,88 +104,100 @@ def resnet18() -> nn.Module:
 
 
 CASES = (
-    Case("fcn 5x conv3x3", lambda: conv_stack(5, 16), (1, 3, 128, 128)),
-    Case("resnet-style", resnet_style, (1, 3, 128, 128)),
-    Case("(a) fcn 3x conv3x3", lambda: conv_stack(3), (1, 3, 256, 256)),
-    Case("(b) u-net 3 levels", UNet, (1, 3, 256, 256)),
-    Case("(c) resnet18 layer4", resnet18, (1, 3, 1024, 1024), "layer4", quick=(1, 4, 4)),
+    Case("fcn 5x conv3x3", lambda: conv_stack(5, 16), 128, 64),
+    Case("resnet-style (stride 4)", resnet_style, 128, 64),
+    Case("(a) fcn 3x conv3x3, stride 1", lambda: conv_stack(3), 256, 128),
+    Case("(b) U-Net, 3 levels", UNet, 256, 64),
+    Case("(c) torchvision resnet18 to layer4", resnet18, 1024, 256, "layer4"),
+    Case("(d) fcn 6x conv3x3, 16 channels", lambda: conv_stack(6, 16, out=None), 256, 128),
 )
+SAMPLES = {"full": (64, 8, 256), "quick": (8, 2, 32)}   # seed, per-position sweep, dense positions timed
 
 
-def naive_seconds(engine: Engine, sample: np.ndarray) -> float:
-    """Seconds per position of one fresh forward pass plus one one-hot backward pass per position."""
-    working = engine._working_model()
+def grid_of(result: SweepResult) -> np.ndarray:
+    """Return every output position of a sweep's grid, (P, d)."""
+    axes = np.meshgrid(*[np.arange(n) for n in result.output_spatial], indexing="ij")
+    return np.stack(axes, -1).reshape(-1, len(axes))
+
+
+def rows_of(result: SweepResult) -> dict[tuple[int, ...], tuple]:
+    """Return each swept position's (lo, hi, support)."""
+    return {tuple(p): (tuple(lo), tuple(hi), int(s)) for p, lo, hi, s in
+            zip(result.positions.tolist(), result.lo.tolist(), result.hi.tolist(), result.support.tolist())}
+
+
+def timed(function: Callable, *args, **kwargs) -> tuple[float, object]:
+    """Return the wall seconds of one call and its result."""
     started = time.perf_counter()
-    for pos in sample:
-        engine._forward(working)
-        mask_bounds(engine.support(one_hot_weights(pos[None, :], engine.output_spatial)).cpu().numpy())
-    return (time.perf_counter() - started) / len(sample)
+    value = function(*args, **kwargs)
+    return time.perf_counter() - started, value
 
 
-def dense_seconds(engine: Engine, sample: np.ndarray) -> tuple[float, dict]:
-    """Seconds per position of the dense batched sweep on a sample, and its rows by position."""
-    acc = _Accumulator(engine.input_spatial, set(), wrap="circular" in engine.padding_modes)
-    started = time.perf_counter()
-    dense_sweep(engine, sample, resolve_batch_size(engine, "auto"), acc)
-    seconds = (time.perf_counter() - started) / len(sample)
-    return seconds, {tuple(pos): row for pos, *row in zip(*[part.tolist() for part in acc.arrays()[:5]])}
+def seed_rate(model: nn.Module, shape: tuple[int, ...], layer: str | None, sample: np.ndarray) -> tuple[float, dict]:
+    """Return the seed's positions per second on a sample (after one warm-up pass) and its boxes."""
+    model = copy.deepcopy(model).to("cuda" if torch.cuda.is_available() else "cpu")   # where `auto` sweeps
+    seed_support(model, shape, None, layer)
+    masks, started = {}, time.perf_counter()
+    for pos in sample.tolist():
+        masks[tuple(pos)], _, _ = seed_support(model, shape, pos, layer)
+    seconds = time.perf_counter() - started
+    return len(sample) / seconds, {pos: box(mask) for pos, mask in masks.items()}
 
 
-def compressed_seconds(engine: Engine, grid: np.ndarray, groups_n: int,
-                       rng: np.random.Generator) -> tuple[float, dict, int, int]:
-    """Seconds per position of the compressed sweep: pilots plus every group (or a sample, extrapolated).
-
-    Returns the seconds, the attributed rows by position, the number of groups and of failed groups.
-    """
-    batch = resolve_batch_size(engine, "auto")
-    started = time.perf_counter()
-    plan = next(filter(None, (learn_plan(engine, batch, wrap=False, span=span) for span in PILOT_SPANS)), None)
-    pilots = time.perf_counter() - started
-    groups = plan.groups(grid)
-    sample = [groups[i] for i in sorted(rng.choice(len(groups), min(groups_n, len(groups)), replace=False))]
-    started = time.perf_counter()
-    rows, failed = sweep_groups(engine, plan, sample, batch, set(), None)
-    per_group = (time.perf_counter() - started) / len(sample)
-    attributed = {tuple(pos): row for members, bounds, _, _ in rows
-                  for pos, *row in zip(members.tolist(), *[part.tolist() for part in bounds])}
-    return (pilots + per_group * len(groups)) / len(grid), attributed, len(groups), len(failed)
+def box(mask: torch.Tensor) -> tuple | None:
+    """Return the (lo, hi) corners of a mask's bounding box, or None when it is empty."""
+    found = mask.nonzero().cpu()
+    if not len(found):
+        return None
+    return tuple(found.min(0).values.tolist()), tuple(found.max(0).values.tolist())
 
 
-def run_case(case: Case, naive_n: int, dense_n: int, groups_n: int, rng: np.random.Generator) -> dict:
-    """Time the three ways on one model and check compressed rows against dense rows at the same positions."""
+def run_case(case: Case, quick: bool, rng: np.random.Generator) -> dict:
+    """Sweep every position of one model, time the baselines on samples and check the rows."""
+    size = case.quick_size if quick else case.size
+    shape = (1, 3, size, size)
+    seed_n, single_n, dense_n = SAMPLES["quick" if quick else "full"]
     model = case.build().eval()
-    with Engine(model, case.input_shape, target=Target(layer=case.layer)) as engine:
-        grid = np.stack(np.meshgrid(*[np.arange(n) for n in engine.output_spatial], indexing="ij"), -1)
-        grid = grid.reshape(-1, len(engine.output_spatial))
-        compressed_s, attributed, groups, failed = compressed_seconds(engine, grid, groups_n, rng)
-        members = np.array(sorted(attributed))
-        dense_sample = members[rng.choice(len(members), min(dense_n, len(members)), replace=False)]
-        dense_s, dense_rows = dense_seconds(engine, dense_sample)
-        naive_s = naive_seconds(engine, grid[rng.choice(len(grid), min(naive_n, len(grid)), replace=False)])
-    exact = all(attributed[pos] == row for pos, row in dense_rows.items())
-    return {"model": case.name, "input": "x".join(map(str, case.input_shape[2:])), "positions": len(grid),
-            "naive": 1 / naive_s, "dense": 1 / dense_s, "compressed": 1 / compressed_s, "groups": groups,
-            "sampled": min(groups_n, groups), "failed": failed, "exact": exact, "checked": len(dense_rows)}
+    swept_s, swept = timed(sweep, model, shape, "all", layer=case.layer)
+    grid = grid_of(swept)
+    pick = grid[rng.choice(len(grid), min(dense_n, len(grid)), replace=False)]
+    one_s, _ = timed(sweep, model, shape, pick[:1].tolist(), layer=case.layer, method="dense")
+    dense_s, dense = timed(sweep, model, shape, pick.tolist(), layer=case.layer, method="dense")
+    single_s, _ = timed(lambda: [sweep(model, shape, [p], layer=case.layer) for p in pick[:single_n].tolist()])
+    seed_pos_s, seed_boxes = seed_rate(model, shape, case.layer, pick[:seed_n])
+    exact, dense_rows = rows_of(swept), rows_of(dense)
+    return {"model": case.name, "input": f"{size}x{size}", "positions": len(grid), "seed": seed_pos_s,
+            "single": min(single_n, len(pick)) / single_s,
+            "dense": (len(pick) - 1) / max(dense_s - one_s, 1e-9) if len(pick) > 1 else 1 / dense_s,
+            "swept": len(grid) / swept_s, "swept_s": swept_s,
+            "compressed": float(np.mean(swept.path == "compressed")),
+            "exact": all(exact[pos] == row for pos, row in dense_rows.items()), "checked": len(dense_rows),
+            "seed_right": sum(seed_boxes[pos] == exact[pos][:2] for pos in seed_boxes), "seed_checked": len(seed_boxes)}
 
 
 def print_table(rows: list[dict]) -> None:
     """Print the measurements as a Markdown table."""
-    print("| model | input | positions | naive pos/s | dense pos/s | compressed pos/s | dense / naive "
-          "| compressed / naive | groups (timed, failed) | rows equal to dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | input | positions | seed pos/s | per-position sweep pos/s | dense pos/s | rfreport pos/s "
+          "(all positions, s) | rfreport / seed | per-position sweep / seed | compressed rows | rows equal to dense "
+          "| seed boxes exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['input']} | {r['positions']} | {r['naive']:.3g} | {r['dense']:.3g} "
-              f"| {r['compressed']:.3g} | {r['dense'] / r['naive']:.1f}x | {r['compressed'] / r['naive']:.0f}x "
-              f"| {r['groups']} ({r['sampled']}, {r['failed']}) | {'yes' if r['exact'] else 'NO'} "
-              f"({r['checked']} checked) |", flush=True)
+        print(f"| {r['model']} | {r['input']} | {r['positions']} | {r['seed']:.3g} | {r['single']:.3g} "
+              f"| {r['dense']:.3g} | {r['swept']:.3g} ({r['swept_s']:.1f} s) | {r['swept'] / r['seed']:.1f}x "
+              f"| {r['single'] / r['seed']:.2f}x | {r['compressed']:.0%} | {'yes' if r['exact'] else 'NO'} "
+              f"({r['checked']} checked) | {r['seed_right']}/{r['seed_checked']} |", flush=True)
 
 
 def main() -> None:
     """Run every case and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small naive and dense samples (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs and samples (minutes on a CPU)")
     parser.add_argument("--only", help="run only the cases whose name contains this text")
+    parser.add_argument("--size", type=int, default=None, help="override every case's input size")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -183,7 +206,9 @@ def main() -> None:
     for case in CASES:
         if args.only and args.only not in case.name:
             continue
-        rows.append(run_case(case, *(case.quick if args.quick else (32, 512, 1 << 30)), rng))
+        if args.size:
+            case = Case(case.name, case.build, args.size, args.size, case.layer)
+        rows.append(run_case(case, args.quick, rng))
         print(rows[-1], flush=True)
     print_table(rows)
 

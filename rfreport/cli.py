@@ -1,9 +1,10 @@
 """The `rfreport` command line: thin click commands over the pipeline, run folders, audits and diffs.
 
 RfReportError is turned into a one-line `Error: ...` here and nowhere else: exit code 2 for
-usage, config and run-folder errors, 1 for everything that failed while running. The torch
-stages are imported inside the commands that compute, so `report`, `check RUN_DIR` and `diff`
-start fast and never import torch.
+usage, config and run-folder errors, 1 for everything that failed while running. Each command
+imports what it needs when it runs: torch only in the commands that compute (so `report`,
+`check RUN_DIR` and `diff` never import it), pandas with the run folder, matplotlib and Jinja2
+only where a report is rendered (never for `inspect`); tests/test_imports.py checks it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import click
 
-from rfreport import __version__, diff, runfolder
+from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
@@ -68,7 +69,7 @@ def verbosity(command: Callable) -> Callable:
 
 
 def sweep_flags(command: Callable) -> Callable:
-    """Add the shared options of the commands that sweep: device, batch size, seed, ERF and verbosity."""
+    """Add the shared options of the commands that sweep: device, batch size, seed, ERF, cache and verbosity."""
     flags = [
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
         click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
@@ -77,6 +78,9 @@ def sweep_flags(command: Callable) -> Callable:
                      help="Measure the effective RF with this many random inputs (enables ERF)."),
         click.option("--erf-positions", multiple=True, metavar="SPEC",
                      help="Positions for the ERF: center, corners, edges, grid:K or H,W (repeatable; enables ERF)."),
+        click.option("--no-cache", is_flag=True, help="Neither reuse nor store results in the incremental cache."),
+        click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                     help="Cache folder (default: $RFREPORT_CACHE_DIR, else ~/.cache/rfreport)."),
     ]
     for flag in reversed(flags):
         command = flag(command)
@@ -121,14 +125,14 @@ def erf_overrides(samples: int | None, chosen: Sequence[str]) -> dict[str, Any]:
 
 
 def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | None, seed: int | None,
-                erf_samples: int | None, erf_positions: Sequence[str], executor: str | None = None,
-                address: str | None = None):
+                erf_samples: int | None, erf_positions: Sequence[str], no_cache: bool = False,
+                cache_dir: str | None = None, executor: str | None = None, address: str | None = None):
     """Load configs and apply the command-line overrides of the run options and ERF settings."""
     from rfreport import config as config_mod
 
     loaded = config_mod.load(paths)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed, "executor": executor,
-             "address": address}
+             "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir}
     options = replace(loaded.options, **{k: v for k, v in given.items() if v is not None})
     erf = erf_overrides(erf_samples, erf_positions)
     specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
@@ -198,13 +202,14 @@ def cli() -> None:
 @sweep_flags
 @converts_errors
 def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
-        verbose, quiet) -> None:
+        no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
-    from rfreport import pipeline
+    from rfreport import pipeline, runfolder
 
     configure_logging(verbose, quiet)
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
-                         erf_positions=erf_positions, executor=executor, address=address)
+                         erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
+                         address=address)
     chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
@@ -222,6 +227,7 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
 def report(run_dir, assets_dir, verbose, quiet) -> None:
     """Re-render RUN_DIR/index.html from the saved frames (no torch work)."""
     from rfreport import report as report_mod
+    from rfreport import runfolder
 
     configure_logging(verbose, quiet)
     saved = runfolder.load(run_dir)
@@ -233,11 +239,13 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @sweep_flags
 @converts_errors
-def check(sources, device, batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
+def check(sources, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,
+          quiet) -> None:
     """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR; exit 1 when one fails."""
     configure_logging(verbose, quiet)
     entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
-                              erf_samples=erf_samples, erf_positions=erf_positions)
+                              erf_samples=erf_samples, erf_positions=erf_positions, no_cache=no_cache,
+                              cache_dir=cache_dir)
     rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
             for e in entries for r in e.get("audit") or []]
     click.echo(table(["model", "rule", "limit", "value", "result"], rows) if rows else "no audit rules")
@@ -248,6 +256,8 @@ def check(sources, device, batch_size, seed, erf_samples, erf_positions, verbose
 
 def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
     """Return the audited entries of one saved run folder, or of the configs swept in memory."""
+    from rfreport import runfolder
+
     folders = [s for s in sources if Path(s).is_dir()]
     if folders:
         if len(sources) != 1:
@@ -269,6 +279,8 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
 @converts_errors
 def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
     """Show per model what changed between RUN_A and RUN_B (RF size, stride, padding, edges, findings, audit)."""
+    from rfreport import diff, runfolder
+
     configure_logging(verbose, quiet)
     found = diff.compare(runfolder.load(run_a), runfolder.load(run_b))
     rows = [[slug, "model", "", "added"] for slug in found.added]
@@ -297,7 +309,7 @@ def diff_command(run_a, run_b, fail_on_change, verbose, quiet) -> None:
 @sweep_flags
 @converts_errors
 def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
-            device, batch_size, seed, erf_samples, erf_positions, verbose, quiet) -> None:
+            device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport import pipeline
     from rfreport.config import Level, ModelSpec, RunOptions
@@ -311,7 +323,8 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
                      layer=layer, output=output, positions=chosen, mode=mode, layout=parse_layout_option(layout),
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
-    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed}
+    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
+             "cache": False if no_cache else None, "cache_dir": cache_dir}
     job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet)
     progress.start(job, 0, 1)
@@ -350,7 +363,8 @@ def inspect_text(record: dict) -> str:
              "yes" if p["edge"] else ""] for p in record["positions"]]
     geometry = record["geometry"]
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
-             f"({record['mode']})", "", table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
+             f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
+             table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
     if record.get("levels"):
         rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]), text(lv["rf_size"]), text(lv["padding"]),

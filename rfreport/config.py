@@ -95,6 +95,8 @@ class RunOptions:
     device: str = "auto"
     batch_size: int | str = "auto"
     seed: int = 0
+    cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.cache)
+    cache_dir: str | None = None     # the cache folder (None: $RFREPORT_CACHE_DIR or ~/.cache/rfreport)
 
 
 @dataclass(frozen=True)

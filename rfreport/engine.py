@@ -28,6 +28,7 @@ OutputKey = str | int | None
 MODES = ("structural", "gradient")
 CPU_BATCH_BYTES = 1 << 30
 MAX_BATCH = 4096
+LIVE_GRADIENTS = 6   # activation-sized gradients a batched backward holds per row at its peak
 
 
 @dataclass(frozen=True)
@@ -320,10 +321,11 @@ class Engine:
         gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim(),
                                        generator=gates)
-        saved = [0]
+        saved = [0, 0]
 
         def count(tensor):
-            saved[0] += tensor.numel() * tensor.element_size()
+            size = tensor.numel() * tensor.element_size()
+            saved[0], saved[1] = saved[0] + size, max(saved[1], size)
             return tensor
 
         with torch.enable_grad(), eager_forward(), function_mode, \
@@ -331,7 +333,8 @@ class Engine:
             raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
         y = channels_first(raw, self.target.layout, self.input_spatial, self.target.describe())
         self._check_output(y)
-        self._x, self._y, self.function_mode, self.saved_bytes = x, y, function_mode, saved[0]
+        self._x, self._y, self.function_mode = x, y, function_mode
+        self.saved_bytes, self.largest_saved = saved
 
     def _check_output(self, y: torch.Tensor) -> None:
         """Require an output that depends on the input (forward_target already read it as (N, C, *spatial))."""
@@ -353,8 +356,13 @@ class Engine:
         return tuple(sorted(self.function_mode.padding_modes))
 
     def auto_batch_size(self) -> int:
-        """Return the largest cotangent batch whose backward fits the memory budget."""
-        per_row = 3 * (self.saved_bytes + (self._x.numel() + self._y.numel()) * self._x.element_size())
+        """Return the largest cotangent batch whose backward fits the memory budget.
+
+        A batched backward holds, per row, the gradients of the few activations alive at one time
+        (a residual block's branches), not of every saved tensor: a few times the largest one.
+        """
+        ends = (self._x.numel() + self._y.numel()) * self._x.element_size()
+        per_row = LIVE_GRADIENTS * self.largest_saved + 2 * ends
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = free // 2
@@ -368,13 +376,24 @@ class Engine:
         `weights` has shape (B, *output_spatial); each row is spread over every batch element
         and output channel of the analysed tensor.
         """
-        weights = weights.to(self._y.device, self._y.dtype)
-        cotangents = weights[:, None, None].expand(-1, *self._y.shape)
-        grads = self._vjp(cotangents).abs().sum(dim=(1, 2))
+        grads = self._vjp(self.cotangents(weights, self._y)).abs().sum(dim=(1, 2))
         if not torch.isfinite(grads).all():
             raise SweepError(f"the {self.mode} pass gave non-finite gradients for {self.target.describe()} "
                              "(an activation overflowed or divided by zero)")
         return grads
+
+    def cotangents(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Spread rows of weights (B, *spatial) over every batch element and channel of a tensor.
+
+        In structural mode each entry is scaled by a fixed positive random number: the sum of a
+        constant cotangent over channels could cancel exactly (relu(h) and relu(-h) side by side).
+        """
+        weights = weights.to(like.device, like.dtype)
+        spread = weights[:, None, None].expand(-1, *like.shape)
+        if self.mode != "structural":
+            return spread
+        generator = torch.Generator(device=like.device).manual_seed(self.seed + 2)
+        return spread * (torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device) + 0.5)
 
     def support(self, weights: torch.Tensor) -> torch.Tensor:
         """Return the boolean input support of each row of cotangent weights."""
@@ -382,7 +401,7 @@ class Engine:
 
     def _vjp(self, cotangents: torch.Tensor) -> torch.Tensor:
         """Backpropagate a batch of cotangents in one vmapped pass, or row by row where vmap fails."""
-        if self._batched:
+        if self._batched and len(cotangents) > 1:
             try:
                 return self._grad(cotangents, batched=True)
             except RuntimeError:
@@ -523,8 +542,7 @@ class LayerEngine(Engine):
     def local_support(self, name: str, weights: torch.Tensor) -> dict[str | None, torch.Tensor]:
         """Return, per nearest predecessor, the boolean support (B, *its spatial) of rows of weights on a layer."""
         value = self.layers[name].value
-        weights = weights.to(value.device, value.dtype)
-        cotangents = weights[:, None, None].expand(-1, *value.shape)
+        cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name)
         edges = [self.layers[s].edge if s else self._x for s in sources]
         grads = _local_vjp(value, edges, cotangents)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, attention, audit, erf, frames, layers, levels, models, report, runfolder
+from rfreport import __version__, analysis, attention, audit, cache, erf, frames, layers, levels, models, runfolder
 from rfreport import positions as positions_mod
 from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
@@ -75,6 +75,7 @@ class JobResult:
     findings: tuple[dict, ...] = ()                                 # {code, severity, message}
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
     arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position
+    cached: bool = False                                            # taken from the incremental-audit cache
 
 
 def make_jobs(config: RunConfig) -> list[Job]:
@@ -299,8 +300,12 @@ def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
 
 
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
-    """Build the model, run every stage of a job and assemble its result."""
+    """Build the model and return the job's cached result, or run every stage, assemble and cache its result."""
     model = models.build(job.spec)
+    slot = cache.slot(model, job)
+    if (hit := slot.load()) is not None:
+        return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
+                         frames=hit.frames, arrays=hit.arrays, **hit.values)
     done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
     records = level_records(model, job, done)
@@ -310,18 +315,30 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
                     "levels": levels.frame(records, main.ndim) if records else None,
                     "erf": measured.metrics if measured else None}
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
-    return JobResult(
+    result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
         summary=dict(result.summary) | (measured.summary() if measured else {}) | pyramid,
         findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
+    slot.save_result(result)
+    return result
 
 
 def inspect(job: Job, advance: Advance | None = None) -> dict:
-    """Sweep one job without layer growth and return the JSON record of `rfreport inspect --json`."""
+    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept without layer growth."""
     model = models.build(job.spec)
+    slot = cache.slot(model, job, "inspect")
+    if (hit := slot.load()) is not None:
+        return hit.values | {"cached": True}
+    record = inspect_record(model, job, advance)
+    slot.save(record)
+    return record | {"cached": False}
+
+
+def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
+    """Sweep one job's model without layer growth and return its inspect record."""
     found = attention_record(model, job)
     done = compute(model, job, advance, growth=False, attention_found=found)
     summary, frame = done.analysed.summary, done.analysed.positions
@@ -369,7 +386,7 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              **result.summary, "findings": list(result.findings)}
+              **result.summary, "findings": list(result.findings), "cached": result.cached}
     checks = audit.evaluate(job.spec.audit, values)
     if result.status == "ok":
         checks += levels.audit_rows(job.spec.levels, values.get("levels") or [])
@@ -417,11 +434,13 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
 
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
+    from rfreport import report  # matplotlib and Jinja2 load only when a report is written, not for inspect
     started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
         entries = [runfolder.write_model(staging, output) for output in outputs(jobs, executor)]
         meta["duration_s"] = round(time.perf_counter() - started, 3)
+        meta["cache"] = cache.describe(config.options, entries)
         runfolder.write_summary(staging, meta, entries)
         assets = staging / assets_dir if assets_dir is not None else None
         report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)

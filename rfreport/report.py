@@ -119,6 +119,7 @@ class RunInfo:
     seed: Any = field(metadata={"doc": "random seed"})
     duration_s: float | None = field(metadata={"doc": "wall-clock duration of the run in seconds"})
     argv: str = field(metadata={"doc": "the command line of the run"})
+    cached: tuple[str, ...] = field(metadata={"doc": "models (slugs) taken from the incremental-audit cache"})
 
 
 @dataclass(frozen=True)
@@ -459,7 +460,8 @@ def run_info(meta: Mapping) -> RunInfo:
         config_files=tuple(str(p) for p in meta.get("config_files", [])),
         versions=tuple((k, str(v)) for k, v in (meta.get("versions") or {}).items()),
         device=str(meta.get("device", "")), date=str(meta.get("date", "")), seed=meta.get("seed"),
-        duration_s=meta.get("duration_s"), argv=" ".join(map(str, argv)) if isinstance(argv, list) else str(argv))
+        duration_s=meta.get("duration_s"), argv=" ".join(map(str, argv)) if isinstance(argv, list) else str(argv),
+        cached=tuple((meta.get("cache") or {}).get("hits") or ()))
 
 
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:

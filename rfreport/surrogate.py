@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from rfreport import replacements as rep
 from rfreport.errors import SweepError
+from rfreport.replacements import bind
 
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",
@@ -84,6 +85,18 @@ SHAPE_OPS = frozenset({
     "reshape_as", "broadcast_to", "getitem", "narrow", "select", "split", "chunk", "unbind", "split_with_sizes",
     "tensor_split", "cat", "concat", "concatenate", "stack", "pad", "permute", "transpose", "movedim", "moveaxis",
     "swapaxes", "swapdims", "t",
+})
+# Ops whose vector-Jacobian product scales each element by itself (or only moves elements): nothing is
+# summed inside them, so nothing can cancel there, and the gates of the summing ops around them keep
+# magnitudes in range. They are left ungated, which halves the gates of a typical network. Replaced
+# ops (ReLU -> identity, max -> mean) stay gated: the replacement changes their Jacobian's signs, and
+# relu(h) + relu(-h) would otherwise cancel exactly.
+POINTWISE = frozenset({
+    "add", "radd", "sub", "rsub", "mul", "rmul", "div", "rdiv", "true_divide", "truediv", "rtruediv", "neg", "pos",
+    "abs", "pow", "rpow", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "reciprocal",
+    "square", "sin", "cos", "erf", "erfc", "where", "masked_fill", "batch_norm", "cat", "concat", "concatenate",
+    "stack", "pad", "to", "type_as", "float", "double", "half", "bfloat16", "clone", "contiguous", "copysign",
+    "addcmul", "addcdiv", "lerp",
 })
 PERMUTING = frozenset({"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"})
 
@@ -177,7 +190,7 @@ class StructuralMode(TorchFunctionMode):
             return result
         self._judge_locality(name, args, kwargs, result)
         result = self._held_if_global(name, args, kwargs, result)
-        return self._gated(func, result, inputs) if self.linearise else result
+        return self._gated(func, result, inputs) if self.linearise and name not in POINTWISE else result
 
     def _observe(self, name: str, args, kwargs) -> None:
         """Record padding modes that make borders wrap or mirror, and ops that can mix gradient signs."""
@@ -207,11 +220,17 @@ class StructuralMode(TorchFunctionMode):
 
     def _linearised(self, func, name: str, args, kwargs):
         """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
+        tainted = any(_is_tainted(t) for t in _tensors((args[1:], kwargs)))
+        if tainted and name in rep.SCATTERING:
+            rep.refuse_scatter(name)
         first = args[0] if args else next(iter(kwargs.values()), None)
         if not _is_differentiable(first):
             return NotImplemented
         if name in IDENTITY_FUNCTIONS:
-            return first
+            # a fresh tensor, so the gate gives relu(h) and relu(-h) independent cotangents
+            return first if _in_place(func) else first.clone()
+        if name == "batch_norm" and not bind(BATCH_NORM, args, kwargs).get("training", False):
+            return _affine_batch_norm(**bind(BATCH_NORM, args, kwargs))
         if name.startswith("max_pool") and name[-2:] in ("1d", "2d", "3d"):
             return rep.max_pool(func, name, args, kwargs)
         if name.startswith("adaptive_max_pool"):
@@ -227,11 +246,8 @@ class StructuralMode(TorchFunctionMode):
         if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
             other = args[1] if len(args) > 1 else kwargs["other"]
             return (args[0] + other) / 2
-        tainted = [t for t in _tensors((args[1:], kwargs)) if _is_tainted(t)]
         if tainted and name in rep.INDEXED:
             return rep.indexed(func, name, args, kwargs)
-        if tainted and name in rep.SCATTERING:
-            rep.refuse_scatter(name)
         return NotImplemented
 
     def _judge_locality(self, name: str, args, kwargs, result) -> None:
@@ -292,6 +308,18 @@ class StructuralMode(TorchFunctionMode):
             return _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
 
         return _map_tensors(result, gate)
+
+
+BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                       eps=1e-5):
+    """Evaluate an eval-mode batch norm as the per-channel affine map it is (a cheaper backward)."""
+    shape = (1, -1, *([1] * (input.dim() - 2)))
+    scale = torch.rsqrt(running_var + eps) * (weight if weight is not None else 1)
+    shift = (bias if bias is not None else 0) - running_mean * scale
+    return input * scale.view(shape) + shift.view(shape) if torch.is_tensor(shift) else input * scale.view(shape)
 
 
 def _taint(result: Any) -> None:
@@ -374,6 +402,8 @@ def _in_place(func: Callable) -> bool:
 
 def _has_negative(value: Any) -> bool:
     """Tell whether a constant operand (not differentiated) holds a negative number."""
+    if isinstance(value, nn.Parameter):
+        return False  # the surrogate's own parameters: positive or zero by construction
     if isinstance(value, torch.Tensor):
         return value.is_floating_point() and not value.requires_grad and value.numel() > 0 and bool(
             (value < 0).any())
@@ -433,7 +463,7 @@ def eager_forward() -> Iterator[None]:
 
 def _positive_weight(param: torch.Tensor, transposed: bool, generator: torch.Generator) -> torch.Tensor:
     """Draw positive weights whose fan-in sums to one, so activations stay O(1)."""
-    values = torch.rand(param.shape, generator=generator, dtype=torch.float64) + 0.5
+    values = torch.rand(param.shape, generator=generator, dtype=param.dtype) + 0.5
     fan_dims = [d for d in range(param.dim()) if d != (1 if transposed else 0)]
     return values / values.sum(dim=fan_dims, keepdim=True)
 
@@ -442,10 +472,10 @@ def _surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
                          generator: torch.Generator) -> torch.Tensor:
     """Return the surrogate value of one parameter: zero biases, positive weights and scales."""
     if name.endswith("bias"):
-        return torch.zeros(param.shape, dtype=torch.float64)
+        return torch.zeros(param.shape, dtype=param.dtype)
     if param.dim() >= 2:
         return _positive_weight(param, transposed, generator)
-    return torch.ones(param.shape, dtype=torch.float64)
+    return torch.ones(param.shape, dtype=param.dtype)
 
 
 def build_surrogate(model: nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:

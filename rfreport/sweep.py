@@ -191,7 +191,8 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
     `positions` may also be a function of the output grid's shape returning a selection;
     `mode` is `structural` (exact theoretical RF) or `gradient` (naive data-dependent support);
     `layer`/`output` choose the analysed tensor; `keep_masks` names positions whose boolean
-    support masks are returned; `method` is `dense`, `compressed` or `auto` (see compress.py);
+    support masks are returned (True: every swept position); `method` is `dense`, `compressed` or
+    `auto` (see compress.py; SweepResult.method_note says why a compressed sweep ran densely);
     `progress`, if given, is called with the number of positions done after each chunk;
     `layout` (`nchw`, `nhwc`, `tokens`, `tokens:HxW`) says how the analysed tensor's axes are read;
     `dtype` (`float32` or `float64`) is the structural surrogate's precision (the answers are the same).
@@ -202,7 +203,8 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
                 probes=probes, local=local, dtype=dtype) as engine:
         spec = positions(engine.output_spatial) if callable(positions) else positions
         selected = positions_mod.resolve(spec, engine.output_spatial)
-        keep = positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0))
+        keep = selected if keep_masks is True else (
+            positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0)))
         acc = _Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())),
                            wrap="circular" in engine.padding_modes)
         size = resolve_batch_size(engine, batch_size)

@@ -15,6 +15,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def module_cache_dir(tmp_path_factory):
+    """Give each test module's module-scoped fixtures their own empty result cache, never ~/.cache/rfreport."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RFREPORT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """Give every test its own empty result cache, never the developer's ~/.cache/rfreport."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("RFREPORT_CACHE_DIR", str(folder))
+    return folder
+
+
 def _hypothesis_profiles() -> None:
     """Explore new examples on developer machines; replay a fixed set in CI so a red build is reproducible."""
     import os

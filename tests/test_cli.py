@@ -156,7 +156,7 @@ def inspect_json(ws: Path, *args: str) -> dict:
 
 def test_inspect_json_has_exactly_the_documented_schema(ws):
     record = inspect_json(ws, "--pos", "3,3", "--positions", "corners")
-    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry"]
+    assert list(record) == ["model", "input_shape", "output_shape", "mode", "positions", "geometry", "cached"]
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]

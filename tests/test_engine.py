@@ -28,10 +28,10 @@ class TwoHeads(nn.Module):
 
 
 def state_of(model: nn.Module):
-    """Snapshot the flags and hooks a sweep must restore."""
+    """Snapshot the flags, hooks, parameters and buffers a sweep must restore."""
     return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
             [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-            [p.detach().clone() for p in model.parameters()])
+            [t.detach().clone() for t in model.state_dict().values()])
 
 
 def assert_same_state(before, after) -> None:
