@@ -172,3 +172,13 @@ def test_levels_frame_of_a_global_level_compares_anchors_with_the_local_rf():
                      "anchors_fit": False, "anchor_min_share": pytest.approx(4 / 9)}
     assert levels.aggregate([{"anchors": [], "anchors_fit": None}]) == {"anchors_fit": None, "anchor_min_share": None}
     assert isinstance(levels.frame([], 2), pd.DataFrame)
+
+
+def test_a_level_that_cannot_be_read_fails_the_job_in_one_line_naming_it(ws, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[[model]]\nname = "bad"\nfactory = "{ws / "nets.py"}:pyramid"\ninput_shape = [1, 1, 32, 32]\n'
+                    'positions = "center"\nlayers = ["block2"]\nlevels = ["p4", "p3"]\n')
+    done = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert done.exit_code == 1
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
+    assert entry["status"] == "failed" and entry["error"].startswith("level 'p4': model output has no key 'p4'")
