@@ -580,7 +580,7 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
             gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
             enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None,
-            global_ops: Sequence[GlobalOp] | None = None) -> Analysis:
+            global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
     `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `enlarged` a sweep
@@ -591,6 +591,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
     `global_ops` the global operations the output depends on (`context.global_ops`; None: not
     looked for, so global context is unknown wherever some RF covers the input).
+    `attention` the record of pipeline.attention_record (attention modules and their reach).
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
@@ -603,6 +604,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
     summary, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
+    summary["attention"] = attention
     context = _Context(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
@@ -766,5 +768,37 @@ def _verification_findings(c: _Context) -> list[Finding]:
     return []
 
 
+def _attention_findings(c: _Context) -> list[Finding]:
+    """Say where attention is global (first global block, local RF before it) or windowed (reach per block)."""
+    record = c.summary.get("attention")
+    if not record or not record.get("stages"):
+        return []
+    first = record["stages"][0]
+    if first["groups"] == 1:
+        local = record["local"]
+        before = (f"; the local RF before it ({local['layer']}) is {_axes_text(local['rf_size'])} input pixels"
+                  if local else "")
+        return [Finding("attention", "info", f"Attention is global: from block {first['first']} on, every token "
+                        f"attends to all {first['tokens']} tokens at once ({first['kind']}), so the first global "
+                        f"block is {first['first']}{before}.")]
+    stages = "; ".join(f"{s['first']}" + (f" to {s['last']}" if s["blocks"] > 1 else "") +
+                       f": {s['groups']} groups of {s['tokens']} tokens" for s in record["stages"])
+    return [Finding("attention", "info", f"Attention is windowed: tokens attend only within groups (windows or "
+                    f"grids) per image ({stages}).{_window_reach(record['blocks'])}")]
+
+
+def _window_reach(blocks: Sequence[dict]) -> str:
+    """Describe the centre RF after each measured block of windowed attention."""
+    if not blocks:
+        return ""
+    steps = [f"{b['block']} {_axes_text(b['rf_size'])}" + (" (global)" if b["global"] else "") for b in blocks]
+    text = f" A centre token's RF after each block: {', '.join(steps)} input pixels"
+    one, two = blocks[0], blocks[1] if len(blocks) > 1 else None
+    if two and (one["tokens"], one["groups"]) == (two["tokens"], two["groups"]) and two["rf_size"] > one["rf_size"]:
+        text += (f"; a token of {one['block']} mixes its window only, one of {two['block']} also the neighbouring "
+                 "windows its shifted (or strided) window overlaps")
+    return text + "."
+
+
 RULES = (_verification_findings, _geometry_findings, _edge_findings, _coverage_findings, _support_findings,
-         _context_findings, _gradient_findings)
+         _context_findings, _gradient_findings, _attention_findings)

@@ -45,6 +45,8 @@ CHECKS: dict[str, Check] = {
     "max_covering_fraction": Check("covering_fraction", lambda lim, v: v <= lim),
     "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim)),
     "min_fill": Check("min_fill", lambda lim, v: v >= lim),
+    "anchors_fit": Check("anchors_fit", lambda lim, v: bool(v)),
+    "min_anchor_share": Check("anchor_min_share", lambda lim, v: v >= lim),
 }
 
 

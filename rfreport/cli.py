@@ -402,6 +402,8 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
 @click.option("--kwargs", "kwargs_json", default="{}", help="Factory keyword arguments as a JSON object.")
 @click.option("--layer", default=None, help="Analyse this submodule's output.")
 @click.option("--output", default=None, help="Analyse this key (or integer index) of a tuple/dict output.")
+@click.option("--level", "level_keys", multiple=True, metavar="KEY",
+              help="Also analyse this output key or index as a pyramid level (repeatable; see `levels`).")
 @click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
 @click.option("--positions", default=None, help="all, center, corners, edges or grid:K (default: center).")
 @click.option("--mode", type=click.Choice(MODES), default="structural", help="Exact structural RF or naive gradient.")
@@ -410,20 +412,21 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @sweep_flags
 @converts_errors
-def inspect(factory, input_shape, kwargs_json, layer, output, pos, positions, mode, layout, as_json, device,
-            batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
+def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
+            device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport import pipeline
-    from rfreport.config import ModelSpec, RunOptions
+    from rfreport.config import Level, ModelSpec, RunOptions
 
     configure_logging(verbose, quiet)
     if layer is not None and output is not None:
         raise click.UsageError("give --layer or --output, not both")
     chosen = [*([positions] if positions else []), *(parse_position(p) for p in pos)] or "center"
+    levels = tuple(Level(name=key, layer=layer, output=parse_output(key)) for key in level_keys)
+    output = parse_output(output) if output is not None or not levels else levels[-1].output
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
-                     layer=layer, output=parse_output(output), positions=chosen, mode=mode,
-                     layout=parse_layout_option(layout),
-                     erf=erf_overrides(erf_samples, erf_positions) or None)
+                     layer=layer, output=output, positions=chosen, mode=mode, layout=parse_layout_option(layout),
+                     erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
              "cache": False if no_cache else None, "cache_dir": cache_dir}
     job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
@@ -471,6 +474,11 @@ def inspect_text(record: dict) -> str:
         lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
                      f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
                      "input outside the reported RF was perturbed)")
+    if record.get("levels"):
+        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]), text(lv["rf_size"]), text(lv["padding"]),
+                 text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
+                for lv in record["levels"]]
+        lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
     return "\n".join(lines)
 
 

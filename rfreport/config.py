@@ -48,7 +48,24 @@ AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
     AuditRule("max_center_offset", "pixels", "the centre RF's centre is at most this far from its ideal "
               "centre (input pixels, per axis)"),
     AuditRule("min_fill", "fraction", "every swept RF fills at least this fraction of its box (no gridding holes)"),
+    AuditRule("anchors_fit", "flag", "when true, every anchor fits inside the RF of its level on every axis"),
+    AuditRule("min_anchor_share", "fraction", "every anchor is at least this fraction of the RF of its level on "
+              "every axis"),
 )}
+LEVEL_AUDIT_RULES = tuple(name for name in AUDIT_RULES if name != "no_unseen")   # levels sweep a few positions
+
+
+@dataclass(frozen=True)
+class Level:
+    """One analysed level of a model (a feature-pyramid output or a layer): its target, anchors and audit."""
+
+    name: str
+    layer: str | None = None                       # submodule whose output is read (None: the model's layer)
+    output: str | int | None = None                # key or index of a tuple/dict output
+    layout: str | None = None                      # how the level's tensor is read (None: the model's layout)
+    anchors: tuple[tuple[int, ...], ...] = ()      # anchor sizes in input pixels, one entry per axis (or one for all)
+    audit: dict[str, Any] = field(default_factory=dict)    # rule name -> limit, checked on this level
+
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class ModelSpec:
     image: Path | None = None                      # a user image shown under the report's overlays
     layers: tuple[str, ...] | None = None          # layers for per-layer growth (None: the pipeline's default)
     layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
+    levels: tuple[Level, ...] = ()                 # extra targets analysed in the same job (feature pyramids)
     config_file: Path | None = None
     verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.verify)
 
@@ -258,9 +276,9 @@ def _layers(value: Any, where: _Where, key: str) -> tuple[str, ...]:
     return tuple(_string(item, where, key) for item in items)
 
 
-def _audit_limit(rule: AuditRule, value: Any, where: _Where) -> Any:
+def _audit_limit(rule: AuditRule, value: Any, where: _Where, prefix: str = "audit") -> Any:
     """Validate one audit rule's limit according to its kind."""
-    key = f"audit.{rule.name}"
+    key = f"{prefix}.{rule.name}"
     if rule.kind == "flag":
         return _expect(value, (bool,), "true or false", where, key)
     if rule.kind == "size":
@@ -276,11 +294,11 @@ def _audit_limit(rule: AuditRule, value: Any, where: _Where) -> Any:
     return number
 
 
-def _audit(value: Any, where: _Where, key: str) -> dict[str, Any]:
+def _audit(value: Any, where: _Where, key: str, rules: Sequence[str] = tuple(AUDIT_RULES)) -> dict[str, Any]:
     """Validate an `[audit]` table of rule -> limit."""
     table = _table(value, where, key)
-    _unknown([f"{key}.{name}" for name in table], [f"{key}.{name}" for name in AUDIT_RULES], where, "audit rule")
-    return {name: _audit_limit(AUDIT_RULES[name], limit, where) for name, limit in table.items()}
+    _unknown([f"{key}.{name}" for name in table], [f"{key}.{name}" for name in rules], where, "audit rule")
+    return {name: _audit_limit(AUDIT_RULES[name], limit, where, key) for name, limit in table.items()}
 
 
 def _erf(value: Any, where: _Where, key: str) -> dict[str, Any] | None:
@@ -315,6 +333,53 @@ def _verify(value: Any, where: _Where, key: str) -> int | bool | str:
     return value
 
 
+def _anchors(value: Any, where: _Where, key: str) -> tuple[tuple[int, ...], ...]:
+    """Validate anchor sizes: positive integers (square) or per-axis lists of them."""
+    items = _expect(value, (list,), "a list of anchor sizes (integers or per-axis lists)", where, key)
+    anchors = []
+    for item in items:
+        sizes = item if isinstance(item, list) else [item]
+        sizes = [_expect(v, (int,), "a positive integer or a per-axis list of them", where, key) for v in sizes]
+        if not sizes or any(v < 1 for v in sizes):
+            raise where.error(key, f"anchor {item!r} must be a positive integer or a per-axis list of them")
+        anchors.append(tuple(sizes))
+    return tuple(anchors)
+
+
+LEVEL_KEYS = ("name", "layer", "output", "layout", "anchors", "audit")
+
+
+def _level(item: Any, where: _Where, key: str) -> Level:
+    """Validate one level: an output key/index, or a table of name, layer, output, anchors and audit."""
+    if not isinstance(item, dict):
+        output = _output(item, where, key)
+        return Level(name=str(output), output=output)
+    _unknown([f"{key}.{k}" for k in item], [f"{key}.{k}" for k in LEVEL_KEYS], where, "level key")
+    layer = _string(item["layer"], where, f"{key}.layer") if "layer" in item else None
+    output = _output(item["output"], where, f"{key}.output") if "output" in item else None
+    if layer is None and output is None:
+        raise where.error(key, "a level needs a layer, an output or both")
+    default = f"{layer}[{output!r}]" if layer and output is not None else layer or str(output)
+    layout = _layout(item["layout"], where, f"{key}.layout") if "layout" in item else None
+    return Level(name=_string(item.get("name", default), where, f"{key}.name"), layer=layer, output=output,
+                 layout=layout,
+                 anchors=_anchors(item.get("anchors", []), where, f"{key}.anchors"),
+                 audit=_audit(item.get("audit", {}), where, f"{key}.audit", LEVEL_AUDIT_RULES))
+
+
+def _levels(value: Any, where: _Where, key: str) -> tuple[Level, ...]:
+    """Validate a non-empty list of levels with distinct names."""
+    items = _expect(value, (list,), "a list of output keys/indices or level tables", where, key)
+    if not items:
+        raise where.error(key, "must not be empty")
+    levels = tuple(_level(item, where, f"{key}[{i}]") for i, item in enumerate(items))
+    names = [level.name for level in levels]
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        raise where.error(key, f"level name {twice[0]!r} is used twice")
+    return levels
+
+
 Checker = Callable[[Any, _Where, str], Any]
 ERF_KEYS: dict[str, Checker] = {
     "samples": _positive_int,
@@ -338,6 +403,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "layers": _layers,
     "layout": _layout,
     "verify": _verify,
+    "levels": _levels,
 }
 RUN_KEYS: dict[str, Checker] = {
     "executor": lambda v, w, k: _choice(v, EXECUTORS, w, k),
@@ -379,9 +445,13 @@ def _check_merged(values: dict[str, Any], where: _Where) -> None:
         for item in spec if isinstance(spec, tuple) else ():
             if not isinstance(item, str) and len(item) != rank:
                 raise where.error(key, f"position {list(item)} must have {rank} coordinates (one per spatial axis)")
-    for name, limit in values.get("audit", {}).items():
+    limits = [(f"audit.{name}", limit) for name, limit in values.get("audit", {}).items()]
+    for i, level in enumerate(values.get("levels", ())):
+        limits += [(f"levels[{i}].audit.{name}", limit) for name, limit in level.audit.items()]
+        limits += [(f"levels[{i}].anchors", list(anchor)) for anchor in level.anchors if len(anchor) > 1]
+    for key, limit in limits:
         if isinstance(limit, list) and len(limit) != rank:
-            raise where.error(f"audit.{name}", f"{limit} must have {rank} entries (one per spatial axis)")
+            raise where.error(key, f"{limit} must have {rank} entries (one per spatial axis)")
 
 
 def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> ModelSpec:
@@ -393,13 +463,19 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
         if key not in values:
             raise where.error(key, "is required (in the model or in [defaults])")
     _check_merged(values, where)
+    # a level naming only an output reads it from the model's own layer
+    levels = tuple(replace(lv, layer=values.get("layer")) if lv.layer is None else lv
+                   for lv in values.get("levels", ()))
+    if levels and "layer" not in values and "output" not in values:   # the model's own target: its last level
+        values |= {"layer": levels[-1].layer, "output": levels[-1].output}
+        values |= {"layout": levels[-1].layout} if levels[-1].layout else {}
     return ModelSpec(
         name=values["name"], factory=values["factory"], input_shapes=values["input_shape"],
         kwargs=values.get("kwargs", {}), checkpoint=values.get("checkpoint"), layer=values.get("layer"),
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
         image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
-        config_file=file, verify=values.get("verify", "auto"))
+        levels=levels, config_file=file, verify=values.get("verify", "auto"))
 
 
 def _read(path: Path) -> dict[str, Any]:

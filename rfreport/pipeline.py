@@ -16,7 +16,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +26,24 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import __version__, analysis, audit, cache, context, erf, frames, layers, models, progress, runfolder
+from rfreport import (
+    __version__,
+    analysis,
+    attention,
+    audit,
+    cache,
+    context,
+    erf,
+    frames,
+    layers,
+    levels,
+    models,
+    progress,
+    runfolder,
+)
 from rfreport import positions as positions_mod
 from rfreport import verify as verify_mod
-from rfreport.config import ModelSpec, RunConfig, RunOptions
+from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
 from rfreport.engine import Engine, Target, resolve_device
 from rfreport.errors import RfReportError, SweepError
 from rfreport.layouts import parse_layout
@@ -293,9 +307,36 @@ class Computed:
     erf_result: erf.ErfResult | None
 
 
+def attention_record(model: nn.Module, job: Job) -> dict | None:
+    """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
+    with timed(job, "attention"):
+        try:
+            calls = attention.detect(model, job.input_shape)
+            target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
+            pools = attention.global_pooling(model, job.input_shape, target)
+        except RfReportError:
+            logger.debug("%s: no attention findings", job.slug, exc_info=True)
+            return None
+        if not calls:
+            return {"pooling": list(pools)} if pools else None
+
+        def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
+            try:
+                found = sweep(model, job.input_shape, "center", **(sweep_options(job) | {
+                    "layer": layer, "output": None, "layout": layout}))
+            except RfReportError:
+                logger.debug("%s: no RF for attention block %s", job.slug, layer, exc_info=True)
+                return None
+            return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
+
+        found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
+        return found | {"pooling": list(pools)}
+
+
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True) -> Computed:
-    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth."""
+            growth: bool = True, attention_found: dict | None = None) -> Computed:
+    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth, `attention_found`
+    is the job's attention record (attention_record) for the findings."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
     with timed(job, "global context"):
@@ -315,7 +356,7 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
             model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              composed=composed, global_ops=found_ops)
+                              composed=composed, global_ops=found_ops, attention=attention_found)
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -328,6 +369,32 @@ def timed(job: Job, stage: str) -> Iterator[None]:
         yield
 
 
+def level_job(job: Job, level: Level) -> Job:
+    """Return the job that analyses one level: its own target, the centre (plus the fit's positions), no ERF."""
+    spec = replace(job.spec, layer=level.layer, output=level.output, layout=level.layout or job.spec.layout,
+                   positions="center", erf=None, levels=(), audit={})
+    return replace(job, spec=spec)
+
+
+def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
+    """Analyse every level of a job as a sweep with its own target (the job's own target is reused)."""
+    records = []
+    for level in job.spec.levels:
+        sub = level_job(job, level)
+        try:
+            with timed(job, f"level {level.name}"):
+                same = (sub.spec.layer, sub.spec.output, sub.spec.layout) == (job.spec.layer, job.spec.output,
+                                                                              job.spec.layout)
+                # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
+                first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
+                                                **sweep_options(sub))
+                computed = done if same else compute(model, sub, main=first, growth=False)
+        except RfReportError as exc:
+            raise SweepError(f"level {level.name!r}: {one_line(exc)}") from exc
+        records.append(levels.record(level, computed.analysed, computed.main.output_shape, computed.main.target))
+    return records
+
+
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
     """Build the model and return the job's cached result, or run every stage, assemble and cache its result."""
     model = models.build(job.spec)
@@ -335,17 +402,20 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
                          frames=hit.frames, arrays=hit.arrays, **hit.values)
-    done = compute(model, job, advance, main)
+    done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
+    records = level_records(model, job, done)
+    pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
+                    "levels": levels.frame(records, main.ndim) if records else None,
                     "erf": measured.metrics if measured else None}
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
     result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary) | (measured.summary() if measured else {}),
-        findings=tuple(asdict(f) for f in result.findings),
+        summary=dict(result.summary) | (measured.summary() if measured else {}) | pyramid,
+        findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
     slot.save_result(result)
@@ -365,7 +435,8 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
 
 def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
     """Sweep one job's model without layer growth and return its inspect record."""
-    done = compute(model, job, advance, growth=False)
+    found = attention_record(model, job)
+    done = compute(model, job, advance, growth=False, attention_found=found)
     summary, frame = done.analysed.summary, done.analysed.positions
     letters = positions_mod.axis_names(done.main.ndim)
 
@@ -388,6 +459,10 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
               "exact": not summary["violations"]}
+    if job.spec.levels:
+        record["levels"] = level_records(model, job, done)
+    if found is not None:
+        record["attention"] = found
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record
@@ -417,7 +492,10 @@ def entry(job: Job, result: JobResult) -> dict:
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
               "spec": spec_record(job), **result.summary, "findings": list(result.findings),
               "cached": result.cached}
-    return {**values, "audit": audit.evaluate(job.spec.audit, values)}
+    checks = audit.evaluate(job.spec.audit, values)
+    if result.status == "ok":
+        checks += levels.audit_rows(job.spec.levels, values.get("levels") or [])
+    return {**values, "audit": checks}
 
 
 def spec_record(job: Job) -> dict:

@@ -374,8 +374,8 @@ def findings(entry: Mapping) -> tuple[Finding, ...]:
     return tuple(sorted(items, key=lambda f: f.severity != "warning"))
 
 
-TABLES = (("geometry", "Geometry per axis"), ("edges", "Positions"), ("positions", "Positions"),
-          ("erf", "Effective-RF metrics"))
+TABLES = (("levels", "Feature-pyramid levels"), ("geometry", "Geometry per axis"), ("edges", "Positions"),
+          ("positions", "Positions"), ("erf", "Effective-RF metrics"))
 
 
 def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path, embeds: bool = False) -> Table:

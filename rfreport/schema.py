@@ -89,7 +89,7 @@ def load_all() -> None:
     """Import every module that registers a schema, so the registry is complete."""
     import importlib
 
-    for module in ("rfreport.frames", "rfreport.analysis", "rfreport.layers", "rfreport.erf"):
+    for module in ("rfreport.frames", "rfreport.analysis", "rfreport.layers", "rfreport.erf", "rfreport.levels"):
         importlib.import_module(module)
 
 

@@ -1,0 +1,219 @@
+"""Modern backbones built small with timm: patch embedding, window attention, global attention, layouts via the CLI.
+
+Expected values are derived by hand and checked again by forward perturbation of the real model
+(change one input pixel, see which output tokens change).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rfreport import attention, pipeline
+from rfreport.cli import cli
+from rfreport.config import ModelSpec, RunOptions
+from rfreport.sweep import sweep
+
+timm = pytest.importorskip("timm")
+SHAPE = (1, 3, 32, 32)
+# Swin built small: 4x4 patches (an 8x8 token grid), 2x2-token windows, one stage of two blocks (the second
+# shifts its windows by one token), returned channels-last.
+SWIN = {"model_name": "swin_tiny_patch4_window7_224", "pretrained": False, "features_only": True, "img_size": 32,
+        "window_size": 2, "embed_dim": 8, "depths": [2], "num_heads": [1], "out_indices": [0]}
+
+
+def swin():
+    """Build the small Swin (one stage, channels-last output)."""
+    return timm.create_model(**SWIN).eval()
+
+
+def vit(registers: int = 0):
+    """Build a small ViT: 8x8 patches of a 32x32 input (a 4x4 token grid), a class token, optional registers."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=0,
+                             reg_tokens=registers).eval()
+
+
+def changed_tokens(model, read, pixel: tuple[int, int]) -> set[tuple[int, int]]:
+    """Return the grid positions of `read(model(x))` that change when one input pixel changes (float64)."""
+    model = model.double()
+    x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = x.clone()
+    y[0, :, pixel[0], pixel[1]] += 1.0
+    with torch.no_grad():
+        delta = (read(model(y)) - read(model(x))).abs().sum(dim=0)   # (H, W) grid
+    return set(map(tuple, torch.nonzero(delta > 1e-12).tolist()))
+
+
+def boxes_holding(result, pixel: tuple[int, int], keep) -> set[tuple[int, int]]:
+    """Return the swept positions (among `keep`) whose RF box holds the pixel."""
+    inside = ((result.lo <= pixel) & (result.hi >= pixel)).all(axis=1)
+    return {tuple(p) for p, hit in zip(result.positions.tolist(), inside) if hit and keep(tuple(p))}
+
+
+def swin_box(t: int) -> tuple[int, int]:
+    """Hand-derived RF of interior token t on one axis after the two blocks (input pixels).
+
+    Block 0 mixes t's window {2k, 2k+1}; block 1 mixes t's shifted window ({t-1, t} for even t, {t, t+1} for
+    odd t), each member of which carries its own block-0 window: tokens t-2..t+1 (even) or t-1..t+2 (odd).
+    """
+    first = t - 2 if t % 2 == 0 else t - 1
+    return 4 * first, 4 * (first + 4) - 1
+
+
+def test_patch_embedding_is_exact_and_matches_perturbation():
+    from timm.layers import PatchEmbed
+
+    embed = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=8).eval()
+    result = sweep(embed, SHAPE, "all", layout="tokens")
+    assert result.output_spatial == (4, 4)
+    expected_lo = result.positions * 8
+    assert np.array_equal(result.lo, expected_lo) and np.array_equal(result.hi, expected_lo + 7)
+    assert (result.support == 64).all()
+    for pixel in [(0, 0), (13, 21), (31, 8)]:
+        tokens = changed_tokens(embed, lambda y: y[0].T.reshape(-1, 4, 4), pixel)
+        assert tokens == {(pixel[0] // 8, pixel[1] // 8)} == boxes_holding(result, pixel, lambda p: True)
+
+
+def test_window_attention_rfs_are_the_hand_derived_windows():
+    model = swin()
+    result = sweep(model, SHAPE, "all", output=0, layout="nhwc")
+    assert result.output_spatial == (8, 8)
+    for pos, lo, hi in zip(result.positions.tolist(), result.lo.tolist(), result.hi.tolist()):
+        for axis in range(2):
+            if 1 <= pos[axis] <= 6:   # interior tokens (the wrapped window at the border is masked)
+                assert (lo[axis], hi[axis]) == swin_box(pos[axis]), (pos, lo, hi)
+
+
+@pytest.mark.parametrize("pixel", [(9, 9), (14, 17), (20, 11)])
+def test_window_attention_rfs_match_perturbation(pixel):
+    model = swin()
+    result = sweep(model, SHAPE, "all", output=0, layout="nhwc")
+
+    def interior(p):
+        return all(1 <= c <= 6 for c in p)
+    changed = {p for p in changed_tokens(model, lambda y: y[0][0].permute(2, 0, 1), pixel) if interior(p)}
+    assert changed == boxes_holding(result, pixel, interior)
+
+
+def test_window_attention_is_found_and_its_reach_measured():
+    calls = attention.detect(swin(), SHAPE)
+    assert [(c.block, c.tokens, c.groups) for c in calls] == [("layers_0.blocks.0", 4, 16),
+                                                              ("layers_0.blocks.1", 4, 16)]
+    job = pipeline.Job(ModelSpec("swin", "timm:create_model", (SHAPE,), kwargs=SWIN, output=0, layout="nhwc",
+                                 positions="center"), SHAPE, RunOptions())
+    record = pipeline.attention_record(swin(), job)
+    assert [(b["block"], b["rf_size"], b["global"]) for b in record["blocks"]] == [
+        ("layers_0.blocks.0", [8, 8], False), ("layers_0.blocks.1", [16, 16], False)]
+
+
+def test_global_attention_names_the_first_global_block_and_the_local_rf_before_it():
+    calls = attention.detect(vit(), SHAPE)
+    assert [(c.module, c.kind, c.tokens, c.groups, c.before) for c in calls] == [
+        ("blocks.0.attn", "scaled_dot_product_attention", 17, 1, "norm_pre"),
+        ("blocks.1.attn", "scaled_dot_product_attention", 17, 1, "blocks.0")]
+
+
+def test_hand_written_attention_and_multihead_attention_are_found():
+    class Hand(torch.nn.Module):
+        def forward(self, x):          # (N, C, H, W): every position attends to every other
+            tokens = x.flatten(2).transpose(1, 2)
+            weights = (tokens @ tokens.transpose(1, 2)).softmax(dim=-1)
+            return (weights @ tokens).transpose(1, 2).reshape(x.shape)
+
+    class Mha(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(3, 1, batch_first=True)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)
+            return self.attn(tokens, tokens, tokens)[0].transpose(1, 2).reshape(x.shape)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), Hand(), Mha()).eval()
+    calls = attention.detect(model, (1, 3, 4, 6))
+    assert [(c.module, c.kind, c.tokens, c.groups) for c in calls] == [
+        ("1", "softmax-matmul", 24, 1), ("2.attn", "multi_head_attention", 24, 1)]
+    assert attention.detect(torch.nn.Conv2d(3, 3, 3), (1, 3, 8, 8)) == ()
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    """A factory file for the small ViT with two register tokens and the small Swin."""
+    path = tmp_path_factory.mktemp("timm") / "small.py"
+    path.write_text(f"from tests.test_timm import swin, vit\n\n\ndef vit_registers():\n    return vit(2)\n"
+                    f"\n\ndef swin_small():\n    return swin()\n# {SWIN}\n")
+    return path
+
+
+def test_cli_tokens_layout_reads_vit_blocks_and_reports_global_attention(vit_file):
+    done = CliRunner().invoke(cli, ["inspect", f"{vit_file}:vit_registers", "--input-shape", "1,3,32,32", "--layer",
+                                    "patch_embed", "--layout", "tokens", "--json", "--quiet"])
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.output)
+    assert record["output_shape"] == [1, 16, 4, 4] and record["geometry"]["size"] == [8, 8]
+    assert record["geometry"]["stride"] == [8, 8] and record["geometry"]["padding"] == [0, 0]
+    assert record["attention"]["local"] == {"layer": "norm_pre", "rf_size": [8, 8], "block": "blocks.0"}
+    assert record["attention"]["stages"][0]["tokens"] == 19   # a class token, two registers, 16 patches
+
+
+def test_cli_nhwc_layout_with_levels_and_windowed_attention_finding(vit_file, tmp_path):
+    path = tmp_path / "swin.toml"
+    path.write_text(f'[[model]]\nname = "swin"\nfactory = "{vit_file}:swin_small"\ninput_shape = [1, 3, 32, 32]\n'
+                    'layout = "nhwc"\npositions = "center"\nlayers = ["patch_embed"]\nlevels = [0]\n')
+    done = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
+    assert entry["status"] == "ok", entry["error"]
+    assert entry["levels"][0]["output_shape"] == [1, 8, 8, 8] and entry["levels"][0]["rf_size"][0] >= 16
+    found = [f["message"] for f in entry["findings"] if f["code"] == "attention"]
+    assert found == ["Attention is windowed: tokens attend only within groups (windows or grids) per image "
+                     "(layers_0.blocks.0 to layers_0.blocks.1: 16 groups of 4 tokens). A centre token's RF after "
+                     "each block: layers_0.blocks.0 8 x 8, layers_0.blocks.1 16 x 16 input pixels; a token of "
+                     "layers_0.blocks.0 mixes its window only, one of layers_0.blocks.1 also the neighbouring "
+                     "windows its shifted (or strided) window overlaps."]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layout", "nchw"], "tokens"),                 # a token output read as NCHW is refused, naming the layouts
+    (["--layout", "tokens:5x5"], "tokens:5x5"),       # 25 grid tokens do not fit 19
+    (["--layout", "nhwc"], "nhwc"),                   # (N, L, C) is not channels-last
+])
+def test_cli_refuses_impossible_layouts_in_one_line(vit_file, args, message):
+    done = CliRunner().invoke(cli, ["inspect", f"{vit_file}:vit_registers", "--input-shape", "1,3,32,32", "--layer",
+                                    "blocks.0", *args, "--quiet"])
+    assert done.exit_code in (1, 2)
+    lines = [line for line in done.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], done.output
+
+
+def test_global_pooling_that_feeds_the_output_is_found_through_the_graph():
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    from rfreport.engine import Target
+
+    aspp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), ASPP(4, [2], 4)).eval()
+    assert attention.global_pooling(aspp, (1, 3, 12, 12), Target()) == (
+        {"module": "1.convs.2.0", "op": "adaptive_avg_pool2d"},)
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target(layer="0")) == ()   # pooling after the target
+    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target()) == ({"module": "1",
+                                                                               "op": "adaptive_avg_pool2d"},)
+
+
+def test_the_global_finding_names_the_pooling(tmp_path):
+    path = tmp_path / "se.toml"
+    path.write_text('[[model]]\nname = "se"\nfactory = "rfreport.examples:se_net"\nkwargs = { in_channels = 1, '
+                    'width = 4, depth = 1 }\ninput_shape = [1, 1, 16, 16]\npositions = "center"\n')
+    done = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
+    message = next(f["message"] for f in entry["findings"] if f["code"] == "global")
+    assert "adaptive_avg_pool2d in layer 1.gate.0" in message and "at any input size" in message, message
+    assert entry["attention"]["pooling"] and "stages" not in entry["attention"]
