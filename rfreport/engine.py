@@ -553,7 +553,14 @@ class LayerEngine(Engine):
         sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
         grads = _local_vjp(value, edges, cotangents)
-        return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grads)}
+        grids = [g if s is None else self._as_grid(g) for s, g in zip(sources, grads)]
+        return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
+
+    def _as_grid(self, grad: torch.Tensor) -> torch.Tensor:
+        """Read a batch of gradients on a captured layer's raw output (B, *raw) as (B, N, C, *grid)."""
+        rows, batch = grad.shape[:2]
+        flat = channels_first(grad.reshape(rows * batch, *grad.shape[2:]), self.layout, self.input_spatial)
+        return flat.reshape(rows, batch, *flat.shape[1:])
 
 
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:

@@ -36,6 +36,14 @@ class Patches(nn.Module):
         tokens = self.embed(x).flatten(2).transpose(1, 2)
         return self.mix(torch.cat([self.extra.expand(x.shape[0], -1, -1), tokens], 1))
 
+class TokenChain(Patches):
+    """A patch embedding followed by two token-wise linears: layers read through token predecessors."""
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 8)
+    def forward(self, x):
+        return self.head(super().forward(x))
+
 def channels_last():
     return ChannelsLast()
 
@@ -118,6 +126,14 @@ def test_layer_growth_reads_captures_through_the_layout(zoo):
     frame = layer_growth(models["patches"](), (1, 3, 16, 24), layout="tokens")
     assert frame["layer"].tolist() == ["mix"]
     assert frame[["h_rf", "w_rf", "h_stride", "w_stride"]].iloc[0].tolist() == [4, 4, 4.0, 4.0]
+
+
+def test_layer_growth_composes_through_token_layers(zoo):
+    _path, models = zoo
+    frame = layer_growth(models["TokenChain"](), (1, 3, 16, 24), layout="tokens")
+    assert frame["layer"].tolist() == ["mix", "head"]
+    assert frame[["h_rf", "w_rf", "h_stride", "w_padding"]].values.tolist() == [[4, 4, 4.0, 0.0]] * 2
+    assert frame["rf_exact"].all()
 
 
 def test_layer_growth_without_a_fitting_capture_says_so(zoo):
