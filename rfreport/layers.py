@@ -195,8 +195,18 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
         # a channels-last or token layout reshapes on purpose: there the window checks alone decide
         resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
                     and _reads_through_resizing(engine, w.name)}
-        seen = _measured_directly(engine, seen, _not_composable(seen, tuple(input_shape[2:]), resizing | force))
+        blocked = _not_composable(seen, tuple(input_shape[2:]), resizing | force)
+        # for one target, a non-composable layer on its way only makes it inexact: no backward per layer
+        seen = _measured_directly(engine, seen, blocked) if upto is None else _unmeasured(seen, blocked)
         return _Capture(seen, engine.size_dependent_ops)
+
+
+def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:
+    """Mark the named layers as measured directly with nothing seen (size 0, never exact)."""
+    def nothing(w: _Windows) -> tuple:
+        rows, ndim = len(w.rows), len(w.out)
+        return np.full((rows, ndim), -1), np.full((rows, ndim), -1), np.zeros(rows, dtype=np.int64)
+    return [replace(w, direct=nothing(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
 def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
