@@ -190,7 +190,8 @@ class StructuralMode(TorchFunctionMode):
             _taint(result)
         if not differentiable:
             return result
-        self._judge_locality(name, args, kwargs, result)
+        if any(True for _ in _tensors(result)):  # metadata queries (dim, size, shape) move nothing
+            self._judge_locality(name, args, kwargs, result)
         result = self._held_if_global(name, args, kwargs, result)
         if size_dependent(name, args, kwargs, result, self.input_rank):
             self.size_dependent_ops.add(name)

@@ -390,3 +390,17 @@ def test_inspect_json_of_a_softmax_head(tmp_path):
     done = CliRunner().invoke(cli, ["inspect", f"{path}:Head", "--input-shape", "1,3,9,9", "--json"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["positions"][0]["support"] == 9
+
+
+def test_metadata_queries_do_not_stop_compression():
+    class Queries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            assert x.dim() == 4 and x.shape[1] == x.size(1) == 2
+            return self.conv(x)
+
+    result = sweep(Queries(), (1, 2, 48, 48), "all", method="compressed")
+    assert result.method_note == "" and "compressed" in set(result.path)
