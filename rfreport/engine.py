@@ -239,6 +239,7 @@ class Engine:
         self.seed, self.local = seed, local
         self.probes = probes if mode == "structural" else 1
         self.dtype = resolve_dtype(dtype)
+        self._scales: dict[int, torch.Tensor] = {}
         self._inputs = inputs
         self._batched = True
         self._stack = None
@@ -255,6 +256,7 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self._x = self._y = None
+        self._scales.clear()
         self._stack.__exit__(*exc_info)
 
     @property
@@ -316,6 +318,7 @@ class Engine:
 
     def _forward(self, working: nn.Module) -> None:
         """Run one forward pass on a fresh probe input, keeping the graph."""
+        self._scales.clear()  # keyed by tensor id: a new pass makes new tensors
         dtype = self.dtype if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
         gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
@@ -397,8 +400,16 @@ class Engine:
         spread = weights[:, None, None].expand(-1, *like.shape)
         if self.mode != "structural":
             return spread
-        generator = torch.Generator(device=like.device).manual_seed(self.seed + 2)
-        return spread * (torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device) + 0.5)
+        return spread * self._output_scale(like)
+
+    def _output_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """Return the positive random scale of a tensor's cotangents, drawn once per tensor, not per chunk."""
+        scale = self._scales.get(id(like))
+        if scale is None:
+            generator = torch.Generator(device=like.device).manual_seed(self.seed + 2)
+            scale = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device) + 0.5
+            self._scales[id(like)] = scale
+        return scale
 
     def support(self, weights: torch.Tensor) -> torch.Tensor:
         """Return the boolean input support of each row of cotangent weights."""
