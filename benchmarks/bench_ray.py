@@ -23,10 +23,11 @@ import pandas as pd
 import ray
 import torch
 
-from rfreport import config, pipeline
-from rfreport.executors import Executor, LocalExecutor
-from rfreport.pipeline import Job, JobResult
-from rfreport.ray_executor import CHUNK_POSITIONS, RayExecutor
+from rfreport import config
+from rfreport.run import jobs as jobs_mod
+from rfreport.run.executors import Executor, LocalExecutor
+from rfreport.run.pipeline import Job, JobResult
+from rfreport.run.ray_executor import CHUNK_POSITIONS, RayExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = config.load(args.configs)
     # every run must sweep: the incremental-audit cache would serve the second run from disk
-    jobs = pipeline.make_jobs(replace(loaded, options=replace(loaded.options, cache=False)))
+    jobs = jobs_mod.make_jobs(replace(loaded, options=replace(loaded.options, cache=False)))
     print(f"{len(jobs)} jobs from {', '.join(args.configs)}; {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads in-process), ray {ray.__version__}, python {platform.python_version()}")
     local, local_s = timed(LocalExecutor(), jobs)

@@ -1,6 +1,6 @@
 """Benchmark: positions per second of rfreport's sweep against the seed's method (`make bench`).
 
-One process, torch's default threads, public API only (`rfreport.sweep.sweep` and the seed's
+One process, torch's default threads, public API only (`rfreport.compute.sweep.sweep` and the seed's
 method in `seed_method.py`). For each model, every output position is swept once the way
 rfreport does it (`sweep(..., "all")`, method `auto`: compressed where it pays, verified, dense
 elsewhere) and compared with:
@@ -33,7 +33,8 @@ import torch
 from seed_method import support as seed_support
 from torch import nn
 
-from rfreport.sweep import SweepResult, sweep
+from rfreport.compute.sweep import sweep
+from rfreport.results import SweepResult
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import time
 import torch
 from bench_sweep import UNet, conv_stack, resnet18  # run as a script: benchmarks/ is on sys.path
 
-from rfreport.sweep import sweep
-from rfreport.verify import RTOL
+from rfreport.compute.sweep import sweep
+from rfreport.compute.verify import RTOL
 
 CASES = (
     ("fcn 5x conv3x3", lambda: conv_stack(5, 16), (1, 3, 32, 32), None),

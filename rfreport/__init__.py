@@ -3,11 +3,11 @@
 from importlib import import_module
 
 __version__ = "0.1.0"
-# Torch-backed names load on first use, so the torch-free stages (runfolder, audit, diff, report) import
-# without torch. The sweep function is `rfreport.sweep.sweep`: a lazy `rfreport.sweep` would clash with
-# the submodule of the same name.
-LAZY = {"NumericRF": "rfreport.compat", "SweepResult": "rfreport.sweep"}
-__all__ = ["NumericRF", "SweepResult"]
+# Torch-backed names load on first use, so the torch-free stages (analysis, report, runfolder, audit, diff)
+# import without torch.
+LAZY = {"NumericRF": "rfreport.compat", "SweepResult": "rfreport.results", "sweep": "rfreport.compute.sweep",
+        "layer_growth": "rfreport.compute.layers", "effective_rf": "rfreport.compute.erf"}
+__all__ = ["NumericRF", "SweepResult", "effective_rf", "layer_growth", "sweep"]
 
 
 def __getattr__(name: str):

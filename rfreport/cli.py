@@ -25,7 +25,7 @@ from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
-from rfreport.progress import is_progress, stage
+from rfreport.run.progress import is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
@@ -212,19 +212,19 @@ class ClickProgress:
 
 def make_progress(quiet: bool):
     """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q."""
-    from rfreport.executors import Silent
+    from rfreport.run.jobs import Silent
 
     return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty())
 
 
 def make_executor(kind: str, address: str | None, progress):
     """Return the executor a run asked for; Ray is imported only when chosen."""
-    from rfreport.executors import LocalExecutor
+    from rfreport.run.executors import LocalExecutor
 
     if kind == "local":
         return LocalExecutor(progress)
     try:
-        from rfreport.ray_executor import RayExecutor
+        from rfreport.run.ray_executor import RayExecutor
     except ImportError as exc:
         raise CommandError(f"--executor ray needs Ray: pip install 'rfreport[ray]' ({exc})", 2) from exc
     return RayExecutor(address=address, progress=progress)
@@ -247,7 +247,8 @@ def cli() -> None:
 def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
         no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
-    from rfreport import pipeline, runfolder
+    from rfreport import runfolder
+    from rfreport.run import pipeline
 
     configure_logging(verbose, quiet)
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
@@ -269,8 +270,8 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
 @converts_errors
 def report(run_dir, assets_dir, verbose, quiet) -> None:
     """Re-render RUN_DIR/index.html from the saved frames (no torch work)."""
-    from rfreport import report as report_mod
     from rfreport import runfolder
+    from rfreport.report import render as report_mod
 
     configure_logging(verbose, quiet)
     saved = runfolder.load(run_dir)
@@ -344,13 +345,14 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         if not saved.models:
             raise CommandError(f"{folders[0]}: nothing to check: the run folder has no models", 2)
         return [model.entry for model in saved.models]
-    from rfreport import pipeline
+    from rfreport.run import jobs as jobs_mod
+    from rfreport.run import pipeline
 
     config = load_config(sources, **flags)
     if not any(audit_mod.active(spec.audit) for spec in config.models):
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
-    jobs = pipeline.make_jobs(config)
+    jobs = jobs_mod.make_jobs(config)
     executor = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     return [output.entry for output in pipeline.outputs(jobs, executor)]
 
@@ -377,7 +379,7 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
     before, after = runfolder.load(run_a), runfolder.load(run_b)
     found = diff.compare(before, after)
     if html_path is not None:
-        from rfreport import diffpage
+        from rfreport.report import diffpage
 
         diffpage.render(found, before, after, html_path)
     outputs = {json_path: json.dumps(diff.to_json(found), indent=2, default=str) + "\n",
@@ -415,8 +417,9 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
 def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
             device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
-    from rfreport import pipeline
     from rfreport.config import Level, ModelSpec, RunOptions
+    from rfreport.run import jobs as jobs_mod
+    from rfreport.run import pipeline
 
     configure_logging(verbose, quiet)
     if layer is not None and output is not None:
@@ -429,7 +432,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
              "cache": False if no_cache else None, "cache_dir": cache_dir}
-    job = pipeline.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
+    job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet)
     progress.start(job, 0, 1)
     record = pipeline.inspect(job, progress.advance)

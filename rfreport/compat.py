@@ -2,7 +2,7 @@
 
 The original "simple Numerical Receptive Fields" project backpropagated a one-hot output
 gradient and looked for non-zero input gradients. `NumericRF` keeps its calls
-(`heatmap`, `info`, `plot`) but answers them with :func:`rfreport.sweep.sweep` (structural
+(`heatmap`, `info`, `plot`) but answers them with :func:`rfreport.compute.sweep.sweep` (structural
 mode by default, so dead ReLUs, max-pool routing or zero weights never shrink the answer),
 works on a copy so the model is never mutated, and runs on any device. :func:`verify` is the
 seed's check that an RF is right, by forward passes only.
@@ -20,10 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from rfreport.engine import Target, forward_target
+from rfreport.compute.engine import Target, forward_target
+from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names
-from rfreport.sweep import SweepResult, sweep
+from rfreport.results import SweepResult
 
 
 class NumericRF:

@@ -19,6 +19,7 @@ from typing import Any
 
 from rfreport import positions as positions_mod
 from rfreport.errors import ConfigError, ModelLoadError, PositionError, SweepError
+from rfreport.factories import import_factory
 from rfreport.layouts import parse_layout
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
@@ -88,7 +89,7 @@ class ModelSpec:
     layout: str = "nchw"                           # how the analysed tensor's axes are read (rfreport.layouts)
     levels: tuple[Level, ...] = ()                 # extra targets analysed in the same job (feature pyramids)
     config_file: Path | None = None
-    verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.verify)
+    verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.compute.verify)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class RunOptions:
     device: str = "auto"
     batch_size: int | str = "auto"
     seed: int = 0
-    cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.cache)
+    cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.run.cache)
     cache_dir: str | None = None     # the cache folder (None: $RFREPORT_CACHE_DIR or ~/.cache/rfreport)
 
 
@@ -180,8 +181,6 @@ def _path(value: Any, where: _Where, key: str, *, folder: bool = False) -> Path:
 
 def _factory(value: Any, where: _Where, key: str) -> str:
     """Validate `package.module:callable` or `path/to/file.py:callable` and check it imports."""
-    # models imports torch; keep it out of import time so audit/report can read AUDIT_RULES without it
-    from rfreport.models import import_factory
 
     text = _string(value, where, key)
     target, _, attr = text.rpartition(":")
@@ -258,14 +257,14 @@ def _layout(value: Any, where: _Where, key: str) -> str:
 
 def _mode(value: Any, where: _Where, key: str) -> str:
     """Validate a sweep mode."""
-    from rfreport.engine import MODES  # torch-heavy; see _factory
+    from rfreport.compute.engine import MODES  # torch-heavy; see _factory
 
     return _choice(value, MODES, where, key)
 
 
 def _distribution(value: Any, where: _Where, key: str) -> str:
     """Validate an ERF input distribution."""
-    from rfreport.erf import DISTRIBUTIONS  # torch-heavy; see _factory
+    from rfreport.compute.erf import DISTRIBUTIONS  # torch-heavy; see _factory
 
     return _choice(value, DISTRIBUTIONS, where, key)
 

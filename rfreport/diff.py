@@ -4,7 +4,7 @@ Models are matched by slug (name and input size). For each pair the config (spec
 edge and coverage figures, findings and audit verdicts are compared; a model present in one run
 only is added or removed, and a model whose job failed is shown as failed wherever it appears.
 The result, :class:`RunDiff`, feeds every reporter: the text table of the CLI, :func:`to_json`,
-:func:`to_markdown` (a PR-comment-sized summary) and the HTML page of :mod:`rfreport.diffpage`.
+:func:`to_markdown` (a PR-comment-sized summary) and the HTML page of :mod:`rfreport.report.diffpage`.
 Pure Python, no torch.
 """
 

@@ -29,3 +29,17 @@ class LayoutError(SweepError):
 
 class RunFolderError(RfReportError):
     """A run folder is missing, incomplete or of an unknown format version."""
+
+
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message ("" when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def one_line(exc: BaseException) -> str:
+    """Return an exception as one line: our own messages as they are, others prefixed with their type."""
+    text = first_line(exc)
+    if isinstance(exc, RfReportError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

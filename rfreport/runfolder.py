@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rfreport.errors import RunFolderError
+from rfreport.errors import RunFolderError, one_line
 from rfreport.positions import axis_names
 
 FORMAT = 1
@@ -106,9 +106,8 @@ class ModelRun:
         except RunFolderError:
             raise
         except Exception as exc:  # pyarrow, numpy and zipfile raise many types for a damaged file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunFolderError(f"{path}: unreadable (model {self.name!r}; {type(exc).__name__}: "
-                                 f"{first}); rerun the model or restore the file") from exc
+            raise RunFolderError(f"{path}: unreadable (model {self.name!r}; {one_line(exc)}); "
+                                 "rerun the model or restore the file") from exc
 
     def _file(self, rel: str) -> Path:
         """Return the absolute path of a file the entry lists, or raise if it is missing."""

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport.analysis import (
+from rfreport.analysis.geometry import (
     AxisFit,
     analyze,
     border_layers_from,
@@ -24,8 +24,8 @@ from rfreport.analysis import (
     no_border_resolution,
     unwrap_shift,
 )
+from rfreport.compute.sweep import sweep
 from rfreport.positions import resolve
-from rfreport.sweep import sweep
 from tests.oracle import Layer, lengths
 
 SUMMARY_KEYS = {
@@ -210,8 +210,8 @@ class SqueezeExcite(nn.Module):
 
 
 def test_squeeze_excitation_is_global_with_a_local_rf():
-    from rfreport.context import global_ops
-    from rfreport.layers import layer_growth
+    from rfreport.compute.global_context import global_ops
+    from rfreport.compute.layers import layer_growth
 
     model = SqueezeExcite()
     local = sweep(model, (1, 1, 12, 12), "all", local=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rfreport import report
+from rfreport.report import render as report
 from tests.test_report import EVIL, example_run
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,9 +17,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from rfreport import cache, pipeline
 from rfreport.cli import cli
 from rfreport.config import ModelSpec, RunOptions
+from rfreport.run import cache, pipeline
+from rfreport.run import jobs as jobs_mod
 
 SHAPE = (1, 1, 12, 12)
 NETS = '''
@@ -111,13 +112,13 @@ class Broken(nn.Module):
         raise RuntimeError("no")
 
 
-def job(shape=SHAPE, options: RunOptions | None = None, **changes) -> pipeline.Job:
+def job(shape=SHAPE, options: RunOptions | None = None, **changes) -> jobs_mod.Job:
     """Return a job for the key tests (the factory string only labels the spec)."""
     spec = ModelSpec(name="net", factory="tests.test_cache:stack", input_shapes=(shape,), positions="all")
-    return pipeline.Job(replace(spec, **changes), shape, options or RunOptions())
+    return jobs_mod.Job(replace(spec, **changes), shape, options or RunOptions())
 
 
-def key(model: nn.Module, the_job: pipeline.Job | None = None, kind: str = "job") -> str:
+def key(model: nn.Module, the_job: jobs_mod.Job | None = None, kind: str = "job") -> str:
     """Return a model's cache key for a job."""
     found = cache.job_key(model, the_job or job(), kind)
     assert found is not None
@@ -223,13 +224,13 @@ def nets(tmp_path) -> Path:
     return path
 
 
-def file_job(nets: Path, cache_dir: Path, **changes) -> pipeline.Job:
+def file_job(nets: Path, cache_dir: Path, **changes) -> jobs_mod.Job:
     """Return a job of the tiny file factory, cached in `cache_dir`."""
     spec = ModelSpec(name="tiny", factory=f"{nets}:tiny", input_shapes=(SHAPE,), positions="all", **changes)
-    return pipeline.Job(spec, SHAPE, RunOptions(cache_dir=str(cache_dir)))
+    return jobs_mod.Job(spec, SHAPE, RunOptions(cache_dir=str(cache_dir)))
 
 
-def assert_same(a: pipeline.JobResult, b: pipeline.JobResult) -> None:
+def assert_same(a: jobs_mod.JobResult, b: jobs_mod.JobResult) -> None:
     """Assert two job results hold the same values, frames and arrays."""
     assert (a.input_shape, a.output_shape, a.mode, a.target) == (b.input_shape, b.output_shape, b.mode, b.target)
     assert a.summary == b.summary and a.findings == b.findings and a.frames.keys() == b.frames.keys()

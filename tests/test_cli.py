@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from rfreport import cli as cli_mod
 from rfreport import runfolder
 from rfreport.cli import cli
-from rfreport.executors import Silent
+from rfreport.run.executors import Silent
 from tests.oracle import support_mask
 from tests.test_pipeline import NETS, TINY
 
@@ -218,7 +218,7 @@ def test_inspect_usage_errors_exit_2(ws, args, message):
 
 def test_executor_ray_without_ray_says_how_to_install(ws, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "rfreport.ray_executor", raising=False)
+    monkeypatch.delitem(sys.modules, "rfreport.run.ray_executor", raising=False)
     done = invoke("run", ws / "good.toml", "--out", ws / "ray", "--executor", "ray")
     assert done.exit_code == 2 and "pip install 'rfreport[ray]'" in done.stderr
     assert done.stderr.count("\n") == 1
@@ -273,7 +273,7 @@ def test_rerun_replaces_a_run_folder_and_cleans_leftovers_of_killed_runs(ws, goo
 
 
 def test_ctrl_c_exits_130_and_leaves_the_old_run_and_no_staging(ws, good_run, monkeypatch):
-    from rfreport import pipeline
+    from rfreport.run import pipeline
 
     before = (good_run / "summary.json").read_text()
 
@@ -355,7 +355,7 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
 
 
 def test_a_slow_stage_gets_a_progress_line(ws, monkeypatch):
-    from rfreport import progress
+    from rfreport.run import progress
 
     monkeypatch.setattr(progress, "SLOW_S", 0.0)
     done = invoke("check", ws / "good.toml")
@@ -413,8 +413,8 @@ def test_the_rank_guard_checks_only_the_first_spatial_layer_and_leaves_no_hook()
     import torch
     from torch import nn
 
+    from rfreport.compute.models import rank_guard
     from rfreport.errors import SweepError
-    from rfreport.models import rank_guard
 
     class Tokens(nn.Module):
         """A 2-D stem, then a Conv1d over the flattened grid: only the stem is checked."""

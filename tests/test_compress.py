@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport.compress import fit_axis
+from rfreport.analysis.frames import positions_frame
+from rfreport.compute.compress import fit_axis
+from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
-from rfreport.frames import positions_frame
-from rfreport.sweep import sweep
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 KEEP = ["center", "corners", "edges"]

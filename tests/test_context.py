@@ -9,12 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport import audit, examples, pipeline
-from rfreport.analysis import GlobalOp
+from rfreport import audit, examples
+from rfreport.compute.engine import Target
+from rfreport.compute.global_context import global_ops
 from rfreport.config import AUDIT_RULES, ModelSpec, RunOptions
-from rfreport.context import global_ops
-from rfreport.engine import Target
 from rfreport.positions import center
+from rfreport.results import GlobalOp
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
 
 
 class Gated(nn.Module):
@@ -73,8 +75,8 @@ def test_a_global_op_after_the_analysed_layer_does_not_count():
 def run(model_factory: str, shape, layer: str | None = None, **kwargs):
     """Run one job through the pipeline's compute stages (no layer growth); return its analysis."""
     spec = ModelSpec(name="m", factory=model_factory, input_shapes=(shape,), kwargs=kwargs, layer=layer)
-    job = pipeline.Job(spec, shape, RunOptions(device="cpu"))
-    from rfreport import models
+    job = jobs_mod.Job(spec, shape, RunOptions(device="cpu"))
+    from rfreport.compute import models
 
     return pipeline.compute(models.build(spec), job, growth=False).analysed
 
@@ -109,7 +111,7 @@ def test_global_context_names_its_layer_op_and_local_rf():
 def test_global_context_is_found_even_when_no_rf_covers_the_input():
     model = nn.Sequential(nn.Conv2d(1, 2, 1, stride=2), examples.SqueezeExcite(2, reduction=1))
     spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 16, 16),))
-    job = pipeline.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
+    job = jobs_mod.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
     s = pipeline.compute(model, job, growth=False).analysed.summary
     assert (s["global"], s["global_from"], s["covering_positions"]) == (True, "1.gate.0", 0)  # pixel 15 is unseen
     assert s["local_rf_size"] == [1, 1]
@@ -177,7 +179,7 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     model, gated, size = drawn
     shape = (1, 1, *size)
     spec = ModelSpec(name="m", factory="x:y", input_shapes=(shape,))
-    job = pipeline.Job(spec, shape, RunOptions(device="cpu"))
+    job = jobs_mod.Job(spec, shape, RunOptions(device="cpu"))
     torch.manual_seed(0)
     try:
         done = pipeline.compute(model, job, growth=False)

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from rfreport import diff, diffpage, report
+from rfreport import diff
 from rfreport.cli import cli
+from rfreport.report import diffpage
+from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
 from tests.test_report import GOLD_RUN, assert_gold
 
@@ -292,8 +294,8 @@ def test_diff_page_is_self_contained_and_escaped(diff_page):
 
 
 def test_diff_page_context_is_documented_and_used():
-    source = (Path(report.__file__).parent.parent / "templates" / "diff.html").read_text()
-    source += "".join((Path(report.__file__).parent.parent / "templates" / name).read_text()
+    source = (Path(report.__file__).parent / "templates" / "diff.html").read_text()
+    source += "".join((Path(report.__file__).parent / "templates" / name).read_text()
                       for name in ("macros.html", "base.html"))
     for cls in diffpage.context_types().values():
         assert cls.__doc__
@@ -304,12 +306,13 @@ def test_diff_page_context_is_documented_and_used():
 
 def test_pipeline_records_the_spec_of_every_job():
     """Each summary.json entry, failed or not, holds what was asked: factory, kwargs, shape, layer, output, mode."""
-    from rfreport import pipeline
     from rfreport.config import ModelSpec, RunOptions
+    from rfreport.run import jobs as jobs_mod
+    from rfreport.run import pipeline
 
     spec = ModelSpec(name="net", factory="m.py:f", input_shapes=((1, 3, 8, 8), (1, 3, 16, 16)), kwargs={"k": 3},
                      layer="body", positions=("center", (1, 2)), audit={"min_rf": 3})
-    job = pipeline.Job(spec, (1, 3, 16, 16), RunOptions())
+    job = jobs_mod.Job(spec, (1, 3, 16, 16), RunOptions())
     entry = pipeline.entry(job, pipeline.failed_result(job, RuntimeError("boom"), 0.0))
     assert entry["spec"] == {"factory": "m.py:f", "kwargs": {"k": 3}, "input_shape": [1, 3, 16, 16],
                              "layer": "body", "output": None, "mode": "structural", "positions": ["center", [1, 2]],

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from rfreport.compute.sweep import sweep
 from rfreport.errors import PositionError, SweepError
-from rfreport.sweep import sweep
 
 
 class TwoHeads(nn.Module):

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rfreport.erf import ERF, ErfError, draw_samples, effective_rf, map_metrics
+from rfreport.compute.erf import ERF, ErfError, draw_samples, effective_rf, map_metrics
+from rfreport.compute.sweep import sweep
 from rfreport.errors import RfReportError
 from rfreport.positions import axis_names
 from rfreport.schema import SCHEMAS
-from rfreport.sweep import sweep
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

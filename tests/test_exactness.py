@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rfreport.cli import cli
+from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
-from rfreport.sweep import sweep
 from tests.oracle import Layer, Median, Sort, Unpool, lengths, support_mask
 
 BIG = 1e3

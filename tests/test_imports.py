@@ -11,7 +11,7 @@ PROBE = """
 import json, sys
 import rfreport.cli
 cli = sorted(m for m in {watched} if m in sys.modules)
-import rfreport.pipeline, rfreport.executors
+import rfreport.run.pipeline, rfreport.run.executors
 inspect = sorted(m for m in {watched} if m in sys.modules)
 print(json.dumps({{"cli": cli, "inspect": inspect}}))
 """

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport.analysis import border_layers_from, global_from, no_border_resolution
+from rfreport.analysis.geometry import border_layers_from, global_from, no_border_resolution
+from rfreport.compute.layers import layer_growth, target_geometry
+from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
-from rfreport.layers import layer_growth, target_geometry
-from rfreport.sweep import sweep
 from tests.oracle import axis_support, lengths
 from tests.test_analysis import hole_free_stacks, recurrence
 
@@ -249,7 +249,7 @@ def test_layers_after_a_size_dependent_resize_are_measured_directly():
 
 
 def test_global_context_spares_larger_inputs_and_changes_nothing(monkeypatch):
-    from rfreport import layers as layers_mod
+    from rfreport.compute import layers as layers_mod
     from rfreport.examples import se_net
 
     calls = []

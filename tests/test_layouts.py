@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from rfreport.cli import cli
+from rfreport.compute.layers import layer_growth
+from rfreport.compute.sweep import sweep
 from rfreport.errors import LayoutError, SweepError
-from rfreport.layers import layer_growth
 from rfreport.layouts import Layout, LayoutKind, parse_layout, token_grid
-from rfreport.sweep import sweep
 
 MODELS = '''
 import torch

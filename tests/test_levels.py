@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rfreport import config, levels, runfolder
+from rfreport import config, runfolder
+from rfreport.analysis import levels
 from rfreport.cli import cli
 from rfreport.errors import ConfigError
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from rfreport import config, examples, models
+from rfreport import config, examples, factories
+from rfreport.compute import models
+from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
 from rfreport.errors import ModelLoadError
 from rfreport.positions import center
-from rfreport.sweep import sweep
 
 DATA = Path(__file__).parent / "data"
 TINY = f"{DATA / 'tiny_model.py'}:build"
@@ -97,12 +98,12 @@ def test_checkpoint_is_loaded_weights_only(tmp_path):
 
 
 def test_import_factory_does_not_call():
-    factory = models.import_factory(TINY)
+    factory = factories.import_factory(TINY)
     module = sys.modules[factory.__module__]
     calls = len(module.CALLS)
-    models.import_factory(TINY)
+    factories.import_factory(TINY)
     assert len(module.CALLS) == calls
-    assert models.import_factory("rfreport.examples:UNet.forward") is examples.UNet.forward
+    assert factories.import_factory("rfreport.examples:UNet.forward") is examples.UNet.forward
 
 
 def test_every_example_in_the_shipped_config_builds():

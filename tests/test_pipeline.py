@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from rfreport import analysis, config, executors, pipeline, report, runfolder
+from rfreport import config, runfolder
+from rfreport.analysis import geometry as analysis
 from rfreport.config import ModelSpec, RunOptions
+from rfreport.report import render as report
+from rfreport.run import executors, pipeline
+from rfreport.run import jobs as jobs_mod
 from tests.oracle import Layer, support_mask
 
 NETS = '''
@@ -48,7 +52,7 @@ def nets(tmp_path_factory) -> Path:
 def job_of(nets: Path, factory: str = "tiny", shape=SHAPE, options: RunOptions | None = None, **changes):
     """Return a job for one factory of the nets file."""
     spec = ModelSpec(name=factory, factory=f"{nets}:{factory}", input_shapes=(shape,), **changes)
-    return pipeline.Job(spec, shape, options or RunOptions())
+    return jobs_mod.Job(spec, shape, options or RunOptions())
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_jobs_cover_every_model_and_shape_in_order(nets, tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(f'[[model]]\nname = "a"\nfactory = "{nets}:tiny"\ninput_shape = [[1, 1, 11, 11], [1, 1, 9, 13]]\n'
                     f'[[model]]\nname = "b"\nfactory = "{nets}:tiny"\ninput_shape = [1, 1, 8, 8]\n')
-    jobs = pipeline.make_jobs(config.load([path]))
+    jobs = jobs_mod.make_jobs(config.load([path]))
     assert [job.slug for job in jobs] == ["a-11x11", "a-9x13", "b-8x8"]
     assert [job.input_shape for job in jobs] == [(1, 1, 11, 11), (1, 1, 9, 13), (1, 1, 8, 8)]
 
@@ -94,7 +98,7 @@ def test_a_job_result_has_every_stage_and_no_torch(tiny_result):
     pd.testing.assert_frame_equal(again.frames["edges"], tiny_result.frames["edges"])
 
 
-def assert_same_results(a: pipeline.JobResult, b: pipeline.JobResult) -> None:
+def assert_same_results(a: jobs_mod.JobResult, b: jobs_mod.JobResult) -> None:
     """Assert two job results have identical frames, arrays and summaries."""
     assert a.status == b.status == "ok", (a.error, b.error)
     assert a.frames.keys() == b.frames.keys() and a.arrays.keys() == b.arrays.keys()
@@ -111,7 +115,7 @@ def test_the_same_seed_gives_identical_frames(nets):
     assert_same_results(pipeline.run_job(job), pipeline.run_job(job))
 
 
-def failure(job: pipeline.Job) -> str:
+def failure(job: jobs_mod.Job) -> str:
     """Run a job that must fail and return its error."""
     result = pipeline.run_job(job)
     assert result.status == "failed" and result.frames == {} and result.arrays == {} and result.summary == {}
@@ -123,7 +127,7 @@ def test_failures_become_failed_results_with_one_line(nets, monkeypatch):
     assert failure(job_of(nets, "broken")) == (f"model 'broken': factory {nets}:broken raised RuntimeError: "
                                                "no model today")
     assert "cannot import module 'no_such_module_rf'" in failure(
-        pipeline.Job(ModelSpec("x", "no_such_module_rf:f", (SHAPE,)), SHAPE, RunOptions()))
+        jobs_mod.Job(ModelSpec("x", "no_such_module_rf:f", (SHAPE,)), SHAPE, RunOptions()))
     assert "Kernel size can't be greater than actual input size" in failure(job_of(nets, shape=(1, 1, 2, 2)))
 
     def out_of_memory(*_args, **_kwargs):
@@ -211,7 +215,7 @@ def test_a_crash_while_rendering_keeps_the_old_run(nets, tmp_path, monkeypatch):
 def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
     spec = ModelSpec(name="small", factory="rfreport.examples:resnet_small", kwargs={"width": 4, "blocks": 2},
                      input_shapes=(shape,), layer="stages", positions="center")
-    job = pipeline.Job(spec, shape, RunOptions())
+    job = jobs_mod.Job(spec, shape, RunOptions())
     model = pipeline.models.build(spec)
     done = pipeline.compute(model, job, growth=False)
     geometry = pipeline.geometry_sweep(model, job, done.main)

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from rfreport import plots
-from rfreport.frames import POSITIONS
+from rfreport.analysis.frames import POSITIONS
 from rfreport.positions import axis_names, resolve
+from rfreport.report import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -19,11 +19,13 @@ import pytest
 from click.testing import CliRunner
 from torch import nn
 
-from rfreport import cli, config, pipeline, runfolder
-from rfreport.executors import LocalExecutor, Silent
+from rfreport import cli, config, runfolder
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
+from rfreport.run.executors import LocalExecutor, Silent
 
 ray = pytest.importorskip("ray")
-from rfreport.ray_executor import RayExecutor, task_resources  # noqa: E402 (only once Ray is known to import)
+from rfreport.run.ray_executor import RayExecutor, task_resources  # noqa: E402 (only once Ray is known to import)
 
 pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve()
@@ -112,7 +114,7 @@ def cluster():
     ray.shutdown()
 
 
-def write_run(path: Path, jobs: list[pipeline.Job], executor) -> runfolder.Run:
+def write_run(path: Path, jobs: list[jobs_mod.Job], executor) -> runfolder.Run:
     """Run jobs through an executor and save their entries, frames and arrays (no report, to stay fast)."""
     return runfolder.write(path, {"executor": type(executor).__name__}, list(pipeline.outputs(jobs, executor)))
 
@@ -125,7 +127,7 @@ def runs(cluster, tmp_path_factory) -> tuple[runfolder.Run, runfolder.Run, Recor
     for path in attempts.values():
         path.mkdir()
     broken = model_table("broken", f"{HERE}:exploding", [1, 1, 8, 8], kwargs=f'{{attempts = "{attempts["local"]}"}}')
-    jobs = pipeline.make_jobs(config.load([write_config(folder, *MODELS, broken)]))
+    jobs = jobs_mod.make_jobs(config.load([write_config(folder, *MODELS, broken)]))
     local = write_run(folder / "local", jobs, LocalExecutor())
     recorder = Recorder()
     jobs[-1] = replace(jobs[-1], spec=replace(jobs[-1].spec, kwargs={"attempts": str(attempts["ray"])}))
@@ -220,7 +222,7 @@ def test_lost_worker_is_retried_then_recorded_as_failed(cluster, tmp_path):
     marker = tmp_path / "first-attempt"
     path = write_config(tmp_path, model_table("crash", f"{HERE}:crashing", [1, 1, 8, 8]),
                         model_table("flaky", f"{HERE}:flaky", [1, 1, 8, 8], kwargs=f'{{marker = "{marker}"}}'))
-    crash, recovered = RayExecutor(max_retries=1).map(pipeline.make_jobs(config.load([path])))
+    crash, recovered = RayExecutor(max_retries=1).map(jobs_mod.make_jobs(config.load([path])))
     assert crash.status == "failed" and crash.error.startswith("WorkerCrashedError: ") and "\n" not in crash.error
     assert recovered.status == "ok" and marker.exists()
     assert recovered.summary["rf_size"] == [5, 5]
@@ -253,7 +255,7 @@ def test_jobs_ask_for_a_gpu_when_the_cluster_has_gpus(cluster, monkeypatch):
 
 def test_without_ray_the_cli_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` now raises ImportError
-    monkeypatch.delitem(sys.modules, "rfreport.ray_executor")
+    monkeypatch.delitem(sys.modules, "rfreport.run.ray_executor")
     path = write_config(tmp_path, MODELS[2])   # a factory in rfreport: importing this file needs Ray
     result = CliRunner().invoke(cli.cli, ["run", str(path), "--out", str(tmp_path / "out"), "--executor", "ray"])
     assert result.exit_code == 2

@@ -19,8 +19,11 @@ import pytest
 import torch
 from torch import nn
 
-from rfreport import pipeline, report, runfolder
+from rfreport import runfolder
 from rfreport.config import ModelSpec, RunOptions
+from rfreport.report import render as report
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
 
 GOLD = Path(__file__).parent / "gold"
 GOLD_RUN = GOLD / "run"
@@ -57,7 +60,7 @@ SPECS = (
 
 def outputs(specs, options: RunOptions = OPTIONS) -> list[runfolder.ModelOutput]:
     """Run each spec's jobs through the pipeline and package them as the run folder stores them."""
-    jobs = [pipeline.Job(spec, shape, options) for spec in specs for shape in spec.input_shapes]
+    jobs = [jobs_mod.Job(spec, shape, options) for spec in specs for shape in spec.input_shapes]
     return [runfolder.ModelOutput(pipeline.entry(job, result), result.frames, result.arrays)
             for job, result in ((job, pipeline.run_job(job)) for job in jobs)]
 
@@ -134,7 +137,7 @@ def test_every_context_field_documented_and_used():
     classes: set = set()
     _context_types(report.ReportContext, classes)
     assert {report.ModelSection, report.OverviewRow, report.Image, report.Table, report.Link} <= classes
-    templates = Path(report.__file__).parent.parent / "templates"
+    templates = Path(report.__file__).parent / "templates"
     source = "".join(p.read_text() for p in templates.glob("*.html"))
     for cls in classes:
         assert cls.__doc__ and dataclasses.is_dataclass(cls)
@@ -147,7 +150,7 @@ def test_templates_load_from_the_package():
     """The templates resolve through importlib.resources (as in a wheel), not a source path."""
     from importlib import resources
 
-    names = {p.name for p in resources.files("rfreport.templates").iterdir()}
+    names = {p.name for p in resources.files("rfreport.report.templates").iterdir()}
     assert {"base.html", "index.html", "macros.html", "report.css"} <= names
 
 

@@ -142,7 +142,7 @@ def test_the_staging_folder_has_the_final_name(tmp_path):
 TORCH_BLOCKED = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-import rfreport.runfolder, rfreport.audit, rfreport.diff, rfreport.report
+import rfreport.runfolder, rfreport.audit, rfreport.diff, rfreport.report.render
 print("ok")
 """
 

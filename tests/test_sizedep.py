@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rfreport import pipeline
+from rfreport.compute.engine import Engine
 from rfreport.config import ModelSpec, RunOptions
-from rfreport.engine import Engine
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
 
 
 class Call(nn.Module):
@@ -89,7 +90,7 @@ def test_geometry_is_never_fitted_on_a_larger_input_when_it_depends_on_the_size(
     path = tmp_path / "nets.py"
     path.write_text(ADAPTIVE)
     spec = ModelSpec(name="adaptive", factory=f"{path}:adaptive", input_shapes=((1, 3, 8, 8),))
-    result = pipeline.run_job(pipeline.Job(spec, (1, 3, 8, 8), RunOptions()))
+    result = pipeline.run_job(jobs_mod.Job(spec, (1, 3, 8, 8), RunOptions()))
     assert result.status == "ok", result.error
     summary = result.summary
     assert summary["size_dependent"] == ["adaptive_avg_pool2d"]

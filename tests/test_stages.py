@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-TORCH_FREE = ["rfreport.frames", "rfreport.analysis", "rfreport.audit", "rfreport.diff", "rfreport.runfolder",
-              "rfreport.plots", "rfreport.report", "rfreport.schema", "rfreport.positions"]
+TORCH_FREE = ["rfreport.analysis.frames", "rfreport.analysis.geometry", "rfreport.audit", "rfreport.diff",
+              "rfreport.runfolder", "rfreport.results", "rfreport.config", "rfreport.factories",
+              "rfreport.report.plots", "rfreport.report.render", "rfreport.schema", "rfreport.positions"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport.frames import positions_frame
-from rfreport.sweep import sweep
+from rfreport.analysis.frames import positions_frame
+from rfreport.compute.sweep import sweep
 from tests.oracle import Layer, lengths, support_mask
 
 

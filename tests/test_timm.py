@@ -13,10 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rfreport import attention, pipeline
 from rfreport.cli import cli
+from rfreport.compute import attention
+from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec, RunOptions
-from rfreport.sweep import sweep
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
 
 timm = pytest.importorskip("timm")
 SHAPE = (1, 3, 32, 32)
@@ -106,7 +108,7 @@ def test_window_attention_is_found_and_its_reach_measured():
     calls = attention.detect(swin(), SHAPE)
     assert [(c.block, c.tokens, c.groups) for c in calls] == [("layers_0.blocks.0", 4, 16),
                                                               ("layers_0.blocks.1", 4, 16)]
-    job = pipeline.Job(ModelSpec("swin", "timm:create_model", (SHAPE,), kwargs=SWIN, output=0, layout="nhwc",
+    job = jobs_mod.Job(ModelSpec("swin", "timm:create_model", (SHAPE,), kwargs=SWIN, output=0, layout="nhwc",
                                  positions="center"), SHAPE, RunOptions())
     record = pipeline.attention_record(swin(), job)
     assert [(b["block"], b["rf_size"], b["global"]) for b in record["blocks"]] == [
@@ -196,7 +198,7 @@ def test_cli_refuses_impossible_layouts_in_one_line(vit_file, args, message):
 def test_global_pooling_that_feeds_the_output_is_found_through_the_graph():
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
-    from rfreport.engine import Target
+    from rfreport.compute.engine import Target
 
     aspp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), ASPP(4, [2], 4)).eval()
     assert attention.global_pooling(aspp, (1, 3, 12, 12), Target()) == (

@@ -13,14 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 from torch.nn import functional as F
 
-from rfreport import analysis, audit, config, pipeline
+from rfreport import audit, config
+from rfreport.analysis import geometry as analysis
+from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
-from rfreport.engine import Engine, Target
+from rfreport.compute.engine import Engine, Target
+from rfreport.compute.sweep import sweep
+from rfreport.compute.verify import RTOL, choose, default_count, verify
 from rfreport.errors import ConfigError, SweepError
-from rfreport.frames import positions_frame
 from rfreport.layouts import parse_layout
-from rfreport.sweep import sweep
-from rfreport.verify import RTOL, choose, default_count, verify
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
 from tests.oracle import Layer, lengths, support_mask
 from tests.test_sweep import build, layer_stacks
 
@@ -343,7 +346,7 @@ def test_a_support_of_the_whole_input_is_verified_without_a_forward_pass(monkeyp
     def refuse(*_args):
         raise AssertionError("no copy, no pass: nothing lies outside the support")
 
-    monkeypatch.setattr("rfreport.verify.float64_copy", refuse)
+    monkeypatch.setattr("rfreport.compute.verify.float64_copy", refuse)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Upsample(scale_factor=2))
     result = sweep(model, (1, 1, 8, 8), "all")
     assert len(result.positions) == 4 and result.verified.all() and result.verification.note == ""
@@ -391,6 +394,6 @@ def test_a_bad_verify_value_names_file_model_and_key(tmp_path, text, problem):
 
 def test_a_job_checks_as_many_positions_as_its_config_says(tmp_path):
     spec = config.ModelSpec(name="tiny", factory=f"{TINY}:build", input_shapes=((1, 1, 12, 12),), verify=2)
-    result = pipeline.run_job(pipeline.Job(spec, (1, 1, 12, 12), config.RunOptions()))
+    result = pipeline.run_job(jobs_mod.Job(spec, (1, 1, 12, 12), config.RunOptions()))
     assert result.frames["positions"]["verified"].sum() == 2 == result.summary["verified"]
     assert result.summary["violations"] == 0

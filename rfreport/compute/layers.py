@@ -1,6 +1,6 @@
 """Per-layer growth: RF size, effective stride and padding at the centre of every layer's output.
 
-One forward pass of a :class:`~rfreport.engine.LayerEngine` keeps every leaf module's output.
+One forward pass of a :class:`~rfreport.compute.engine.LayerEngine` keeps every leaf module's output.
 Per layer, one small batched backward from its centre, its next and previous neighbour per axis
 and its first corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
 found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
@@ -31,11 +31,12 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from rfreport.engine import LayerEngine, check_input_shape
+from rfreport.compute.dense import one_hot_weights
+from rfreport.compute.engine import LayerEngine, check_input_shape
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
+from rfreport.results import mask_bounds
 from rfreport.schema import Column, Schema, register
-from rfreport.sweep import mask_bounds, one_hot_weights
 
 MAX_DOUBLINGS = 3
 STRETCH_MIN = 32  # a rerun stretched along one axis keeps the others at least this size

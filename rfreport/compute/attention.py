@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport.engine import Target, forward_target, preserved
+from rfreport.compute.engine import Target, forward_target, preserved
+from rfreport.compute.surrogate import base_name
 from rfreport.errors import RfReportError
-from rfreport.surrogate import base_name
 
 PASS_THROUGH = frozenset({"dropout", "contiguous", "to", "type_as", "clone"})   # keep marking an attention matrix
 RfOf = Callable[[str, str], tuple[list[int], bool] | None]   # (layer, layout) -> (centre RF size, global) or None

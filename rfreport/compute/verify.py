@@ -34,16 +34,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from rfreport.engine import Target, forward_target, resolve_device
+from rfreport.compute.engine import Target, forward_target, resolve_device
+from rfreport.compute.surrogate import eager_forward, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve
-from rfreport.surrogate import eager_forward, unwrap_compiled
+from rfreport.results import Verification
 
 RTOL = 1e-9                  # a change above this share of the output's magnitude is a dependency
 SAMPLES = 3                  # random (base input, perturbation) trials per checked position
@@ -51,45 +51,6 @@ RANDOM_POSITIONS = 3         # random positions checked besides the centre and t
 SCALES = (1.0, 8.0, 0.125)   # perturbation magnitudes cycled over the trials (saturation, thresholds)
 CPU_BATCH_BYTES = 256 << 20
 MAX_STACK = 32
-
-@dataclass(frozen=True)
-class Verification:
-    """Forward-perturbation check of reported supports on a float64 eval copy of the model (no autograd)."""
-
-    positions: np.ndarray     # (K, d) int64 checked output positions
-    violations: np.ndarray    # (K,) int64 trials in which perturbing outside the support changed the output
-    deviation: np.ndarray     # (K,) float64 largest change at the position, relative to the output's magnitude
-    samples: int              # trials per position
-    seconds: float
-    note: str = ""            # why nothing could be checked (e.g. the model does not run in float64), else ""
-
-    @property
-    def checked(self) -> int:
-        """Number of positions checked."""
-        return len(self.positions)
-
-    @property
-    def failed(self) -> int:
-        """Number of checked positions with at least one violating trial."""
-        return int((self.violations > 0).sum())
-
-    @property
-    def max_deviation(self) -> float:
-        """Largest relative change seen at any checked position (below RTOL is rounding noise)."""
-        return float(self.deviation.max()) if len(self.deviation) else 0.0
-
-
-def join(parts: Sequence[Verification | None]) -> Verification | None:
-    """Join the verifications of chunk sweeps of one job (rows concatenated, seconds summed)."""
-    done = [p for p in parts if p is not None]
-    if not done:
-        return None
-    notes = dict.fromkeys(p.note for p in done if p.note)
-    return Verification(positions=np.concatenate([p.positions for p in done]),
-                        violations=np.concatenate([p.violations for p in done]),
-                        deviation=np.concatenate([p.deviation for p in done]), samples=done[0].samples,
-                        seconds=sum(p.seconds for p in done), note="; ".join(notes))
-
 
 def default_count(ndim: int) -> int:
     """Return how many positions `verify="auto"` checks: the centre, every corner and a few random ones."""

@@ -14,88 +14,38 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from rfreport import (
-    __version__,
-    analysis,
-    attention,
-    audit,
-    cache,
-    context,
-    erf,
-    frames,
-    layers,
-    levels,
-    models,
-    progress,
-    runfolder,
-)
+from rfreport import __version__, audit, runfolder
 from rfreport import positions as positions_mod
-from rfreport import verify as verify_mod
-from rfreport.config import Level, ModelSpec, RunConfig, RunOptions
-from rfreport.engine import Engine, Target, resolve_device
-from rfreport.errors import RfReportError, SweepError
+from rfreport.analysis import frames, levels
+from rfreport.analysis import geometry as analysis
+from rfreport.compute import attention, erf, layers, models
+from rfreport.compute import global_context as context
+from rfreport.compute import verify as verify_mod
+from rfreport.compute.engine import Engine, Target, resolve_device
+from rfreport.compute.sweep import sweep
+from rfreport.config import Level, ModelSpec, RunConfig
+from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
-from rfreport.sweep import SweepResult, sweep
-
-if TYPE_CHECKING:
-    from rfreport.executors import Executor
+from rfreport.results import GlobalOp, SweepResult
+from rfreport.run import cache, progress
+from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
 
 logger = logging.getLogger("rfreport")
 KEEP_MASKS = ("center", "corners", "edges")
 ENLARGE_DOUBLINGS = 3          # at most 8x the input size per axis for the geometry fit
 ENLARGE_PIXELS = 1024 * 1024   # and never beyond this many input positions
-Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of work: a model spec at one of its input shapes, with the run's options."""
-
-    spec: ModelSpec
-    input_shape: tuple[int, ...]
-    options: RunOptions
-
-    @property
-    def slug(self) -> str:
-        """Return the run-folder name of this job, e.g. `resnet50-224x224`."""
-        return runfolder.slugify(self.spec.name, self.input_shape)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What a job produced: picklable and torch-free (plain values, DataFrames, numpy arrays)."""
-
-    name: str
-    slug: str
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...] | None
-    status: str                                                     # "ok" or "failed"
-    error: str | None                                               # one line when failed
-    mode: str
-    target: str
-    seconds: float
-    summary: dict = field(default_factory=dict)                     # analysis summary keys
-    findings: tuple[dict, ...] = ()                                 # {code, severity, message}
-    frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
-    arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position
-    cached: bool = False                                            # taken from the incremental-audit cache
-
-
-def make_jobs(config: RunConfig) -> list[Job]:
-    """Return one job per model and input shape, in config order."""
-    return [Job(spec, shape, config.options) for spec in config.models for shape in spec.input_shapes]
 
 
 def sweep_options(job: Job) -> dict[str, Any]:
@@ -243,7 +193,7 @@ def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
 
 
 def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
-                global_ops: Sequence[analysis.GlobalOp] = ()) -> SweepResult | None:
+                global_ops: Sequence[GlobalOp] = ()) -> SweepResult | None:
     """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input
     or a global operation was found."""
     if not global_ops and not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
@@ -252,7 +202,7 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepRe
                  **sweep_options(job))
 
 
-def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[analysis.GlobalOp, ...]:
+def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[GlobalOp, ...]:
     """Find the global operations the analysed output depends on (one forward and backward pass).
 
     A global operation on the path gives every output position the same RF box (all that its input
@@ -468,15 +418,6 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     return record
 
 
-def one_line(exc: BaseException) -> str:
-    """Return an exception as one line: our own messages as they are, others prefixed with their type."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, RfReportError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
     target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
@@ -552,7 +493,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
 
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
-    from rfreport import report  # matplotlib and Jinja2 load only when a report is written, not for inspect
+    from rfreport.report import render as report
     started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfreport.errors import LayoutError, SweepError
+from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
+from rfreport.errors import LayoutError, SweepError, first_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
-from rfreport.surrogate import StructuralMode, build_surrogate, eager_forward
 
 OutputKey = str | int | None
 MODES = ("structural", "gradient")
@@ -171,10 +171,9 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
     except SweepError:
         raise
     except Exception as exc:  # the user's model may raise anything; say where it happened
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         shape = shown_shape or tuple(x.shape)
         raise SweepError(f"the model raised {type(exc).__name__} on input shape {shape}: "
-                         f"{first_line}") from exc
+                         f"{first_line(exc)}") from exc
     finally:
         if handle is not None:
             handle.remove()

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rfreport import plots
 from rfreport.diff import SPEC_LABELS, spec_text
 from rfreport.positions import axis_names, resolve
+from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
 
 PREVIEW_ROWS = 12
@@ -327,9 +327,9 @@ def make_env() -> jinja2.Environment:
 
 
 def _template_source(name: str) -> str:
-    """Read a template file shipped in the rfreport.templates package."""
+    """Read a template file shipped in the rfreport.report.templates package."""
     try:
-        return resources.files("rfreport.templates").joinpath(name).read_text(encoding="utf-8")
+        return resources.files("rfreport.report.templates").joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise jinja2.TemplateNotFound(name) from exc
 

@@ -11,7 +11,7 @@ from rfreport.positions import axis_names
 from rfreport.schema import Column, Schema, register
 
 if TYPE_CHECKING:  # the sweep needs torch; frames, like every stage after it, must not
-    from rfreport.sweep import SweepResult
+    from rfreport.results import SweepResult
 
 POSITIONS = register(Schema(
     name="positions",

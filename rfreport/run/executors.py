@@ -4,54 +4,20 @@ An executor only has to map jobs to results in job order (:class:`Executor`). Jo
 results are picklable, so an executor may ship them to other processes or machines. One
 large job can also be cut into position chunks (:func:`split`) whose sweeps run anywhere
 (:func:`run_chunk`) and are merged back in position order (:func:`merge`); the merged sweep,
-handed to :func:`rfreport.pipeline.run_job` as `main`, gives the same frames as an unchunked run.
+handed to :func:`rfreport.run.pipeline.run_job` as `main`, gives the same frames as an unchunked run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 import numpy as np
 
-from rfreport import models
-from rfreport.pipeline import Advance, Job, JobResult, main_sweep, plan, run_job
-from rfreport.sweep import SweepResult
-from rfreport.verify import join
-
-
-class Executor(Protocol):
-    """Runs jobs somewhere and yields their results in the order of the jobs."""
-
-    def map(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
-        """Run every job and yield its result, in job order."""
-
-
-class Progress(Protocol):
-    """Receives progress from an in-process executor: one job at a time, position chunks within it."""
-
-    def start(self, job: Job, index: int, count: int) -> None:
-        """Announce job `index` (0-based) of `count`."""
-
-    def advance(self, done: int, total: int) -> None:
-        """Report the positions swept so far of the current job."""
-
-    def finish(self, result: JobResult | None = None) -> None:
-        """Report the end of the current job, with its result when it ran as a job."""
-
-
-class Silent:
-    """A Progress that shows nothing."""
-
-    def start(self, job: Job, index: int, count: int) -> None:
-        """Ignore the start of a job."""
-
-    def advance(self, done: int, total: int) -> None:
-        """Ignore progress within a job."""
-
-    def finish(self, result: JobResult | None = None) -> None:
-        """Ignore the end of a job."""
+from rfreport.compute import models
+from rfreport.results import SweepResult, join
+from rfreport.run.jobs import Advance, Job, JobResult, Progress, Silent
+from rfreport.run.pipeline import main_sweep, plan, run_job
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from rfreport import diff, plots, report
+from rfreport import diff
 from rfreport.positions import axis_names
+from rfreport.report import plots
+from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
 
 OVERVIEW = ("status", "center_rf_size", "stride", "padding", "edge_fraction", "unseen_pixels", "global", "audit")

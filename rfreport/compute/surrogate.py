@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport import replacements as rep
+from rfreport.compute import replacements as rep
+from rfreport.compute.replacements import bind
+from rfreport.compute.sizedep import size_dependent
 from rfreport.errors import SweepError
-from rfreport.replacements import bind
-from rfreport.sizedep import size_dependent
 
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from rfreport import positions as positions_mod
-from rfreport.engine import Engine
-from rfreport.sweep import _Accumulator, chunks, dense_sweep, mask_bounds, one_hot_weights, projection_bounds
+from rfreport.compute.dense import dense_sweep, one_hot_weights
+from rfreport.compute.engine import Engine
+from rfreport.results import Accumulator, chunks, mask_bounds, projection_bounds
 
 PILOT_SPANS = (8, 16)  # the pilot line reaches this far either side of the centre; a longer line learns longer periods
 RANDOM_PILOTS = 8    # extra exact spot checks at random positions
@@ -81,7 +82,7 @@ class Plan:
         return ok & ((support > 0) != empty)
 
 
-def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc: _Accumulator,
+def compressed_sweep(engine: Engine, selected: np.ndarray, batch_size: int, acc: Accumulator,
                      progress=None, *, auto: bool = False) -> str:
     """Sweep positions by colour groups, densely where compression cannot be trusted or does not pay.
 

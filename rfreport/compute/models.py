@@ -8,69 +8,18 @@ model and the factory.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import re
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from rfreport.config import ModelSpec
-from rfreport.errors import ModelLoadError, SweepError
-
-
-def _first_line(exc: BaseException) -> str:
-    """Return `Type: first line of the message` for an exception."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def _import_file(path: Path) -> ModuleType:
-    """Import a Python file as a module once per process, under a name derived from its path."""
-    name = "_rfreport_factory_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    if not path.is_file():
-        raise ModelLoadError(f"factory file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file may raise anything while it is imported
-        del sys.modules[name]
-        raise ModelLoadError(f"cannot import {str(path)!r} ({_first_line(exc)})") from exc
-    return module
-
-
-def _import_module(name: str) -> ModuleType:
-    """Import a module by dotted name."""
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # a module may fail on import with anything, not only ImportError
-        raise ModelLoadError(f"cannot import module {name!r} ({_first_line(exc)})") from exc
-
-
-def import_factory(factory: str) -> Callable[..., Any]:
-    """Import the callable named by `package.module:callable` or `path/to/file.py:callable`, without calling it."""
-    target, _, attr = factory.rpartition(":")
-    if not target or not attr:
-        raise ModelLoadError(f"factory {factory!r} must be 'package.module:callable' or 'path/to/file.py:callable'")
-    obj: Any = _import_file(Path(target).resolve()) if target.endswith(".py") else _import_module(target)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelLoadError(f"{target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelLoadError(f"{factory} is a {type(obj).__name__}, not a callable")
-    return obj
+from rfreport.errors import ModelLoadError, SweepError, one_line
+from rfreport.factories import import_factory
 
 
 def _state_dict(loaded: Any) -> dict[str, torch.Tensor] | None:
@@ -106,7 +55,7 @@ def load_checkpoint(model: nn.Module, path: Path, name: str) -> None:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for unreadable or unsafe files
-        raise ModelLoadError(f"model {name!r}: cannot load checkpoint {str(path)!r} ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"model {name!r}: cannot load checkpoint {str(path)!r} ({one_line(exc)})") from exc
     state = _state_dict(loaded)
     if state is None:
         raise ModelLoadError(f"model {name!r}: checkpoint {str(path)!r} holds a {type(loaded).__name__}, "
@@ -130,7 +79,7 @@ def build(spec: ModelSpec) -> nn.Module:
             torch.manual_seed(0)
             model = factory(**spec.kwargs)
     except Exception as exc:  # the user's factory may raise anything
-        raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} raised {_first_line(exc)}") from exc
+        raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} raised {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} returned a {type(model).__name__}, "
                              "not a torch.nn.Module")

@@ -52,12 +52,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from rfreport import __version__, runfolder
-from rfreport.engine import resolve_device
-from rfreport.surrogate import eager_forward
+from rfreport.compute.engine import resolve_device
+from rfreport.compute.surrogate import eager_forward
 
 if TYPE_CHECKING:
     from rfreport.config import RunOptions
-    from rfreport.pipeline import Job
+    from rfreport.run.jobs import Job
 
 logger = logging.getLogger("rfreport")
 ENV = "RFREPORT_CACHE_DIR"

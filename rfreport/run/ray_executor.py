@@ -3,15 +3,15 @@
 Every (model, input shape) job becomes a Ray task that builds its model from the spec on the worker
 (only the small, picklable spec travels), sweeps, analyses and returns its :class:`JobResult`. The
 task plans the job's positions first; a job with more than `chunk_positions` of them returns its
-position chunks instead (:func:`rfreport.executors.split`). The driver then sweeps each chunk in its
-own task (:func:`rfreport.executors.run_chunk`) and hands their refs to one more task, which merges the
+position chunks instead (:func:`rfreport.run.executors.split`). The driver then sweeps each chunk in its
+own task (:func:`rfreport.run.executors.run_chunk`) and hands their refs to one more task, which merges the
 sweeps in position order and analyses them (`run_job(job, main=merged)`). No task waits on another,
 so tasks holding a GPU never deadlock.
 
 A task that raises (a failed job raises :class:`JobFailed` on its worker, so Ray sees the failure),
 is killed for memory or loses its worker or node is retried up to `max_retries` times; then the job
 is recorded as failed with its one-line error and the other jobs complete. Results come back in job
-order, so :func:`rfreport.pipeline.run` writes the same run folder as with the in-process executor.
+order, so :func:`rfreport.run.pipeline.run` writes the same run folder as with the in-process executor.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from rfreport import models
-from rfreport.errors import RfReportError
-from rfreport.executors import Chunk, Progress, Silent, merge, run_chunk, split
-from rfreport.pipeline import Job, JobResult, failed_result, main_sweep, one_line, plan, run_job
-from rfreport.sweep import SweepResult
+from rfreport.compute import models
+from rfreport.errors import RfReportError, one_line
+from rfreport.results import SweepResult
+from rfreport.run.executors import Chunk, merge, run_chunk, split
+from rfreport.run.jobs import Job, JobResult, Progress, Silent
+from rfreport.run.pipeline import failed_result, main_sweep, plan, run_job
 
 logger = logging.getLogger("rfreport")
 CHUNK_POSITIONS = 32768   # a job sweeping more output positions than this is cut into chunks of at most this many

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfreport.analysis import GlobalOp
-from rfreport.engine import Target, check_input_shape, forward_target, resolve_device
-from rfreport.surrogate import (
+from rfreport.compute.engine import Target, check_input_shape, forward_target, resolve_device
+from rfreport.compute.surrogate import (
     REDUCTIONS,
     StructuralMode,
     _is_differentiable,
@@ -32,6 +31,7 @@ from rfreport.surrogate import (
     build_surrogate,
     eager_forward,
 )
+from rfreport.results import GlobalOp
 
 SPATIAL_NORMS = frozenset({"group_norm", "instance_norm"})   # statistics over every spatial position
 TRAILING_NORMS = frozenset({"layer_norm", "rms_norm"})       # over space when they normalise >= 2 trailing dims

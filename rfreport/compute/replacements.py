@@ -8,7 +8,7 @@ unpooling to the remembered argmax. Each function here returns, for one such op,
 value could depend on*: the same windows, the whole sorted axis, every element an
 input-dependent index could address. Index outputs (argmax positions) keep their real values.
 
-Pure functions of torch tensors, called by :class:`rfreport.surrogate.StructuralMode` with the
+Pure functions of torch tensors, called by :class:`rfreport.compute.surrogate.StructuralMode` with the
 mode switched off (so nothing here is traced twice).
 """
 

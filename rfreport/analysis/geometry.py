@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from rfreport.frames import POSITIONS, positions_frame
+from rfreport.analysis.frames import POSITIONS, positions_frame
 from rfreport.positions import PositionSpec, axis_names, center
+from rfreport.results import GlobalOp
 from rfreport.schema import Column, Schema, register
 
 if TYPE_CHECKING:
-    from rfreport.sweep import SweepResult
+    from rfreport.results import SweepResult
 
 GEOMETRY_REACH = 3           # geometry_positions sweeps the centre +- this many steps per axis
 NONUNIFORM_RATIO = 1.5       # interior coverage max/min at or above this is a checkerboard
@@ -103,14 +104,6 @@ class Finding:
     code: str        # stable id, e.g. "edge", "unseen", "global", "covers", "wrap", "holes", "nonaffine", "border"
     severity: str    # "info" | "warning"
     message: str     # a plain sentence for the report
-
-
-@dataclass(frozen=True)
-class GlobalOp:
-    """An operation that pools over a whole feature map (global context), and the layer it runs in."""
-
-    layer: str       # qualified module name ("" when it runs in the model's own forward)
-    op: str          # torch function, e.g. adaptive_avg_pool2d, mean, group_norm
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfreport import positions as positions_mod
-from rfreport.engine import Engine, Target, check_input_shape, preserved
+from rfreport.compute.dense import one_hot_weights
+from rfreport.compute.engine import Engine, Target, check_input_shape, preserved
+from rfreport.compute.sweep import resolve_batch_size, sweep
 from rfreport.errors import SweepError
 from rfreport.layouts import parse_layout
 from rfreport.positions import axis_names
+from rfreport.results import SweepResult, chunks
 from rfreport.schema import Column, Schema, register
-from rfreport.sweep import SweepResult, chunks, one_hot_weights, resolve_batch_size, sweep
 
 LEVELS = (20, 50, 90, 99)
 AREA_LEVEL = 95

@@ -1,0 +1,90 @@
+"""Jobs and their results: the unit of work of a run, and the seams that carry them (executors, progress).
+
+A job is one model spec at one input shape with the run's options; its result holds only plain
+values, DataFrames and numpy arrays, so both pickle across processes and machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pandas as pd
+
+from rfreport import runfolder
+from rfreport.config import ModelSpec, RunConfig, RunOptions
+
+Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a model spec at one of its input shapes, with the run's options."""
+
+    spec: ModelSpec
+    input_shape: tuple[int, ...]
+    options: RunOptions
+
+    @property
+    def slug(self) -> str:
+        """Return the run-folder name of this job, e.g. `resnet50-224x224`."""
+        return runfolder.slugify(self.spec.name, self.input_shape)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job produced: picklable and torch-free (plain values, DataFrames, numpy arrays)."""
+
+    name: str
+    slug: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    status: str                                                     # "ok" or "failed"
+    error: str | None                                               # one line when failed
+    mode: str
+    target: str
+    seconds: float
+    summary: dict = field(default_factory=dict)                     # analysis summary keys
+    findings: tuple[dict, ...] = ()                                 # {code, severity, message}
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
+    arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position
+    cached: bool = False                                            # taken from the incremental-audit cache
+
+
+def make_jobs(config: RunConfig) -> list[Job]:
+    """Return one job per model and input shape, in config order."""
+    return [Job(spec, shape, config.options) for spec in config.models for shape in spec.input_shapes]
+
+
+class Executor(Protocol):
+    """Runs jobs somewhere and yields their results in the order of the jobs."""
+
+    def map(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run every job and yield its result, in job order."""
+
+
+class Progress(Protocol):
+    """Receives progress from an in-process executor: one job at a time, position chunks within it."""
+
+    def start(self, job: Job, index: int, count: int) -> None:
+        """Announce job `index` (0-based) of `count`."""
+
+    def advance(self, done: int, total: int) -> None:
+        """Report the positions swept so far of the current job."""
+
+    def finish(self, result: JobResult | None = None) -> None:
+        """Report the end of the current job, with its result when it ran as a job."""
+
+
+class Silent:
+    """A Progress that shows nothing."""
+
+    def start(self, job: Job, index: int, count: int) -> None:
+        """Ignore the start of a job."""
+
+    def advance(self, done: int, total: int) -> None:
+        """Ignore progress within a job."""
+
+    def finish(self, result: JobResult | None = None) -> None:
+        """Ignore the end of a job."""
