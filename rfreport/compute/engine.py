@@ -474,16 +474,23 @@ class LayerEngine(Engine):
         self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.layers: dict[str, CapturedLayer] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._hooks:   # a reused surrogate (surrogates_reused) must not keep them
+            handle.remove()
+        self._hooks.clear()
+        super().__exit__(*exc_info)
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
         working = super()._working_model()
         names = self.layer_names or [n for n, m in working.named_modules() if not list(m.children())]
         wanted = set(names)
-        for name in names:
-            _find_layer(working, name).register_forward_hook(self._recorder(name, wanted))
+        self._hooks += [_find_layer(working, name).register_forward_hook(self._recorder(name, wanted))
+                        for name in names]
         # The model's own output may be a dict or logits; stop with the last captured tensor instead.
-        working.register_forward_hook(self._stop)
+        self._hooks.append(working.register_forward_hook(self._stop))
         return working
 
     def _forward(self, working: nn.Module) -> None:

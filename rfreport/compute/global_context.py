@@ -15,7 +15,8 @@ tensors of the input's rank (N, C, *spatial); attention over flattened tokens is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,19 +75,25 @@ class _Recorder(StructuralMode):
         return result
 
 
-def _track_modules(model: nn.Module) -> list[str]:
-    """Keep a stack of the qualified names of the modules running (hooks on a throwaway copy)."""
+@contextmanager
+def _track_modules(model: nn.Module) -> Iterator[list[str]]:
+    """Keep a stack of the qualified names of the modules running during the block."""
     stack: list[str] = []
 
     def leave(_module, _args, _output) -> None:
         if stack:
             stack.pop()
 
+    handles = []
     for qualified, module in model.named_modules():
         if qualified:
-            module.register_forward_pre_hook(lambda _m, _a, name=qualified: stack.append(name))
-            module.register_forward_hook(leave)
-    return stack
+            handles += [module.register_forward_pre_hook(lambda _m, _a, name=qualified: stack.append(name)),
+                        module.register_forward_hook(leave)]
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target | None = None,
@@ -97,8 +104,8 @@ def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target |
     surrogate = build_surrogate(model, seed).to(where)
     dtype = next((p.dtype for p in surrogate.parameters() if p.is_floating_point()), torch.float32)
     x = (torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) + 0.5).to(where)
-    recorder = _Recorder(len(shape), _track_modules(surrogate))
-    with torch.enable_grad(), eager_forward(), recorder:
+    with _track_modules(surrogate) as stack, torch.enable_grad(), eager_forward(), _Recorder(len(shape),
+                                                                                           stack) as recorder:
         y = forward_target(surrogate, x.requires_grad_(True), target or Target(), shape, read_layout=False)
     if not recorder.taps or not y.requires_grad:
         return ()

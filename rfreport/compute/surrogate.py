@@ -34,6 +34,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -502,7 +503,7 @@ def eager_forward() -> Iterator[None]:
 
 def _positive_weight(param: torch.Tensor, transposed: bool, generator: torch.Generator) -> torch.Tensor:
     """Draw positive weights whose fan-in sums to one, so activations stay O(1)."""
-    values = torch.rand(param.shape, generator=generator, dtype=param.dtype) + 0.5
+    values = positive_noise(param.shape, generator, param.dtype, param.device)
     fan_dims = [d for d in range(param.dim()) if d != (1 if transposed else 0)]
     return values / values.sum(dim=fan_dims, keepdim=True)
 
@@ -517,16 +518,41 @@ def _surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
     return torch.ones(param.shape, dtype=param.dtype)
 
 
+_reused: ContextVar[dict | None] = ContextVar("rfreport_reused_surrogates", default=None)
+
+
+@contextmanager
+def surrogates_reused() -> Iterator[None]:
+    """Build each model's surrogate once during the block (per seed and dtype), not once per pass.
+
+    For a caller that owns its model for the block and never changes it (the pipeline, for one job):
+    a job runs ten or more passes on the same model, and copying it each time was a tenth of the
+    job. Passes leave the shared surrogate as they found it (engines remove their hooks).
+    """
+    token = _reused.set({})
+    try:
+        yield
+    finally:
+        _reused.reset(token)
+
+
 def build_surrogate(model: nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Return an eval-mode copy of the model in `dtype` with positive weights and neutral statistics.
 
     Compiled submodules are replaced by their original modules; TorchScript modules are refused.
+    Inside `surrogates_reused`, the copy is built once per model, seed and dtype.
     """
+    reused = _reused.get()
+    key = (id(model), seed, dtype)
+    if reused is not None and key in reused:
+        return reused[key][1]
     refuse_torchscript(model)
     surrogate = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model))).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _neutralise(surrogate, generator)
+    if reused is not None:
+        reused[key] = (model, surrogate)   # the model is kept so its id cannot be reused during the block
     return surrogate
 
 

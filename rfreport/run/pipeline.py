@@ -29,6 +29,7 @@ from rfreport.analysis import frames, levels
 from rfreport.analysis.geometry import Analysis
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
+from rfreport.compute.surrogate import surrogates_reused
 from rfreport.compute.sweep import sweep
 from rfreport.config import Level, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
@@ -88,9 +89,10 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
                          frames=hit.frames, arrays=hit.arrays, **hit.values)
-    measurements = plan.measure(model, job, advance, main, attention_found=plan.attention_record(model, job))
-    main, result, measured = measurements.main, measurements.analyse(), measurements.erf
-    records = level_records(model, job, measurements, result)
+    with surrogates_reused():
+        measurements = plan.measure(model, job, advance, main, attention_found=plan.attention_record(model, job))
+        main, result, measured = measurements.main, measurements.analyse(), measurements.erf
+        records = level_records(model, job, measurements, result)
     pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
@@ -114,7 +116,8 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
     slot = cache.slot(model, job, "inspect")
     if (hit := slot.load()) is not None:
         return hit.values | {"cached": True}
-    record = inspect_record(model, job, advance)
+    with surrogates_reused():
+        record = inspect_record(model, job, advance)
     slot.save(record)
     return record | {"cached": False}
 
