@@ -1,0 +1,88 @@
+"""The measurement plan: what the first pass decides, that later passes only drop work, and shared surrogates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rfreport.compute import layers, models
+from rfreport.compute.surrogate import build_surrogate, surrogates_reused
+from rfreport.compute.sweep import sweep
+from rfreport.config import ModelSpec, RunOptions
+from rfreport.run import plan
+from rfreport.run.jobs import Job
+
+
+def job_of(factory: str, shape: tuple[int, ...], **changes) -> Job:
+    """Return a job of an example model."""
+    spec = ModelSpec(name=factory, factory=f"rfreport.examples:{factory}", input_shapes=(shape,), **changes)
+    return Job(spec, shape, RunOptions())
+
+
+def first_plan(job: Job) -> tuple[plan.Plan, object]:
+    """Return the first plan of a job and its built model."""
+    model = models.build(job.spec)
+    main = plan.main_sweep(model, job, None)
+    return plan.Plan.first(job, main, plan.global_context(model, job, main), growth=True), model
+
+
+def test_a_clipped_named_layer_plans_composed_geometry_and_enlarged_inputs_as_a_fallback():
+    job = job_of("resnet_small", (1, 3, 16, 16), kwargs={"width": 4, "blocks": 2}, layer="stages",
+                 positions="center")
+    first, _ = first_plan(job)
+    assert first.composed and first.enlarged and first.growth and not first.erf
+    assert first.geometry is not None   # the centre alone cannot fit a stride
+    assert "composed geometry" in first.describe() and first.describe().startswith("plan: main sweep")
+
+
+def test_an_unclipped_model_plans_no_geometry_pass():
+    job = job_of("dilated_net", (1, 3, 32, 32), positions="all")
+    first, _ = first_plan(job)
+    assert (first.local, first.composed, first.enlarged, first.geometry) == (False, False, False, None)
+
+
+def test_global_context_plans_the_local_sweep_and_drops_every_larger_input():
+    job = job_of("se_net", (1, 3, 32, 32), positions="center")
+    first, model = first_plan(job)
+    assert first.local
+    local = plan.local_sweep(model, job, plan.main_sweep(model, job, None))
+    after = first.after_local(local)
+    assert after.global_context and not after.composed and not after.enlarged
+
+
+def test_an_exact_composed_geometry_leaves_only_the_corners_to_sweep():
+    job = job_of("resnet_small", (1, 3, 16, 16), kwargs={"width": 4, "blocks": 2}, layer="stages",
+                 positions="center")
+    first, model = first_plan(job)
+    found = plan.composed_geometry(model, job)
+    assert found is not None and found.exact
+    after = first.after_composed(found)
+    assert after.geometry == "corners" and not after.enlarged
+
+
+@pytest.mark.parametrize(("factory", "changes"), [("resnet_small", {"layer": "stages"}), ("unet", {}), ("se_net", {})])
+def test_later_passes_never_add_work(factory, changes):
+    job = job_of(factory, (1, 3, 16, 16), positions="center", **changes)
+    first, model = first_plan(job)
+    main = plan.main_sweep(model, job, None)
+    steps = [first.after_local(plan.local_sweep(model, job, main)),
+             first.after_composed(layers.TargetGeometry(np.ones(2), np.ones(2), np.zeros(2), True, True)),
+             first.after_geometry(main, None)]
+    for later in steps:
+        for kind in ("local", "composed", "growth", "enlarged", "erf"):
+            assert getattr(later, kind) <= getattr(first, kind), (factory, kind)
+
+
+def test_a_shared_surrogate_gives_the_same_answers_and_keeps_no_hooks():
+    model = models.build(ModelSpec(name="u", factory="rfreport.examples:unet", input_shapes=((1, 3, 32, 32),)))
+    alone = [sweep(model, (1, 3, 32, 32), "all"), layers.layer_growth(model, (1, 3, 32, 32))]
+    with surrogates_reused():
+        shared = [sweep(model, (1, 3, 32, 32), "all"), layers.layer_growth(model, (1, 3, 32, 32)),
+                  layers.layer_growth(model, (1, 3, 32, 32))]
+        reused = build_surrogate(model, 0)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in reused.modules())
+    for a, b in zip((alone[0].lo, alone[0].hi, alone[0].support), (shared[0].lo, shared[0].hi, shared[0].support)):
+        np.testing.assert_array_equal(a, b)
+    pd.testing.assert_frame_equal(alone[1], shared[1])
+    pd.testing.assert_frame_equal(shared[1], shared[2])   # the first growth left no hooks behind
