@@ -17,7 +17,7 @@ from rfreport.compute.layers import layer_growth, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
-from tests.test_analysis import hole_free_stacks, recurrence
+from tests.support import hole_free_stacks, recurrence
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
