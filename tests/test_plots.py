@@ -128,7 +128,7 @@ def test_synthetic_image_is_in_range_with_contrast():
 
 def test_plots_need_neither_pyplot_nor_torch():
     """Building and rendering a figure in a fresh interpreter imports neither pyplot nor torch."""
-    code = ("import sys, numpy as np\nfrom rfreport import plots\n"
+    code = ("import sys, numpy as np\nfrom rfreport.report import plots\n"
             "plots.to_png(plots.coverage_map(np.ones((4, 4), dtype=np.int64)))\n"
             "assert not {'torch', 'matplotlib.pyplot'} & set(sys.modules), 'pyplot or torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -70,11 +70,11 @@ SHARED_TEST_HELPERS = ("tests.support", "tests.oracle", "tests.conftest")
 class Import:
     """One import statement's target as the importing module sees it."""
 
-    module: str          # the importing module
-    target: str          # the imported module (absolute), or `module.name` when the name is not a module
-    names: tuple[str, ...]   # the names taken from it (`from target import a, b`); empty for `import target`
+    module: str               # the importing module
+    target: str               # the imported module, absolute (`from pkg import submodule` names the submodule)
+    names: tuple[str, ...]    # the names taken from it (`from target import a, b`); empty for `import target`
     line: int
-    lazy: bool           # inside a function, under TYPE_CHECKING or `if __name__ == "__main__"`
+    lazy: bool                # inside a function, under TYPE_CHECKING or `if __name__ == "__main__"`
 
 
 def room(module: str) -> str:
@@ -221,9 +221,13 @@ def cycles(found: list[Import]) -> list[list[str]]:
 
 def cross_test_imports(module: str, tree: ast.Module) -> list[str]:
     """Return the imports a test module takes from another test module instead of the shared helpers."""
-    return [f"{module}:{node.lineno} imports from {node.module}" for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.")
-            and node.module not in SHARED_TEST_HELPERS and node.module != module]
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+            node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        found += [f"{module}:{node.lineno} imports from {name}" for name in names
+                  if name.startswith("tests.") and name not in (*SHARED_TEST_HELPERS, module)]
+    return found
 
 
 
@@ -368,8 +372,9 @@ def test_the_checker_accepts_what_the_contract_allows(text):
 
 
 def test_the_checker_finds_a_test_importing_another_test_module():
-    tree = ast.parse("from tests.test_report import GOLD_RUN\nfrom tests.support import invoke\n")
-    assert cross_test_imports("tests.test_diff", tree) == ["tests.test_diff:1 imports from tests.test_report"]
+    tree = ast.parse("from tests.test_report import GOLD_RUN\nfrom tests.support import run\nimport tests.test_cli\n")
+    assert cross_test_imports("tests.test_diff", tree) == ["tests.test_diff:1 imports from tests.test_report",
+                                                           "tests.test_diff:3 imports from tests.test_cli"]
 
 
 def test_the_runtime_check_sees_a_transitive_torch_import():
