@@ -109,6 +109,20 @@ def test_model_is_left_as_found_in_gradient_mode():
     assert all(p.requires_grad for p in model.parameters())
 
 
+class Boom(nn.Module):
+    """A layer whose forward pass fails."""
+
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_hooks_on_the_users_model_are_removed_after_a_failed_pass():
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), Boom())   # gradient mode hooks the model itself, not a copy
+    with pytest.raises(SweepError, match="boom"):
+        layer_growth(model, (1, 1, 8, 8), mode="gradient")
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 def test_one_dimensional_models():
     frame = layer_growth(nn.Sequential(nn.Conv1d(1, 1, 5, stride=2, padding=2), nn.Conv1d(1, 1, 3)), (1, 1, 20))
     assert frame[["l_rf", "l_stride", "l_padding"]].to_numpy().tolist() == [[5, 2, 2], [9, 2, 2]]
