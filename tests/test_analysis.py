@@ -18,13 +18,13 @@ from rfreport.analysis.geometry import (
     border_layers_from,
     coverage_stats,
     fit_axis,
-    geometry_positions,
     global_from,
     no_border_resolution,
     unwrap_shift,
 )
 from rfreport.compute.sweep import sweep
 from rfreport.positions import resolve
+from rfreport.run.plan import geometry_positions
 from tests.oracle import Layer, lengths
 from tests.support import hole_free_stacks, recurrence
 

@@ -16,7 +16,7 @@ from rfreport.config import AUDIT_RULES, ModelSpec, RunOptions
 from rfreport.positions import center
 from rfreport.results import GlobalOp
 from rfreport.run import jobs as jobs_mod
-from rfreport.run import pipeline
+from rfreport.run import plan
 
 
 class Gated(nn.Module):
@@ -78,7 +78,7 @@ def run(model_factory: str, shape, layer: str | None = None, **kwargs):
     job = jobs_mod.Job(spec, shape, RunOptions(device="cpu"))
     from rfreport.compute import models
 
-    return pipeline.compute(models.build(spec), job, growth=False).analysed
+    return plan.measure(models.build(spec), job, growth=False).analyse()
 
 
 def codes(analysis) -> list[str]:
@@ -112,7 +112,7 @@ def test_global_context_is_found_even_when_no_rf_covers_the_input():
     model = nn.Sequential(nn.Conv2d(1, 2, 1, stride=2), examples.SqueezeExcite(2, reduction=1))
     spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 16, 16),))
     job = jobs_mod.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
-    s = pipeline.compute(model, job, growth=False).analysed.summary
+    s = plan.measure(model, job, growth=False).analyse().summary
     assert (s["global"], s["global_from"], s["covering_positions"]) == (True, "1.gate.0", 0)  # pixel 15 is unseen
     assert s["local_rf_size"] == [1, 1]
 
@@ -182,10 +182,10 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     job = jobs_mod.Job(spec, shape, RunOptions(device="cpu"))
     torch.manual_seed(0)
     try:
-        done = pipeline.compute(model, job, growth=False)
+        measured = plan.measure(model, job, growth=False)
     except Exception:   # an input too small for the stack: nothing to judge
         return
-    analysis = done.analysed
+    analysis = measured.analyse()
     # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/test_levels.py)
     judged = [r for r in AUDIT_RULES if r not in ("max_center_offset", "anchors_fit", "min_anchor_share")]
     rule = data.draw(st.sampled_from(judged))

@@ -13,9 +13,10 @@ import torch
 
 from rfreport import config, runfolder
 from rfreport.analysis import geometry as analysis
+from rfreport.compute import models
 from rfreport.config import ModelSpec, RunOptions
 from rfreport.report import render as report
-from rfreport.run import executors, pipeline
+from rfreport.run import executors, pipeline, plan
 from rfreport.run import jobs as jobs_mod
 from tests.oracle import support_mask
 from tests.support import NETS, TINY
@@ -115,7 +116,7 @@ def test_failures_become_failed_results_with_one_line(nets, monkeypatch):
     def out_of_memory(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
 
-    monkeypatch.setattr(pipeline, "compute", out_of_memory)
+    monkeypatch.setattr(plan, "measure", out_of_memory)
     assert failure(job_of(nets)) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
 
 
@@ -124,7 +125,7 @@ def test_chunks_merge_to_the_unchunked_sweep_and_frames(nets, tiny_result):
     chunks = executors.split(job, 3)
     assert [len(c.positions) for c in chunks] == [22, 21, 21]
     merged = executors.merge([executors.run_chunk(chunk) for chunk in reversed(chunks)])
-    whole = pipeline.main_sweep(pipeline.models.build(job.spec), job, np.concatenate([c.positions for c in chunks]))
+    whole = plan.main_sweep(models.build(job.spec), job, np.concatenate([c.positions for c in chunks]))
     for name in ("positions", "lo", "hi", "support", "wrapped", "path", "coverage"):
         assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
     assert merged.masks.keys() == whole.masks.keys()
@@ -198,14 +199,16 @@ def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
     spec = ModelSpec(name="small", factory="rfreport.examples:resnet_small", kwargs={"width": 4, "blocks": 2},
                      input_shapes=(shape,), layer="stages", positions="center")
     job = jobs_mod.Job(spec, shape, RunOptions())
-    model = pipeline.models.build(spec)
-    done = pipeline.compute(model, job, growth=False)
-    geometry = pipeline.geometry_sweep(model, job, done.main)
-    enlarged = pipeline.enlarged_sweep(model, job, done.main, geometry)
-    found = pipeline.global_context(model, job, done.main)
-    local = pipeline.local_sweep(model, job, done.main, geometry, found)
-    reference = analysis.analyze(done.main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
-    assert (done.analysed.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
-    assert done.analysed.summary == reference.summary
+    model = models.build(spec)
+    measured = plan.measure(model, job, growth=False)
+    main, done = measured.main, measured.analyse()
+    geometry = plan.geometry_sweep(model, job, main, plan.geometry_extra(main))
+    enlarged = plan.enlarged_sweep(model, job)
+    found = plan.global_context(model, job, main)
+    spans = analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial)
+    local = plan.local_sweep(model, job, main) if found or spans else None
+    reference = analysis.analyze(main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
+    assert (done.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
+    assert done.summary == reference.summary
     same = [c for c in reference.geometry.columns if c not in ("fit", "problem", "positions_used")]
-    pd.testing.assert_frame_equal(done.analysed.geometry[same], reference.geometry[same])
+    pd.testing.assert_frame_equal(done.geometry[same], reference.geometry[same])

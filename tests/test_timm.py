@@ -18,7 +18,7 @@ from rfreport.compute import attention
 from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec, RunOptions
 from rfreport.run import jobs as jobs_mod
-from rfreport.run import pipeline
+from rfreport.run import plan
 
 timm = pytest.importorskip("timm")
 SHAPE = (1, 3, 32, 32)
@@ -110,7 +110,7 @@ def test_window_attention_is_found_and_its_reach_measured():
                                                               ("layers_0.blocks.1", 4, 16)]
     job = jobs_mod.Job(ModelSpec("swin", "timm:create_model", (SHAPE,), kwargs=SWIN, output=0, layout="nhwc",
                                  positions="center"), SHAPE, RunOptions())
-    record = pipeline.attention_record(swin(), job)
+    record = plan.attention_record(swin(), job)
     assert [(b["block"], b["rf_size"], b["global"]) for b in record["blocks"]] == [
         ("layers_0.blocks.0", [8, 8], False), ("layers_0.blocks.1", [16, 16], False)]
 

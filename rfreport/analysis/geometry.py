@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 
 from rfreport.analysis.frames import POSITIONS, positions_frame
-from rfreport.positions import PositionSpec, axis_names, center
+from rfreport.positions import axis_names, center
 from rfreport.results import GlobalOp
 from rfreport.schema import Column, Schema, register
 
 if TYPE_CHECKING:
     from rfreport.results import SweepResult
 
-GEOMETRY_REACH = 3           # geometry_positions sweeps the centre +- this many steps per axis
 NONUNIFORM_RATIO = 1.5       # interior coverage max/min at or above this is a checkerboard
 FALLOFF_RATIO = 0.5          # border coverage below this fraction of the interior median is a fall-off
 MIRRORING = ("reflect", "replicate")
@@ -161,16 +160,6 @@ class Boxes:
         return cls(pos[rows], stack["lo"], stack["hi"], stack["wrapped"])
 
 
-def geometry_positions(output_spatial: Sequence[int]) -> PositionSpec:
-    """Return the extra positions the fit needs: the centre +- GEOMETRY_REACH per axis, and the axis ends."""
-    mid = center(output_spatial)
-    extra: list[Any] = ["center", "edges"]
-    for axis, n in enumerate(output_spatial):
-        for p in range(max(0, mid[axis] - GEOMETRY_REACH), min(n, mid[axis] + GEOMETRY_REACH + 1)):
-            extra.append([p if a == axis else m for a, m in enumerate(mid)])
-    return extra
-
-
 def _mode(values: np.ndarray) -> int:
     """Return the most common value, the largest on a tie."""
     uniq, counts = np.unique(values, return_counts=True)
@@ -298,20 +287,6 @@ def unwrap_shift(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.nd
     shifts = np.array([-n, 0, n])
     best = shifts[np.argmin(np.abs(middle[:, None] + shifts[None, :] - nominal[:, None]), axis=1)]
     return np.where(wrapped, best, 0)
-
-
-def enlarged_positions(output_spatial: Sequence[int]) -> PositionSpec:
-    """Return the few positions an enlarged-input fit needs: the centre and its next neighbour on each axis."""
-    mid = center(output_spatial)
-    return ["center", *([min(m + 1, n - 1) if a == axis else m for a, (m, n) in enumerate(zip(mid, output_spatial))]
-                        for axis in range(len(mid)))]
-
-
-def needs_larger_input(*results: SweepResult | None) -> bool:
-    """Tell whether some axis can only be estimated here: no two full-size RFs lie clear of the border."""
-    first = next(r for r in results if r is not None)
-    fits = fit_geometry(Boxes.of(*results), first.input_spatial, first.output_spatial)
-    return any(fit.fit == "estimated" for fit in fits)
 
 
 def with_enlarged(fits: list[AxisFit], enlarged: SweepResult | None) -> list[AxisFit]:
@@ -577,15 +552,15 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
             global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
-    `geometry` is an extra sweep of `geometry_positions` (merged into the fit), `enlarged` a sweep
-    of `enlarged_positions` on a larger input used where every RF is clipped here, `composed` the
+    `geometry` is an extra sweep of the fit's positions (merged into the fit; run.plan decides them),
+    `enlarged` a sweep of a few positions on a larger input used where every RF is clipped here, `composed` the
     exact (size, stride, padding) per axis of the target composed from per-layer windows
     (`layers.target_geometry`), used there likewise, `local` a
     `local=True` sweep (the local RF under global context), `gradient` a gradient-mode sweep
     (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
     `global_ops` the global operations the output depends on (`context.global_ops`; None: not
     looked for, so global context is unknown wherever some RF covers the input).
-    `attention` the record of pipeline.attention_record (attention modules and their reach).
+    `attention` the record of run.plan.attention_record (attention modules and their reach).
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)

@@ -130,6 +130,39 @@ def _is_tainted(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and getattr(value, "_rfreport_from_input", False)
 
 
+NOISE_POOL_MIN = 1 << 20     # values in the smallest pool of positive noise the gates slice from
+NOISE_POOL_SEED = 0x5EED
+_noise_pools: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def positive_noise(shape: torch.Size, generator: torch.Generator | None, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """Return positive noise in [0.5, 1.5) of `shape`: a view into a shared random pool at a random offset.
+
+    Drawing fresh random numbers for every gated activation cost as much as the gated op itself on
+    a CPU; a slice costs nothing and saves no extra memory for the backward pass. The offset comes
+    from `generator`, so passes stay reproducible; two gates share values only shifted by a random
+    offset, and an exact cancellation would need the model's weights to follow that shift.
+    """
+    count = math.prod(shape)
+    pool = _noise_pool(dtype, torch.device(device), 2 * count)
+    start = int(torch.randint(pool.numel() - count + 1, (1,), generator=generator,
+                              device=generator.device if generator is not None else "cpu"))
+    return pool[start:start + count].view(shape)
+
+
+def _noise_pool(dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor:
+    """Return the process's pool of positive noise for a dtype and device, grown to at least `size` values."""
+    key = (dtype, str(device))
+    pool = _noise_pools.get(key)
+    if pool is None or pool.numel() < size:
+        length = max(NOISE_POOL_MIN, 1 << (size - 1).bit_length())
+        generator = torch.Generator(device=device).manual_seed(NOISE_POOL_SEED)
+        pool = torch.rand(length, generator=generator, dtype=dtype, device=device) + 0.5
+        _noise_pools[key] = pool
+    return pool
+
+
 class _Gate(torch.autograd.Function):
     """Identity up to a positive scale in the forward pass; backward sends `(g != 0) * u` on.
 
@@ -308,8 +341,9 @@ class StructuralMode(TorchFunctionMode):
             if not is_differentiable(value) or not value.numel() or id(value) in owners or (
                     value._base is not None and id(value._base) in owners):
                 return value
-            u = torch.rand(value.shape, generator=self.generator, dtype=value.dtype, device=value.device) + 0.5
-            scale = value.detach().abs().amax()
+            u = positive_noise(value.shape, self.generator, value.dtype, value.device)
+            low, high = torch.aminmax(value.detach())
+            scale = torch.maximum(high, -low)
             return _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
 
         return _map_tensors(result, gate)

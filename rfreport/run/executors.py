@@ -17,7 +17,8 @@ import numpy as np
 from rfreport.compute import models
 from rfreport.results import SweepResult, join
 from rfreport.run.jobs import Advance, Job, JobResult, Progress, Silent
-from rfreport.run.pipeline import main_sweep, plan, run_job
+from rfreport.run.pipeline import run_job
+from rfreport.run.plan import main_sweep, selected_positions
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Chunk:
 
 def split(job: Job, count: int) -> list[Chunk]:
     """Cut a job's positions into at most `count` non-empty chunks of consecutive positions."""
-    selected = plan(models.build(job.spec), job)
+    selected = selected_positions(models.build(job.spec), job)
     return [Chunk(job, part) for part in np.array_split(selected, max(1, count)) if len(part)]
 
 

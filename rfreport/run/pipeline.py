@@ -11,226 +11,33 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from rfreport import __version__, audit, runfolder
 from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
-from rfreport.analysis import geometry as analysis
-from rfreport.compute import attention, erf, layers, models
-from rfreport.compute import global_context as context
-from rfreport.compute import verify as verify_mod
-from rfreport.compute.engine import Engine, Target, resolve_device
+from rfreport.analysis.geometry import Analysis
+from rfreport.compute import models
+from rfreport.compute.engine import Target, resolve_device
 from rfreport.compute.sweep import sweep
-from rfreport.config import Level, ModelSpec, RunConfig
+from rfreport.config import Level, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
-from rfreport.results import GlobalOp, SweepResult
-from rfreport.run import cache, progress
+from rfreport.results import SweepResult
+from rfreport.run import cache, plan, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
 
 logger = logging.getLogger("rfreport")
-KEEP_MASKS = ("center", "corners", "edges")
-ENLARGE_DOUBLINGS = 3          # at most 8x the input size per axis for the geometry fit
-ENLARGE_PIXELS = 1024 * 1024   # and never beyond this many input positions
-
-
-def sweep_options(job: Job) -> dict[str, Any]:
-    """Return the sweep keyword arguments every sweep of a job shares."""
-    spec, options = job.spec, job.options
-    return {"mode": spec.mode, "layer": spec.layer, "output": spec.output, "device": options.device,
-            "seed": options.seed, "batch_size": options.batch_size, "layout": spec.layout}
-
-
-def keep_masks(spec: ModelSpec) -> list:
-    """Return the positions whose support masks are kept (when swept): centre, corners, edges, explicit ones."""
-    explicit = [] if isinstance(spec.positions, str) else [p for p in spec.positions if not isinstance(p, str)]
-    return [*KEEP_MASKS, *explicit]
-
-
-def plan(model: nn.Module, job: Job) -> np.ndarray:
-    """Resolve the job's positions on its output grid (one forward pass, which checks the input's rank)."""
-    spec, options = job.spec, job.options
-    target = Target(spec.layer, spec.output, parse_layout(spec.layout))
-    with models.rank_guard(model, job.input_shape, spec.name), Engine(
-            model, job.input_shape, mode=spec.mode, target=target, device=options.device, seed=options.seed) as engine:
-        return positions_mod.resolve(spec.positions, engine.output_spatial)
-
-
-def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
-               advance: Advance | None = None) -> SweepResult:
-    """Sweep the selected positions of a job (its own selection when None), keeping the masks of the chosen ones."""
-    done, total = 0, 0 if selected is None else len(selected)
-
-    def chosen(output_spatial: tuple[int, ...]) -> list:
-        nonlocal total
-        picked = positions_mod.resolve(job.spec.positions, output_spatial)
-        total = len(picked)
-        return picked.tolist()
-
-    def progress(count: int) -> None:
-        nonlocal done
-        done += count
-        advance(done, total)
-
-    checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
-    with models.rank_guard(model, job.input_shape, job.spec.name):
-        return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
-                     keep_masks=keep_masks(job.spec), progress=progress if advance else None, verify=checks,
-                     **sweep_options(job))
-
-
-def covers(result: SweepResult, spec: positions_mod.PositionSpec) -> bool:
-    """Return whether a sweep already holds every position of a selection."""
-    wanted = positions_mod.resolve(spec, result.output_spatial)
-    swept = set(map(tuple, result.positions.tolist()))
-    return all(tuple(pos) in swept for pos in wanted.tolist())
-
-
-def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, *,
-                   corners_only: bool = False) -> SweepResult | None:
-    """Sweep the positions the geometry fit needs, unless the main sweep has them all or they cannot help.
-
-    With `corners_only` (the geometry is already composed exactly) only the corners are swept, to
-    tell a global RF.
-    When the corners were swept and every RF already spans the whole input, no position at this size
-    can show a box clear of the border: the fit then comes from the composed or enlarged geometry (or
-    the local sweep). When the centre's RF spans the whole input, only the corners are swept (to
-    tell a global RF): no other position can be clear of the border either.
-    """
-    extra = analysis.geometry_positions(main.output_spatial)
-    spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
-    if spans or covers(main, extra):
-        return None
-    if corners_only or centre_spans(main):
-        extra = "corners"
-        if covers(main, extra):
-            return None
-    return sweep(model, job.input_shape, extra, verify=False, **sweep_options(job))
-
-
-def context_bound(local: SweepResult | None) -> bool:
-    """Tell whether every RF is global through global context (the local sweep's RFs are smaller than the
-    input): then no larger input has an RF clear of the border either."""
-    return local is not None and not analysis.is_global(analysis.Boxes.of(local), local.input_spatial)
-
-
-def centre_spans(result: SweepResult) -> bool:
-    """Tell whether the sweep holds the centre position and its RF spans the whole input on every axis."""
-    mid = positions_mod.center(result.output_spatial)
-    rows = np.flatnonzero((result.positions == np.array(mid)).all(axis=1) & (result.support > 0))
-    n = np.array(result.input_spatial)
-    return bool(len(rows) and ((result.lo[rows[0]] <= 0) & (result.hi[rows[0]] >= n - 1)).all())
-
-
-def enlarged_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
-                   growth: pd.DataFrame | None = None) -> SweepResult | None:
-    """Fit the geometry on doubled inputs when every RF is clipped at the job's input (so it is always filled).
-
-    Starts at the first doubling larger than every RF the layer growth measured, stops at the first
-    size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
-    ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
-    """
-    if main.size_dependent_ops or not analysis.needs_larger_input(main, geometry):
-        return None
-    for doubling in range(first_doubling(job.input_shape[2:], growth), ENLARGE_DOUBLINGS + 1):
-        bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))
-        if math.prod(bigger[2:]) > ENLARGE_PIXELS:
-            return None
-        try:
-            # one probe: only the box bounds of three positions are read, and the input is 4-64x larger
-            larger = sweep(model, bigger, analysis.enlarged_positions, probes=1, verify=False,
-                           **sweep_options(job))
-        except SweepError:
-            return None
-        if not analysis.needs_larger_input(larger):
-            return larger
-    return None
-
-
-def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
-                      geometry: SweepResult | None) -> layers.TargetGeometry | None:
-    """Compose the target's geometry from per-layer windows when every RF is clipped at this size.
-
-    Only for a named NCHW layer (its output is captured as it is) and a pass without size-dependent ops
-    (whose windows a few probe rows cannot vouch for); None otherwise or when the model refuses.
-    """
-    spec = job.spec
-    if (spec.layer is None or spec.output is not None or spec.layout != "nchw" or main.size_dependent_ops
-            or not analysis.needs_larger_input(main, geometry)):
-        return None
-    try:
-        return layers.target_geometry(model, job.input_shape, spec.layer, mode=spec.mode,
-                                      device=job.options.device, seed=job.options.seed)
-    except SweepError:
-        return None
-
-
-def exact_axes(found: layers.TargetGeometry | None) -> list[tuple] | None:
-    """Return (size, stride, padding) per axis of an exact composed geometry, else None."""
-    return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
-
-
-def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
-    """Return how many doublings make the input larger than every RF in the layer growth (at least one)."""
-    if growth is None or growth.empty:
-        return 1
-    widest = [int(growth[f"{a}_rf"].max()) + 2 for a in positions_mod.axis_names(len(spatial))]
-    return max(1, *(math.ceil(math.log2(max(w / n, 1.0))) for w, n in zip(widest, spatial)))
-
-
-def local_sweep(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
-                global_ops: Sequence[GlobalOp] = ()) -> SweepResult | None:
-    """Sweep the geometry positions with global-context paths held constant, when every RF is the whole input
-    or a global operation was found."""
-    if not global_ops and not analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial):
-        return None
-    return sweep(model, job.input_shape, analysis.geometry_positions(main.output_spatial), local=True,
-                 **sweep_options(job))
-
-
-def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[GlobalOp, ...]:
-    """Find the global operations the analysed output depends on (one forward and backward pass).
-
-    A global operation on the path gives every output position the same RF box (all that its input
-    feature map sees), so they are looked for only when every swept position has one box.
-    """
-    if not analysis.one_box(analysis.Boxes.of(main)):
-        return ()
-    return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
-                              device=job.options.device, seed=job.options.seed)
-
-
-def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:
-    """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
-    return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
-                               device=job.options.device, seed=job.options.seed, layout=job.spec.layout,
-                               global_context=global_context)
-
-
-def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:
-    """Measure the effective RF when the spec asks for it, reusing the main sweep's RF boxes."""
-    if job.spec.erf is None:
-        return None
-    settings = dict(job.spec.erf)
-    chosen = settings.pop("positions", "center")
-    options = sweep_options(job)
-    del options["mode"]
-    return erf.effective_rf(model, job.input_shape, chosen, theoretical=main if covers(main, chosen) else None,
-                            **settings, **options)
 
 
 def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None = None) -> JobResult:
@@ -247,78 +54,6 @@ def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None =
         return failed_result(job, exc, time.perf_counter() - started)
 
 
-@dataclass(frozen=True)
-class Computed:
-    """Everything computed for one job: the main and geometry sweeps, the analysis and the ERF."""
-
-    main: SweepResult
-    geometry: SweepResult | None
-    analysed: analysis.Analysis
-    erf_result: erf.ErfResult | None
-
-
-def attention_record(model: nn.Module, job: Job) -> dict | None:
-    """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
-    with timed(job, "attention"):
-        try:
-            calls = attention.detect(model, job.input_shape)
-            target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
-            pools = attention.global_pooling(model, job.input_shape, target)
-        except RfReportError:
-            logger.debug("%s: no attention findings", job.slug, exc_info=True)
-            return None
-        if not calls:
-            return {"pooling": list(pools)} if pools else None
-
-        def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
-            try:
-                found = sweep(model, job.input_shape, "center", **(sweep_options(job) | {
-                    "layer": layer, "output": None, "layout": layout}))
-            except RfReportError:
-                logger.debug("%s: no RF for attention block %s", job.slug, layer, exc_info=True)
-                return None
-            return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
-
-        found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
-        return found | {"pooling": list(pools)}
-
-
-def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True, attention_found: dict | None = None) -> Computed:
-    """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth, `attention_found`
-    is the job's attention record (attention_record) for the findings."""
-    with timed(job, "main sweep"):
-        main = main or main_sweep(model, job, None, advance)
-    with timed(job, "global context"):
-        found_ops = global_context(model, job, main)
-    with timed(job, "local sweep and composed geometry"):
-        # swept corners that see everything: the local sweep first, it tells global context (no fit helps)
-        spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
-        local = local_sweep(model, job, main, None, found_ops) if spans or found_ops else None
-        found = None if context_bound(local) else composed_geometry(model, job, main, None)
-        composed = exact_axes(found)
-        pooled = found is not None and found.pooled  # global pooling on the way: no larger input helps
-    with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job, context_bound(local) or pooled) if growth else None
-    with timed(job, "geometry and local sweeps"):
-        geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
-        local = local or local_sweep(model, job, main, geometry, found_ops)
-        enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
-            model, job, main, geometry, growth_frame)
-    result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              composed=composed, global_ops=found_ops, attention=attention_found)
-    with timed(job, "effective RF"):
-        measured = effective(model, job, main)
-    return Computed(main, geometry, result, measured)
-
-
-@contextmanager
-def timed(job: Job, stage: str) -> Iterator[None]:
-    """Log how long a stage of a job took: in log.txt, and on the console when it was slow."""
-    with progress.stage(f"{job.slug}: {stage}"):
-        yield
-
-
 def level_job(job: Job, level: Level) -> Job:
     """Return the job that analyses one level: its own target, the centre (plus the fit's positions), no ERF."""
     spec = replace(job.spec, layer=level.layer, output=level.output, layout=level.layout or job.spec.layout,
@@ -326,22 +61,23 @@ def level_job(job: Job, level: Level) -> Job:
     return replace(job, spec=spec)
 
 
-def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
-    """Analyse every level of a job as a sweep with its own target (the job's own target is reused)."""
+def level_records(model: nn.Module, job: Job, measured: plan.Measurements, analysed: Analysis) -> list[dict]:
+    """Measure and analyse every level of a job with its own target (the job's own target is reused)."""
     records = []
     for level in job.spec.levels:
         sub = level_job(job, level)
         try:
-            with timed(job, f"level {level.name}"):
+            with plan.timed(job, f"level {level.name}"):
                 same = (sub.spec.layer, sub.spec.output, sub.spec.layout) == (job.spec.layer, job.spec.output,
                                                                               job.spec.layout)
-                # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
-                first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
-                                                **sweep_options(sub))
-                computed = done if same else compute(model, sub, main=first, growth=False)
+                # one sweep of the centre and the fit's positions as the first pass: no geometry sweep after it
+                first = None if same else sweep(model, sub.input_shape, plan.geometry_positions,
+                                                **plan.sweep_options(sub))
+                found = measured if same else plan.measure(model, sub, main=first, growth=False)
+                found_analysed = analysed if same else found.analyse()
         except RfReportError as exc:
             raise SweepError(f"level {level.name!r}: {one_line(exc)}") from exc
-        records.append(levels.record(level, computed.analysed, computed.main.output_shape, computed.main.target))
+        records.append(levels.record(level, found_analysed, found.main.output_shape, found.main.target))
     return records
 
 
@@ -352,9 +88,9 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
                          frames=hit.frames, arrays=hit.arrays, **hit.values)
-    done = compute(model, job, advance, main, attention_found=attention_record(model, job))
-    main, result, measured = done.main, done.analysed, done.erf_result
-    records = level_records(model, job, done)
+    measurements = plan.measure(model, job, advance, main, attention_found=plan.attention_record(model, job))
+    main, result, measured = measurements.main, measurements.analyse(), measurements.erf
+    records = level_records(model, job, measurements, result)
     pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
@@ -385,16 +121,17 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
 
 def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
     """Sweep one job's model without layer growth and return its inspect record."""
-    found = attention_record(model, job)
-    done = compute(model, job, advance, growth=False, attention_found=found)
-    summary, frame = done.analysed.summary, done.analysed.positions
-    letters = positions_mod.axis_names(done.main.ndim)
+    found = plan.attention_record(model, job)
+    measured = plan.measure(model, job, advance, growth=False, attention_found=found)
+    analysed = measured.analyse()
+    summary, frame, main = analysed.summary, analysed.positions, measured.main
+    letters = positions_mod.axis_names(main.ndim)
 
     def axes(template: str, row: Any) -> list[int]:
         return [int(getattr(row, template.format(a))) for a in letters]
 
     checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
-               in zip(done.main.positions.tolist(), done.main.verified, done.main.violations)}
+               in zip(main.positions.tolist(), main.verified, main.violations)}
 
     def record_of(row: Any) -> dict:
         verified, violations = checked[tuple(axes("pos_{}", row))]
@@ -406,15 +143,15 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
                 "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
-              "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
+              "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
               "exact": not summary["violations"]}
     if job.spec.levels:
-        record["levels"] = level_records(model, job, done)
+        record["levels"] = level_records(model, job, measured, analysed)
     if found is not None:
         record["attention"] = found
-    if done.erf_result is not None:
-        record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
+    if measured.erf is not None:
+        record["erf"] = json.loads(measured.erf.metrics.to_json(orient="records"))
     return record
 
 

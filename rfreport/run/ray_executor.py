@@ -31,7 +31,8 @@ from rfreport.errors import RfReportError, one_line
 from rfreport.results import SweepResult
 from rfreport.run.executors import Chunk, merge, run_chunk, split
 from rfreport.run.jobs import Job, JobResult, Progress, Silent
-from rfreport.run.pipeline import failed_result, main_sweep, plan, run_job
+from rfreport.run.pipeline import failed_result, run_job
+from rfreport.run.plan import main_sweep, selected_positions
 
 logger = logging.getLogger("rfreport")
 CHUNK_POSITIONS = 32768   # a job sweeping more output positions than this is cut into chunks of at most this many
@@ -64,7 +65,7 @@ def _checked(result: JobResult) -> JobResult:
 def _start(job: Job, limit: int) -> JobResult | list[Chunk]:
     """Plan a job on a worker: run it whole, or return its position chunks when it has more than `limit`."""
     model = models.build(job.spec)
-    selected = plan(model, job)
+    selected = selected_positions(model, job)
     if len(selected) > limit:
         return split(job, math.ceil(len(selected) / limit))
     return _checked(run_job(job, main=main_sweep(model, job, selected)))
