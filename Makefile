@@ -44,11 +44,12 @@ bench-verify: install  ## share of a sweep spent on run-time verification (forwa
 docs: install  ## regenerate docs/columns.md from the frame schemas
 	$(PY) -m rfreport.schema > docs/columns.md
 
-lint: install  ## ruff
+lint: install  ## ruff, and mypy over the torch-free rooms (files in pyproject's [tool.mypy])
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 gold-update: install  ## rewrite the golden files from the current output
 	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py tests/test_diff.py -q
 
 clean:  ## remove the venv, caches and reports
-	rm -rf $(VENV) reports .pytest_cache .ruff_cache
+	rm -rf $(VENV) reports .pytest_cache .ruff_cache .mypy_cache

@@ -25,8 +25,8 @@ import torch
 
 from rfreport import config
 from rfreport.run import jobs as jobs_mod
-from rfreport.run.executors import Executor, LocalExecutor
-from rfreport.run.pipeline import Job, JobResult
+from rfreport.run.executors import LocalExecutor
+from rfreport.run.jobs import Executor, Job, JobResult
 from rfreport.run.ray_executor import CHUNK_POSITIONS, RayExecutor
 
 ROOT = Path(__file__).resolve().parent.parent

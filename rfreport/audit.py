@@ -93,7 +93,7 @@ def junit_xml(entries: Sequence[Mapping[str, Any]], name: str = "rfreport check"
     for entry in entries:
         root.append(_testsuite(entry))
     for key in ("tests", "failures", "errors"):
-        root.set(key, str(sum(int(suite.get(key)) for suite in root)))
+        root.set(key, str(sum(int(suite.get(key, "0")) for suite in root)))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 

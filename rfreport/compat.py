@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import nn
 
 from rfreport.compute.engine import Target, forward_target
@@ -25,6 +23,9 @@ from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names
 from rfreport.results import SweepResult
+
+if TYPE_CHECKING:
+    from rfreport.report import plots
 
 
 class NumericRF:
@@ -58,30 +59,18 @@ class NumericRF:
                        "range": int(result.hi[0, i] - result.lo[0, i])}
                 for i, axis in enumerate(axis_names(result.ndim))}
 
-    def plot(self, image: Any = None, add_text: bool = True) -> Figure:
+    def plot(self, image: Any = None, add_text: bool = True) -> plots.Figure:
         """Draw the image (or a blank canvas) with the last position's support and RF box; no pyplot."""
+        from rfreport.report import plots  # matplotlib loads only when a figure is asked for
+
         result = self._last()
         if result.ndim == 3:
             raise SweepError("NumericRF.plot draws 1-D and 2-D inputs; slice a 3-D input first")
         mask = _as_2d(result.masks[self.pos])
-        figure = Figure(figsize=(6, 6 * max(mask.shape[0] / mask.shape[1], 0.25)))
-        ax = figure.add_subplot()
-        if image is not None:
-            ax.imshow(_image_array(image, mask.shape), cmap="gray")
-        overlay = np.zeros((*mask.shape, 4))
-        overlay[mask] = (1.0, 0.3, 0.0, 0.45)
-        ax.imshow(overlay, interpolation="nearest")
-        (h_lo, h_hi), (w_lo, w_hi) = _box(result)
-        ax.add_patch(Rectangle((w_lo - 0.5, h_lo - 0.5), w_hi - w_lo + 1, h_hi - h_lo + 1,
-                               fill=False, edgecolor="red", linewidth=1.5))
-        ax.set_xlim(-0.5, mask.shape[1] - 0.5)
-        ax.set_ylim(mask.shape[0] - 0.5, -0.5)
-        ax.set_title(f"receptive field of output position {self.pos}")
-        if add_text:
-            text = "\n".join(f"{axis}: bounds {v['bounds']}, range {v['range']}" for axis, v in self.info().items())
-            ax.text(0.01, 0.99, text, transform=ax.transAxes, va="top", ha="left", fontsize=9,
-                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
-        return figure
+        array = None if image is None else _image_array(image, mask.shape)
+        text = "\n".join(f"{axis}: bounds {v['bounds']}, range {v['range']}" for axis, v in self.info().items())
+        return plots.seed_overlay(mask, _box(result), array, f"receptive field of output position {self.pos}",
+                                  text if add_text else None)
 
 
 def _as_2d(mask: np.ndarray) -> np.ndarray:

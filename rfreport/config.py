@@ -133,7 +133,7 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _expect(value: Any, types: tuple[type, ...], label: str, where: _Where, key: str) -> Any:
+def _expect(value: Any, types: tuple[type, ...], label: str, where: _Where, key: str | None) -> Any:
     """Return the value if it has one of the types (booleans are not integers), else raise."""
     if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
         return value
@@ -165,7 +165,7 @@ def _choice(value: Any, choices: Sequence[str], where: _Where, key: str) -> str:
     return text
 
 
-def _table(value: Any, where: _Where, key: str) -> dict[str, Any]:
+def _table(value: Any, where: _Where, key: str | None) -> dict[str, Any]:
     """Validate a TOML table (its values are checked by the caller)."""
     return dict(_expect(value, (dict,), "a table", where, key))
 
@@ -236,9 +236,10 @@ def _positions(value: Any, where: _Where, key: str) -> PositionSpec:
             checked.append(item)
         else:
             coords = _expect(item, (list,), "a name or a list of coordinates", where, key)
-            checked.append(tuple(_expect(c, (int,), "a list of integer coordinates", where, key) for c in coords))
-            if any(c < 0 for c in checked[-1]):
+            point = tuple(_expect(c, (int,), "a list of integer coordinates", where, key) for c in coords)
+            if any(c < 0 for c in point):
                 raise where.error(key, f"position {coords} has a negative coordinate")
+            checked.append(point)
     return value if isinstance(value, str) else tuple(checked)
 
 
@@ -351,8 +352,8 @@ LEVEL_KEYS = ("name", "layer", "output", "layout", "anchors", "audit")
 def _level(item: Any, where: _Where, key: str) -> Level:
     """Validate one level: an output key/index, or a table of name, layer, output, anchors and audit."""
     if not isinstance(item, dict):
-        output = _output(item, where, key)
-        return Level(name=str(output), output=output)
+        chosen = _output(item, where, key)
+        return Level(name=str(chosen), output=chosen)
     _unknown([f"{key}.{k}" for k in item], [f"{key}.{k}" for k in LEVEL_KEYS], where, "level key")
     layer = _string(item["layer"], where, f"{key}.layer") if "layer" in item else None
     output = _output(item["output"], where, f"{key}.output") if "output" in item else None

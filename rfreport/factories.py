@@ -26,6 +26,8 @@ def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise ModelLoadError(f"factory file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {str(path)!r} (not a Python source file)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

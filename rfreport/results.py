@@ -145,7 +145,7 @@ def mask_bounds(masks: np.ndarray, *, wrap: bool = False):
     masks = np.asarray(masks)
     batch, ndim = masks.shape[0], masks.ndim - 1
     flat = masks.reshape(batch, -1)
-    projections = [masks.any(axis=tuple(d + 1 for d in range(ndim) if d != axis)) if ndim > 1 else flat
+    projections = [np.asarray(masks.any(axis=tuple(d + 1 for d in range(ndim) if d != axis))) if ndim > 1 else flat
                    for axis in range(ndim)]
     return projection_bounds(projections, flat.sum(axis=1, dtype=np.int64), wrap=wrap)
 

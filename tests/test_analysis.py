@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 from rfreport.analysis.geometry import (
@@ -27,6 +26,7 @@ from rfreport.compute.sweep import sweep
 from rfreport.positions import resolve
 from rfreport.run.plan import geometry_positions
 from tests.oracle import Layer, lengths
+from tests.support import hole_free_stacks, recurrence
 
 SUMMARY_KEYS = {
     "rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "center_rf_size", "positions",
@@ -45,32 +45,6 @@ def analysed(model: nn.Module, spatial: tuple[int, ...], positions="all", **kwar
     result = sweep(model, shape, positions, batch_size=64)
     geometry = sweep(model, shape, geometry_positions(result.output_spatial), batch_size=64)
     return analyze(result, geometry=geometry, **kwargs)
-
-
-def recurrence(layers: list[Layer], axis: int) -> tuple[int, int, int]:
-    """Return (RF size, stride, padding) of a stack from r += (k_eff - 1) S, P += p S, S *= s."""
-    r, s, p = 1, 1, 0
-    for layer in layers:
-        k = layer.d[axis] * (layer.k[axis] - 1) + 1
-        r, p, s = r + (k - 1) * s, p + layer.p[axis] * s, s * layer.s[axis]
-    return r, s, p
-
-
-@st.composite
-def hole_free_stacks(draw, rank: int = 2):
-    """Draw a conv/pool stack whose kernels cover their strides (no holes) and an input it accepts."""
-    layers = []
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "max", "avg"]))
-        s = tuple(draw(st.integers(1, 3)) for _ in range(rank))
-        k = tuple(draw(st.integers(s_i, 4)) for s_i in s)
-        # padding below the kernel: no window lies wholly in padding (an output that reads nothing)
-        p = tuple(draw(st.integers(0, min(3, k_i - 1) if kind == "conv" else k_i // 2)) for k_i in k)
-        layers.append(Layer(kind, k, s, p, (1,) * rank, kind != "conv" and draw(st.booleans())))
-    shape = tuple(draw(st.integers(4, 24)) for _ in range(rank))
-    for axis, n in enumerate(shape):
-        assume(min(lengths(layers, axis, n)) >= 1)
-    return layers, shape
 
 
 def unclipped_positions(layers: list[Layer], axis: int, n: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rfreport.report import render as report
-from tests.test_report import EVIL, example_run
+from tests.support import EVIL, edited_runs, example_run, invoke
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -126,8 +126,6 @@ def test_pointing_at_an_output_cell_draws_its_exact_rf(tmp_path):
 
 def test_diff_page_opens_cleanly_in_chromium(tmp_path):
     """The diff page of two runs: no console errors or failed requests, every image decodes."""
-    from tests.test_diff import edited_runs, invoke
-
     a, b = edited_runs(tmp_path)
     assert invoke("diff", a, b, "--html", tmp_path / "diff.html").exit_code == 0
     images, errors, failed = open_page(

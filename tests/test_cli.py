@@ -16,7 +16,7 @@ from rfreport import runfolder
 from rfreport.cli import cli
 from rfreport.run.executors import Silent
 from tests.oracle import support_mask
-from tests.test_pipeline import NETS, TINY
+from tests.support import NETS, TINY
 
 MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
 CONFIGS = {

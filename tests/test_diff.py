@@ -5,20 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 from rfreport import diff
-from rfreport.cli import cli
 from rfreport.report import diffpage
 from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
-from tests.test_report import GOLD_RUN, assert_gold
+from tests.support import GOLD_RUN, assert_gold, edited_runs, invoke
 
 BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
         "center_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
@@ -151,47 +147,6 @@ def test_audit_status_words():
 
 
 # --- the CLI and the HTML page, on the pinned golden run and an edited copy of it ------------------------------
-
-SPEC = {"factory": "rfreport.examples:dilated_net", "kwargs": {"width": 4}, "input_shape": [1, 3, 16, 20],
-        "layer": None, "output": None, "mode": "structural"}
-
-
-def edited_runs(tmp_path: Path) -> tuple[Path, Path]:
-    """Copy the golden run twice; in B widen the dilated net, fail the volume model, drop the 1-D one, add one."""
-    a, b = (shutil.copytree(GOLD_RUN, tmp_path / name) for name in ("a", "b"))
-    for root, edit in ((a, _edit_a), (b, _edit_b)):
-        document = json.loads((root / "summary.json").read_text())
-        document["models"] = edit(document["models"])
-        (root / "summary.json").write_text(json.dumps(document))
-    return a, b
-
-
-def _edit_a(models: list[dict]) -> list[dict]:
-    """Record the spec of the dilated net in run A."""
-    models[0]["spec"] = SPEC
-    return models
-
-
-def _edit_b(models: list[dict]) -> list[dict]:
-    """Change the dilated net, fail the volume model, drop the 1-D model and add a failed one."""
-    dilated, _one_d, volume, broken = models
-    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, rf_size=[15, 15], center_rf_size=[15, 15],
-                   edge_fraction=0.95)
-    dilated["findings"] = [*dilated["findings"], {"code": "unseen", "severity": "warning",
-                                                  "message": "3 <b>pixels</b> are unseen"}]
-    dilated["audit"] = [{**row, "passed": True} if row["rule"] == "max_edge_fraction" else row
-                        for row in dilated["audit"]]
-    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target", "spec")} | {
-        "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
-        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
-    newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
-    return [dilated, failed_volume, broken, newcomer]
-
-
-def invoke(*args) -> Any:
-    """Invoke the CLI with string arguments."""
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
 
 def test_cli_table_has_labels_and_states(tmp_path):
     a, b = edited_runs(tmp_path)

@@ -17,7 +17,7 @@ from rfreport.compute.layers import layer_growth, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
-from tests.test_analysis import hole_free_stacks, recurrence
+from tests.support import hole_free_stacks, recurrence
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -107,6 +107,20 @@ def test_model_is_left_as_found_in_gradient_mode():
     assert len(frame) == 9 and model.training
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class Boom(nn.Module):
+    """A layer whose forward pass fails."""
+
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_hooks_on_the_users_model_are_removed_after_a_failed_pass():
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), Boom())   # gradient mode hooks the model itself, not a copy
+    with pytest.raises(SweepError, match="boom"):
+        layer_growth(model, (1, 1, 8, 8), mode="gradient")
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_one_dimensional_models():

@@ -18,27 +18,9 @@ from rfreport.config import ModelSpec, RunOptions
 from rfreport.report import render as report
 from rfreport.run import executors, pipeline, plan
 from rfreport.run import jobs as jobs_mod
-from tests.oracle import Layer, support_mask
+from tests.oracle import support_mask
+from tests.support import NETS, TINY
 
-NETS = '''
-from torch import nn
-
-
-def tiny(channels=2, k=3):
-    return nn.Sequential(nn.Conv2d(1, channels, k, padding=k // 2), nn.ReLU(),
-                         nn.Conv2d(channels, channels, 3, stride=2), nn.Conv2d(channels, 1, 3, padding=2, dilation=2))
-
-
-def squeeze():
-    from rfreport.examples import se_net
-    return se_net(in_channels=1, width=4, depth=1)
-
-
-def broken():
-    raise RuntimeError("no model today")
-'''
-TINY = [Layer("conv", (3, 3), (1, 1), (1, 1), (1, 1)), Layer("conv", (3, 3), (2, 2), (0, 0), (1, 1)),
-        Layer("conv", (3, 3), (1, 1), (2, 2), (2, 2))]
 SHAPE = (1, 1, 17, 17)
 
 

@@ -16,58 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from torch import nn
 
 from rfreport import runfolder
-from rfreport.config import ModelSpec, RunOptions
 from rfreport.report import render as report
-from rfreport.run import jobs as jobs_mod
-from rfreport.run import pipeline
-
-GOLD = Path(__file__).parent / "gold"
-GOLD_RUN = GOLD / "run"
-EVIL = "<script>alert(1)</script>"
-META = {"config_files": ["configs/examples.toml"], "versions": {"rfreport": "0.1.0", "torch": "2.14.1",
-                                                                 "python": "3.11.7"},
-        "device": "cpu", "date": "2026-11-26T00:00:00+00:00", "seed": 0, "duration_s": 1.25,
-        "argv": ["rfreport", "run", "configs/examples.toml"]}
-
-
-def conv_stack(rank: int = 2) -> nn.Module:
-    """Return a small deterministic conv stack of a spatial rank: stride 2, then a dilated conv (holes)."""
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
-    torch.manual_seed(0)
-    return nn.Sequential(conv(1, 2, 3, 2, 1), nn.ReLU(), conv(2, 1, 3, 1, 2, dilation=2)).eval()
-
-
-def broken() -> nn.Module:
-    """A factory that fails, with HTML in its message."""
-    raise ValueError("layer 'head' raised <ValueError> & stopped")
-
-
-OPTIONS = RunOptions(device="cpu")
-SPECS = (
-    ModelSpec(name="dilated", factory="rfreport.examples:dilated_net", input_shapes=((1, 3, 16, 20),),
-              kwargs={"width": 4}, audit={"min_rf": 7, "max_edge_fraction": 0.25},
-              erf={"samples": 4, "positions": ["center", "corners"]}),
-    ModelSpec(name=EVIL, factory="tests.test_report:conv_stack", kwargs={"rank": 1}, input_shapes=((1, 1, 24),)),
-    ModelSpec(name="volume", factory="tests.test_report:conv_stack", kwargs={"rank": 3},
-              input_shapes=((1, 1, 6, 8, 8),)),
-    ModelSpec(name="broken <b>&</b>", factory="tests.test_report:broken", input_shapes=((1, 3, 32, 32),)),
-)
-
-
-def outputs(specs, options: RunOptions = OPTIONS) -> list[runfolder.ModelOutput]:
-    """Run each spec's jobs through the pipeline and package them as the run folder stores them."""
-    jobs = [jobs_mod.Job(spec, shape, options) for spec in specs for shape in spec.input_shapes]
-    return [runfolder.ModelOutput(pipeline.entry(job, result), result.frames, result.arrays)
-            for job, result in ((job, pipeline.run_job(job)) for job in jobs)]
-
-
-def example_run(path: Path) -> runfolder.Run:
-    """Write the example run folder: 2-D with ERF and an audit, 1-D named like a script tag, 3-D and a failure."""
-    return runfolder.write(path / "run", META, outputs(SPECS))
+from tests.support import EVIL, GOLD_RUN, META, SPECS, assert_gold, example_run, outputs
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +40,6 @@ def scrub(html: str) -> str:
     html = re.sub(r'<span class="duration">[^<]*</span>', '<span class="duration">SECONDS</span>', html)
     html = re.sub(r'(<img src="[^"]*" alt="[^"]*") width="\d+" height="\d+"', r'\1 width="W" height="H"', html)
     return html
-
-
-def assert_gold(name: str, text: str) -> None:
-    """Compare text with tests/gold/<name>; write <name>.actual beside it on mismatch; update when asked."""
-    gold = GOLD / name
-    actual = gold.with_name(name + ".actual")
-    gold.parent.mkdir(exist_ok=True)
-    if os.environ.get("RFREPORT_GOLD_UPDATE"):
-        gold.write_text(text, encoding="utf-8")
-        actual.unlink(missing_ok=True)
-        return
-    if not gold.is_file() or gold.read_text(encoding="utf-8") != text:
-        actual.write_text(text, encoding="utf-8")
-        pytest.fail(f"{name} differs from the golden file; see {actual} (RFREPORT_GOLD_UPDATE=1 to accept)")
-    actual.unlink(missing_ok=True)
 
 
 def gold_run(rendered, tmp_path: Path) -> runfolder.Run:

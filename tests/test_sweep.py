@@ -5,40 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 from rfreport.analysis.frames import positions_frame
 from rfreport.compute.sweep import sweep
 from tests.oracle import Layer, lengths, support_mask
-
-
-@st.composite
-def layer_stacks(draw, rank: int):
-    """Draw a random Conv / MaxPool / AvgPool stack and an input size it accepts."""
-    layers = []
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "max", "avg"]))
-        k = tuple(draw(st.integers(1, 4)) for _ in range(rank))
-        s = tuple(draw(st.integers(1, 3)) for _ in range(rank))
-        d = tuple(draw(st.integers(1, 3)) if kind != "avg" else 1 for _ in range(rank))
-        if kind == "conv":
-            p = tuple(draw(st.integers(0, 3)) for _ in range(rank))
-        else:
-            p = tuple(draw(st.integers(0, k_i // 2)) for k_i in k)
-        ceil = kind != "conv" and draw(st.booleans())
-        layers.append(Layer(kind, k, s, p, d, ceil))
-    shape = tuple(draw(st.integers(4, 20)) for _ in range(rank))
-    for axis, n in enumerate(shape):
-        assume(min(lengths(layers, axis, n)) >= 1)
-    return layers, shape
-
-
-def build(layers: list[Layer], channels: int = 2) -> nn.Module:
-    """Build the PyTorch stack of an oracle description."""
-    torch.manual_seed(0)
-    return nn.Sequential(*(layer.module(channels) for layer in layers))
+from tests.support import build, layer_stacks
 
 
 def assert_matches_oracle(layers: list[Layer], shape: tuple[int, ...], mode: str = "structural") -> None:

@@ -25,7 +25,7 @@ from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
 from rfreport.run import pipeline
 from tests.oracle import Layer, lengths, support_mask
-from tests.test_sweep import build, layer_stacks
+from tests.support import build, layer_stacks
 
 TINY = Path(__file__).parent / "data" / "tiny_model.py"
 

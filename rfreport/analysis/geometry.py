@@ -519,8 +519,9 @@ def _context_summary(result: SweepResult, geo: pd.DataFrame, global_ops: Sequenc
 
 
 def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_fits: list[AxisFit] | None,
-             modes: list[str], layers: pd.DataFrame | None, global_ops: Sequence[GlobalOp] | None) -> dict:
-    """Collect the JSON-ready summary scalars of an analysis."""
+             modes: list[str], layers: pd.DataFrame | None,
+             global_ops: Sequence[GlobalOp] | None) -> tuple[dict, dict]:
+    """Collect the JSON-ready summary scalars of an analysis, and the coverage statistics."""
     positions, edge = _edge_counts(geo, edges)
     valid = None if geo["valid_lo"].isna().any() else {"lo": geo["valid_lo"].tolist(), "hi": geo["valid_hi"].tolist()}
     fill = edges.loc[edges["support"] > 0, "fill"]
@@ -654,7 +655,7 @@ def _support_findings(c: _Context) -> list[Finding]:
                              f"{s['min_fill']:.0%} of its box (dilation gridding or a kernel smaller than its "
                              "stride)."))
     if s["wrapped"]:
-        axes = [a for a, w in zip(axis_names(c.result.ndim), c.result.wrapped.any(axis=0)) if w]
+        axes = [a for a, w in zip(axis_names(c.result.ndim), np.asarray(c.result.wrapped.any(axis=0))) if w]
         found.append(Finding("wrap", "warning", f"Circular padding: {int(c.result.wrapped.any(axis=1).sum())} "
                              f"position(s) have RFs that wrap round to the opposite border on axis {', '.join(axes)}; "
                              "their bounds are given unrolled (lo < 0 or hi >= n, indices modulo n)."))

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
 from rfreport.errors import LayoutError, SweepError, first_line
@@ -84,15 +85,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, requires_grad flags, buffers and forward hooks on exit, even after an error.
+    """Restore train/eval flags, requires_grad flags and buffers on exit, even after an error.
 
     Buffers matter in gradient mode: a train-mode BatchNorm updates its running statistics on
-    every forward pass of the model as given.
+    every forward pass of the model as given. Hooks are not touched here: whoever registers one
+    keeps its handle and removes it (the engine on exit, the others in a `finally`).
     """
     training = {m: m.training for m in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     grads = {p: p.requires_grad for p in model.parameters()}
-    hooks = {m: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()}
     try:
         yield
     finally:
@@ -103,15 +104,6 @@ def preserved(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in buffers:
                 buffer.copy_(value)
-        for module, (forward, pre) in hooks.items():
-            _restore_hooks(module._forward_hooks, forward)
-            _restore_hooks(module._forward_pre_hooks, pre)
-
-
-def _restore_hooks(current: dict, saved: dict) -> None:
-    """Drop hooks added since `saved` was taken, keeping the model's own."""
-    for key in [k for k in current if k not in saved]:
-        del current[key]
 
 
 def _find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -242,6 +234,7 @@ class Engine:
         self._inputs = inputs
         self._batched = True
         self._stack = None
+        self._handles: list[RemovableHandle] = []   # hooks this engine put on the working model
 
     def __enter__(self) -> Engine:
         self._stack = preserved(self.model)
@@ -249,13 +242,20 @@ class Engine:
         try:
             self._prepare()
         except BaseException:
-            self._stack.__exit__(None, None, None)
+            self._release(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._x = self._y = None
         self._scales.clear()
+        self._release(*exc_info)
+
+    def _release(self, *exc_info) -> None:
+        """Remove this engine's hooks (the working model may be the user's), then restore flags and buffers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         self._stack.__exit__(*exc_info)
 
     @property
@@ -474,23 +474,16 @@ class LayerEngine(Engine):
         self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.layers: dict[str, CapturedLayer] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._hooks:   # a reused surrogate (surrogates_reused) must not keep them
-            handle.remove()
-        self._hooks.clear()
-        super().__exit__(*exc_info)
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
         working = super()._working_model()
         names = self.layer_names or [n for n, m in working.named_modules() if not list(m.children())]
         wanted = set(names)
-        self._hooks += [_find_layer(working, name).register_forward_hook(self._recorder(name, wanted))
-                        for name in names]
+        for name in names:
+            self._handles.append(_find_layer(working, name).register_forward_hook(self._recorder(name, wanted)))
         # The model's own output may be a dict or logits; stop with the last captured tensor instead.
-        self._hooks.append(working.register_forward_hook(self._stop))
+        self._handles.append(working.register_forward_hook(self._stop))
         return working
 
     def _forward(self, working: nn.Module) -> None:

@@ -26,11 +26,11 @@ from rfreport.compute.engine import Target, check_input_shape, forward_target, r
 from rfreport.compute.surrogate import (
     REDUCTIONS,
     StructuralMode,
-    _is_differentiable,
-    _reduced_dims,
     base_name,
     build_surrogate,
     eager_forward,
+    is_differentiable,
+    reduced_dims,
 )
 from rfreport.results import GlobalOp
 
@@ -41,7 +41,7 @@ TRAILING_NORMS = frozenset({"layer_norm", "rms_norm"})       # over space when t
 def is_global_op(name: str, args: Sequence[Any], kwargs: dict, result: Any, input_rank: int) -> bool:
     """Tell whether a torch function call pools over every spatial position of an (N, C, *spatial) tensor."""
     x = args[0] if args else None
-    if not _is_differentiable(x) or x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
+    if not is_differentiable(x) or x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
         return False
     if name in SPATIAL_NORMS:
         return True
@@ -52,7 +52,7 @@ def is_global_op(name: str, args: Sequence[Any], kwargs: dict, result: Any, inpu
         first = result[0] if isinstance(result, tuple) else result
         return isinstance(first, torch.Tensor) and first.dim() > 2 and math.prod(first.shape[2:]) == 1
     if name in REDUCTIONS:
-        dims = _reduced_dims(args, kwargs, x.dim())
+        dims = reduced_dims(args, kwargs, x.dim())
         return dims is None or set(range(2, x.dim())) <= set(dims)
     return False
 

@@ -228,12 +228,14 @@ class _EveryCall(LayerEngine):
 
     def _recorder(self, name: str, wanted: set[str]):
         """Return a hook that keeps every spatial output of a module, the first under its own name."""
+        recorder = super()._recorder
+
         def record(module, inputs, out):
             key, calls = name, 1
             while key in self.layers:
                 calls += 1
                 key = f"{name}{REPEAT}{calls}"
-            LayerEngine._recorder(self, key, wanted)(module, inputs, out)
+            recorder(key, wanted)(module, inputs, out)
 
         return record
 

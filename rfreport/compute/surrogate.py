@@ -109,7 +109,7 @@ def base_name(func: Callable) -> str:
     return name.removesuffix("_with_indices")
 
 
-def _is_differentiable(value: Any) -> bool:
+def is_differentiable(value: Any) -> bool:
     """Tell whether a value is a floating tensor on the differentiated path."""
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
@@ -212,7 +212,7 @@ class StructuralMode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = base_name(func)
         inputs = list(_tensors((args, kwargs)))
-        differentiable = any(_is_differentiable(t) for t in inputs)
+        differentiable = any(is_differentiable(t) for t in inputs)
         if differentiable:
             self._observe(name, args, kwargs)
         result = NotImplemented
@@ -253,7 +253,7 @@ class StructuralMode(TorchFunctionMode):
         values = [*args, *kwargs.values()]
         if name in SIGNED:
             return True
-        if name in ("div", "true_divide", "floor_divide", "idiv") and len(args) > 1 and _is_differentiable(args[1]):
+        if name in ("div", "true_divide", "floor_divide", "idiv") and len(args) > 1 and is_differentiable(args[1]):
             return True
         return any(_has_negative(v) for v in values)
 
@@ -263,7 +263,7 @@ class StructuralMode(TorchFunctionMode):
         if tainted and name in rep.SCATTERING:
             rep.refuse_scatter(name)
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if not _is_differentiable(first):
+        if not is_differentiable(first):
             return NotImplemented
         if name in IDENTITY_FUNCTIONS:
             # a fresh tensor, so the gate gives relu(h) and relu(-h) independent cotangents
@@ -314,7 +314,7 @@ class StructuralMode(TorchFunctionMode):
 
     def _held_if_global(self, name: str, args, kwargs, result):
         """In local mode, cut the gradient of results that pool over space (global context)."""
-        if not (self.local and args and _is_differentiable(args[0])):
+        if not (self.local and args and is_differentiable(args[0])):
             return result
         x = args[0]
         if name in NORMALISATIONS and isinstance(result, torch.Tensor):
@@ -329,7 +329,7 @@ class StructuralMode(TorchFunctionMode):
         """Tell whether a reduction runs over a spatial axis (any axis from 2 on, or all)."""
         if x.dim() < 3:
             return False
-        dims = _reduced_dims(args, kwargs, x.dim())
+        dims = reduced_dims(args, kwargs, x.dim())
         return dims is None or any(d >= 2 for d in dims)
 
     def _gated(self, func: Callable, result: Any, inputs: list[torch.Tensor]) -> Any:
@@ -339,7 +339,7 @@ class StructuralMode(TorchFunctionMode):
         owners = {id(t) for t in inputs} | {id(t._base) for t in inputs if t._base is not None}
 
         def gate(value: torch.Tensor) -> torch.Tensor:
-            if not _is_differentiable(value) or not value.numel() or id(value) in owners or (
+            if not is_differentiable(value) or not value.numel() or id(value) in owners or (
                     value._base is not None and id(value._base) in owners):
                 return value
             u = positive_noise(value.shape, self.generator, value.dtype, value.device)
@@ -412,7 +412,7 @@ def _permutation_keeps_tail(name: str, args, kwargs, spatial: int) -> bool:
     return order[rank - spatial:] == list(range(rank - spatial, rank))
 
 
-def _reduced_dims(args, kwargs, rank: int) -> tuple[int, ...] | None:
+def reduced_dims(args, kwargs, rank: int) -> tuple[int, ...] | None:
     """Return the normalised dims a reduction runs over, or None for a reduction over everything."""
     dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
     if dim is None or isinstance(dim, str):
@@ -424,7 +424,7 @@ def _reduced_dims(args, kwargs, rank: int) -> tuple[int, ...] | None:
 def _mean_reduction(func, args, kwargs):
     """Replace a max/min-like reduction by the mean over the same dims, keeping real indices."""
     x = args[0]
-    dims = _reduced_dims(args, kwargs, x.dim())
+    dims = reduced_dims(args, kwargs, x.dim())
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
     mean = x.mean() if dims is None else x.mean(dim=dims, keepdim=bool(keepdim))
     name = base_name(func)

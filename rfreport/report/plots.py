@@ -29,7 +29,7 @@ UNSEEN = "#d62728"
 BORDER = "#fde0c5"
 DPI = 100
 PALETTE = 96   # colours of a figure's PNG
-BOX_COLOURS = matplotlib.colormaps["tab10"].colors
+BOX_COLOURS = tuple(matplotlib.color_sequences["tab10"])
 MAX_PANELS = 9
 MAX_TICK_LABELS = 40
 MARGIN = (0.8, 0.8, 0.55, 0.55)  # left, right, bottom, top in inches
@@ -68,7 +68,7 @@ def tile(values: np.ndarray, *, log: bool = False, cmap=CMAP, span: tuple[float,
     the peak and 1e-4 of it, smaller values clipped to the floor; `span` fixes a linear scale's
     ends instead (to compare two maps).
     """
-    array = np.ma.masked_invalid(np.ma.asarray(values, dtype=float))
+    array: np.ma.MaskedArray = np.ma.masked_invalid(np.ma.asarray(values, dtype=float))
     finite = array.compressed()
     if log:
         hi = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -406,3 +406,25 @@ def erf_maps(maps: Mapping[tuple[int, ...], np.ndarray], erf: pd.DataFrame) -> F
         _draw_box(ax, lo, hi, "white")
         _image_axes(ax)
     return fig
+
+
+def seed_overlay(mask: np.ndarray, box: tuple[tuple[int, int], tuple[int, int]], image: np.ndarray | None,
+                 title: str, text: str | None = None) -> Figure:
+    """Draw `NumericRF.plot`'s figure: the image (or a blank canvas), the support mask, the RF box, the bounds."""
+    figure = Figure(figsize=(6, 6 * max(mask.shape[0] / mask.shape[1], 0.25)))
+    ax = figure.add_subplot()
+    if image is not None:
+        ax.imshow(image, cmap="gray")
+    overlay = np.zeros((*mask.shape, 4))
+    overlay[mask] = (1.0, 0.3, 0.0, 0.45)
+    ax.imshow(overlay, interpolation="nearest")
+    (h_lo, h_hi), (w_lo, w_hi) = box
+    ax.add_patch(Rectangle((w_lo - 0.5, h_lo - 0.5), w_hi - w_lo + 1, h_hi - h_lo + 1,
+                           fill=False, edgecolor="red", linewidth=1.5))
+    ax.set_xlim(-0.5, mask.shape[1] - 0.5)
+    ax.set_ylim(mask.shape[0] - 0.5, -0.5)
+    ax.set_title(title)
+    if text:
+        ax.text(0.01, 0.99, text, transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    return figure

@@ -308,10 +308,10 @@ def number_text(value: Any) -> str:
 
 def percent_text(value: float | None) -> str:
     """Format a fraction as a percentage, or a dash."""
-    return "—" if missing(value) else f"{100 * value:.1f}%".replace(".0%", "%")
+    return "—" if value is None or missing(value) else f"{100 * value:.1f}%".replace(".0%", "%")
 
 
-def yes_no(value: bool | None) -> str:
+def yes_no(value: bool | np.bool_ | None) -> str:
     """Format a flag as yes/no, or a dash."""
     return "—" if missing(value) else ("yes" if value else "no")
 

@@ -1,0 +1,209 @@
+"""Helpers shared by several test modules: the example run and golden files, edited runs, small nets, strategies.
+
+A test module takes shared helpers from here (or from tests/oracle.py), never from another test module
+(tests/test_stages.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import assume
+from hypothesis import strategies as st
+from torch import nn
+
+from rfreport import runfolder
+from rfreport.cli import cli
+from rfreport.config import ModelSpec, RunOptions
+from rfreport.run import jobs as jobs_mod
+from rfreport.run import pipeline
+from tests.oracle import Layer, lengths
+
+# --- the example run and the golden files (test_report, test_diff, test_browser) ---------------------------------
+
+GOLD = Path(__file__).parent / "gold"
+GOLD_RUN = GOLD / "run"
+EVIL = "<script>alert(1)</script>"
+META = {"config_files": ["configs/examples.toml"], "versions": {"rfreport": "0.1.0", "torch": "2.14.1",
+                                                                 "python": "3.11.7"},
+        "device": "cpu", "date": "2026-11-26T00:00:00+00:00", "seed": 0, "duration_s": 1.25,
+        "argv": ["rfreport", "run", "configs/examples.toml"]}
+
+
+def conv_stack(rank: int = 2) -> nn.Module:
+    """Return a small deterministic conv stack of a spatial rank: stride 2, then a dilated conv (holes)."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[rank - 1]
+    torch.manual_seed(0)
+    return nn.Sequential(conv(1, 2, 3, 2, 1), nn.ReLU(), conv(2, 1, 3, 1, 2, dilation=2)).eval()
+
+
+def broken() -> nn.Module:
+    """A factory that fails, with HTML in its message."""
+    raise ValueError("layer 'head' raised <ValueError> & stopped")
+
+
+OPTIONS = RunOptions(device="cpu")
+SPECS = (
+    ModelSpec(name="dilated", factory="rfreport.examples:dilated_net", input_shapes=((1, 3, 16, 20),),
+              kwargs={"width": 4}, audit={"min_rf": 7, "max_edge_fraction": 0.25},
+              erf={"samples": 4, "positions": ["center", "corners"]}),
+    ModelSpec(name=EVIL, factory="tests.support:conv_stack", kwargs={"rank": 1}, input_shapes=((1, 1, 24),)),
+    ModelSpec(name="volume", factory="tests.support:conv_stack", kwargs={"rank": 3},
+              input_shapes=((1, 1, 6, 8, 8),)),
+    ModelSpec(name="broken <b>&</b>", factory="tests.support:broken", input_shapes=((1, 3, 32, 32),)),
+)
+
+
+def outputs(specs, options: RunOptions = OPTIONS) -> list[runfolder.ModelOutput]:
+    """Run each spec's jobs through the pipeline and package them as the run folder stores them."""
+    jobs = [jobs_mod.Job(spec, shape, options) for spec in specs for shape in spec.input_shapes]
+    return [runfolder.ModelOutput(pipeline.entry(job, result), result.frames, result.arrays)
+            for job, result in ((job, pipeline.run_job(job)) for job in jobs)]
+
+
+def example_run(path: Path) -> runfolder.Run:
+    """Write the example run folder: 2-D with ERF and an audit, 1-D named like a script tag, 3-D and a failure."""
+    return runfolder.write(path / "run", META, outputs(SPECS))
+
+
+def assert_gold(name: str, text: str) -> None:
+    """Compare text with tests/gold/<name>; write <name>.actual beside it on mismatch; update when asked."""
+    gold = GOLD / name
+    actual = gold.with_name(name + ".actual")
+    gold.parent.mkdir(exist_ok=True)
+    if os.environ.get("RFREPORT_GOLD_UPDATE"):
+        gold.write_text(text, encoding="utf-8")
+        actual.unlink(missing_ok=True)
+        return
+    if not gold.is_file() or gold.read_text(encoding="utf-8") != text:
+        actual.write_text(text, encoding="utf-8")
+        pytest.fail(f"{name} differs from the golden file; see {actual} (RFREPORT_GOLD_UPDATE=1 to accept)")
+    actual.unlink(missing_ok=True)
+
+
+# --- two edited copies of the golden run, and the CLI (test_diff, test_browser) -------------------------------
+
+SPEC = {"factory": "rfreport.examples:dilated_net", "kwargs": {"width": 4}, "input_shape": [1, 3, 16, 20],
+        "layer": None, "output": None, "mode": "structural"}
+
+
+def edited_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """Copy the golden run twice; in B widen the dilated net, fail the volume model, drop the 1-D one, add one."""
+    a, b = (shutil.copytree(GOLD_RUN, tmp_path / name) for name in ("a", "b"))
+    for root, edit in ((a, _edit_a), (b, _edit_b)):
+        document = json.loads((root / "summary.json").read_text())
+        document["models"] = edit(document["models"])
+        (root / "summary.json").write_text(json.dumps(document))
+    return a, b
+
+
+def _edit_a(models: list[dict]) -> list[dict]:
+    """Record the spec of the dilated net in run A."""
+    models[0]["spec"] = SPEC
+    return models
+
+
+def _edit_b(models: list[dict]) -> list[dict]:
+    """Change the dilated net, fail the volume model, drop the 1-D model and add a failed one."""
+    dilated, _one_d, volume, broken = models
+    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, rf_size=[15, 15], center_rf_size=[15, 15],
+                   edge_fraction=0.95)
+    dilated["findings"] = [*dilated["findings"], {"code": "unseen", "severity": "warning",
+                                                  "message": "3 <b>pixels</b> are unseen"}]
+    dilated["audit"] = [{**row, "passed": True} if row["rule"] == "max_edge_fraction" else row
+                        for row in dilated["audit"]]
+    failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target", "spec")} | {
+        "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
+        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
+    newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
+    return [dilated, failed_volume, broken, newcomer]
+
+
+def invoke(*args) -> Any:
+    """Invoke the CLI with string arguments."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# --- small nets for whole runs (test_pipeline, test_cli) -----------------------------------------------------
+
+NETS = '''
+from torch import nn
+
+
+def tiny(channels=2, k=3):
+    return nn.Sequential(nn.Conv2d(1, channels, k, padding=k // 2), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, stride=2), nn.Conv2d(channels, 1, 3, padding=2, dilation=2))
+
+
+def squeeze():
+    from rfreport.examples import se_net
+    return se_net(in_channels=1, width=4, depth=1)
+
+
+def broken():
+    raise RuntimeError("no model today")
+'''
+TINY = [Layer("conv", (3, 3), (1, 1), (1, 1), (1, 1)), Layer("conv", (3, 3), (2, 2), (0, 0), (1, 1)),
+        Layer("conv", (3, 3), (1, 1), (2, 2), (2, 2))]
+
+
+# --- conv/pool stacks with closed-form answers (test_analysis, test_layers, test_sweep, test_verify) ----------
+
+def recurrence(layers: list[Layer], axis: int) -> tuple[int, int, int]:
+    """Return (RF size, stride, padding) of a stack from r += (k_eff - 1) S, P += p S, S *= s."""
+    r, s, p = 1, 1, 0
+    for layer in layers:
+        k = layer.d[axis] * (layer.k[axis] - 1) + 1
+        r, p, s = r + (k - 1) * s, p + layer.p[axis] * s, s * layer.s[axis]
+    return r, s, p
+
+
+@st.composite
+def hole_free_stacks(draw, rank: int = 2):
+    """Draw a conv/pool stack whose kernels cover their strides (no holes) and an input it accepts."""
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "max", "avg"]))
+        s = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+        k = tuple(draw(st.integers(s_i, 4)) for s_i in s)
+        # padding below the kernel: no window lies wholly in padding (an output that reads nothing)
+        p = tuple(draw(st.integers(0, min(3, k_i - 1) if kind == "conv" else k_i // 2)) for k_i in k)
+        layers.append(Layer(kind, k, s, p, (1,) * rank, kind != "conv" and draw(st.booleans())))
+    shape = tuple(draw(st.integers(4, 24)) for _ in range(rank))
+    for axis, n in enumerate(shape):
+        assume(min(lengths(layers, axis, n)) >= 1)
+    return layers, shape
+
+
+@st.composite
+def layer_stacks(draw, rank: int):
+    """Draw a random Conv / MaxPool / AvgPool stack and an input size it accepts."""
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "max", "avg"]))
+        k = tuple(draw(st.integers(1, 4)) for _ in range(rank))
+        s = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+        d = tuple(draw(st.integers(1, 3)) if kind != "avg" else 1 for _ in range(rank))
+        if kind == "conv":
+            p = tuple(draw(st.integers(0, 3)) for _ in range(rank))
+        else:
+            p = tuple(draw(st.integers(0, k_i // 2)) for k_i in k)
+        ceil = kind != "conv" and draw(st.booleans())
+        layers.append(Layer(kind, k, s, p, d, ceil))
+    shape = tuple(draw(st.integers(4, 20)) for _ in range(rank))
+    for axis, n in enumerate(shape):
+        assume(min(lengths(layers, axis, n)) >= 1)
+    return layers, shape
+
+
+def build(layers: list[Layer], channels: int = 2) -> nn.Module:
+    """Build the PyTorch stack of an oracle description."""
+    torch.manual_seed(0)
+    return nn.Sequential(*(layer.module(channels) for layer in layers))
