@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rfreport.config import AUDIT_RULES
+from rfreport.options import AuditVerdict
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ def evaluate(rules: Mapping[str, Any], entry: Mapping[str, Any]) -> list[dict]:
 def passed(results: Sequence[Mapping[str, Any]]) -> bool:
     """Return whether every result row of a model passed."""
     return all(row["passed"] for row in results)
+
+
+def verdict(results: Sequence[Mapping[str, Any]] | None) -> AuditVerdict:
+    """Summarise a model's result rows: pass, fail, or none without rows."""
+    if not results:
+        return AuditVerdict.NONE
+    return AuditVerdict.PASS if passed(results) else AuditVerdict.FAIL
+
+
+def failed_rules(results: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Return the names of the rules that failed, in row order."""
+    return [row["rule"] for row in results or [] if not row["passed"]]
 
 
 def active(rules: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,13 +42,13 @@ from rfreport.compute.engine import Engine, Target, check_input_shape, preserved
 from rfreport.compute.sweep import resolve_batch_size, sweep
 from rfreport.errors import SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import Distribution, values
 from rfreport.positions import axis_names
 from rfreport.results import SweepResult, chunks
 from rfreport.schema import Column, Schema, register
 
 LEVELS = (20, 50, 90, 99)
 AREA_LEVEL = 95
-DISTRIBUTIONS = ("normal", "uniform", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 RESIZE_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -207,8 +207,8 @@ def _gradient_sums(model: nn.Module, x: torch.Tensor, selected: np.ndarray, targ
 
 def _distribution(distribution: str, images: str | Path | None) -> str:
     """Return the sample source: `images` when a folder is given, else the named distribution."""
-    if distribution not in DISTRIBUTIONS:
-        raise ErfError(f"unknown ERF distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if distribution not in values(Distribution):
+        raise ErfError(f"unknown ERF distribution {distribution!r}; use one of {', '.join(values(Distribution))}")
     if images is not None and distribution == "uniform":
         raise ErfError(f"ERF images folder {str(images)!r} conflicts with distribution 'uniform'")
     if images is None and distribution == "images":

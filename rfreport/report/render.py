@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from rfreport import audit
 from rfreport.diff import SPEC_LABELS, spec_text
+from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
@@ -344,14 +346,6 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-def audit_status(entry: Mapping) -> str:
-    """Summarise a model's audit results as pass, fail or none."""
-    results = entry.get("audit") or []
-    if not results:
-        return "none"
-    return "pass" if all(r["passed"] for r in results) else "fail"
-
-
 def overview_row(model: ModelRun) -> OverviewRow:
     """Build the overview-table row of one model entry."""
     entry = model.entry
@@ -360,7 +354,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
         rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
         center_offset=entry.get("center_offset"), affine=entry.get("affine"), edge_fraction=entry.get("edge_fraction"),
         unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
-        erf_ratio=entry.get("erf_area95_ratio"), audit=audit_status(entry))
+        erf_ratio=entry.get("erf_area95_ratio"), audit=str(audit.verdict(entry.get("audit"))))
 
 
 def anchor(model: ModelRun) -> str:
@@ -728,7 +722,8 @@ def counts(run: Run) -> Counts:
     """Count distinct models, jobs, failed jobs and jobs whose audit failed."""
     return Counts(models=len({model.name for model in run.models}), jobs=len(run.models),
                   failed_jobs=sum(not model.ok for model in run.models),
-                  failed_audits=sum(audit_status(model.entry) == "fail" for model in run.models))
+                  failed_audits=sum(audit.verdict(model.entry.get("audit")) is AuditVerdict.FAIL
+                                    for model in run.models))
 
 
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:
