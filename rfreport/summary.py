@@ -204,6 +204,11 @@ class Pyramid:
     anchor_min_share: float | None = key("anchor_min_share", optional(FLOAT), "smallest anchor size / compared "
                                          "RF size over levels; null without anchors")
 
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> Pyramid:
+        """Read the levels keys."""
+        return _load(cls, values)
+
 
 @dataclass(frozen=True)
 class Summary:

@@ -27,6 +27,7 @@ from rfreport.analysis.frames import POSITIONS, positions_frame
 from rfreport.positions import PositionSpec, axis_names, center
 from rfreport.results import GlobalOp
 from rfreport.schema import Column, Schema, register
+from rfreport.summary import Summary
 
 if TYPE_CHECKING:
     from rfreport.results import SweepResult
@@ -115,7 +116,7 @@ class Analysis:
     coverage: np.ndarray
     layers: pd.DataFrame | None
     findings: tuple[Finding, ...]
-    summary: dict
+    summary: Summary
 
 
 @dataclass(frozen=True)
@@ -596,9 +597,9 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
                          center_sizes(boxes, result.output_spatial), local_fits)
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
-    summary, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
-    summary["attention"] = attention
-    context = _Context(result, geo, summary, coverage, gradient, layers)
+    values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
+    summary = Summary.from_json(values | {"attention": attention})
+    context = _Context(result, geo, summary.to_json(), coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
                     summary=summary)
@@ -610,7 +611,7 @@ class _Context:
 
     result: SweepResult
     geo: pd.DataFrame
-    summary: dict
+    summary: dict      # the summary's JSON view (Summary.to_json)
     coverage: dict
     gradient: SweepResult | None
     layers: pd.DataFrame | None

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfreport import positions as positions_mod
+from rfreport import summary as summary_mod
 from rfreport.compute.dense import one_hot_weights
 from rfreport.compute.engine import Engine, Target, check_input_shape, preserved
 from rfreport.compute.sweep import resolve_batch_size, sweep
@@ -120,12 +121,12 @@ class ErfResult:
         centre = np.array(positions_mod.center(self.output_shape[2:]))
         return int(np.argmin(((self.positions - centre) ** 2).sum(axis=1)))
 
-    def summary(self) -> dict:
-        """Return JSON-ready headline numbers of the centre position's ERF against its theoretical RF."""
+    def summary(self) -> summary_mod.Erf:
+        """Return the headline numbers of the centre position's ERF against its theoretical RF."""
         row = self.metrics.iloc[self.headline_row()]
         axes = axis_names(self.ndim)
         sizes = [int(row[f"rf_{a}_hi"] - row[f"rf_{a}_lo"] + 1) for a in axes]
-        return {
+        return summary_mod.Erf.from_json({
             "erf_samples": self.samples, "erf_distribution": self.distribution, "erf_positions": len(self.positions),
             "erf_position": [int(row[f"pos_{a}"]) for a in axes],
             "erf_side90": int(row["side90"]), "erf_radius90": _json_float(row["radius90"]),
@@ -134,7 +135,7 @@ class ErfResult:
             "erf_sigma": [_json_float(row[f"sigma_{a}"]) for a in axes],
             "erf_offset": [_json_float(row[f"offset_{a}"]) for a in axes],
             "erf_gauss_r2": _json_float(row["gauss_r2"]),
-        }
+        })
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the maps keyed like masks.npz (`h3_w4` for position (3, 4)), ready for np.savez."""

@@ -41,6 +41,7 @@ from rfreport.layouts import parse_layout
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import cache, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
+from rfreport.summary import Pyramid, Summary
 
 logger = logging.getLogger("rfreport")
 KEEP_MASKS = ("center", "corners", "edges")
@@ -351,11 +352,12 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     slot = cache.slot(model, job)
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
-                         frames=hit.frames, arrays=hit.arrays, **hit.values)
+                         frames=hit.frames, arrays=hit.arrays,
+                         **hit.values | {"summary": Summary.from_json(hit.values["summary"])})
     done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
     records = level_records(model, job, done)
-    pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
+    pyramid = Pyramid.from_json({"levels": records, **levels.aggregate(records)}) if records else None
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
                     "levels": levels.frame(records, main.ndim) if records else None,
@@ -364,7 +366,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
         status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary) | (measured.summary() if measured else {}) | pyramid,
+        summary=replace(result.summary, erf=measured.summary() if measured else None, pyramid=pyramid),
         findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
@@ -403,12 +405,13 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
                 "edge": bool(row.edge), "verified": verified, "violations": violations}
 
     rows = [record_of(row) for row in frame.itertuples(index=False)]
-    geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
-                "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
+    geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
+                "center_offset": list(summary.center_offset), "affine": summary.affine,
+                "global": summary.global_context}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
-              "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
-              "exact": not summary["violations"]}
+              "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
+              "exact": summary.exact}
     if job.spec.levels:
         record["levels"] = level_records(model, job, done)
     if found is not None:
@@ -431,7 +434,8 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              "spec": spec_record(job), **result.summary, "findings": list(result.findings),
+              "spec": spec_record(job), **(result.summary.to_json() if result.summary else {}),
+              "findings": list(result.findings),
               "cached": result.cached}
     checks = audit.evaluate(job.spec.audit, values)
     if result.status == "ok":
