@@ -1,7 +1,8 @@
 """Audit rules: limits on a model's summary entry, checked by `rfreport check` and stored in every run.
 
 A config's `[model.audit]` table maps rule names (config.AUDIT_RULES, validated there) to limits.
-Each rule reads one analysis summary key of a model entry and yields one result row
+Each rule reads one key of a model entry's summary in its JSON view (rfreport.summary, the keys of
+docs/summary.md; a level's rules read its level record) and yields one result row
 `{rule, limit, value, passed}`; a model whose job failed fails its audit, and so
 does one whose run-time verification found violations (an implicit `exact` row). The verdicts of a
 `check` are also written for CI: one JSON object (:func:`verdicts_json`) or a JUnit XML file

@@ -47,13 +47,6 @@ class Status(StrEnum):
     FAILED = "failed"
 
 
-class Severity(StrEnum):
-    """How much a finding matters."""
-
-    INFO = "info"
-    WARNING = "warning"
-
-
 class AuditVerdict(StrEnum):
     """A model's audit as a whole: every rule passed, some failed, or there were no rules."""
 

@@ -286,20 +286,20 @@ class Summary:
 GROUPS: dict[str, type] = {"erf": Erf, "pyramid": Pyramid}
 
 
-def keys() -> tuple[str, ...]:
+def json_keys() -> tuple[str, ...]:
     """Return every JSON key a summary may write, in order."""
-    return tuple(row[0] for row in _rows(Summary))
+    return tuple(row[0] for row in rows(Summary))
 
 
-def _rows(cls: type) -> list[tuple[str, str, str]]:
-    """Return (key, type, meaning) of every key of a summary dataclass, groups expanded."""
-    rows = []
-    for f in fields(cls):
+def rows(cls: type | None = None) -> list[tuple[str, str, str]]:
+    """Return (key, type, meaning) of every key of a summary dataclass (Summary by default), groups expanded."""
+    found = []
+    for f in fields(cls or Summary):
         if f.metadata.get("group"):
-            rows += [(k, t, f"{d} ({f.metadata['doc']})") for k, t, d in _rows(GROUPS[f.name])]
+            found += [(k, t, f"{d} ({f.metadata['doc']})") for k, t, d in rows(GROUPS[f.name])]
         else:
-            rows.append((f.metadata["key"], f.metadata["kind"].name, f.metadata["doc"]))
-    return rows
+            found.append((f.metadata["key"], f.metadata["kind"].name, f.metadata["doc"]))
+    return found
 
 
 def markdown() -> str:
@@ -313,7 +313,7 @@ def markdown() -> str:
              "(`rfreport.summary.Summary`). Per-axis lists run over the spatial axes in order (`l`; `h`, `w`; "
              "`d`, `h`, `w`); sizes are input pixels. Run folders of an older format are refused: rerun them.", "",
              "| key | type | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | {t} | {d} |" for k, t, d in _rows(Summary)]
+    lines += [f"| `{k}` | {t} | {d} |" for k, t, d in rows(Summary)]
     return "\n".join(lines) + "\n"
 
 

@@ -260,7 +260,7 @@ def test_rendering_is_torch_free_and_deterministic(rendered):
     """A fresh interpreter loads the run and renders it without importing torch, to the very same bytes."""
     run, html = rendered
     again = run.path / "again.html"
-    code = ("import sys\nfrom rfreport import report, runfolder\n"
+    code = ("import sys\nfrom rfreport import runfolder\nfrom rfreport.report import render as report\n"
             f"report.render(runfolder.load({str(run.path)!r}), {str(again)!r})\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

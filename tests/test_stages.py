@@ -9,7 +9,8 @@ import pytest
 
 TORCH_FREE = ["rfreport.analysis.frames", "rfreport.analysis.geometry", "rfreport.audit", "rfreport.diff",
               "rfreport.runfolder", "rfreport.results", "rfreport.config", "rfreport.factories",
-              "rfreport.report.plots", "rfreport.report.render", "rfreport.schema", "rfreport.positions"]
+              "rfreport.report.plots", "rfreport.report.render", "rfreport.schema", "rfreport.positions",
+              "rfreport.summary", "rfreport.options"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
@@ -26,3 +27,11 @@ def test_columns_doc_is_generated_from_the_schemas():
 
     schema.load_all()
     assert Path(__file__).parents[1].joinpath("docs", "columns.md").read_text() == schema.markdown()
+
+
+def test_summary_doc_is_generated_from_the_dataclass():
+    from pathlib import Path
+
+    from rfreport import summary
+
+    assert Path(__file__).parents[1].joinpath("docs", "summary.md").read_text() == summary.markdown()

@@ -14,6 +14,7 @@ import pandas as pd
 
 from rfreport import runfolder
 from rfreport.config import ModelSpec, RunConfig, RunOptions
+from rfreport.options import Status
 from rfreport.summary import Summary
 
 Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
@@ -41,7 +42,7 @@ class JobResult:
     slug: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None
-    status: str                                                     # "ok" or "failed"
+    status: Status
     error: str | None                                               # one line when failed
     mode: str
     target: str

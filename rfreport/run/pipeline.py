@@ -38,6 +38,7 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import Level, ModelSpec, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
+from rfreport.options import Status
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import cache, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
@@ -365,7 +366,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
     result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
-        status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
+        status=Status.OK, error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
         summary=replace(result.summary, erf=measured.summary() if measured else None, pyramid=pyramid),
         findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
@@ -425,7 +426,7 @@ def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
     target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
-                     status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
+                     status=Status.FAILED, error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 
 
 def entry(job: Job, result: JobResult) -> dict:
