@@ -385,7 +385,7 @@ def test_check_of_a_config_reuses_the_cache(nets, tmp_path):
 
 KEY_IN_A_FRESH_PROCESS = """
 from tests.test_cache import Skip, job
-from rfreport import cache
+from rfreport.run import cache
 print(cache.job_key(Skip(), job(), "job"))
 """
 
