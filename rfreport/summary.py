@@ -217,33 +217,39 @@ class Summary:
     rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
     stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
-    center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel")
-    affine: bool = key("affine", BOOL, "every axis's size, stride and padding are exact (affine, enlarged or "
-                       "composed fit)")
+    center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel, "
+                                                  "`(r - s)/2 - P`")
+    affine: bool = key("affine", BOOL, "the fitted size, stride and padding hold for every position (false: "
+                       "non-affine, e.g. transposed convolutions or U-Nets; the numbers are then a best fit)")
     nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is")
-    center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF size of the centre position "
-                                                 "(clipped by the input)")
+    center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre output "
+                                                 "position (or the swept position nearest it), clipped to the input")
     positions: int = key("positions", INT, "output positions swept")
     edge_positions: int = key("edge_positions", INT, "swept positions whose RF reaches padding")
-    edge_fraction: float = key("edge_fraction", FLOAT, "edge_positions / positions")
+    edge_fraction: float = key("edge_fraction", FLOAT, "share of output positions whose RF reaches past "
+                                 "the input border (edge_positions / positions)")
     valid_region: ValidRegion | None = key("valid_region", VALID_REGION, "output positions that see real input "
                                            "alone; null when none does")
     asymmetric_axes: tuple[str, ...] = key("asymmetric_axes", STRINGS, "axes whose two borders are treated "
                                            "differently")
     holes: bool = key("holes", BOOL, "some RF's support does not fill its box")
-    min_fill: float = key("min_fill", FLOAT, "smallest support / box share over positions")
+    min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio over the swept positions")
     wrapped: bool = key("wrapped", BOOL, "some RF wraps round the border (circular padding, roll)")
     padding_modes: tuple[str, ...] = key("padding_modes", STRINGS, "non-zero padding modes seen (gradient sweeps)")
-    global_context: bool | None = key("global", optional(BOOL), "the output depends on a global operation; "
-                                      "null when not known")
-    global_from: str | None = key("global_from", optional(STR), "the layer of the first global operation")
-    global_op: str | None = key("global_op", optional(STR), "that operation, e.g. adaptive_avg_pool2d")
+    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the "
+                                      "analysed output (null: not looked for)")
+    global_from: str | None = key("global_from", optional(STR), "the layer (qualified module name; empty "
+                                     "for the model's own forward) of the first such operation")
+    global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
+                                   "`mean`, `group_norm`")
     covers_input: bool = key("covers_input", BOOL, "every swept position's RF covers the whole input")
-    covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the input")
-    covering_fraction: float = key("covering_fraction", FLOAT, "covering_positions / positions")
+    covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the whole "
+                                     "input")
+    covering_fraction: float = key("covering_fraction", FLOAT, "covering_positions / swept positions")
     no_coverage_resolution: tuple[int, ...] | None = key(
         "no_coverage_resolution", optional(AXES),
-        "input size from which no RF covers the input (RF size + 1); null under global context")
+        "per axis, the input size from which no RF can cover the input (RF size + 1); null under global context or "
+        "when the RF size is only estimated")
     local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
                                                        "global-context paths held constant; null if not measured")
     border_layers_from: str | None = key("border_layers_from", optional(STR), "first layer from which every "
@@ -253,13 +259,16 @@ class Summary:
         "smallest input size at which no layer's RF covers it; null without layer growth")
     size_dependent: tuple[str, ...] | None = key("size_dependent", optional(STRINGS), "operations that make the "
                                                  "geometry depend on the input size; null when none")
-    unseen_pixels: int | None = key("unseen_pixels", optional(INT), "input pixels no position sees; null when "
-                                    "only some positions were swept")
+    unseen_pixels: int | None = key("unseen_pixels", optional(INT), "input pixels no output position sees "
+                                    "(null unless every position was swept)")
     unseen_fraction: float | None = key("unseen_fraction", optional(FLOAT), "unseen_pixels / input pixels")
     coverage_nonuniform: bool = key("coverage_nonuniform", BOOL, "coverage is strongly non-uniform inside the "
                                     "input (checkerboard)")
-    verified: int = key("verified", INT, "positions checked on the model itself")
-    violations: int = key("violations", INT, "checked positions whose output moved outside their RF (not exact)")
+    verified: int = key("verified", INT, "swept positions checked on the model itself by forward perturbation "
+                        "(setting `verify`)")
+    violations: int = key("violations", INT, "verified positions whose output changed when input outside their "
+                          "reported RF was perturbed: above 0 the RF is not exact there (finding `not_exact`, implicit "
+                          "audit row `exact`)")
     attention: dict[str, Any] | None = key("attention", optional(RECORD), "attention modules and their reach "
                                            "(rfreport.compute.attention); null without attention")
     erf: Erf | None = group("the ERF, present when measured", "erf_samples")
