@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from rfreport.errors import RunFolderError
 from rfreport.options import Distribution
 
 # 2: every completed model entry holds every key of Summary (format 1 entries may lack later keys)
 FORMAT = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _integer(value: Any) -> int:
 
 
 INT = _is((int, float), "integer", _integer)
-FLOAT = Kind("number", _is((int, float), "a number", float).load, _float)
+FLOAT = Kind("number", lambda v: _float(_is((int, float), "a number").load(v)), _float)
 BOOL = _is(bool, "boolean")
 STR = _is(str, "string")
 
@@ -96,7 +97,6 @@ def _plain(value: Any) -> Any:
 
 
 RECORD = Kind("object", lambda v: _plain(_is(Mapping, "an object").load(v)), _plain)
-RECORDS = listed(RECORD)
 AXES = listed(INT, ", one per axis")
 AXES_INT = listed(optional(INT), ", one per axis")
 AXES_FLOAT = listed(optional(FLOAT), ", one per axis")
@@ -126,8 +126,14 @@ def _dump(obj: Any) -> dict[str, Any]:
     return values
 
 
-def _load(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build a summary dataclass from flat JSON keys; raise ValueError naming a missing or mistyped key."""
+def _load(cls: type, values: Mapping[str, Any], strict: bool = False) -> Any:
+    """Build a summary dataclass from flat JSON keys; raise ValueError naming a missing or mistyped key.
+
+    `strict` also refuses keys the dataclass does not know (they would be dropped from summary.json).
+    """
+    unknown = [k for k in values if k not in {row[0] for row in rows(cls)}] if strict else []
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}: declare them in rfreport.summary")
     found = {}
     for f in fields(cls):
         if f.metadata.get("group"):
@@ -165,6 +171,38 @@ VALID_REGION = optional(Kind("object {lo, hi} of integer lists", _valid_region,
 
 
 @dataclass(frozen=True)
+class Level:
+    """One analysed feature-pyramid level: its geometry and how its anchors compare with its RF."""
+
+    level: str = key("level", STR, "level name (config `levels`)")
+    target: str = key("target", STR, "the analysed tensor, e.g. output['p2'] or layer3")
+    output_shape: tuple[int, ...] = key("output_shape", listed(INT), "the level's output shape (N, C, *spatial)")
+    stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride (the level's reduction)")
+    rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
+    padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
+    center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel")
+    fit: str = key("fit", STR, "the least exact axis fit: affine, enlarged, estimated, nonaffine or none")
+    center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre position")
+    edge_fraction: float = key("edge_fraction", FLOAT, "share of the level's positions whose RF reaches padding")
+    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the level")
+    local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
+                                                       "global-context paths held constant")
+    min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio")
+    affine: bool = key("affine", BOOL, "the fitted geometry holds for every position")
+    anchors: tuple[tuple[int, ...], ...] = key("anchors", listed(AXES), "the level's anchor sizes, per axis")
+    anchor_basis: str | None = key("anchor_basis", optional(STR), "the RF the anchors are compared with: rf, or "
+                                   "local (the level is global); null without anchors")
+    anchor_rf: tuple[int | None, ...] | None = key("anchor_rf", optional(AXES_INT), "that RF; null without anchors")
+    anchors_fit: bool | None = key("anchors_fit", optional(BOOL), "every anchor fits inside the compared RF; null "
+                                   "without anchors")
+    anchor_min_share: float | None = key("anchor_min_share", optional(FLOAT), "smallest anchor size / compared RF "
+                                         "size; null without anchors")
+
+
+LEVEL = Kind("object (a level record, below)", lambda v: _load(Level, RECORD.load(v), strict=True), lambda v: _dump(v))
+
+
+@dataclass(frozen=True)
 class Erf:
     """The effective RF of the centre position (or the measured one nearest it) against its theoretical RF."""
 
@@ -183,31 +221,17 @@ class Erf:
     offset: tuple[float | None, ...] = key("erf_offset", AXES_FLOAT, "centre of mass minus the RF centre")
     gauss_r2: float | None = key("erf_gauss_r2", optional(FLOAT), "R² of a Gaussian fit of the ERF")
 
-    def to_json(self) -> dict[str, Any]:
-        """Return the erf_* keys."""
-        return _dump(self)
-
-    @classmethod
-    def from_json(cls, values: Mapping[str, Any]) -> Erf:
-        """Read the erf_* keys."""
-        return _load(cls, values)
 
 
 @dataclass(frozen=True)
 class Pyramid:
     """The feature-pyramid levels analysed in the same job, and whether their anchors fit."""
 
-    levels: tuple[dict[str, Any], ...] = key("levels", RECORDS, "one record per level, in config order "
-                                             "(the keys of the levels frame, per-axis values as lists)")
+    levels: tuple[Level, ...] = key("levels", listed(LEVEL), "one record per level, in config order")
     anchors_fit: bool | None = key("anchors_fit", optional(BOOL), "every anchor of every level fits its RF; "
                                    "null without anchors")
     anchor_min_share: float | None = key("anchor_min_share", optional(FLOAT), "smallest anchor size / compared "
                                          "RF size over levels; null without anchors")
-
-    @classmethod
-    def from_json(cls, values: Mapping[str, Any]) -> Pyramid:
-        """Read the levels keys."""
-        return _load(cls, values)
 
 
 @dataclass(frozen=True)
@@ -295,6 +319,15 @@ class Summary:
 GROUPS: dict[str, type] = {"erf": Erf, "pyramid": Pyramid}
 
 
+def build(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build a Summary (or its Erf, Pyramid part) from the values a stage computed, every key declared here.
+
+    Unlike :meth:`Summary.from_json`, which reads entries holding other keys too, an undeclared key
+    raises ValueError: a new summary value needs its field (and so its documentation) here first.
+    """
+    return _load(cls, values, strict=True)
+
+
 def json_keys() -> tuple[str, ...]:
     """Return every JSON key a summary may write, in order."""
     return tuple(row[0] for row in rows(Summary))
@@ -323,6 +356,9 @@ def markdown() -> str:
              "`d`, `h`, `w`); sizes are input pixels. Run folders of an older format are refused: rerun them.", "",
              "| key | type | meaning |", "|---|---|---|"]
     lines += [f"| `{k}` | {t} | {d} |" for k, t, d in rows(Summary)]
+    lines += ["", "## Level records", "", "Each item of `levels` (`rfreport.summary.Level`):", "",
+              "| key | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | {t} | {d} |" for k, t, d in rows(Level)]
     return "\n".join(lines) + "\n"
 
 

@@ -52,9 +52,13 @@ def entries(draw) -> dict:
     erf, pyramid = draw(st.booleans()), draw(st.booleans())
     entry = {"name": draw(st.text(max_size=8)), "status": "ok"}
     for key, kind, _ in rows(erf, pyramid):
-        strategy = st.sampled_from(values(Distribution)) if key == "erf_distribution" else value_of(kind)
         if key == "levels":
-            strategy = st.lists(JSON_RECORD, max_size=2)
+            strategy = st.lists(st.fixed_dictionaries({k: value_of(t) for k, t, _ in summary.rows(summary.Level)}),
+                                max_size=2)
+        elif key == "erf_distribution":
+            strategy = st.sampled_from(values(Distribution))
+        else:
+            strategy = value_of(kind)
         entry[key] = draw(strategy)
     return entry
 
@@ -77,6 +81,14 @@ def test_pinned_run_entries_read_back_to_the_same_json():
             assert [k for k in model.entry if k in set(summary.json_keys())] == list(written)   # same keys, same order
         else:
             assert model.summary is None
+
+
+def test_an_undeclared_value_is_refused_when_built():
+    entry = runfolder.load(GOLD_RUN).models[0].entry
+    values = {k: entry[k] for k in summary.json_keys() if k in entry}
+    assert summary.build(Summary, values) == Summary.from_json(entry)
+    with pytest.raises(ValueError, match=r"unknown key.*'new_figure'"):
+        summary.build(Summary, values | {"new_figure": 1})
 
 
 def test_typed_fields():

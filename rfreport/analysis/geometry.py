@@ -27,7 +27,7 @@ from rfreport.analysis.frames import POSITIONS, positions_frame
 from rfreport.positions import PositionSpec, axis_names, center
 from rfreport.results import GlobalOp
 from rfreport.schema import Column, Schema, register
-from rfreport.summary import Summary
+from rfreport.summary import Summary, build
 
 if TYPE_CHECKING:
     from rfreport.results import SweepResult
@@ -598,7 +598,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
     values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
-    summary = Summary.from_json(values | {"attention": attention})
+    summary = build(Summary, values | {"attention": attention})
     context = _Context(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
@@ -775,8 +775,8 @@ def _attention_findings(c: _Context) -> list[Finding]:
         return [Finding("attention", "info", f"Attention is global: from block {first['first']} on, every token "
                         f"attends to all {first['tokens']} tokens at once ({first['kind']}), so the first global "
                         f"block is {first['first']}{before}.")]
-    stages = "; ".join(f"{s.first}" + (f" to {s.last}" if s.blocks > 1 else "") +
-                       f": {s.groups} groups of {s.tokens} tokens" for s in record["stages"])
+    stages = "; ".join(f"{s['first']}" + (f" to {s['last']}" if s["blocks"] > 1 else "") +
+                       f": {s['groups']} groups of {s['tokens']} tokens" for s in record["stages"])
     return [Finding("attention", "info", f"Attention is windowed: tokens attend only within groups (windows or "
                     f"grids) per image ({stages}).{_window_reach(record['blocks'])}")]
 

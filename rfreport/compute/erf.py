@@ -126,7 +126,7 @@ class ErfResult:
         row = self.metrics.iloc[self.headline_row()]
         axes = axis_names(self.ndim)
         sizes = [int(row[f"rf_{a}_hi"] - row[f"rf_{a}_lo"] + 1) for a in axes]
-        return summary_mod.Erf.from_json({
+        return summary_mod.build(summary_mod.Erf, {
             "erf_samples": self.samples, "erf_distribution": self.distribution, "erf_positions": len(self.positions),
             "erf_position": [int(row[f"pos_{a}"]) for a in axes],
             "erf_side90": int(row["side90"]), "erf_radius90": _json_float(row["radius90"]),

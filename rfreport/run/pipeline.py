@@ -42,7 +42,7 @@ from rfreport.options import Status
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import cache, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
-from rfreport.summary import Pyramid, Summary
+from rfreport.summary import Pyramid, Summary, build
 
 logger = logging.getLogger("rfreport")
 KEEP_MASKS = ("center", "corners", "edges")
@@ -358,7 +358,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
     records = level_records(model, job, done)
-    pyramid = Pyramid.from_json({"levels": records, **levels.aggregate(records)}) if records else None
+    pyramid = build(Pyramid, {"levels": records, **levels.aggregate(records)}) if records else None
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
                     "levels": levels.frame(records, main.ndim) if records else None,
