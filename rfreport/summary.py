@@ -150,6 +150,14 @@ def _load(cls: type, values: Mapping[str, Any], strict: bool = False) -> Any:
     return cls(**found)
 
 
+class JsonPart:
+    """A summary dataclass (Summary, Erf, Pyramid, Level) that writes its fields as flat JSON keys."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON keys of this part, in documented order, JSON values only."""
+        return _dump(self)
+
+
 @dataclass(frozen=True)
 class ValidRegion:
     """The output positions whose RF sees real input alone: from `lo` to `hi`, inclusive, per axis."""
@@ -171,7 +179,7 @@ VALID_REGION = optional(Kind("object {lo, hi} of integer lists", _valid_region,
 
 
 @dataclass(frozen=True)
-class Level:
+class Level(JsonPart):
     """One analysed feature-pyramid level: its geometry and how its anchors compare with its RF."""
 
     level: str = key("level", STR, "level name (config `levels`)")
@@ -203,7 +211,7 @@ LEVEL = Kind("object (a level record, below)", lambda v: _load(Level, RECORD.loa
 
 
 @dataclass(frozen=True)
-class Erf:
+class Erf(JsonPart):
     """The effective RF of the centre position (or the measured one nearest it) against its theoretical RF."""
 
     samples: int = key("erf_samples", INT, "random inputs averaged")
@@ -224,7 +232,7 @@ class Erf:
 
 
 @dataclass(frozen=True)
-class Pyramid:
+class Pyramid(JsonPart):
     """The feature-pyramid levels analysed in the same job, and whether their anchors fit."""
 
     levels: tuple[Level, ...] = key("levels", listed(LEVEL), "one record per level, in config order")
@@ -235,7 +243,7 @@ class Pyramid:
 
 
 @dataclass(frozen=True)
-class Summary:
+class Summary(JsonPart):
     """The headline numbers of one analysed model, as written to its summary.json entry."""
 
     rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
@@ -297,10 +305,6 @@ class Summary:
                                            "(rfreport.compute.attention); null without attention")
     erf: Erf | None = group("the ERF, present when measured", "erf_samples")
     pyramid: Pyramid | None = group("feature-pyramid levels, present when configured", "levels")
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the summary's keys of a summary.json entry, JSON values only, in documented order."""
-        return _dump(self)
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> Summary:
