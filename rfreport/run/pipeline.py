@@ -354,7 +354,8 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
                          frames=hit.frames, arrays=hit.arrays,
-                         **hit.values | {"summary": Summary.from_json(hit.values["summary"])})
+                         **hit.values | {"status": Status(hit.values["status"]),
+                                         "summary": Summary.from_json(hit.values["summary"])})
     done = compute(model, job, advance, main, attention_found=attention_record(model, job))
     main, result, measured = done.main, done.analysed, done.erf_result
     records = level_records(model, job, done)
