@@ -1,7 +1,8 @@
 """Audit rules: limits on a model's summary entry, checked by `rfreport check` and stored in every run.
 
 A config's `[model.audit]` table maps rule names (config.AUDIT_RULES, validated there) to limits.
-Each rule reads one analysis summary key of a model entry and yields one result row
+Each rule reads one key of a model entry's summary in its JSON view (rfreport.summary, the keys of
+docs/summary.md; a level's rules read its level record) and yields one result row
 `{rule, limit, value, passed}`; a model whose job failed fails its audit, and so
 does one whose run-time verification found violations (an implicit `exact` row). The verdicts of a
 `check` are also written for CI: one JSON object (:func:`verdicts_json`) or a JUnit XML file
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rfreport.config import AUDIT_RULES
+from rfreport.options import AuditVerdict
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,18 @@ def evaluate(rules: Mapping[str, Any], entry: Mapping[str, Any]) -> list[dict]:
 def passed(results: Sequence[Mapping[str, Any]]) -> bool:
     """Return whether every result row of a model passed."""
     return all(row["passed"] for row in results)
+
+
+def verdict(results: Sequence[Mapping[str, Any]] | None) -> AuditVerdict:
+    """Summarise a model's result rows: pass, fail, or none without rows."""
+    if not results:
+        return AuditVerdict.NONE
+    return AuditVerdict.PASS if passed(results) else AuditVerdict.FAIL
+
+
+def failed_rules(results: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Return the names of the rules that failed, in row order."""
+    return [row["rule"] for row in results or [] if not row["passed"]]
 
 
 def active(rules: Mapping[str, Any]) -> dict[str, Any]:

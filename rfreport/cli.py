@@ -25,11 +25,11 @@ from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import Mode, values
 from rfreport.run.progress import is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
-MODES = ("structural", "gradient")
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -408,7 +408,8 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
               help="Also analyse this output key or index as a pyramid level (repeatable; see `levels`).")
 @click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
 @click.option("--positions", default=None, help="all, center, corners, edges or grid:K (default: center).")
-@click.option("--mode", type=click.Choice(MODES), default="structural", help="Exact structural RF or naive gradient.")
+@click.option("--mode", type=click.Choice(values(Mode)), default="structural",
+              help="Exact structural RF or naive gradient.")
 @click.option("--layout", default="nchw", show_default=True,
               help="How the analysed tensor's axes are read: nchw, nhwc, tokens or tokens:HxW.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

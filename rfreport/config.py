@@ -14,17 +14,19 @@ import difflib
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rfreport import positions as positions_mod
 from rfreport.errors import ConfigError, ModelLoadError, PositionError, SweepError
 from rfreport.factories import import_factory
 from rfreport.layouts import parse_layout
+from rfreport.options import Distribution, ExecutorKind, Mode, values
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
-EXECUTORS = ("local", "ray")
 TOP_KEYS = ("run", "defaults", "model")
+E = TypeVar("E", bound=StrEnum)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class ModelSpec:
     layer: str | None = None                       # submodule whose output is analysed
     output: str | int | None = None                # key or index of a tuple/dict output
     positions: PositionSpec = "all"
-    mode: str = "structural"
+    mode: Mode = Mode.STRUCTURAL
     audit: dict[str, Any] = field(default_factory=dict)    # rule name -> limit (see AUDIT_RULES)
     erf: dict[str, Any] | None = None              # {samples, positions, distribution, images} or None
     image: Path | None = None                      # a user image shown under the report's overlays
@@ -96,7 +98,7 @@ class ModelSpec:
 class RunOptions:
     """How a run executes: the `[run]` table of the configs, overridden by CLI flags."""
 
-    executor: str = "local"          # "local" (in-process) or "ray"
+    executor: ExecutorKind = ExecutorKind.LOCAL   # in-process or on a Ray cluster
     address: str | None = None       # Ray cluster address (None: start or join a local one)
     device: str = "auto"
     batch_size: int | str = "auto"
@@ -256,18 +258,19 @@ def _layout(value: Any, where: _Where, key: str) -> str:
         raise where.error(key, str(exc)) from None
 
 
-def _mode(value: Any, where: _Where, key: str) -> str:
+def _option(kind: type[E], value: Any, where: _Where, key: str) -> E:
+    """Validate a string of a closed vocabulary (rfreport.options) and return its member."""
+    return kind(_choice(value, values(kind), where, key))
+
+
+def _mode(value: Any, where: _Where, key: str) -> Mode:
     """Validate a sweep mode."""
-    from rfreport.compute.engine import MODES  # torch-heavy; see _factory
-
-    return _choice(value, MODES, where, key)
+    return _option(Mode, value, where, key)
 
 
-def _distribution(value: Any, where: _Where, key: str) -> str:
+def _distribution(value: Any, where: _Where, key: str) -> Distribution:
     """Validate an ERF input distribution."""
-    from rfreport.compute.erf import DISTRIBUTIONS  # torch-heavy; see _factory
-
-    return _choice(value, DISTRIBUTIONS, where, key)
+    return _option(Distribution, value, where, key)
 
 
 def _layers(value: Any, where: _Where, key: str) -> tuple[str, ...]:
@@ -406,7 +409,7 @@ MODEL_KEYS: dict[str, Checker] = {
     "levels": _levels,
 }
 RUN_KEYS: dict[str, Checker] = {
-    "executor": lambda v, w, k: _choice(v, EXECUTORS, w, k),
+    "executor": lambda v, w, k: _option(ExecutorKind, v, w, k),
     "address": _string,
     "device": _string,
     "batch_size": _batch_size,

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rfreport import audit
+from rfreport.options import AuditVerdict
 from rfreport.runfolder import Run
 
 FORMAT = 1
@@ -265,11 +267,9 @@ def spec_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[Spec
 
 def audit_status(entry: Mapping[str, Any]) -> str:
     """Return `pass`, or `fail: <rules>` naming the rules that failed, or `none` without rules."""
-    rows = entry.get("audit") or []
-    if not rows:
-        return "none"
-    failed = [row["rule"] for row in rows if not row["passed"]]
-    return f"fail: {', '.join(failed)}" if failed else "pass"
+    rows = entry.get("audit")
+    found = audit.verdict(rows)
+    return f"{found}: {', '.join(audit.failed_rules(rows))}" if found is AuditVerdict.FAIL else str(found)
 
 
 def same(old: Any, new: Any) -> bool:

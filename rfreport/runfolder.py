@@ -1,8 +1,8 @@
 """The run folder: what `rfreport run` leaves on disk, written atomically and read back lazily.
 
-Layout (format 1)::
+Layout (format 2, rfreport.summary.FORMAT; the entries are documented in docs/summary.md)::
 
-    RUN/summary.json     {"format": 1, "run": {...}, "models": [entry, ...]}   written last
+    RUN/summary.json     {"format": 2, "run": {...}, "models": [entry, ...]}   written last
     RUN/log.txt
     RUN/index.html       (report.py)
     RUN/models/<slug>/<frame>.parquet + <frame>.csv, coverage.npy, masks.npz, erf_maps.npz
@@ -34,8 +34,8 @@ import pandas as pd
 
 from rfreport.errors import RunFolderError, one_line
 from rfreport.positions import axis_names
+from rfreport.summary import FORMAT, Summary
 
-FORMAT = 1
 SUMMARY = "summary.json"
 LOG = "log.txt"
 POSITION_KEYED = ("masks", "erf_maps")
@@ -79,6 +79,16 @@ class ModelRun:
     def ok(self) -> bool:
         """Return whether the model's job completed."""
         return self.entry["status"] == "ok"
+
+    @cached_property
+    def summary(self) -> Summary | None:
+        """Read the entry's summary keys (None when the job failed); RunFolderError names a bad key."""
+        if not self.ok:
+            return None
+        try:
+            return Summary.from_json(self.entry)
+        except RunFolderError as exc:
+            raise RunFolderError(f"{self.root / SUMMARY}: {exc}") from None
 
     @cached_property
     def frames(self) -> dict[str, pd.DataFrame]:
@@ -339,8 +349,19 @@ def load(path: str | os.PathLike) -> Run:
         document = json.loads(summary.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{summary}: unreadable ({exc})") from exc
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        found = document.get("format") if isinstance(document, dict) else None
-        raise RunFolderError(f"{summary}: unknown run folder format {found!r} (this rfreport reads {FORMAT})")
+    check_format(summary, document)
     models = tuple(ModelRun(path, entry) for entry in document.get("models", []))
+    for model in models:
+        model.summary  # noqa: B018  (read every summary now, so a bad entry fails here, naming its key)
     return Run(path=path, meta=document.get("run", {}), models=models)
+
+
+def check_format(summary: Path, document: Any) -> None:
+    """Raise RunFolderError unless summary.json is of the format this rfreport reads (older: rerun the run)."""
+    found = document.get("format") if isinstance(document, dict) else None
+    if found == FORMAT and isinstance(document.get("models"), list):
+        return
+    if isinstance(found, int) and not isinstance(found, bool) and 0 < found < FORMAT:
+        raise RunFolderError(f"{summary}: written by run folder format {found}; this rfreport reads format "
+                             f"{FORMAT}: rerun it")
+    raise RunFolderError(f"{summary}: unknown run folder format {found!r} (this rfreport reads {FORMAT})")

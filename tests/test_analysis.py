@@ -25,6 +25,7 @@ from rfreport.analysis.geometry import (
 from rfreport.compute.sweep import sweep
 from rfreport.positions import resolve
 from rfreport.run.plan import geometry_positions
+from rfreport.summary import ValidRegion
 from tests.oracle import Layer, lengths
 from tests.support import hole_free_stacks, recurrence
 
@@ -101,7 +102,7 @@ class SimpleDiamond(nn.Module):
     (nn.Sequential(AlignedBranches(), SimpleDiamond()), (32, 32), ((11, 11), (8, 8), (5, 5))),
 ], ids=["aligned-branches", "non-square", "stacked-diamonds"])
 def test_known_graphs(model, spatial, expected):
-    summary = analysed(model, spatial).summary
+    summary = analysed(model, spatial).summary.to_json()
     assert (summary["rf_size"], summary["stride"], summary["padding"]) == tuple(list(v) for v in expected)
     assert summary["affine"] and summary["nonaffine"] is None
 
@@ -112,13 +113,13 @@ def test_stride_two_on_an_even_size_treats_borders_asymmetrically():
     h, w = even.geometry.iloc[0], even.geometry.iloc[1]
     assert (h["border_lo"], h["border_hi"], h["edge_lo"], h["edge_hi"]) == (1, 0, 1, 0)
     assert (w["border_lo"], w["border_hi"], w["edge_lo"], w["edge_hi"]) == (1, 1, 1, 1)
-    assert even.summary["asymmetric_axes"] == ["h"]
-    assert (even.summary["valid_region"], even.summary["positions"]) == ({"lo": [1, 1], "hi": [3, 3]}, 20)
-    assert even.summary["edge_positions"] == 20 - 3 * 3
+    assert even.summary.asymmetric_axes == ("h",)
+    assert (even.summary.valid_region, even.summary.positions) == (ValidRegion(lo=(1, 1), hi=(3, 3)), 20)
+    assert even.summary.edge_positions == 20 - 3 * 3
     frame = even.positions.set_index(["pos_h", "pos_w"])
     assert frame.loc[(3, 0), "h_clip_hi"] == False and frame.loc[(3, 0), "w_clip_lo"] == True  # noqa: E712
     assert frame.loc[(0, 4), ["h_out_lo", "w_out_hi"]].tolist() == [1.0, 1.0]
-    assert frame["edge"].sum() == even.summary["edge_positions"]
+    assert frame["edge"].sum() == even.summary.edge_positions
     assert any(f.code == "asymmetric" and "Axis h" in f.message for f in even.findings)
 
 
@@ -126,7 +127,7 @@ def test_circular_padding_wraps_and_fits_unrolled():
     model = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1, padding_mode="circular"),
                           nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"))
     analysis = analysed(model, (12, 12))
-    s = analysis.summary
+    s = analysis.summary.to_json()
     assert (s["rf_size"], s["stride"], s["padding"]) == ([7, 7], [2.0, 2.0], [3.0, 3.0])
     assert s["wrapped"] and s["padding_modes"] == ["circular"] and s["affine"]
     assert {"wrap", "edge"} <= {f.code for f in analysis.findings}
@@ -134,40 +135,40 @@ def test_circular_padding_wraps_and_fits_unrolled():
 
 def test_stride_two_one_by_one_leaves_three_quarters_unseen():
     analysis = analysed(nn.Conv2d(1, 1, 1, stride=2), (8, 8))
-    assert (analysis.summary["unseen_pixels"], analysis.summary["unseen_fraction"]) == (48, 0.75)
-    assert not analysis.summary["coverage_nonuniform"]
+    assert (analysis.summary.to_json()["unseen_pixels"], analysis.summary.to_json()["unseen_fraction"]) == (48, 0.75)
+    assert not analysis.summary.to_json()["coverage_nonuniform"]
     assert "unseen" in {f.code for f in analysis.findings}
 
 
 def test_sampled_sweeps_do_not_judge_coverage():
     analysis = analysed(nn.Conv2d(1, 1, 1, stride=2), (8, 8), positions="center")
-    assert analysis.summary["unseen_pixels"] is None
+    assert analysis.summary.to_json()["unseen_pixels"] is None
     assert "sampled" in {f.code for f in analysis.findings}
-    assert analysis.summary["rf_size"] == [1, 1] and analysis.summary["stride"] == [2.0, 2.0]
+    assert analysis.summary.to_json()["rf_size"] == [1, 1] and analysis.summary.to_json()["stride"] == [2.0, 2.0]
 
 
 def test_strided_three_by_three_coverage_is_a_checkerboard():
     analysis = analysed(nn.Conv1d(1, 1, 3, stride=2, padding=1), (16,))
-    assert analysis.summary["coverage_nonuniform"]
+    assert analysis.summary.to_json()["coverage_nonuniform"]
     assert analysis.coverage.tolist() == [1, 2] * 7 + [1, 1]
 
 
 def test_dilation_leaves_holes_with_their_fill_ratio():
     analysis = analysed(nn.Conv2d(1, 1, 3, padding=2, dilation=2), (10, 10))
-    assert analysis.summary["holes"] and analysis.summary["min_fill"] == pytest.approx(9 / 25)
-    assert analysis.summary["rf_size"] == [5, 5] and analysis.summary["affine"]
+    assert analysis.summary.to_json()["holes"] and analysis.summary.to_json()["min_fill"] == pytest.approx(9 / 25)
+    assert analysis.summary.to_json()["rf_size"] == [5, 5] and analysis.summary.to_json()["affine"]
 
 
 def test_reflect_padding_is_reported():
     analysis = analysed(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), (8, 8))
-    assert analysis.summary["padding_modes"] == ["reflect"]
+    assert analysis.summary.to_json()["padding_modes"] == ["reflect"]
     assert "mirror" in {f.code for f in analysis.findings}
 
 
 def test_transposed_convolution_is_not_affine():
     analysis = analysed(nn.ConvTranspose1d(1, 1, 3, stride=2), (12,))
-    assert not analysis.summary["affine"]
-    assert "varies" in analysis.summary["nonaffine"]
+    assert not analysis.summary.to_json()["affine"]
+    assert "varies" in analysis.summary.to_json()["nonaffine"]
 
 
 class SqueezeExcite(nn.Module):
@@ -191,7 +192,7 @@ def test_squeeze_excitation_is_global_with_a_local_rf():
     local = sweep(model, (1, 1, 12, 12), "all", local=True)
     layers = layer_growth(model, (1, 1, 12, 12))
     analysis = analysed(model, (12, 12), local=local, layers=layers, global_ops=global_ops(model, (1, 1, 12, 12)))
-    s = analysis.summary
+    s = analysis.summary.to_json()
     assert s["global"] and s["global_from"] == "se.0" and s["global_op"] == "adaptive_avg_pool2d"
     assert s["covers_input"] and s["no_coverage_resolution"] is None
     assert s["local_rf_size"] == [5, 5]
@@ -200,7 +201,7 @@ def test_squeeze_excitation_is_global_with_a_local_rf():
 
 
 def test_summary_has_every_documented_key_and_is_json():
-    summary = analysed(nn.Conv2d(1, 1, 3), (6, 6)).summary
+    summary = analysed(nn.Conv2d(1, 1, 3), (6, 6)).summary.to_json()
     assert set(summary) == SUMMARY_KEYS
     json.dumps(summary, allow_nan=False)
 

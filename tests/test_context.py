@@ -88,7 +88,7 @@ def codes(analysis) -> list[str]:
 
 def test_saturation_is_not_called_global_context():
     analysis = run("rfreport.examples:resnet_small", (1, 3, 24, 24), layer="stages", width=4, blocks=1)
-    s = analysis.summary
+    s = analysis.summary.to_json()
     assert s["global"] is False and s["global_from"] is None and s["covering_positions"] > 0
     assert "global" not in codes(analysis) and "covers" in codes(analysis)
     (covers,) = [f for f in analysis.findings if f.code == "covers"]
@@ -100,7 +100,7 @@ def test_saturation_is_not_called_global_context():
 
 def test_global_context_names_its_layer_op_and_local_rf():
     analysis = run("rfreport.examples:se_net", (1, 3, 16, 16), width=4, depth=2)
-    s = analysis.summary
+    s = analysis.summary.to_json()
     assert (s["global"], s["global_from"], s["global_op"]) == (True, "2.gate.0", "adaptive_avg_pool2d")
     assert s["covers_input"] and s["no_coverage_resolution"] is None and s["local_rf_size"] == [5, 5]
     (found,) = [f for f in analysis.findings if f.code == "global"]
@@ -112,14 +112,14 @@ def test_global_context_is_found_even_when_no_rf_covers_the_input():
     model = nn.Sequential(nn.Conv2d(1, 2, 1, stride=2), examples.SqueezeExcite(2, reduction=1))
     spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 16, 16),))
     job = jobs_mod.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
-    s = plan.measure(model, job, growth=False).analyse().summary
+    s = plan.measure(model, job, growth=False).analyse().summary.to_json()
     assert (s["global"], s["global_from"], s["covering_positions"]) == (True, "1.gate.0", 0)  # pixel 15 is unseen
     assert s["local_rf_size"] == [1, 1]
 
 
 def test_a_local_net_has_neither_finding():
     analysis = run("torch.nn:Conv2d", (1, 1, 12, 12), in_channels=1, out_channels=1, kernel_size=3)
-    s = analysis.summary
+    s = analysis.summary.to_json()
     assert (s["global"], s["covering_positions"], s["covering_fraction"], s["covers_input"]) == (False, 0, 0.0, False)
     assert not {"global", "covers"} & set(codes(analysis))
 
@@ -190,7 +190,7 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     judged = [r for r in AUDIT_RULES if r not in ("max_center_offset", "anchors_fit", "min_anchor_share")]
     rule = data.draw(st.sampled_from(judged))
     limit = data.draw(LIMITS[rule])
-    entry = {"status": "ok", **analysis.summary}
+    entry = {"status": "ok", **analysis.summary.to_json()}
     (row,) = audit.evaluate({rule: limit}, entry)
     frame = analysis.positions
     pooled = gated and len(frame) > 1   # a global pool over a one-cell map pools nothing
@@ -203,5 +203,5 @@ def test_max_center_offset_agrees_with_the_closed_form():
                        padding=p)
         offset = (k - s) / 2 - p
         for limit in (abs(offset), abs(offset) - 0.25):
-            (row,) = audit.evaluate({"max_center_offset": limit}, {"status": "ok", **analysis.summary})
+            (row,) = audit.evaluate({"max_center_offset": limit}, {"status": "ok", **analysis.summary.to_json()})
             assert row["passed"] == (limit >= abs(offset)) and row["value"] == [offset, offset]

@@ -78,7 +78,7 @@ def test_erf_grows_like_the_square_root_of_depth_while_the_rf_grows_linearly():
     for n in depths:
         result = effective_rf(box_stack(n, padding=1), (1, 1, 2 * n + 3, 2 * n + 3), "center", samples=2)
         rows.append(result.metrics.iloc[0])
-        rf.append(result.summary()["erf_rf_size"][0])
+        rf.append(result.summary().to_json()["erf_rf_size"][0])
     assert rf == [2 * n + 1 for n in depths]
     assert slope(depths, [r["sigma_h"] for r in rows]) == pytest.approx(0.5, abs=1e-9)
     assert slope(depths, [r["side90"] for r in rows]) == pytest.approx(0.5, abs=0.05)
@@ -208,7 +208,7 @@ def test_frame_schema_summary_and_arrays():
     assert "erf" in SCHEMAS
     assert list(result.metrics.columns) == ERF.names(2)
     assert result.metrics[["pos_h", "pos_w"]].to_numpy().tolist() == [[0, 0], [0, 8], [4, 4], [8, 0], [8, 8]]
-    summary = result.summary()
+    summary = result.summary().to_json()
     assert json.loads(json.dumps(summary)) == summary
     assert summary["erf_position"] == [4, 4] and summary["erf_rf_size"] == [5, 5] and summary["erf_side90"] == 5
     assert summary["erf_side90_ratio"] == 1

@@ -72,7 +72,7 @@ def test_a_job_matches_the_set_propagation_oracle(tiny_result):
 
 def test_a_job_result_has_every_stage_and_no_torch(tiny_result):
     assert set(tiny_result.frames) == {"positions", "edges", "geometry", "layers"}
-    summary = tiny_result.summary
+    summary = tiny_result.summary.to_json()
     assert (summary["rf_size"], summary["stride"], summary["padding"]) == ([13, 13], [2, 2], [5, 5])
     assert all(set(f) == {"code", "severity", "message"} for f in tiny_result.findings)
     data = pickle.dumps(tiny_result)
@@ -101,7 +101,7 @@ def test_the_same_seed_gives_identical_frames(nets):
 def failure(job: jobs_mod.Job) -> str:
     """Run a job that must fail and return its error."""
     result = pipeline.run_job(job)
-    assert result.status == "failed" and result.frames == {} and result.arrays == {} and result.summary == {}
+    assert result.status == "failed" and result.frames == {} and result.arrays == {} and result.summary is None
     assert "\n" not in result.error
     return result.error
 
@@ -148,8 +148,8 @@ def test_erf_runs_only_when_asked(nets, tiny_result):
 def test_a_global_model_gets_a_local_sweep(nets, tiny_result):
     result = pipeline.run_job(job_of(nets, "squeeze", shape=(1, 1, 8, 8)))
     assert result.status == "ok", result.error
-    assert result.summary["global"] is True and result.summary["local_rf_size"] == [3, 3]
-    assert tiny_result.summary["global"] is False and tiny_result.summary["local_rf_size"] is None
+    assert result.summary.to_json()["global"] is True and result.summary.to_json()["local_rf_size"] == [3, 3]
+    assert tiny_result.summary.to_json()["global"] is False and tiny_result.summary.to_json()["local_rf_size"] is None
 
 
 def write_config(tmp_path: Path, nets: Path, *models: str, audit: str = "min_rf = 9") -> Path:

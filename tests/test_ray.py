@@ -225,7 +225,7 @@ def test_lost_worker_is_retried_then_recorded_as_failed(cluster, tmp_path):
     crash, recovered = RayExecutor(max_retries=1).map(jobs_mod.make_jobs(config.load([path])))
     assert crash.status == "failed" and crash.error.startswith("WorkerCrashedError: ") and "\n" not in crash.error
     assert recovered.status == "ok" and marker.exists()
-    assert recovered.summary["rf_size"] == [5, 5]
+    assert recovered.summary.to_json()["rf_size"] == [5, 5]
 
 
 def test_config_run_table_selects_ray(cluster, tmp_path):

@@ -13,8 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rfreport import runfolder
+from rfreport import runfolder, summary
 from rfreport.errors import RunFolderError
+
+GOLD_ENTRY = json.loads((Path(__file__).parent / "gold" / "run" / "summary.json").read_text())["models"][0]
+SUMMARY = {key: value for key, value in GOLD_ENTRY.items() if key in summary.json_keys()}   # a valid summary
 
 
 def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfolder.ModelOutput:
@@ -24,7 +27,7 @@ def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfol
                               "edge": [True, False, False, True], "path": pd.array(["dense"] * 4, dtype="string")})
     geometry = pd.DataFrame({"axis": ["h", "w"], "stride": [2, 2]})
     entry = {"name": name, "slug": runfolder.slugify(name, shape), "input_shape": list(shape), "status": "ok",
-             "rf_size": [5, 5], "edge_fraction": float("nan"), "count": np.int64(3), "findings": []}
+             **SUMMARY, "rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
     arrays = {"coverage": rng.integers(0, 5, shape[2:]),
               "masks": {(1, 2): rng.random(shape[2:]) > 0.5, (0, 0): np.zeros(shape[2:], bool)},
               "erf_maps": {(1, 2): rng.random(shape[2:])}}
@@ -52,9 +55,9 @@ def test_round_trip_keeps_frames_arrays_and_entries(tmp_path):
 def test_layout_and_summary_are_strict_json(tmp_path):
     run = runfolder.write(tmp_path / "run", {"seed": 0}, [model_output()])
     document = json.loads((run.path / "summary.json").read_text(), parse_constant=pytest.fail)
-    assert document["format"] == 1
+    assert document["format"] == summary.FORMAT
     entry = document["models"][0]
-    assert entry["edge_fraction"] is None and entry["count"] == 3
+    assert entry["ratio"] is None and entry["count"] == 3
     assert sorted(entry["files"]) == sorted(f"models/net-8x6/{f}" for f in (
         "positions.parquet", "positions.csv", "geometry.parquet", "geometry.csv", "coverage.npy", "masks.npz",
         "erf_maps.npz"))
@@ -83,8 +86,8 @@ def test_load_rejects_missing_incomplete_and_unknown_folders(tmp_path):
     (tmp_path / "half" / "summary.json").write_text("{not json")
     with pytest.raises(RunFolderError, match="unreadable"):
         runfolder.load(tmp_path / "half")
-    (tmp_path / "half" / "summary.json").write_text(json.dumps({"format": 2, "models": []}))
-    with pytest.raises(RunFolderError, match="unknown run folder format 2"):
+    (tmp_path / "half" / "summary.json").write_text(json.dumps({"format": summary.FORMAT + 1, "models": []}))
+    with pytest.raises(RunFolderError, match=f"unknown run folder format {summary.FORMAT + 1}"):
         runfolder.load(tmp_path / "half")
 
 

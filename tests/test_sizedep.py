@@ -92,7 +92,7 @@ def test_geometry_is_never_fitted_on_a_larger_input_when_it_depends_on_the_size(
     spec = ModelSpec(name="adaptive", factory=f"{path}:adaptive", input_shapes=((1, 3, 8, 8),))
     result = pipeline.run_job(jobs_mod.Job(spec, (1, 3, 8, 8), RunOptions()))
     assert result.status == "ok", result.error
-    summary = result.summary
+    summary = result.summary.to_json()
     assert summary["size_dependent"] == ["adaptive_avg_pool2d"]
     assert not summary["affine"] and summary["rf_size"] != [16, 16]
     geometry = result.frames["geometry"]

@@ -59,10 +59,7 @@ CONFINED: dict[str, set[str]] = {**{lib: {"compute", "run", "compat", "examples"
                                  **{lib: {"report"} for lib in RENDERING}, "ray": {"run"}}
 # (importing module, imported module or library): why the rule cannot hold there. An entry no import needs
 # any more fails test_every_exception_is_still_needed, so the list only shrinks.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("rfreport.config", "rfreport.compute.engine"): "temporary: reads MODES; options.py (StrEnums) replaces it",
-    ("rfreport.config", "rfreport.compute.erf"): "temporary: reads DISTRIBUTIONS; rfreport/options.py replaces it",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 SHARED_TEST_HELPERS = ("tests.support", "tests.oracle", "tests.conftest")
 
 

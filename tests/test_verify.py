@@ -259,18 +259,18 @@ def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(
     assert frame["verified"].tolist() == result.verified.tolist()
     assert frame["violations"].tolist() == result.violations.tolist()
     done = analysis.analyze(result)
-    assert done.summary["verified"] == default_count(2) == done.summary["violations"]
+    assert done.summary.to_json()["verified"] == default_count(2) == done.summary.to_json()["violations"]
     warning = next(f for f in done.findings if f.code == "not_exact")
     assert warning.severity == "warning" and warning.message.startswith(f"Not exact: {default_count(2)} of ")
-    rows = audit.evaluate({}, {"status": "ok", **done.summary})
+    rows = audit.evaluate({}, {"status": "ok", **done.summary.to_json()})
     assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False}]
 
 
 def test_honest_summary_has_no_finding_and_no_audit_row():
     done = analysis.analyze(sweep(large_kernels(), (1, 2, 20, 20), "grid:4"))
-    assert done.summary["verified"] == default_count(2) and done.summary["violations"] == 0
+    assert done.summary.to_json()["verified"] == default_count(2) and done.summary.to_json()["violations"] == 0
     assert not [f for f in done.findings if f.code in ("not_exact", "unverified")]
-    assert audit.evaluate({}, {"status": "ok", **done.summary}) == []
+    assert audit.evaluate({}, {"status": "ok", **done.summary.to_json()}) == []
 
 
 def test_check_and_inspect_fail_on_a_violation(monkeypatch, tmp_path):
@@ -395,5 +395,5 @@ def test_a_bad_verify_value_names_file_model_and_key(tmp_path, text, problem):
 def test_a_job_checks_as_many_positions_as_its_config_says(tmp_path):
     spec = config.ModelSpec(name="tiny", factory=f"{TINY}:build", input_shapes=((1, 1, 12, 12),), verify=2)
     result = pipeline.run_job(jobs_mod.Job(spec, (1, 1, 12, 12), config.RunOptions()))
-    assert result.frames["positions"]["verified"].sum() == 2 == result.summary["verified"]
-    assert result.summary["violations"] == 0
+    assert result.frames["positions"]["verified"].sum() == 2 == result.summary.to_json()["verified"]
+    assert result.summary.to_json()["violations"] == 0

@@ -27,6 +27,7 @@ from rfreport.analysis.frames import POSITIONS, positions_frame
 from rfreport.positions import axis_names, center
 from rfreport.results import GlobalOp
 from rfreport.schema import Column, Schema, register
+from rfreport.summary import Summary, build
 
 if TYPE_CHECKING:
     from rfreport.results import SweepResult
@@ -114,7 +115,7 @@ class Analysis:
     coverage: np.ndarray
     layers: pd.DataFrame | None
     findings: tuple[Finding, ...]
-    summary: dict
+    summary: Summary
 
 
 @dataclass(frozen=True)
@@ -572,8 +573,8 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
                          center_sizes(boxes, result.output_spatial), local_fits)
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
-    summary, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
-    summary["attention"] = attention
+    values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
+    summary = build(Summary, values | {"attention": attention})
     context = _Context(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
@@ -586,7 +587,7 @@ class _Context:
 
     result: SweepResult
     geo: pd.DataFrame
-    summary: dict
+    summary: Summary
     coverage: dict
     gradient: SweepResult | None
     layers: pd.DataFrame | None
@@ -594,11 +595,11 @@ class _Context:
 
 def _geometry_findings(c: _Context) -> list[Finding]:
     """Report non-affine and estimated geometry."""
-    found = [Finding("nonaffine", "warning", f"The RF geometry is not affine: {c.summary['nonaffine']}.")
-             ] if c.summary["nonaffine"] else []
+    found = [Finding("nonaffine", "warning", f"The RF geometry is not affine: {c.summary.nonaffine}.")
+             ] if c.summary.nonaffine else []
     estimated = c.geo.loc[c.geo["fit"] == "estimated", "problem"]
     enlarged = c.geo.loc[c.geo["fit"].isin(["enlarged", "composed"]), ["axis", "problem"]]
-    ops = c.summary["size_dependent"]
+    ops = c.summary.size_dependent
     sized = [Finding("size_dependent", "info", f"The RF geometry depends on the input size ({', '.join(ops)}): "
                      f"it holds at {_axes_text(c.result.input_spatial)} only and was measured there.")] if ops else []
     return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated] + [
@@ -610,13 +611,13 @@ def _edge_findings(c: _Context) -> list[Finding]:
     """Report the share of positions that see padding, the valid region and asymmetric borders."""
     s = c.summary
     found = []
-    if s["edge_positions"]:
-        valid = s["valid_region"]
-        where = (f"; only output positions {_axes_text(valid['lo'])} to {_axes_text(valid['hi'])} see real input "
+    if s.edge_positions:
+        valid = s.valid_region
+        where = (f"; only output positions {_axes_text(valid.lo)} to {_axes_text(valid.hi)} see real input "
                  "alone" if valid else "; no output position sees real input alone")
-        found.append(Finding("edge", "warning" if s["edge_fraction"] >= 0.5 else "info",
-                             f"{s['edge_fraction']:.0%} of output positions ({s['edge_positions']} of "
-                             f"{s['positions']}) have an RF reaching past the input border into padding{where}."))
+        found.append(Finding("edge", "warning" if s.edge_fraction >= 0.5 else "info",
+                             f"{s.edge_fraction:.0%} of output positions ({s.edge_positions} of "
+                             f"{s.positions}) have an RF reaching past the input border into padding{where}."))
     for row in c.geo[c.geo["asymmetric"]].itertuples():
         found.append(Finding("asymmetric", "warning",
                              f"Axis {row.axis} treats its borders differently: the first position's RF "
@@ -629,14 +630,14 @@ def _edge_findings(c: _Context) -> list[Finding]:
 def _coverage_findings(c: _Context) -> list[Finding]:
     """Report unseen pixels, checkerboard coverage, border fall-off, or that coverage was sampled."""
     s, cov = c.summary, c.coverage
-    if s["unseen_pixels"] is None:
+    if s.unseen_pixels is None:
         return [Finding("sampled", "info", f"Coverage counts only the {len(c.result.positions)} swept positions "
                         f"of {math.prod(c.result.output_spatial)}; unseen pixels and uniformity are not judged.")]
     found = []
-    if s["unseen_pixels"]:
-        found.append(Finding("unseen", "warning", f"{s['unseen_pixels']} input pixels ({s['unseen_fraction']:.0%}) "
+    if s.unseen_pixels:
+        found.append(Finding("unseen", "warning", f"{s.unseen_pixels} input pixels ({s.unseen_fraction:.0%}) "
                              "are seen by no output position (stride larger than the kernel, or a dropped border)."))
-    if s["coverage_nonuniform"]:
+    if s.coverage_nonuniform:
         found.append(Finding("nonuniform", "warning", "Coverage is strongly non-uniform inside the input (max/min "
                              f"{cov['coverage_ratio']:.2g}): a checkerboard from strides that do not divide kernels "
                              "or from transposed convolutions."))
@@ -650,18 +651,18 @@ def _support_findings(c: _Context) -> list[Finding]:
     """Report holes, wrap-around and mirrored borders."""
     s = c.summary
     found = []
-    if s["holes"]:
+    if s.holes:
         found.append(Finding("holes", "warning", "Receptive fields have holes: the support fills as little as "
-                             f"{s['min_fill']:.0%} of its box (dilation gridding or a kernel smaller than its "
+                             f"{s.min_fill:.0%} of its box (dilation gridding or a kernel smaller than its "
                              "stride)."))
-    if s["wrapped"]:
+    if s.wrapped:
         axes = [a for a, w in zip(axis_names(c.result.ndim), np.asarray(c.result.wrapped.any(axis=0))) if w]
         found.append(Finding("wrap", "warning", f"Circular padding: {int(c.result.wrapped.any(axis=1).sum())} "
                              f"position(s) have RFs that wrap round to the opposite border on axis {', '.join(axes)}; "
                              "their bounds are given unrolled (lo < 0 or hi >= n, indices modulo n)."))
-    elif "circular" in s["padding_modes"]:
+    elif "circular" in s.padding_modes:
         found.append(Finding("wrap", "info", "Circular padding is used, but no swept RF wraps round the border."))
-    for mode in (m for m in s["padding_modes"] if m in MIRRORING):
+    for mode in (m for m in s.padding_modes if m in MIRRORING):
         seen = " (seen in the gradient pass too)" if c.gradient is not None and mode in c.gradient.padding_modes else ""
         found.append(Finding("mirror", "info", f"{mode.capitalize()} padding{seen}: pixels near the border are read "
                              "again by the padding, so they are counted more than once and weigh more in gradients."))
@@ -673,19 +674,19 @@ def _context_findings(c: _Context) -> list[Finding]:
     s = c.summary
     found = []
     size = _axes_text(c.result.input_spatial)
-    if s["global"]:
-        where = f"layer {s['global_from']}" if s["global_from"] else "the model's own forward"
-        local = (f"; with global-context paths held constant the local RF is {_axes_text(s['local_rf_size'])}"
-                 if s["local_rf_size"] else "")
-        found.append(Finding("global", "warning", f"Global context: {s['global_op']} in {where} pools over a whole "
+    if s.global_context:
+        where = f"layer {s.global_from}" if s.global_from else "the model's own forward"
+        local = (f"; with global-context paths held constant the local RF is {_axes_text(s.local_rf_size)}"
+                 if s.local_rf_size else "")
+        found.append(Finding("global", "warning", f"Global context: {s.global_op} in {where} pools over a whole "
                              "feature map, so every output position depends on every input pixel at any input size"
                              f"{local}."))
-    elif s["covering_positions"]:
+    elif s.covering_positions:
         found.append(_covers_finding(c, size))
-    if s["border_layers_from"]:
-        fix = (f"; no layer would be a border layer from an input of {_axes_text(s['no_border_resolution'])} on"
-               if s["no_border_resolution"] else "")
-        found.append(Finding("border", "info", f"From layer {s['border_layers_from']} on, every layer's RF covers "
+    if s.border_layers_from:
+        fix = (f"; no layer would be a border layer from an input of {_axes_text(s.no_border_resolution)} on"
+               if s.no_border_resolution else "")
+        found.append(Finding("border", "info", f"From layer {s.border_layers_from} on, every layer's RF covers "
                              f"the whole {size} input (border layers: their depth adds no context here){fix}."))
     return found
 
@@ -693,14 +694,14 @@ def _context_findings(c: _Context) -> list[Finding]:
 def _covers_finding(c: _Context, size: str) -> Finding:
     """Describe RFs that cover the whole input without global context: saturation at this resolution."""
     s = c.summary
-    who = ("Every swept output position's RF covers" if s["covers_input"] else
-           f"The RFs of {s['covering_positions']} of {len(c.result.positions)} swept output positions "
-           f"({s['covering_fraction']:.0%}) cover")
-    why = (": the RF saturates at this resolution (no global operation)" if s["global"] is False else
+    who = ("Every swept output position's RF covers" if s.covers_input else
+           f"The RFs of {s.covering_positions} of {len(c.result.positions)} swept output positions "
+           f"({s.covering_fraction:.0%}) cover")
+    why = (": the RF saturates at this resolution (no global operation)" if s.global_context is False else
            " (global operations were not looked for)")
-    stops = (f"; from an input of {_axes_text(s['no_coverage_resolution'])} on, no RF can cover it"
-             if s["no_coverage_resolution"] else "")
-    return Finding("covers", "warning" if s["covers_input"] else "info", f"{who} the whole {size} input{why}{stops}.")
+    stops = (f"; from an input of {_axes_text(s.no_coverage_resolution)} on, no RF can cover it"
+             if s.no_coverage_resolution else "")
+    return Finding("covers", "warning" if s.covers_input else "info", f"{who} the whole {size} input{why}{stops}.")
 
 
 def _gradient_findings(c: _Context) -> list[Finding]:
@@ -727,9 +728,9 @@ def verification_summary(result: SweepResult) -> dict:
 def _verification_findings(c: _Context) -> list[Finding]:
     """Report positions whose output moved when input outside their reported RF was perturbed, or no check."""
     s, done = c.summary, c.result.verification
-    if s["violations"]:
+    if s.violations:
         worst = f" (by up to {done.max_deviation:.2g} of the output's magnitude)" if done is not None else ""
-        return [Finding("not_exact", "warning", f"Not exact: {s['violations']} of {s['verified']} verified "
+        return [Finding("not_exact", "warning", f"Not exact: {s.violations} of {s.verified} verified "
                         "positions changed when input outside their reported RF was perturbed on the model "
                         f"itself{worst}; their reported RF is too small.")]
     if done is not None and done.note:
@@ -739,7 +740,7 @@ def _verification_findings(c: _Context) -> list[Finding]:
 
 def _attention_findings(c: _Context) -> list[Finding]:
     """Say where attention is global (first global block, local RF before it) or windowed (reach per block)."""
-    record = c.summary.get("attention")
+    record = c.summary.attention
     if not record or not record.get("stages"):
         return []
     first = record["stages"][0]

@@ -77,7 +77,7 @@ def anchor_check(anchors: Sequence[Sequence[int]], summary: Mapping[str, Any], n
 
 def record(level: Level, analysed: Analysis, output_shape: Sequence[int], target: str) -> dict:
     """Return the JSON-ready summary record of one level from its analysis."""
-    s = analysed.summary
+    s = analysed.summary.to_json()
     fits = analysed.geometry["fit"].tolist()
     ndim = len(output_shape) - 2
     return {"level": level.name, "target": target, "output_shape": list(output_shape),

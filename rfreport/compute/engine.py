@@ -24,9 +24,9 @@ from torch.utils.hooks import RemovableHandle
 from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
 from rfreport.errors import LayoutError, SweepError, first_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
+from rfreport.options import Mode, values
 
 OutputKey = str | int | None
-MODES = ("structural", "gradient")
 CPU_BATCH_BYTES = 1 << 30
 MAX_BATCH = 4096
 LIVE_GRADIENTS = 6   # activation-sized gradients a batched backward holds per row at its peak
@@ -220,8 +220,8 @@ class Engine:
                  target: Target = Target(), device: str | torch.device = "auto", seed: int = 0,
                  probes: int = 2, local: bool = False, inputs: torch.Tensor | None = None,
                  dtype: str | torch.dtype = "float32"):
-        if mode not in MODES:
-            raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode not in values(Mode):
+            raise SweepError(f"unknown mode {mode!r}; use one of {', '.join(values(Mode))}")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
             raise SweepError("the model has uninitialised lazy parameters; run it once on a real input first")
         self.model, self.mode, self.target = model, mode, target

@@ -37,18 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfreport import positions as positions_mod
+from rfreport import summary as summary_mod
 from rfreport.compute.dense import one_hot_weights
 from rfreport.compute.engine import Engine, Target, check_input_shape, preserved
 from rfreport.compute.sweep import resolve_batch_size, sweep
 from rfreport.errors import SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import Distribution, values
 from rfreport.positions import axis_names
 from rfreport.results import SweepResult, chunks
 from rfreport.schema import Column, Schema, register
 
 LEVELS = (20, 50, 90, 99)
 AREA_LEVEL = 95
-DISTRIBUTIONS = ("normal", "uniform", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 RESIZE_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -120,12 +121,12 @@ class ErfResult:
         centre = np.array(positions_mod.center(self.output_shape[2:]))
         return int(np.argmin(((self.positions - centre) ** 2).sum(axis=1)))
 
-    def summary(self) -> dict:
-        """Return JSON-ready headline numbers of the centre position's ERF against its theoretical RF."""
+    def summary(self) -> summary_mod.Erf:
+        """Return the headline numbers of the centre position's ERF against its theoretical RF."""
         row = self.metrics.iloc[self.headline_row()]
         axes = axis_names(self.ndim)
         sizes = [int(row[f"rf_{a}_hi"] - row[f"rf_{a}_lo"] + 1) for a in axes]
-        return {
+        return summary_mod.build(summary_mod.Erf, {
             "erf_samples": self.samples, "erf_distribution": self.distribution, "erf_positions": len(self.positions),
             "erf_position": [int(row[f"pos_{a}"]) for a in axes],
             "erf_side90": int(row["side90"]), "erf_radius90": _json_float(row["radius90"]),
@@ -134,7 +135,7 @@ class ErfResult:
             "erf_sigma": [_json_float(row[f"sigma_{a}"]) for a in axes],
             "erf_offset": [_json_float(row[f"offset_{a}"]) for a in axes],
             "erf_gauss_r2": _json_float(row["gauss_r2"]),
-        }
+        })
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the maps keyed like masks.npz (`h3_w4` for position (3, 4)), ready for np.savez."""
@@ -207,8 +208,8 @@ def _gradient_sums(model: nn.Module, x: torch.Tensor, selected: np.ndarray, targ
 
 def _distribution(distribution: str, images: str | Path | None) -> str:
     """Return the sample source: `images` when a folder is given, else the named distribution."""
-    if distribution not in DISTRIBUTIONS:
-        raise ErfError(f"unknown ERF distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if distribution not in values(Distribution):
+        raise ErfError(f"unknown ERF distribution {distribution!r}; use one of {', '.join(values(Distribution))}")
     if images is not None and distribution == "uniform":
         raise ErfError(f"ERF images folder {str(images)!r} conflicts with distribution 'uniform'")
     if images is None and distribution == "images":

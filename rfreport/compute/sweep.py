@@ -23,6 +23,7 @@ from rfreport.compute.dense import dense_sweep
 from rfreport.compute.engine import Engine, Target
 from rfreport.errors import SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import SweepMethod, values
 from rfreport.results import Accumulator, SweepResult
 
 
@@ -102,7 +103,7 @@ def with_verification(result: SweepResult, model: nn.Module, target: Target, che
 def _run_method(method: str, engine: Engine, selected: np.ndarray, size: int, acc: Accumulator,
                 progress) -> str:
     """Dispatch to the dense or the compressed sweep; return why a compressed sweep ran densely, if it did."""
-    if method not in ("auto", "dense", "compressed"):
+    if method not in values(SweepMethod):
         raise SweepError(f"unknown sweep method {method!r}; use auto, dense or compressed")
     if method == "dense":
         dense_sweep(engine, selected, size, acc, progress)

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from rfreport import audit
 from rfreport.diff import SPEC_LABELS, spec_text
+from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
@@ -139,10 +141,10 @@ class OverviewRow:
     name: str = field(metadata={"doc": "model name"})
     resolution: str = field(metadata={"doc": "input spatial size, e.g. 224 × 224"})
     status: str = field(metadata={"doc": "ok or failed"})
-    rf_size: list | None = field(metadata={"doc": "RF size at the centre per axis (input pixels)"})
-    stride: list | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
-    padding: list | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
-    center_offset: list | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
+    rf_size: tuple | None = field(metadata={"doc": "RF size at the centre per axis (input pixels)"})
+    stride: tuple | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
+    padding: tuple | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
+    center_offset: tuple | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
@@ -344,23 +346,20 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-def audit_status(entry: Mapping) -> str:
-    """Summarise a model's audit results as pass, fail or none."""
-    results = entry.get("audit") or []
-    if not results:
-        return "none"
-    return "pass" if all(r["passed"] for r in results) else "fail"
+SUMMARY_FIGURES = ("rf_size", "stride", "padding", "center_offset", "affine", "edge_fraction", "unseen_pixels",
+                   "holes", "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
 
 
 def overview_row(model: ModelRun) -> OverviewRow:
-    """Build the overview-table row of one model entry."""
-    entry = model.entry
+    """Build the overview-table row of one model entry (its summary's figures are None where it failed)."""
+    entry, s = model.entry, model.summary
+    figures: dict[str, Any] = {} if s is None else {
+        "rf_size": s.rf_size, "stride": s.stride, "padding": s.padding, "center_offset": s.center_offset,
+        "affine": s.affine, "edge_fraction": s.edge_fraction, "unseen_pixels": s.unseen_pixels, "holes": s.holes,
+        "global_context": s.global_context, "erf_ratio": s.erf.area95_ratio if s.erf else None}
     return OverviewRow(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]), status=model.status,
-        rf_size=entry.get("rf_size"), stride=entry.get("stride"), padding=entry.get("padding"),
-        center_offset=entry.get("center_offset"), affine=entry.get("affine"), edge_fraction=entry.get("edge_fraction"),
-        unseen_pixels=entry.get("unseen_pixels"), holes=entry.get("holes"), global_context=entry.get("global"),
-        erf_ratio=entry.get("erf_area95_ratio"), audit=audit_status(entry))
+        **{name: figures.get(name) for name in SUMMARY_FIGURES}, audit=str(audit.verdict(entry.get("audit"))))
 
 
 def anchor(model: ModelRun) -> str:
@@ -702,7 +701,8 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
     return ModelSection(
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]),
         input_shape=list(entry["input_shape"]), output_shape=entry.get("output_shape"),
-        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")), affine=entry.get("affine"),
+        mode=str(entry.get("mode", "")), target=str(entry.get("target", "")),
+        affine=model.summary.affine if model.summary else None,
         status=model.status,
         error=str(entry.get("error") or ""), findings=findings(entry),
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
@@ -728,7 +728,8 @@ def counts(run: Run) -> Counts:
     """Count distinct models, jobs, failed jobs and jobs whose audit failed."""
     return Counts(models=len({model.name for model in run.models}), jobs=len(run.models),
                   failed_jobs=sum(not model.ok for model in run.models),
-                  failed_audits=sum(audit_status(model.entry) == "fail" for model in run.models))
+                  failed_audits=sum(audit.verdict(model.entry.get("audit")) is AuditVerdict.FAIL
+                                    for model in run.models))
 
 
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:

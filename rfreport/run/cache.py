@@ -415,7 +415,7 @@ class Slot:
         """Store a completed JobResult's values, frames and arrays (failed results are never stored)."""
         if result.status == "ok":
             values = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in UNSTORED}
-            self.save(values, result.frames, result.arrays)
+            self.save(values | {"summary": result.summary.to_json()}, result.frames, result.arrays)
 
     def _write(self, staging: Path, values: Mapping, frames: Mapping, arrays: Mapping) -> None:
         """Write the frames and arrays in the run folder's format, then result.json last."""

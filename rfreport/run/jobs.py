@@ -14,6 +14,8 @@ import pandas as pd
 
 from rfreport import runfolder
 from rfreport.config import ModelSpec, RunConfig, RunOptions
+from rfreport.options import Status
+from rfreport.summary import Summary
 
 Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
 
@@ -40,12 +42,12 @@ class JobResult:
     slug: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None
-    status: str                                                     # "ok" or "failed"
+    status: Status
     error: str | None                                               # one line when failed
     mode: str
     target: str
     seconds: float
-    summary: dict = field(default_factory=dict)                     # analysis summary keys
+    summary: Summary | None = None                                  # None when the job failed
     findings: tuple[dict, ...] = ()                                 # {code, severity, message}
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)   # saved under their schema names
     arrays: dict[str, Any] = field(default_factory=dict)            # coverage; masks, erf_maps by position

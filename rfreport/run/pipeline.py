@@ -34,9 +34,11 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import Level, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
+from rfreport.options import Status
 from rfreport.results import SweepResult
 from rfreport.run import cache, plan, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
+from rfreport.summary import Pyramid, Summary, build
 
 logger = logging.getLogger("rfreport")
 
@@ -88,12 +90,14 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     slot = cache.slot(model, job)
     if (hit := slot.load()) is not None:
         return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
-                         frames=hit.frames, arrays=hit.arrays, **hit.values)
+                         frames=hit.frames, arrays=hit.arrays,
+                         **hit.values | {"status": Status(hit.values["status"]),
+                                         "summary": Summary.from_json(hit.values["summary"])})
     with surrogates_reused():
         measurements = plan.measure(model, job, advance, main, attention_found=plan.attention_record(model, job))
         main, result, measured = measurements.main, measurements.analyse(), measurements.erf
         records = level_records(model, job, measurements, result)
-    pyramid = {"levels": records, **levels.aggregate(records)} if records else {}
+    pyramid = build(Pyramid, {"levels": records, **levels.aggregate(records)}) if records else None
     named_frames = {"positions": frames.positions_frame(main), "edges": result.positions,
                     "geometry": result.geometry, "layers": result.layers,
                     "levels": levels.frame(records, main.ndim) if records else None,
@@ -101,8 +105,8 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     arrays = {"coverage": result.coverage, "masks": main.masks, "erf_maps": measured.maps if measured else None}
     result = JobResult(
         name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=tuple(main.output_shape),
-        status="ok", error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
-        summary=dict(result.summary) | (measured.summary() if measured else {}) | pyramid,
+        status=Status.OK, error=None, mode=main.mode, target=main.target, seconds=time.perf_counter() - started,
+        summary=replace(result.summary, erf=measured.summary() if measured else None, pyramid=pyramid),
         findings=tuple(asdict(f) for f in result.findings) + tuple(levels.findings(records)),
         frames={k: v for k, v in named_frames.items() if v is not None},
         arrays={k: v for k, v in arrays.items() if v is not None and (not isinstance(v, dict) or v)})
@@ -143,12 +147,13 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
                 "edge": bool(row.edge), "verified": verified, "violations": violations}
 
     rows = [record_of(row) for row in frame.itertuples(index=False)]
-    geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
-                "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
+    geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
+                "center_offset": list(summary.center_offset), "affine": summary.affine,
+                "global": summary.global_context}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
-              "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
-              "exact": not summary["violations"]}
+              "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
+              "exact": summary.exact}
     if job.spec.levels:
         record["levels"] = level_records(model, job, measured, analysed)
     if found is not None:
@@ -162,7 +167,7 @@ def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
     target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
-                     status="failed", error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
+                     status=Status.FAILED, error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 
 
 def entry(job: Job, result: JobResult) -> dict:
@@ -171,7 +176,8 @@ def entry(job: Job, result: JobResult) -> dict:
               "output_shape": list(result.output_shape) if result.output_shape else None,
               "status": result.status, "error": result.error, "mode": result.mode, "target": result.target,
               "seconds": round(result.seconds, 3), "image": str(job.spec.image) if job.spec.image else None,
-              "spec": spec_record(job), **result.summary, "findings": list(result.findings),
+              "spec": spec_record(job), **(result.summary.to_json() if result.summary else {}),
+              "findings": list(result.findings),
               "cached": result.cached}
     checks = audit.evaluate(job.spec.audit, values)
     if result.status == "ok":

@@ -1,0 +1,60 @@
+"""The closed vocabularies of rfreport: every string constant a config, a result or a report chooses from.
+
+Each is a `StrEnum`, so a member is the string itself: it compares equal to its value, formats as
+its value and is written to JSON as its value, so configs and run folders read and write the same
+text as before. Torch-free; the config, the engine and the reports share these definitions.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    """How a sweep measures receptive fields."""
+
+    STRUCTURAL = "structural"   # exact: the positive linearised surrogate, batched one-hot gradients
+    GRADIENT = "gradient"       # naive: gradients of the model itself (data-dependent support)
+
+
+class SweepMethod(StrEnum):
+    """How a structural sweep computes supports."""
+
+    AUTO = "auto"               # compressed where the rank guard allows it, dense otherwise
+    DENSE = "dense"
+    COMPRESSED = "compressed"
+
+
+class ExecutorKind(StrEnum):
+    """Where jobs run."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+class Distribution(StrEnum):
+    """What the inputs of an ERF measurement are drawn from."""
+
+    NORMAL = "normal"           # standard normal
+    UNIFORM = "uniform"         # uniform on [-1, 1)
+    IMAGES = "images"           # files of the `images` folder
+
+
+class Status(StrEnum):
+    """How a job ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class AuditVerdict(StrEnum):
+    """A model's audit as a whole: every rule passed, some failed, or there were no rules."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NONE = "none"
+
+
+def values(kind: type[StrEnum]) -> tuple[str, ...]:
+    """Return the values of a vocabulary in definition order, e.g. for `click.Choice` or a message."""
+    return tuple(member.value for member in kind)
