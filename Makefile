@@ -50,7 +50,7 @@ lint: install  ## ruff, and mypy over the torch-free rooms (files in pyproject's
 	$(PY) -m mypy
 
 gold-update: install  ## rewrite the golden files from the current output
-	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/test_report.py tests/test_diff.py -q
+	RFREPORT_GOLD_UPDATE=1 $(PY) -m pytest tests/report/test_render.py tests/test_diff.py -q
 
 clean:  ## remove the venv, caches and reports
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache .mypy_cache

@@ -26,7 +26,7 @@ from rfreport.run import jobs as jobs_mod
 from rfreport.run import pipeline
 from tests.oracle import Layer, lengths
 
-# --- the example run and the golden files (test_report, test_diff, test_browser) ---------------------------------
+# --- the example run and the golden files (report/test_render, test_diff, report/test_browser) -----------------------
 
 GOLD = Path(__file__).parent / "gold"
 GOLD_RUN = GOLD / "run"
@@ -88,7 +88,7 @@ def assert_gold(name: str, text: str) -> None:
     actual.unlink(missing_ok=True)
 
 
-# --- two edited copies of the golden run, and the CLI (test_diff, test_browser) -------------------------------
+# --- two edited copies of the golden run, and the CLI (test_diff, test_browser) --------------------------------------
 
 SPEC = {"factory": "rfreport.examples:dilated_net", "kwargs": {"width": 4}, "input_shape": [1, 3, 16, 20],
         "layer": None, "output": None, "mode": "structural"}
@@ -131,7 +131,7 @@ def invoke(*args) -> Any:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-# --- small nets for whole runs (test_pipeline, test_cli) -----------------------------------------------------
+# --- small nets for whole runs (test_pipeline, test_cli) -------------------------------------------------------------
 
 NETS = '''
 from torch import nn
@@ -154,7 +154,7 @@ TINY = [Layer("conv", (3, 3), (1, 1), (1, 1), (1, 1)), Layer("conv", (3, 3), (2,
         Layer("conv", (3, 3), (1, 1), (2, 2), (2, 2))]
 
 
-# --- conv/pool stacks with closed-form answers (test_analysis, test_layers, test_sweep, test_verify) ----------
+# --- conv/pool stacks with closed-form answers (analysis/test_geometry, compute: test_layers, test_sweep, test_verify)
 
 def recurrence(layers: list[Layer], axis: int) -> tuple[int, int, int]:
     """Return (RF size, stride, padding) of a stack from r += (k_eff - 1) S, P += p S, S *= s."""

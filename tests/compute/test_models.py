@@ -17,9 +17,9 @@ from rfreport.config import ModelSpec
 from rfreport.errors import ModelLoadError
 from rfreport.positions import center
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TINY = f"{DATA / 'tiny_model.py'}:build"
-EXAMPLES = Path(__file__).parent.parent / "configs" / "examples.toml"
+EXAMPLES = Path(__file__).parents[2] / "configs" / "examples.toml"
 
 
 def spec(factory: str = TINY, **fields) -> ModelSpec:

@@ -27,7 +27,7 @@ from rfreport.run import pipeline
 from tests.oracle import Layer, lengths, support_mask
 from tests.support import build, layer_stacks
 
-TINY = Path(__file__).parent / "data" / "tiny_model.py"
+TINY = Path(__file__).parents[1] / "data" / "tiny_model.py"
 
 
 class Residual(nn.Module):

@@ -186,7 +186,7 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     except Exception:   # an input too small for the stack: nothing to judge
         return
     analysis = measured.analyse()
-    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/test_levels.py)
+    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/analysis/test_levels.py)
     judged = [r for r in AUDIT_RULES if r not in ("max_center_offset", "anchors_fit", "min_anchor_share")]
     rule = data.draw(st.sampled_from(judged))
     limit = data.draw(LIMITS[rule])

@@ -13,7 +13,7 @@ from tests.support import EVIL, edited_runs, example_run, invoke
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
-OUTPUT = Path(__file__).resolve().parent.parent / "test-output" / "browser"
+OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "browser"
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "

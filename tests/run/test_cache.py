@@ -114,7 +114,7 @@ class Broken(nn.Module):
 
 def job(shape=SHAPE, options: RunOptions | None = None, **changes) -> jobs_mod.Job:
     """Return a job for the key tests (the factory string only labels the spec)."""
-    spec = ModelSpec(name="net", factory="tests.test_cache:stack", input_shapes=(shape,), positions="all")
+    spec = ModelSpec(name="net", factory="tests.run.test_cache:stack", input_shapes=(shape,), positions="all")
     return jobs_mod.Job(replace(spec, **changes), shape, options or RunOptions())
 
 
@@ -148,7 +148,7 @@ def test_one_forward_line_changes_the_trace_and_the_key(variant):
 
 @pytest.mark.parametrize("changes", [
     dict(layer="0"), dict(layer="2"), dict(output=0), dict(positions="center"), dict(mode="gradient"),
-    dict(erf={"samples": 2}), dict(layers=("0",)), dict(kwargs={"k": 5}), dict(factory="tests.test_cache:other"),
+    dict(erf={"samples": 2}), dict(layers=("0",)), dict(kwargs={"k": 5}), dict(factory="tests.run.test_cache:other"),
     dict(layout="nhwc"),
 ], ids=lambda c: next(iter(c)))
 def test_every_job_setting_changes_the_key(changes):
@@ -384,7 +384,7 @@ def test_check_of_a_config_reuses_the_cache(nets, tmp_path):
 
 
 KEY_IN_A_FRESH_PROCESS = """
-from tests.test_cache import Skip, job
+from tests.run.test_cache import Skip, job
 from rfreport.run import cache
 print(cache.job_key(Skip(), job(), "job"))
 """
@@ -393,7 +393,7 @@ print(cache.job_key(Skip(), job(), "job"))
 def test_the_key_is_the_same_in_every_process():
     # a scheduled audit runs in a new process: nothing in the key may depend on ids, addresses or hash seeds
     keys = {subprocess.run([sys.executable, "-c", KEY_IN_A_FRESH_PROCESS], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parent.parent).stdout.strip()
+                           env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parents[2]).stdout.strip()
             for seed in ("1", "2")}
     assert keys == {key(Skip())}
 
