@@ -89,7 +89,8 @@ def load_all() -> None:
     """Import every module that registers a schema, so the registry is complete."""
     import importlib
 
-    for module in ("rfreport.analysis.frames", "rfreport.analysis.geometry", "rfreport.analysis.levels",
+    for module in ("rfreport.analysis.frames", "rfreport.analysis.geometry", "rfreport.analysis.edges",
+                   "rfreport.analysis.levels",
                    "rfreport.compute.layers", "rfreport.compute.erf"):
         importlib.import_module(module)
 

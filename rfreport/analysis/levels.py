@@ -25,7 +25,7 @@ from rfreport.positions import axis_names
 from rfreport.schema import Column, Schema, register
 
 if TYPE_CHECKING:
-    from rfreport.analysis.geometry import Analysis
+    from rfreport.analysis.analyze import Analysis
     from rfreport.config import Level
 
 LEVELS = register(Schema(

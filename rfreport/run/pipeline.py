@@ -26,7 +26,7 @@ from torch import nn
 from rfreport import __version__, audit, runfolder
 from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
-from rfreport.analysis.geometry import Analysis
+from rfreport.analysis.analyze import Analysis
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
 from rfreport.compute.surrogate import surrogates_reused

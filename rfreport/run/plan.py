@@ -8,7 +8,7 @@ geometry fit needs, enlarged inputs as the last resort, and the ERF. :func:`meas
 plan in that order; a pass can only *drop* later passes (:meth:`Plan.after_local`,
 :meth:`Plan.after_composed`, :meth:`Plan.after_geometry`), never add a kind the first pass did
 not plan, except the local sweep when the geometry positions turn out global. The result is a
-:class:`Measurements`, analysed once (`rfreport.analysis.geometry.analyze`).
+:class:`Measurements`, analysed once (`rfreport.analysis.analyze.analyze`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import pandas as pd
 from torch import nn
 
 from rfreport import positions as positions_mod
-from rfreport.analysis import geometry as analysis
+from rfreport.analysis.analyze import Analysis, analyze
+from rfreport.analysis.geometry import Boxes, fit_geometry, is_global, one_box
 from rfreport.compute import attention, erf, layers, models
 from rfreport.compute import global_context as context
 from rfreport.compute import verify as verify_mod
@@ -48,7 +49,7 @@ ENLARGE_PIXELS = 1024 * 1024   # and never beyond this many input positions
 
 @dataclass(frozen=True)
 class Measurements:
-    """Everything measured for one job: what `analysis.analyze` reads, and the ERF."""
+    """Everything measured for one job: what `analyze` reads, and the ERF."""
 
     main: SweepResult
     global_ops: tuple[GlobalOp, ...]
@@ -66,9 +67,9 @@ class Measurements:
         found = self.composed
         return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
 
-    def analyse(self) -> analysis.Analysis:
+    def analyse(self) -> Analysis:
         """Analyse the measurements (once per job)."""
-        return analysis.analyze(self.main, geometry=self.geometry, local=self.local, layers=self.growth,
+        return analyze(self.main, geometry=self.geometry, local=self.local, layers=self.growth,
                                 enlarged=self.enlarged, composed=self.composed_axes, global_ops=self.global_ops,
                                 attention=self.attention)
 
@@ -90,7 +91,7 @@ class Plan:
         """Decide the extra passes from the main sweep and the global operations found."""
         spec = job.spec
         clipped = not main.size_dependent_ops and needs_larger_input(main)
-        spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
+        spans = covers(main, "corners") and is_global(Boxes.of(main), main.input_spatial)
         named_grid = spec.layer is not None and spec.output is None and spec.layout == "nchw"
         return cls(local=spans or bool(global_ops), composed=clipped and named_grid, growth=growth,
                    geometry=geometry_extra(main), enlarged=clipped, erf=spec.erf is not None)
@@ -150,8 +151,8 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         growth_frame = layer_frame(model, job, plan.global_context) if plan.growth else None
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
-        if local is None and not plan.local and (found_ops or analysis.is_global(
-                analysis.Boxes.of(main, geometry), main.input_spatial)):
+        if local is None and not plan.local and (found_ops or is_global(
+                Boxes.of(main, geometry), main.input_spatial)):
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)
         plan = plan.after_geometry(main, geometry)
@@ -234,7 +235,7 @@ def enlarged_positions(output_spatial: Sequence[int]) -> PositionSpec:
 def needs_larger_input(*results: SweepResult | None) -> bool:
     """Tell whether some axis can only be estimated here: no two full-size RFs lie clear of the border."""
     first = next(r for r in results if r is not None)
-    fits = analysis.fit_geometry(analysis.Boxes.of(*results), first.input_spatial, first.output_spatial)
+    fits = fit_geometry(Boxes.of(*results), first.input_spatial, first.output_spatial)
     return any(fit.fit == "estimated" for fit in fits)
 
 
@@ -254,7 +255,7 @@ def geometry_extra(main: SweepResult) -> PositionSpec | None:
     tell a global RF): no other position can be clear of the border either.
     """
     extra = geometry_positions(main.output_spatial)
-    spans = covers(main, "corners") and analysis.is_global(analysis.Boxes.of(main), main.input_spatial)
+    spans = covers(main, "corners") and is_global(Boxes.of(main), main.input_spatial)
     if spans or covers(main, extra):
         return None
     return "corners" if centre_spans(main) else extra
@@ -270,7 +271,7 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, extra: Positio
 def context_bound(local: SweepResult | None) -> bool:
     """Tell whether every RF is global through global context (the local sweep's RFs are smaller than the
     input): then no larger input has an RF clear of the border either."""
-    return local is not None and not analysis.is_global(analysis.Boxes.of(local), local.input_spatial)
+    return local is not None and not is_global(Boxes.of(local), local.input_spatial)
 
 
 def centre_spans(result: SweepResult) -> bool:
@@ -331,7 +332,7 @@ def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[Globa
     A global operation on the path gives every output position the same RF box (all that its input
     feature map sees), so they are looked for only when every swept position has one box.
     """
-    if not analysis.one_box(analysis.Boxes.of(main)):
+    if not one_box(Boxes.of(main)):
         return ()
     return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
                               device=job.options.device, seed=job.options.seed)
@@ -376,7 +377,7 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
             except RfReportError:
                 logger.debug("%s: no RF for attention block %s", job.slug, layer, exc_info=True)
                 return None
-            return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
+            return found.size[0].tolist(), is_global(Boxes.of(found), found.input_spatial)
 
         found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
         return found | {"pooling": list(pools)}

@@ -12,16 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from rfreport.analysis.geometry import (
-    AxisFit,
-    analyze,
-    border_layers_from,
-    coverage_stats,
-    fit_axis,
-    global_from,
-    no_border_resolution,
-    unwrap_shift,
-)
+from rfreport.analysis.analyze import analyze, border_layers_from, global_from, no_border_resolution
+from rfreport.analysis.edges import coverage_stats
+from rfreport.analysis.geometry import AxisFit, fit_axis, unwrap_shift
 from rfreport.compute.sweep import sweep
 from rfreport.positions import resolve
 from rfreport.run.plan import geometry_positions

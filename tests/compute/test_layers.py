@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rfreport.analysis.geometry import border_layers_from, global_from, no_border_resolution
+from rfreport.analysis.analyze import border_layers_from, global_from, no_border_resolution
 from rfreport.compute.layers import layer_growth, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rfreport import audit, config
-from rfreport.analysis import geometry as analysis
+from rfreport.analysis.analyze import analyze
 from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
@@ -258,7 +258,7 @@ def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(
     frame = positions_frame(result)
     assert frame["verified"].tolist() == result.verified.tolist()
     assert frame["violations"].tolist() == result.violations.tolist()
-    done = analysis.analyze(result)
+    done = analyze(result)
     assert done.summary.to_json()["verified"] == default_count(2) == done.summary.to_json()["violations"]
     warning = next(f for f in done.findings if f.code == "not_exact")
     assert warning.severity == "warning" and warning.message.startswith(f"Not exact: {default_count(2)} of ")
@@ -267,7 +267,7 @@ def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(
 
 
 def test_honest_summary_has_no_finding_and_no_audit_row():
-    done = analysis.analyze(sweep(large_kernels(), (1, 2, 20, 20), "grid:4"))
+    done = analyze(sweep(large_kernels(), (1, 2, 20, 20), "grid:4"))
     assert done.summary.to_json()["verified"] == default_count(2) and done.summary.to_json()["violations"] == 0
     assert not [f for f in done.findings if f.code in ("not_exact", "unverified")]
     assert audit.evaluate({}, {"status": "ok", **done.summary.to_json()}) == []
@@ -326,7 +326,7 @@ def test_a_model_that_cannot_run_the_check_is_reported_unverified():
     assert not result.verified.any() and result.verification.checked == 0
     assert result.verification.note == ("the float64 copy of the model did not run: the model raised ValueError on "
                                         "input shape (1, 1, 9, 9): inputs must be non-negative")
-    finding = next(f for f in analysis.analyze(result).findings if f.code == "unverified")
+    finding = next(f for f in analyze(result).findings if f.code == "unverified")
     assert finding.severity == "info" and "not verified on the model" in finding.message
 
 

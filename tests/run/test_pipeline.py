@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rfreport import config, runfolder
-from rfreport.analysis import geometry as analysis
+from rfreport.analysis.analyze import analyze
+from rfreport.analysis.geometry import Boxes, is_global
 from rfreport.compute import models
 from rfreport.config import ModelSpec, RunOptions
 from rfreport.report import render as report
@@ -205,9 +206,9 @@ def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
     geometry = plan.geometry_sweep(model, job, main, plan.geometry_extra(main))
     enlarged = plan.enlarged_sweep(model, job)
     found = plan.global_context(model, job, main)
-    spans = analysis.is_global(analysis.Boxes.of(main, geometry), main.input_spatial)
+    spans = is_global(Boxes.of(main, geometry), main.input_spatial)
     local = plan.local_sweep(model, job, main) if found or spans else None
-    reference = analysis.analyze(main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
+    reference = analyze(main, geometry=geometry, enlarged=enlarged, local=local, global_ops=found)
     assert (done.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
     assert done.summary == reference.summary
     same = [c for c in reference.geometry.columns if c not in ("fit", "problem", "positions_used")]
