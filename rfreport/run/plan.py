@@ -160,6 +160,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             enlarged = enlarged_sweep(model, job, growth_frame)
     with timed(job, "effective RF"):
         measured = effective(model, job, main) if plan.erf else None
+    logger.debug("%s: %s (as run)", job.slug, plan.describe())
     return Measurements(main, found_ops, geometry, local, found, growth_frame, enlarged, measured, attention_found)
 
 
