@@ -312,13 +312,11 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
     with timed(job, "attention"):
         try:
             calls = attention.detect(model, job.input_shape)
-            target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
-            pools = attention.global_pooling(model, job.input_shape, target)
         except RfReportError:
             logger.debug("%s: no attention findings", job.slug, exc_info=True)
             return None
         if not calls:
-            return {"pooling": list(pools)} if pools else None
+            return None
 
         def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
             try:
@@ -329,8 +327,7 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
                 return None
             return found.size[0].tolist(), analysis.is_global(analysis.Boxes.of(found), found.input_spatial)
 
-        found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
-        return found | {"pooling": list(pools)}
+        return attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
 
 
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
@@ -356,7 +353,8 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
             model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              composed=composed, global_ops=found_ops, attention=attention_found)
+                              composed=composed, global_ops=found_ops,
+                              attention=attention.with_context(attention_found, found_ops))
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
     return Computed(main, geometry, result, measured)
@@ -461,8 +459,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
               "exact": not summary["violations"]}
     if job.spec.levels:
         record["levels"] = level_records(model, job, done)
-    if found is not None:
-        record["attention"] = found
+    if summary["attention"] is not None:
+        record["attention"] = summary["attention"]
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rfreport import attention, pipeline
+from rfreport import attention, context, pipeline
 from rfreport.cli import cli
 from rfreport.config import ModelSpec, RunOptions
 from rfreport.sweep import sweep
@@ -193,18 +193,20 @@ def test_cli_refuses_impossible_layouts_in_one_line(vit_file, args, message):
     assert len(lines) == 1 and message in lines[0], done.output
 
 
-def test_global_pooling_that_feeds_the_output_is_found_through_the_graph():
+def test_global_pooling_that_feeds_the_output_is_found_by_the_one_global_op_detector():
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
+    from rfreport.analysis import GlobalOp
     from rfreport.engine import Target
 
     aspp = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), ASPP(4, [2], 4)).eval()
-    assert attention.global_pooling(aspp, (1, 3, 12, 12), Target()) == (
-        {"module": "1.convs.2.0", "op": "adaptive_avg_pool2d"},)
+    assert context.global_ops(aspp, (1, 3, 12, 12)) == (GlobalOp("1.convs.2.0", "adaptive_avg_pool2d"),)
     classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
-    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target(layer="0")) == ()   # pooling after the target
-    assert attention.global_pooling(classifier, (1, 3, 12, 12), Target()) == ({"module": "1",
-                                                                               "op": "adaptive_avg_pool2d"},)
+    assert context.global_ops(classifier, (1, 3, 12, 12), target=Target(layer="0")) == ()   # pooling after the target
+    found = context.global_ops(classifier, (1, 3, 12, 12))
+    assert attention.with_context(None, found) == {"pooling": [{"module": "1", "op": "adaptive_avg_pool2d"}]}
+    assert attention.with_context({"stages": []}, ()) == {"stages": []}
+    assert attention.with_context(None, ()) is None
 
 
 def test_the_global_finding_names_the_pooling(tmp_path):
