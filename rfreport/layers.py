@@ -29,9 +29,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
-from rfreport.engine import LayerEngine, check_input_shape
+from rfreport.engine import LayerEngine, Target, check_input_shape, forward_target, preserved
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.schema import Column, Schema, register
@@ -539,3 +540,46 @@ def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = No
     shape = check_input_shape(tuple(input_shape))
     options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options, global_context), len(shape) - 2)
+
+
+def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, ...]:
+    """Return the modules whose output is the target tensor itself, outermost first (empty when none is).
+
+    A `features_only` backbone or an FPN returns its levels as the very outputs of named modules, so
+    their layer-growth rows describe the levels. One forward pass of the model as given, in eval mode.
+    """
+    found: dict[int, list[str]] = {}
+    kept: list[torch.Tensor] = []   # the outputs stay alive, so no two of them share an id
+
+    def record(name: str):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor):
+                kept.append(out)
+                found.setdefault(id(out), []).insert(0, name)   # inner modules finish first
+        return hook
+
+    x = torch.zeros(check_input_shape(tuple(input_shape)))
+    x = x.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    with preserved(model), torch.no_grad():
+        model.eval()
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_hook(record(name))
+        try:
+            selected = forward_target(model, x, Target(target.layer, target.output), read_layout=False)
+        except SweepError:
+            return ()
+    return tuple(found.get(id(selected), ()))
+
+
+def exact_geometry(frame: pd.DataFrame | None, names: tuple[str, ...]) -> list[tuple] | None:
+    """Return (size, stride, padding) per axis from the first exact layers-frame row among `names`, else None."""
+    if frame is None or not names:
+        return None
+    rows = frame[frame["layer"].isin(names) & frame["rf_exact"]]
+    if rows.empty:
+        return None
+    row = rows.set_index("layer").loc[next(n for n in names if n in set(rows["layer"]))]
+    letters = axis_names(sum(c.endswith("_stride") for c in frame.columns))
+    axes = [(int(row[f"{a}_rf"]), float(row[f"{a}_stride"]), float(row[f"{a}_padding"])) for a in letters]
+    return axes if all(math.isfinite(v) for axis in axes for v in axis) else None

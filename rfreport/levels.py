@@ -40,8 +40,8 @@ LEVELS = register(Schema(
         Column("{a}_rf", "int64", "input pixels", "RF size of a position clear of the border (geometry `size`)"),
         Column("{a}_padding", "float64", "input pixels", "effective padding P"),
         Column("{a}_center_offset", "float64", "input pixels", "RF centre minus the nominal pixel"),
-        Column("fit", "string", "", "how the geometry was found: affine or enlarged (exact), estimated, nonaffine "
-               "or none; the least exact axis"),
+        Column("fit", "string", "", "how the geometry was found: affine, enlarged or composed (exact), estimated, "
+               "nonaffine or none; the least exact axis"),
         Column("edge_fraction", "float64", "ratio", "share of the level's output positions whose RF reaches padding"),
         Column("global", "bool", "flag", "every swept position of the level sees the whole input"),
         Column("{a}_local_rf", "Int64", "input pixels", "RF size with global-context paths held constant; null "
@@ -55,7 +55,7 @@ LEVELS = register(Schema(
                "axes; NaN without anchors"),
     ),
 ))
-FIT_ORDER = ("none", "nonaffine", "estimated", "enlarged", "affine")   # least exact first
+FIT_ORDER = ("none", "nonaffine", "estimated", "enlarged", "composed", "affine")   # least exact first
 
 
 def _per_axis(anchor: Sequence[int], ndim: int) -> tuple[int, ...]:

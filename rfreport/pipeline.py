@@ -229,6 +229,20 @@ def composed_geometry(model: nn.Module, job: Job, main: SweepResult,
         return None
 
 
+def grown_geometry(model: nn.Module, job: Job, main: SweepResult, geometry: SweepResult | None,
+                   growth: pd.DataFrame | None) -> list[tuple] | None:
+    """Return the target's exact (size, stride, padding) per axis from its layer-growth row when every RF is clipped.
+
+    For an NCHW target (a layer, or an output that is a named module's very output: a `features_only`
+    level) in a pass without size-dependent ops, like `composed_geometry`; it spares the enlarged sweep.
+    """
+    if (growth is None or growth.empty or job.spec.layout != "nchw" or main.size_dependent_ops
+            or not analysis.needs_larger_input(main, geometry)):
+        return None
+    names = layers.output_layers(model, job.input_shape, Target(job.spec.layer, job.spec.output))
+    return layers.exact_geometry(growth, names)
+
+
 def exact_axes(found: layers.TargetGeometry | None) -> list[tuple] | None:
     """Return (size, stride, padding) per axis of an exact composed geometry, else None."""
     return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
@@ -331,9 +345,10 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
 
 
 def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True, attention_found: dict | None = None) -> Computed:
+            growth: bool = True, attention_found: dict | None = None, known: pd.DataFrame | None = None) -> Computed:
     """Run the compute stages of a job on a built model; `growth` adds the per-layer RF growth, `attention_found`
-    is the job's attention record (attention_record) for the findings."""
+    is the job's attention record (attention_record) for the findings, `known` a layer growth already measured
+    (a level's model's) whose exact rows spare enlarged sweeps."""
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
     with timed(job, "global context"):
@@ -350,10 +365,12 @@ def compute(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, corners_only=composed is not None)
         local = local or local_sweep(model, job, main, geometry, found_ops)
-        enlarged = None if composed or pooled or context_bound(local) else enlarged_sweep(
+        grown = None if composed or pooled or context_bound(local) else grown_geometry(
+            model, job, main, geometry, growth_frame if growth_frame is not None else known)
+        enlarged = None if composed or grown or pooled or context_bound(local) else enlarged_sweep(
             model, job, main, geometry, growth_frame)
     result = analysis.analyze(main, geometry=geometry, local=local, layers=growth_frame, enlarged=enlarged,
-                              composed=composed, global_ops=found_ops,
+                              composed=composed or grown, global_ops=found_ops,
                               attention=attention.with_context(attention_found, found_ops))
     with timed(job, "effective RF"):
         measured = effective(model, job, main)
@@ -386,7 +403,8 @@ def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
                 # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
                 first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
                                                 **sweep_options(sub))
-                computed = done if same else compute(model, sub, main=first, growth=False)
+                computed = done if same else compute(model, sub, main=first, growth=False, known=(
+                    done.analysed.layers if sub.spec.layout == job.spec.layout else None))
         except RfReportError as exc:
             raise SweepError(f"level {level.name!r}: {one_line(exc)}") from exc
         records.append(levels.record(level, computed.analysed, computed.main.output_shape, computed.main.target))
