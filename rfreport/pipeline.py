@@ -470,7 +470,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
 
     rows = [record_of(row) for row in frame.itertuples(index=False)]
     geometry = {"size": summary["rf_size"], "stride": summary["stride"], "padding": summary["padding"],
-                "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"]}
+                "center_offset": summary["center_offset"], "affine": summary["affine"], "global": summary["global"],
+                **geometry_status(done.analysed.geometry, summary)}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(done.main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary["verified"], "violations": summary["violations"],
@@ -482,6 +483,14 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     if done.erf_result is not None:
         record["erf"] = json.loads(done.erf_result.metrics.to_json(orient="records"))
     return record
+
+
+def geometry_status(geo: pd.DataFrame, summary: dict) -> dict:
+    """Return how exact an inspect geometry is: the fit kind per axis, the ops that make it depend on the input
+    size, and why it is estimated (axis: reason; None when every axis is exact)."""
+    inexact = geo.loc[~geo["fit"].isin(analysis.EXACT_FITS)]
+    reasons = "; ".join(f"{axis}: {problem}" for axis, problem in zip(inexact["axis"], inexact["problem"]))
+    return {"fit": geo["fit"].tolist(), "size_dependent": summary["size_dependent"], "estimated": reasons or None}
 
 
 def one_line(exc: BaseException) -> str:
