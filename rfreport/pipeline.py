@@ -56,6 +56,7 @@ logger = logging.getLogger("rfreport")
 KEEP_MASKS = ("center", "corners", "edges")
 ENLARGE_DOUBLINGS = 3          # at most 8x the input size per axis for the geometry fit
 ENLARGE_PIXELS = 1024 * 1024   # and never beyond this many input positions
+LEVEL_CHECKS = 1               # positions of a level's sweep checked on the model: the one nearest its centre
 Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
 
 
@@ -400,9 +401,10 @@ def level_records(model: nn.Module, job: Job, done: Computed) -> list[dict]:
             with timed(job, f"level {level.name}"):
                 same = (sub.spec.layer, sub.spec.output, sub.spec.layout) == (job.spec.layer, job.spec.output,
                                                                               job.spec.layout)
-                # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep
+                # one sweep of the centre and the fit's positions, so compute() needs no planning or geometry sweep;
+                # the centre is checked on the model (LEVEL_CHECKS), and the level's record says so
                 first = None if same else sweep(model, sub.input_shape, analysis.geometry_positions,
-                                                **sweep_options(sub))
+                                                verify=LEVEL_CHECKS if job.spec.verify else 0, **sweep_options(sub))
                 computed = done if same else compute(model, sub, main=first, growth=False, known=(
                     done.analysed.layers if sub.spec.layout == job.spec.layout else None))
         except RfReportError as exc:
