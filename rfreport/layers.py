@@ -25,6 +25,7 @@ centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -548,18 +549,17 @@ def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, .
     A `features_only` backbone or an FPN returns its levels as the very outputs of named modules, so
     their layer-growth rows describe the levels. One forward pass of the model as given, in eval mode.
     """
-    found: dict[int, list[str]] = {}
-    kept: list[torch.Tensor] = []   # the outputs stay alive, so no two of them share an id
+    found: list[tuple[str, weakref.ref]] = []   # weak: outputs are freed as usual, and a freed one matches nothing
 
     def record(name: str):
         def hook(_module, _inputs, out):
             if isinstance(out, torch.Tensor):
-                kept.append(out)
-                found.setdefault(id(out), []).insert(0, name)   # inner modules finish first
+                found.insert(0, (name, weakref.ref(out)))   # inner modules finish first
         return hook
 
-    x = torch.zeros(check_input_shape(tuple(input_shape)))
-    x = x.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros(check_input_shape(tuple(input_shape)), dtype=first.dtype if first is not None else None)
+    x = x.to(first.device if first is not None else torch.device("cpu"))
     with preserved(model), torch.no_grad():
         model.eval()
         for name, module in model.named_modules():
@@ -569,7 +569,7 @@ def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, .
             selected = forward_target(model, x, Target(target.layer, target.output), read_layout=False)
         except SweepError:
             return ()
-    return tuple(found.get(id(selected), ()))
+    return tuple(name for name, ref in found if ref() is selected)
 
 
 def exact_geometry(frame: pd.DataFrame | None, names: tuple[str, ...]) -> list[tuple] | None:

@@ -197,3 +197,27 @@ def test_clipped_levels_take_their_exact_geometry_from_the_layer_growth_rows(ws,
     assert found == {"p2": ("composed", [4, 4], [7, 7], [3, 3]), "p3": ("composed", [8, 8], [15, 15], [7, 7])}
     p2 = entry["levels"][0]
     assert (p2["verified"], p2["violations"]) == (1, 0)   # the level's own sweep checks its centre on the model
+
+
+def test_output_layers_name_the_modules_whose_output_a_level_is():
+    import torch
+
+    from rfreport.engine import Target
+    from rfreport.layers import output_layers
+
+    namespace: dict = {}
+    exec(NETS, namespace)
+    model = namespace["pyramid"]()
+    assert output_layers(model, (1, 1, 32, 32), Target(output="p3")) == ("block2",)
+    assert output_layers(model, (1, 1, 32, 32), Target(output="nope")) == ()
+
+    class Doubled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3))
+
+        def forward(self, x):
+            return self.conv(x) * 2   # no module returns this tensor
+
+    assert output_layers(Doubled(), (1, 1, 8, 8), Target()) == ()
+    assert output_layers(Doubled(), (1, 1, 8, 8), Target(layer="conv")) == ("conv", "conv.0")
