@@ -448,8 +448,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
         for doubling in range(1, MAX_DOUBLINGS + 1):
             bigger = _stretched(input_shape, axis, doubling)
             chosen = [m for m in measured if m.name == options.get("upto")] or measured
-            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct
-                                           or (global_context and m.border) for m in chosen)
+            done = _settled(measured, base.layers, axis, global_context)
+            if (base.size_dependent or all(m.name in done for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
             try:
@@ -466,6 +466,21 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     if unknown and not options.get("upto"):  # geometry unknown at every size: measure those layers directly
         measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
+
+
+def _settled(measured: list[_Layer], captured: list[_Windows], axis: int, global_context: bool) -> set[str]:
+    """Return the layers no larger input can make exact on an axis: exact there already, pooled, measured
+    directly, and with `global_context` border layers and the unknown layers reading only from settled ones
+    (their unknown predecessor stays so: e.g. every stage after a squeeze-and-excitation block)."""
+    sources = {w.name: {w.twin} if w.twin else set(w.windows) for w in captured}
+    rows = {m.name: m for m in measured}
+    done: set[str | None] = {None}
+    for w in _dependency_order(captured):
+        m = rows[w.name]
+        if (m.affine.exact[axis] or m.pooled or m.direct or (global_context and m.border)
+                or (global_context and m.unknown and sources[w.name] <= done)):
+            done.add(w.name)
+    return {name for name in done if name is not None}
 
 
 def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
