@@ -229,7 +229,8 @@ def _chosen_blocks(calls: Sequence[AttentionCall]) -> list[AttentionCall]:
 
 def with_context(record: dict | None, global_ops: Sequence[GlobalOp]) -> dict | None:
     """Return the attention record with the global operations the output depends on (`context.global_ops`) as
-    its `pooling` list of {module, op}; None when there is neither attention nor a global operation."""
-    if not global_ops:
-        return record
+    its `pooling` list of {module, op} (empty without one); None when there is neither attention nor a global
+    operation."""
+    if record is None and not global_ops:
+        return None
     return (record or {}) | {"pooling": [{"module": op.layer, "op": op.op} for op in global_ops]}

@@ -205,7 +205,7 @@ def test_global_pooling_that_feeds_the_output_is_found_by_the_one_global_op_dete
     assert context.global_ops(classifier, (1, 3, 12, 12), target=Target(layer="0")) == ()   # pooling after the target
     found = context.global_ops(classifier, (1, 3, 12, 12))
     assert attention.with_context(None, found) == {"pooling": [{"module": "1", "op": "adaptive_avg_pool2d"}]}
-    assert attention.with_context({"stages": []}, ()) == {"stages": []}
+    assert attention.with_context({"stages": []}, ()) == {"stages": [], "pooling": []}
     assert attention.with_context(None, ()) is None
 
 
