@@ -1,7 +1,8 @@
 """Compare two saved runs model by model: what an architecture change did to the receptive fields.
 
 Models are matched by slug (name and input size). For each pair the config (spec), geometry,
-edge and coverage figures, findings and audit verdicts are compared; a model present in one run
+edge and coverage figures, feature-pyramid levels (matched by level name), findings and audit
+verdicts are compared; a model present in one run
 only is added or removed, and a model whose job failed is shown as failed wherever it appears.
 The result, :class:`RunDiff`, feeds every reporter: the text table of the CLI, :func:`to_json`,
 :func:`to_markdown` (a PR-comment-sized summary) and the HTML page of :mod:`rfreport.report.diffpage`.
@@ -28,6 +29,7 @@ LABELS = {"status": "status", "output_shape": "output shape", "rf_size": "RF siz
           "unseen_pixels": "unseen input pixels", "global": "global context", "wrapped": "RF wraps round the border",
           "min_fill": "smallest fill", "findings": "findings", "audit": "audit"}
 PERCENT = ("edge_fraction", "min_fill")
+LEVEL_FIELDS = ("output_shape", "stride", "rf_size", "padding", "center_offset", "edge_fraction", "global", "anchors")
 SPEC_KEYS = ("factory", "kwargs", "input_shape", "layer", "output", "mode", "positions", "checkpoint", "audit")
 SPEC_LABELS = {"factory": "factory", "kwargs": "keyword arguments", "input_shape": "input shape",
                "layer": "analysed layer", "output": "analysed output", "mode": "mode", "positions": "swept positions",
@@ -64,6 +66,23 @@ class FindingChange:
     code: str
     severity: str
     message: str
+
+
+@dataclass(frozen=True)
+class LevelChange:
+    """One feature-pyramid level of a model (matched by name) added, removed or changed between the runs."""
+
+    level: str
+    before: Mapping[str, Any] | None   # run A's level record, None when the level is only in B
+    after: Mapping[str, Any] | None
+    changes: tuple[Change, ...]        # the level fields (LEVEL_FIELDS) that differ; field is the record key
+
+    @property
+    def change(self) -> str:
+        """Return added, removed, changed or unchanged."""
+        if self.before is None or self.after is None:
+            return "added" if self.before is None else "removed"
+        return "changed" if self.changes else "unchanged"
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ class ModelDiff:
     findings_removed: tuple[FindingChange, ...]
     audit: tuple[Verdict, ...]
     spec: tuple[SpecRow, ...]
+    levels: tuple[LevelChange, ...] = ()   # pyramid levels that were added, removed or changed
 
     @property
     def name(self) -> str:
@@ -139,7 +159,7 @@ class ModelDiff:
             return "added"
         if self.before.get("status") != "ok":
             return "fixed"
-        differs = self.changes or self.findings_added or self.findings_removed
+        differs = self.changes or self.findings_added or self.findings_removed or self.levels
         return "changed" if differs or self.spec_changed or self.audit_changed else "unchanged"
 
     @property
@@ -149,7 +169,7 @@ class ModelDiff:
             return True
         same_error = (self.before or {}).get("error") == (self.after or {}).get("error")
         return bool(self.changes or self.findings_added or self.findings_removed or self.spec_changed
-                    or self.audit_changed or not same_error)
+                    or self.audit_changed or self.levels or not same_error)
 
     @property
     def presence(self) -> str:
@@ -224,7 +244,22 @@ def compare_model(slug: str, before: Mapping[str, Any] | None, after: Mapping[st
         slug=slug, before=before, after=after, changes=tuple(compare_entries(slug, old, new)) if both else (),
         findings_added=tuple(_finding(f) for f in findings(new) if f["code"] not in codes_old) if both else (),
         findings_removed=tuple(_finding(f) for f in findings(old) if f["code"] not in codes_new) if both else (),
-        audit=verdicts(old, new), spec=spec_rows(old, new))
+        audit=verdicts(old, new), spec=spec_rows(old, new), levels=compare_levels(slug, old, new) if both else ())
+
+
+def compare_levels(slug: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[LevelChange, ...]:
+    """Pair the pyramid levels of two entries by name (A's then B's order); return those that differ."""
+    old = {str(rec["level"]): rec for rec in before.get("levels") or []}
+    new = {str(rec["level"]): rec for rec in after.get("levels") or []}
+    found = []
+    for name in [*old, *(n for n in new if n not in old)]:
+        a, b = old.get(name), new.get(name)
+        changes = tuple(Change(slug, key, a.get(key), b.get(key)) for key in LEVEL_FIELDS
+                        if not same(a.get(key), b.get(key))) if a is not None and b is not None else ()
+        level = LevelChange(name, a, b, changes)
+        if level.change != "unchanged":
+            found.append(level)
+    return tuple(found)
 
 
 def compare_entries(slug: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Change]:
@@ -294,6 +329,8 @@ def value_text(field: str, value: Any) -> str:
         return "—"
     if field == "findings":
         return ", ".join(map(str, value)) or "none"
+    if field == "anchors":
+        return ", ".join(value_text("", anchor) for anchor in value) or "none"
     if field in PERCENT and isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{100 * value:.1f}%".replace(".0%", "%")
     if isinstance(value, (list, tuple)):
@@ -364,11 +401,33 @@ def text_rows(found: RunDiff) -> list[list[str]]:
                  for r in m.spec if r.changed and m.presence == "both"]
         rows += [[m.slug, c.label, value_text(c.field, c.before), value_text(c.field, c.after), c.delta]
                  for c in m.changes if c.field not in ("status", "findings", "audit")]
+        rows += level_rows(m)
         rows += [[m.slug, f"finding: {f.code}", "", "present", "added"] for f in m.findings_added]
         rows += [[m.slug, f"finding: {f.code}", "present", "", "removed"] for f in m.findings_removed]
         rows += [[m.slug, f"audit: {v.rule}", verdict_text(v.before), verdict_text(v.after), v.change]
                  for v in m.audit if v.change != "unchanged"]
     return rows
+
+
+def level_rows(m: ModelDiff) -> list[list[str]]:
+    """Return the CLI table rows of a model's pyramid levels: one per changed field, one per added or removed level."""
+    rows = []
+    for level in m.levels:
+        if level.change == "changed":
+            rows += [[m.slug, f"level {level.level}: {c.label}", value_text(c.field, c.before),
+                      value_text(c.field, c.after), c.delta] for c in level.changes]
+        else:
+            rows.append([m.slug, f"level {level.level}", "present" if level.before else "",
+                         "present" if level.after else "", level.change])
+    return rows
+
+
+def level_text(level: LevelChange, side: str) -> str:
+    """Return one side of an added or removed level as `stride 8 × 8, RF 91 × 91`, or a dash when absent."""
+    record = level.before if side == "a" else level.after
+    if record is None:
+        return "—"
+    return f"stride {value_text('stride', record.get('stride'))}, RF {value_text('rf_size', record.get('rf_size'))}"
 
 
 def _status_after(model: ModelDiff) -> str:
@@ -398,7 +457,10 @@ def model_json(m: ModelDiff) -> dict:
                         for c in m.changes],
             "findings": {"added": [vars(f) for f in m.findings_added],
                          "removed": [vars(f) for f in m.findings_removed]},
-            "audit": [{"rule": v.rule, "a": v.before, "b": v.after, "change": v.change} for v in m.audit]}
+            "audit": [{"rule": v.rule, "a": v.before, "b": v.after, "change": v.change} for v in m.audit],
+            "levels": [{"level": lv.level, "change": lv.change, "a": lv.before, "b": lv.after,
+                        "changes": [{"field": c.field, "label": c.label, "a": c.before, "b": c.after, "delta": c.delta}
+                                    for c in lv.changes]} for lv in m.levels]}
 
 
 def to_markdown(found: RunDiff, html_name: str | None = None) -> str:
@@ -454,6 +516,13 @@ def markdown_bullets(m: ModelDiff) -> list[str]:
     bullets += [f"- {c.label}: {value_text(c.field, c.before)} → {value_text(c.field, c.after)}"
                 + (f" ({c.delta})" if c.delta else "") for c in m.changes
                 if c.field not in ("status", "findings", "audit")]
+    for level in m.levels:
+        if level.change == "changed":
+            bullets += [f"- level {_md(level.level)} {c.label}: {value_text(c.field, c.before)} → "
+                        f"{value_text(c.field, c.after)}" + (f" ({c.delta})" if c.delta else "") for c in level.changes]
+        else:
+            side = "b" if level.change == "added" else "a"
+            bullets.append(f"- level {_md(level.level)} {level.change} ({level_text(level, side)})")
     bullets += [f"- new finding ({f.severity}): {_md(f.message)}" for f in m.findings_added]
     bullets += [f"- finding gone: {_md(f.message)}" for f in m.findings_removed]
     bullets += [f"- audit {_md(v.rule)}: {v.change}" for v in m.audit if v.change != "unchanged" and v.rule != "status"]

@@ -189,7 +189,7 @@ class Level(JsonPart):
     rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
     center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel")
-    fit: str = key("fit", STR, "the least exact axis fit: affine, enlarged, estimated, nonaffine or none")
+    fit: str = key("fit", STR, "the least exact axis fit: affine, enlarged, composed, estimated, nonaffine or none")
     center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre position")
     edge_fraction: float = key("edge_fraction", FLOAT, "share of the level's positions whose RF reaches padding")
     global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the level")
@@ -197,6 +197,9 @@ class Level(JsonPart):
                                                        "global-context paths held constant")
     min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio")
     affine: bool = key("affine", BOOL, "the fitted geometry holds for every position")
+    verified: int = key("verified", INT, "positions of the level checked on the model itself (its centre)")
+    violations: int = key("violations", INT, "checked positions whose output changed when input outside their "
+                          "reported support was perturbed (0: exact)")
     anchors: tuple[tuple[int, ...], ...] = key("anchors", listed(AXES), "the level's anchor sizes, per axis")
     anchor_basis: str | None = key("anchor_basis", optional(STR), "the RF the anchors are compared with: rf, or "
                                    "local (the level is global); null without anchors")

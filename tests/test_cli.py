@@ -166,7 +166,8 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
     assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                                  "affine": True, "global": False}
+                                  "affine": True, "global": False, "fit": ["affine", "affine"],
+                                  "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
         assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
         assert entry["verified"] is True and entry["violations"] == 0
@@ -189,7 +190,25 @@ def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
     assert geometry == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                        "affine": True, "global": False}
+                        "affine": True, "global": False, "fit": ["enlarged", "enlarged"], "size_dependent": None,
+                        "estimated": None}
+
+
+def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):
+    (tmp_path / "sizenets.py").write_text(
+        "from torch import nn\n\n\ndef pooled():\n    return nn.Sequential(nn.Conv2d(1, 1, 5, padding=2), "
+        "nn.Conv2d(1, 1, 5, padding=2), nn.AdaptiveAvgPool2d(2))\n")
+    # a 2x2 adaptive pool over an 8x8 map: every RF is clipped, and no larger input may stand in for this one
+    done = invoke("inspect", f"{tmp_path / 'sizenets.py'}:pooled", "--input-shape", "1,1,8,8", "--json")
+    assert done.exit_code == 0, done.output
+    geometry = json.loads(done.stdout)["geometry"]
+    assert geometry["fit"] == ["estimated", "estimated"] and geometry["affine"] is False
+    assert geometry["size_dependent"] == ["adaptive_avg_pool2d"]
+    reasons = geometry["estimated"].split("; w: ")
+    assert reasons[0].startswith("h: ") and len(reasons) == 2
+    assert all("the geometry depends on the input size (adaptive_avg_pool2d)" in r for r in reasons)
+    shown = invoke("inspect", f"{tmp_path / 'sizenets.py'}:pooled", "--input-shape", "1,1,8,8")
+    assert "fit: estimated x estimated" in shown.output and "size_dependent: adaptive_avg_pool2d" in shown.output
 
 
 def test_inspect_erf_flags_add_the_erf_rows(ws):

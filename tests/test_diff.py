@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from rfreport import diff
+from rfreport.analysis.levels import aggregate
 from rfreport.report import diffpage
 from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
@@ -273,3 +275,79 @@ def test_pipeline_records_the_spec_of_every_job():
                              "layer": "body", "output": None, "mode": "structural", "positions": ["center", [1, 2]],
                              "checkpoint": None, "audit": {"min_rf": 3}}
     assert json.loads(json.dumps(entry["spec"])) == entry["spec"]
+
+
+# --- feature-pyramid levels ---------------------------------------------------------------------------------------
+
+C3 = {"level": "C3", "target": "output[1]", "output_shape": [1, 8, 8, 8], "stride": [4.0, 4.0], "rf_size": [11, 11],
+      "padding": [4.0, 4.0], "center_offset": [0.0, 0.0], "fit": "affine", "center_rf_size": [11, 11],
+      "edge_fraction": 0.5, "global": False, "local_rf_size": None, "min_fill": 1.0, "affine": True, "verified": 1,
+      "violations": 0, "anchors": [[8, 8]], "anchor_basis": "rf", "anchor_rf": [11, 11], "anchors_fit": True,
+      "anchor_min_share": 8 / 11}
+C4 = {**C3, "level": "C4", "target": "output[2]", "output_shape": [1, 16, 4, 4], "stride": [8.0, 8.0],
+      "rf_size": [27, 27], "padding": [12.0, 12.0], "center_rf_size": [27, 27], "edge_fraction": 1.0, "anchors": [],
+      "anchor_basis": None, "anchor_rf": None, "anchors_fit": None, "anchor_min_share": None}
+
+
+def pyramid_runs() -> tuple[dict, dict]:
+    """Return entries before and after: C3 grows (the fit kind alone changes nothing else), C4 goes, P6 comes."""
+    before = {**BASE, "levels": [C3, C4]}
+    grown = {**C3, "rf_size": [15, 15], "padding": [6.0, 6.0], "anchors": [[8, 8], [32, 16]], "fit": "composed"}
+    p6 = {**C4, "level": "P6", "stride": [16.0, 16.0], "rf_size": [43, 43], "global": True}
+    return before, {**BASE, "levels": [grown, p6]}
+
+
+def test_levels_are_compared_by_name_field_by_field():
+    before, after = pyramid_runs()
+    (model,) = diff.compare(make_run(before), make_run(after)).models
+    assert model.state == "changed" and model.changes == ()
+    assert [(lv.level, lv.change) for lv in model.levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
+    assert model.levels[0].changes == (diff.Change("net-32x32", "rf_size", [11, 11], [15, 15]),
+                                       diff.Change("net-32x32", "padding", [4.0, 4.0], [6.0, 6.0]),
+                                       diff.Change("net-32x32", "anchors", [[8, 8]], [[8, 8], [32, 16]]))
+    assert diff.compare(make_run(before), make_run({**before, "levels": [C3, {**C4, "fit": "enlarged"}]})
+                        ).models[0].state == "unchanged"
+    assert diff.level_rows(model) == [
+        ["net-32x32", "level C3: RF size (clear of the border)", "11 × 11", "15 × 15", "+4 × +4"],
+        ["net-32x32", "level C3: padding", "4 × 4", "6 × 6", "+2 × +2"],
+        ["net-32x32", "level C3: anchors", "8 × 8", "8 × 8, 32 × 16", ""],
+        ["net-32x32", "level C4", "present", "", "removed"],
+        ["net-32x32", "level P6", "", "present", "added"]]
+
+
+def pyramid_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Copy the golden run twice and give its first model the pyramid entries before and after."""
+    before, after = pyramid_runs()
+    folders = []
+    for name, levels in (("a", before["levels"]), ("b", after["levels"])):
+        root = shutil.copytree(GOLD_RUN, tmp_path / name)
+        document = json.loads((root / "summary.json").read_text())
+        document["models"][0] |= {"levels": levels, **aggregate(levels)}
+        (root / "summary.json").write_text(json.dumps(document))
+        folders.append(root)
+    return folders[0], folders[1]
+
+
+def test_cli_diff_shows_levels_in_text_json_markdown_and_html(tmp_path):
+    a, b = pyramid_folders(tmp_path)
+    slug = json.loads((a / "summary.json").read_text())["models"][0]["slug"]
+    text = invoke("diff", a, b)
+    assert text.exit_code == 0, text.output
+    lines = [" ".join(line.split()) for line in text.stdout.splitlines()]
+    assert f"{slug} level C3: padding 4 × 4 6 × 6 +2 × +2" in lines
+    assert f"{slug} level C4 present removed" in lines and f"{slug} level P6 present added" in lines
+    document = json.loads(invoke("diff", a, b, "--json", "-").stdout)
+    levels = document["models"][0]["levels"]
+    assert [(lv["level"], lv["change"]) for lv in levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
+    assert [c["field"] for c in levels[0]["changes"]] == ["rf_size", "padding", "anchors"] and levels[2]["b"]["global"]
+    assert document["models"][0]["state"] == "changed"
+    done = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
+    assert done.exit_code == 0, done.output
+    markdown = (tmp_path / "diff.md").read_text()
+    assert "- level C3 RF size (clear of the border): 11 × 11 → 15 × 15 (+4 × +4)" in markdown
+    assert "- level C4 removed (stride 8 × 8, RF 27 × 27)" in markdown
+    assert "- level P6 added (stride 16 × 16, RF 43 × 43)" in markdown
+    page = structure((tmp_path / "diff.html").read_text(encoding="utf-8"))
+    assert "caption: Feature-pyramid levels" in page
+    assert "tr: | C3: padding | 4 × 4 | 6 × 6 | +2 × +2" in page
+    assert "tr: | C4 | stride 8 × 8, RF 27 × 27 | — | removed" in page

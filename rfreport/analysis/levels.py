@@ -40,8 +40,8 @@ LEVELS = register(Schema(
         Column("{a}_rf", "int64", "input pixels", "RF size of a position clear of the border (geometry `size`)"),
         Column("{a}_padding", "float64", "input pixels", "effective padding P"),
         Column("{a}_center_offset", "float64", "input pixels", "RF centre minus the nominal pixel"),
-        Column("fit", "string", "", "how the geometry was found: affine or enlarged (exact), estimated, nonaffine "
-               "or none; the least exact axis"),
+        Column("fit", "string", "", "how the geometry was found: affine, enlarged or composed (exact), estimated, "
+               "nonaffine or none; the least exact axis"),
         Column("edge_fraction", "float64", "ratio", "share of the level's output positions whose RF reaches padding"),
         Column("global", "bool", "flag", "every swept position of the level sees the whole input"),
         Column("{a}_local_rf", "Int64", "input pixels", "RF size with global-context paths held constant; null "
@@ -55,7 +55,7 @@ LEVELS = register(Schema(
                "axes; NaN without anchors"),
     ),
 ))
-FIT_ORDER = ("none", "nonaffine", "estimated", "enlarged", "affine")   # least exact first
+FIT_ORDER = ("none", "nonaffine", "estimated", "enlarged", "composed", "affine")   # least exact first
 
 
 def _per_axis(anchor: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -85,6 +85,7 @@ def record(level: Level, analysed: Analysis, output_shape: Sequence[int], target
             "center_offset": s["center_offset"], "fit": min(fits, key=FIT_ORDER.index) if fits else "none",
             "center_rf_size": s["center_rf_size"], "edge_fraction": s["edge_fraction"], "global": s["global"],
             "local_rf_size": s["local_rf_size"], "min_fill": s["min_fill"], "affine": s["affine"],
+            "verified": s["verified"], "violations": s["violations"],
             **anchor_check(level.anchors, s, ndim)}
 
 
@@ -128,9 +129,14 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict:
 
 
 def findings(records: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Return a warning per level with an anchor larger than the RF it is compared with."""
+    """Return a warning per level that failed its check on the model, or with an anchor larger than its RF."""
     found = []
     for rec in records:
+        if rec.get("violations"):
+            found.append({"code": "not_exact", "severity": "warning",
+                          "message": f"Level {rec['level']}: not exact: {rec['violations']} of {rec['verified']} "
+                                     "verified positions changed when input outside their reported RF was "
+                                     "perturbed on the model itself; the level's RF is too small."})
         if rec["anchors_fit"] is False:
             rf = rec["anchor_rf"]
             over = [_text(a) for a in rec["anchors"] if any(x > r for x, r in zip(a, rf))]

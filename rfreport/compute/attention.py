@@ -1,4 +1,4 @@
-"""Attention and global pooling: the modules that mix tokens or pool a whole grid, and how far RFs reach.
+"""Attention: the modules that mix tokens, and how far RFs reach around them.
 
 Attention is found by the operations a forward pass calls, not by model names:
 ``scaled_dot_product_attention``, ``multi_head_attention_forward`` (``nn.MultiheadAttention``) and
@@ -9,10 +9,10 @@ groups per image: one group is global attention (every token attends to every ot
 are windows (Swin) or grids (MaxViT) whose reach the sweeps then measure.
 
 :func:`reach` sweeps the centre of chosen blocks (the job's own sweep, so exact) to say how far a
-token's RF reaches after them. :func:`global_pooling` finds pooling to one cell (adaptive pooling,
-a mean or max over every spatial axis: squeeze-and-excitation, ASPP image pooling) that feeds the
-analysed output, found by walking its autograd graph, so it names the cause of global context
-whatever the input size. The records are plain dicts for the summary; analysis.py words the findings.
+token's RF reaches after them. Global pooling (squeeze-and-excitation, ASPP image pooling) is not
+looked for here: :func:`context.global_ops` finds every global operation the analysed output
+depends on, once per job, and :func:`with_context` adds them to the record as its `pooling` list.
+The records are plain dicts for the summary; analysis.py words the findings.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.engine import Target, forward_target, preserved
+from rfreport.compute.engine import preserved
 from rfreport.compute.surrogate import base_name
 from rfreport.errors import RfReportError
+from rfreport.results import GlobalOp
 
 PASS_THROUGH = frozenset({"dropout", "contiguous", "to", "type_as", "clone"})   # keep marking an attention matrix
 RfOf = Callable[[str, str], tuple[list[int], bool] | None]   # (layer, layout) -> (centre RF size, global) or None
@@ -226,79 +227,10 @@ def _chosen_blocks(calls: Sequence[AttentionCall]) -> list[AttentionCall]:
     return [c for c in picks if c.block and not (c.block in seen or seen.add(c.block))]
 
 
-POOLS = frozenset(f"adaptive_{kind}_pool{n}d" for kind in ("avg", "max") for n in (1, 2, 3))
-SPATIAL_REDUCTIONS = frozenset({"mean", "sum", "amax", "max", "amin", "min", "logsumexp"})
-
-
-class _PoolRecorder(TorchFunctionMode):
-    """Record the outputs of poolings to one cell over every spatial axis, with the running module."""
-
-    def __init__(self, stack: list[str], rank: int):
-        super().__init__()
-        self.stack, self.rank = stack, rank
-        self.found: list[tuple[str, str, torch.Tensor]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = base_name(func)
-        x = args[0] if args else kwargs.get("input")
-        value = out[0] if isinstance(out, tuple) and out else out
-        if isinstance(x, torch.Tensor) and isinstance(value, torch.Tensor) and self._pools(name, x, value, args,
-                                                                                           kwargs):
-            self.found.append((self.stack[-1] if self.stack else "", name, value))
-        return out
-
-    def _pools(self, name: str, x: torch.Tensor, value: torch.Tensor, args, kwargs) -> bool:
-        """Tell whether a call pools a grid of more than one cell down to one cell."""
-        if x.dim() != self.rank + 2 or all(n == 1 for n in x.shape[2:]):
-            return False
-        if name in POOLS:
-            return value.dim() == x.dim() and all(n == 1 for n in value.shape[2:])
-        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        if name not in SPATIAL_REDUCTIONS or dims is None or isinstance(dims, torch.Tensor):
-            return False
-        dims = {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
-        return set(range(2, x.dim())) <= dims and 0 not in dims
-
-
-def global_pooling(model: nn.Module, input_shape: Sequence[int], target: Target) -> tuple[dict, ...]:
-    """Return the poolings to one cell that feed the target (module, op), in forward order, one per module."""
-    stack: list[str] = []
-    handles = []
-    recorder = _PoolRecorder(stack, len(input_shape) - 2)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = torch.randn((1, *input_shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
-    x.requires_grad_(True)
-    with preserved(model), torch.enable_grad():
-        model.eval()
-        try:
-            for name, module in model.named_modules():
-                if name:
-                    handles += [module.register_forward_pre_hook(lambda _m, _i, n=name: stack.append(n)),
-                                module.register_forward_hook(lambda *_a: stack.pop() and None)]   # keep outputs
-            with recorder:
-                y = forward_target(model, x, target, read_layout=False)
-        except Exception as exc:  # the user's model (or a scripted one refusing hooks) may raise anything
-            raise RfReportError(f"global pooling detection failed ({type(exc).__name__}: {exc})") from exc
-        finally:
-            for handle in handles:
-                handle.remove()
-    feeding = _graph(y.grad_fn)
-    found: dict[str, dict] = {}
-    for module, op, value in recorder.found:
-        if value.grad_fn is not None and value.grad_fn in feeding and module not in found:
-            found[module] = {"module": module, "op": op}
-    return tuple(found.values())
-
-
-def _graph(node) -> set:
-    """Return every autograd node reachable backwards from `node`."""
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current is None or current in seen:
-            continue
-        seen.add(current)
-        todo.extend(parent for parent, _ in current.next_functions)
-    return seen
+def with_context(record: dict | None, global_ops: Sequence[GlobalOp]) -> dict | None:
+    """Return the attention record with the global operations the output depends on (`context.global_ops`) as
+    its `pooling` list of {module, op} (empty without one); None when there is neither attention nor a global
+    operation."""
+    if record is None and not global_ops:
+        return None
+    return (record or {}) | {"pooling": [{"module": op.layer, "op": op.op} for op in global_ops]}

@@ -25,14 +25,16 @@ centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from rfreport.compute.dense import one_hot_weights
-from rfreport.compute.engine import LayerEngine, check_input_shape
+from rfreport.compute.engine import LayerEngine, Target, check_input_shape, forward_target, preserved
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.results import mask_bounds
@@ -449,8 +451,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
         for doubling in range(1, MAX_DOUBLINGS + 1):
             bigger = _stretched(input_shape, axis, doubling)
             chosen = [m for m in measured if m.name == options.get("upto")] or measured
-            if (base.size_dependent or all(m.affine.exact[axis] or m.pooled or m.direct
-                                           or (global_context and m.border) for m in chosen)
+            done = _settled(measured, base.layers, axis, global_context)
+            if (base.size_dependent or all(m.name in done for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
             try:
@@ -467,6 +469,21 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     if unknown and not options.get("upto"):  # geometry unknown at every size: measure those layers directly
         measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
     return measured
+
+
+def _settled(measured: list[_Layer], captured: list[_Windows], axis: int, global_context: bool) -> set[str]:
+    """Return the layers no larger input can make exact on an axis: exact there already, pooled, measured
+    directly, and with `global_context` border layers and the unknown layers reading only from settled ones
+    (their unknown predecessor stays so: e.g. every stage after a squeeze-and-excitation block)."""
+    sources = {w.name: {w.twin} if w.twin else set(w.windows) for w in captured}
+    rows = {m.name: m for m in measured}
+    done: set[str | None] = {None}
+    for w in _dependency_order(captured):
+        m = rows[w.name]
+        if (m.affine.exact[axis] or m.pooled or m.direct or (global_context and m.border)
+                or (global_context and m.unknown and sources[w.name] <= done)):
+            done.add(w.name)
+    return {name for name in done if name is not None}
 
 
 def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
@@ -542,3 +559,45 @@ def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = No
     shape = check_input_shape(tuple(input_shape))
     options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options, global_context), len(shape) - 2)
+
+
+def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, ...]:
+    """Return the modules whose output is the target tensor itself, outermost first (empty when none is).
+
+    A `features_only` backbone or an FPN returns its levels as the very outputs of named modules, so
+    their layer-growth rows describe the levels. One forward pass of the model as given, in eval mode.
+    """
+    found: list[tuple[str, weakref.ref]] = []   # weak: outputs are freed as usual, and a freed one matches nothing
+
+    def record(name: str):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor):
+                found.insert(0, (name, weakref.ref(out)))   # inner modules finish first
+        return hook
+
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros(check_input_shape(tuple(input_shape)), dtype=first.dtype if first is not None else None)
+    x = x.to(first.device if first is not None else torch.device("cpu"))
+    with preserved(model), torch.no_grad():
+        model.eval()
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_hook(record(name))
+        try:
+            selected = forward_target(model, x, Target(target.layer, target.output), read_layout=False)
+        except SweepError:
+            return ()
+    return tuple(name for name, ref in found if ref() is selected)
+
+
+def exact_geometry(frame: pd.DataFrame | None, names: tuple[str, ...]) -> list[tuple] | None:
+    """Return (size, stride, padding) per axis from the first exact layers-frame row among `names`, else None."""
+    if frame is None or not names:
+        return None
+    rows = frame[frame["layer"].isin(names) & frame["rf_exact"]]
+    if rows.empty:
+        return None
+    row = rows.set_index("layer").loc[next(n for n in names if n in set(rows["layer"]))]
+    letters = axis_names(sum(c.endswith("_stride") for c in frame.columns))
+    axes = [(int(row[f"{a}_rf"]), float(row[f"{a}_stride"]), float(row[f"{a}_padding"])) for a in letters]
+    return axes if all(math.isfinite(v) for axis in axes for v in axis) else None

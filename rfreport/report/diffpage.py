@@ -77,6 +77,8 @@ class Section:
     findings_added: tuple[diff.FindingChange, ...] = field(metadata={"doc": "findings only in run B"})
     findings_removed: tuple[diff.FindingChange, ...] = field(metadata={"doc": "findings only in run A"})
     audit: tuple[Pair, ...] = field(metadata={"doc": "audit verdicts per rule before and after"})
+    levels: tuple[Pair, ...] = field(metadata={"doc": "feature-pyramid levels added or removed (one row each) and "
+                                               "changed (one row per changed field), labelled `level: field`"})
     maps: tuple[MapPair, ...] = field(metadata={"doc": "RF-size and edge maps side by side (2-D and 3-D models)"})
 
 
@@ -132,7 +134,20 @@ def section(model: diff.ModelDiff, before: Run, after: Run) -> Section:
                        v.change != "unchanged") for v in model.audit)
     return Section(anchor=anchor(model.slug), slug=model.slug, state=model.state, errors=errors, spec=spec,
                    changes=changes, findings_added=model.findings_added, findings_removed=model.findings_removed,
-                   audit=audit, maps=map_pairs(model, before, after))
+                   audit=audit, levels=level_pairs(model), maps=map_pairs(model, before, after))
+
+
+def level_pairs(model: diff.ModelDiff) -> tuple[Pair, ...]:
+    """Return the rows of a model's pyramid-level table: per changed field, or per added or removed level."""
+    pairs = []
+    for level in model.levels:
+        if level.change == "changed":
+            pairs += [Pair(f"{level.level}: {c.label}", diff.value_text(c.field, c.before),
+                           diff.value_text(c.field, c.after), c.delta, True) for c in level.changes]
+        else:
+            pairs.append(Pair(level.level, diff.level_text(level, "a"), diff.level_text(level, "b"), level.change,
+                              True))
+    return tuple(pairs)
 
 
 def _model(run: Run, slug: str) -> ModelRun | None:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -27,6 +28,7 @@ from rfreport import __version__, audit, runfolder
 from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
 from rfreport.analysis.analyze import Analysis
+from rfreport.analysis.geometry import EXACT_FITS
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
 from rfreport.compute.surrogate import surrogates_reused
@@ -41,6 +43,7 @@ from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
 from rfreport.summary import Pyramid, Summary, build
 
 logger = logging.getLogger("rfreport")
+LEVEL_CHECKS = 1               # positions of a level's sweep checked on the model: the one nearest its centre
 
 
 def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None = None) -> JobResult:
@@ -73,10 +76,13 @@ def level_records(model: nn.Module, job: Job, measured: plan.Measurements, analy
             with plan.timed(job, f"level {level.name}"):
                 same = (sub.spec.layer, sub.spec.output, sub.spec.layout) == (job.spec.layer, job.spec.output,
                                                                               job.spec.layout)
-                # one sweep of the centre and the fit's positions as the first pass: no geometry sweep after it
+                # one sweep of the centre and the fit's positions as the first pass: no geometry sweep after it;
+                # the centre is checked on the model (LEVEL_CHECKS), and the level's record says so
                 first = None if same else sweep(model, sub.input_shape, plan.geometry_positions,
+                                                verify=LEVEL_CHECKS if job.spec.verify else 0,
                                                 **plan.sweep_options(sub))
-                found = measured if same else plan.measure(model, sub, main=first, growth=False)
+                found = measured if same else plan.measure(model, sub, main=first, growth=False, known=(
+                    measured.growth if sub.spec.layout == job.spec.layout else None))
                 found_analysed = analysed if same else found.analyse()
         except RfReportError as exc:
             raise SweepError(f"level {level.name!r}: {one_line(exc)}") from exc
@@ -149,18 +155,27 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     rows = [record_of(row) for row in frame.itertuples(index=False)]
     geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
                 "center_offset": list(summary.center_offset), "affine": summary.affine,
-                "global": summary.global_context}
+                "global": summary.global_context, **geometry_status(analysed.geometry, summary)}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
               "exact": summary.exact}
     if job.spec.levels:
         record["levels"] = level_records(model, job, measured, analysed)
-    if found is not None:
-        record["attention"] = found
+    if summary.attention is not None:
+        record["attention"] = summary.attention
     if measured.erf is not None:
         record["erf"] = json.loads(measured.erf.metrics.to_json(orient="records"))
     return record
+
+
+def geometry_status(geo: pd.DataFrame, summary: Summary) -> dict:
+    """Return how exact an inspect geometry is: the fit kind per axis, the ops that make it depend on the input
+    size, and why it is estimated (axis: reason; None when every axis is exact)."""
+    inexact = geo.loc[~geo["fit"].isin(EXACT_FITS)]
+    reasons = "; ".join(f"{axis}: {problem}" for axis, problem in zip(inexact["axis"], inexact["problem"]))
+    size_dependent = list(summary.size_dependent) if summary.size_dependent else None
+    return {"fit": geo["fit"].tolist(), "size_dependent": size_dependent, "estimated": reasons or None}
 
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:

@@ -56,6 +56,7 @@ class Measurements:
     geometry: SweepResult | None = None       # the extra positions of the geometry fit
     local: SweepResult | None = None          # the geometry positions with global context held constant
     composed: layers.TargetGeometry | None = None
+    grown: list[tuple] | None = None          # exact (size, stride, padding) per axis from the target's growth row
     growth: pd.DataFrame | None = None        # the layers frame
     enlarged: SweepResult | None = None       # the fit's positions on a doubled input
     erf: erf.ErfResult | None = None
@@ -63,15 +64,17 @@ class Measurements:
 
     @property
     def composed_axes(self) -> list[tuple] | None:
-        """Return (size, stride, padding) per axis of an exact composed geometry, else None."""
+        """Return (size, stride, padding) per axis of the exact geometry composed from per-layer windows, else None."""
         found = self.composed
-        return list(zip(found.rf, found.stride, found.padding)) if found is not None and found.exact else None
+        if found is not None and found.exact:
+            return list(zip(found.rf, found.stride, found.padding))
+        return self.grown
 
     def analyse(self) -> Analysis:
         """Analyse the measurements (once per job)."""
         return analyze(self.main, geometry=self.geometry, local=self.local, layers=self.growth,
-                                enlarged=self.enlarged, composed=self.composed_axes, global_ops=self.global_ops,
-                                attention=self.attention)
+                       enlarged=self.enlarged, composed=self.composed_axes, global_ops=self.global_ops,
+                       attention=attention.with_context(self.attention, self.global_ops))
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Plan:
     """The extra passes a job needs, decided from its first pass; later passes can only drop some."""
 
     local: bool                       # sweep the geometry positions with global context held constant, first
+    grown: bool                       # read the target's geometry from its exact layer-growth row
     composed: bool                    # compose the target's geometry from per-layer windows
     growth: bool                      # the per-layer growth table
     geometry: PositionSpec | None     # extra positions for the fit (None: the main sweep holds what helps)
@@ -93,14 +97,22 @@ class Plan:
         clipped = not main.size_dependent_ops and needs_larger_input(main)
         spans = covers(main, "corners") and is_global(Boxes.of(main), main.input_spatial)
         named_grid = spec.layer is not None and spec.output is None and spec.layout == "nchw"
-        return cls(local=spans or bool(global_ops), composed=clipped and named_grid, growth=growth,
-                   geometry=geometry_extra(main), enlarged=clipped, erf=spec.erf is not None)
+        return cls(local=spans or bool(global_ops), grown=clipped and spec.layout == "nchw",
+                   composed=clipped and named_grid, growth=growth, geometry=geometry_extra(main), enlarged=clipped,
+                   erf=spec.erf is not None)
 
     def after_local(self, local: SweepResult | None) -> Plan:
         """RFs that are global only through global context stay so at every size: no geometry helps."""
         if not context_bound(local):
             return self
-        return replace(self, composed=False, enlarged=False, global_context=True)
+        return replace(self, grown=False, composed=False, enlarged=False, global_context=True)
+
+    def after_grown(self, grown: list[tuple] | None) -> Plan:
+        """The target's exact growth row is its geometry: no composition, no larger input, only the corners."""
+        if grown is None:
+            return replace(self, grown=False)
+        return replace(self, grown=False, composed=False, enlarged=False,
+                       geometry=None if self.geometry is None else "corners")
 
     def after_composed(self, found: layers.TargetGeometry | None) -> Plan:
         """An exact composed geometry needs only the corners (to tell a global RF); global pooling on the
@@ -109,17 +121,20 @@ class Plan:
             return self
         exact, pooled = found.exact, found.pooled
         return replace(self, enlarged=self.enlarged and not exact and not pooled,
+                       grown=self.grown and not exact and not pooled,
                        global_context=self.global_context or pooled,
                        geometry=self.geometry if not exact or self.geometry is None else "corners")
 
     def after_geometry(self, main: SweepResult, geometry: SweepResult | None) -> Plan:
-        """Enlarged inputs only while the merged sweeps still leave an axis estimated."""
-        return replace(self, enlarged=self.enlarged and needs_larger_input(main, geometry))
+        """Growth rows and enlarged inputs only while the merged sweeps still leave an axis estimated."""
+        needed = needs_larger_input(main, geometry)
+        return replace(self, grown=self.grown and needed, enlarged=self.enlarged and needed)
 
     def describe(self) -> str:
         """Return the plan as one line for the log."""
-        passes = [name for name, on in (("local sweep", self.local), ("composed geometry", self.composed),
-                                        ("layer growth", self.growth), ("enlarged inputs", self.enlarged),
+        passes = [name for name, on in (("local sweep", self.local), ("layer growth", self.growth),
+                                        ("geometry from the growth row", self.grown),
+                                        ("composed geometry", self.composed), ("enlarged inputs", self.enlarged),
                                         ("effective RF", self.erf)) if on]
         if self.geometry is not None:
             passes.append("geometry positions" if self.geometry != "corners" else "corners")
@@ -127,11 +142,14 @@ class Plan:
 
 
 def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True, attention_found: dict | None = None) -> Measurements:
+            growth: bool = True, attention_found: dict | None = None, known: pd.DataFrame | None = None
+            ) -> Measurements:
     """Measure a job on its built model: the first pass, then the plan it decides, in order.
 
     `main` is the job's main sweep when it was computed elsewhere; `growth` asks for the per-layer
-    growth; `attention_found` is the job's attention record, passed on to the analysis.
+    growth; `attention_found` is the job's attention record, passed on to the analysis; `known` is a
+    layer growth of the same model already measured (a pyramid level's parent job's), whose exact rows
+    can give the target's geometry.
     """
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
@@ -139,16 +157,21 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         found_ops = global_context(model, job, main)
     plan = Plan.first(job, main, found_ops, growth)
     logger.debug("%s: %s", job.slug, plan.describe())
-    local = found = growth_frame = geometry = enlarged = None
-    with timed(job, "local sweep and composed geometry"):
+    local = found = grown = growth_frame = geometry = enlarged = None
+    with timed(job, "local sweep"):
         if plan.local:
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)
+    with timed(job, "layer growth"):
+        growth_frame = layer_frame(model, job, plan.global_context) if plan.growth else None
+    rows = growth_frame if growth_frame is not None else known
+    with timed(job, "target geometry"):
+        if plan.composed and plan.grown:   # the growth rows, when exact, spare the composition
+            grown = grown_geometry(model, job, rows)
+            plan = plan.after_grown(grown)
         if plan.composed:
             found = composed_geometry(model, job)
             plan = plan.after_composed(found)
-    with timed(job, "layer growth"):
-        growth_frame = layer_frame(model, job, plan.global_context) if plan.growth else None
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
         if local is None and not plan.local and (found_ops or is_global(
@@ -156,12 +179,16 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)
         plan = plan.after_geometry(main, geometry)
+        if plan.grown:
+            grown = grown_geometry(model, job, rows)
+            plan = plan.after_grown(grown)
         if plan.enlarged:
             enlarged = enlarged_sweep(model, job, growth_frame)
     with timed(job, "effective RF"):
         measured = effective(model, job, main) if plan.erf else None
     logger.debug("%s: %s (as run)", job.slug, plan.describe())
-    return Measurements(main, found_ops, geometry, local, found, growth_frame, enlarged, measured, attention_found)
+    return Measurements(main, found_ops, geometry, local, found, grown, growth_frame, enlarged, measured,
+                        attention_found)
 
 
 @contextmanager
@@ -314,6 +341,15 @@ def composed_geometry(model: nn.Module, job: Job) -> layers.TargetGeometry | Non
         return None
 
 
+def grown_geometry(model: nn.Module, job: Job, growth: pd.DataFrame | None) -> list[tuple] | None:
+    """Return the target's exact (size, stride, padding) per axis from the layer-growth row of the module whose
+    output it is (a layer, or an output that is a named module's very output: a `features_only` level), else None."""
+    if growth is None or growth.empty:
+        return None
+    names = layers.output_layers(model, job.input_shape, Target(job.spec.layer, job.spec.output))
+    return layers.exact_geometry(growth, names)
+
+
 def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
     """Return how many doublings make the input larger than every RF in the layer growth (at least one)."""
     if growth is None or growth.empty:
@@ -363,13 +399,11 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
     with timed(job, "attention"):
         try:
             calls = attention.detect(model, job.input_shape)
-            target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
-            pools = attention.global_pooling(model, job.input_shape, target)
         except RfReportError:
             logger.debug("%s: no attention findings", job.slug, exc_info=True)
             return None
         if not calls:
-            return {"pooling": list(pools)} if pools else None
+            return None
 
         def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
             try:
@@ -380,5 +414,4 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
                 return None
             return found.size[0].tolist(), is_global(Boxes.of(found), found.input_spatial)
 
-        found = attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))
-        return found | {"pooling": list(pools)}
+        return attention.reach(calls, rf_of, job.input_shape[2:], str(parse_layout(job.spec.layout)))

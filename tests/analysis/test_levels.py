@@ -183,3 +183,42 @@ def test_a_level_that_cannot_be_read_fails_the_job_in_one_line_naming_it(ws, tmp
     assert done.exit_code == 1
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
     assert entry["status"] == "failed" and entry["error"].startswith("level 'p4': model output has no key 'p4'")
+
+
+def test_clipped_levels_take_their_exact_geometry_from_the_layer_growth_rows(ws, tmp_path):
+    """On an 8x8 input every RF of p2 (2x2 grid) and p3 (1x1) is clipped: the levels are the very outputs of
+    block1 and block2, whose exact layer-growth rows give the hand-derived geometry with no enlarged sweep."""
+    (tmp_path / "nets.py").write_text(NETS)
+    (tmp_path / "small.toml").write_text(CONFIG.replace("[1, 1, 32, 32]", "[1, 1, 8, 8]").split("[model.audit]")[0]
+                                         + 'levels = ["p2", "p3"]\n')
+    done = CliRunner().invoke(cli, ["run", str(tmp_path / "small.toml"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    entry = runfolder.load(tmp_path / "run").models[0].entry
+    found = {r["level"]: (r["fit"], r["stride"], r["rf_size"], r["padding"]) for r in entry["levels"]}
+    assert found == {"p2": ("composed", [4, 4], [7, 7], [3, 3]), "p3": ("composed", [8, 8], [15, 15], [7, 7])}
+    p2 = entry["levels"][0]
+    assert (p2["verified"], p2["violations"]) == (1, 0)   # the level's own sweep checks its centre on the model
+
+
+def test_output_layers_name_the_modules_whose_output_a_level_is():
+    import torch
+
+    from rfreport.compute.engine import Target
+    from rfreport.compute.layers import output_layers
+
+    namespace: dict = {}
+    exec(NETS, namespace)
+    model = namespace["pyramid"]()
+    assert output_layers(model, (1, 1, 32, 32), Target(output="p3")) == ("block2",)
+    assert output_layers(model, (1, 1, 32, 32), Target(output="nope")) == ()
+
+    class Doubled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3))
+
+        def forward(self, x):
+            return self.conv(x) * 2   # no module returns this tensor
+
+    assert output_layers(Doubled(), (1, 1, 8, 8), Target()) == ()
+    assert output_layers(Doubled(), (1, 1, 8, 8), Target(layer="conv")) == ("conv", "conv.0")

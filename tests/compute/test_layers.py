@@ -276,3 +276,26 @@ def test_global_context_spares_larger_inputs_and_changes_nothing(monkeypatch):
                           global_context=True)
     assert len(calls) < rerun
     pd.testing.assert_frame_equal(plain, spared)
+
+
+def test_stages_after_global_context_are_settled_without_enlarged_reruns():
+    """Stage-level growth through a squeeze-and-excitation block (coarse layers, as in a timm config): the stages
+    after it read only from a global border layer, so no larger input can make them exact; the growth spends no
+    rerun on them (one capture, one direct pass) and reports them global and inexact."""
+    from unittest import mock
+
+    from rfreport.compute import layers
+    from rfreport.examples import se_net
+
+    model = nn.Sequential(se_net(in_channels=1, width=4, depth=2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1)).eval()
+    spy = mock.Mock(wraps=layers._capture)
+    with mock.patch.object(layers, "_capture", spy):
+        frame = layers.layer_growth(model, (1, 1, 32, 32), layers=["0.1", "0.3", "1", "2"], global_context=True)
+    assert spy.call_count == 2
+    first = frame.iloc[0]
+    assert (first["layer"], first["h_rf"], first["h_stride"], first["h_padding"], first["rf_exact"]) == (
+        "0.1", 5, 2.0, 2.0, True)   # 3x3 stride 1, then 3x3 stride 2 (padding 1 each)
+    rest = frame.iloc[1:]
+    assert list(rest["layer"]) == ["0.3", "1", "2"] and rest["global"].all() and not rest["rf_exact"].any()
+    assert (rest["h_size"] == 32).all()
