@@ -248,11 +248,20 @@ def test_swin_layer_growth_through_nhwc_stages_equals_direct_sweeps_of_each_laye
         assert not row["rf_exact"] and np.isnan(row["h_stride"]) and row["h_size"] == row["w_size"] == hi - lo + 1
 
 
-@pytest.mark.xfail(strict=True, reason="engine: under layout nhwc a leaf's NCHW output (1, 12, 8, 8) is read as an "
-                   "NHWC grid of 12x8 (RF 4x32); the patch embedding's convolution should be skipped or read as NCHW")
 def test_swin_leaf_growth_reads_no_nchw_convolution_as_nhwc():
+    # under layout nhwc the patch embedding's convolution returns (1, 12, 8, 8): read as NHWC it would be a
+    # 12x8 grid (RF 4x32); no single stride maps the 32x32 input to it, so the leaf is skipped
     from rfreport.compute import layers
 
     model = timm.create_model(**(SWIN | {"embed_dim": 12})).eval()
     frame = layers.layer_growth(model, SHAPE, layout="nhwc").set_index("layer")
     assert "patch_embed.proj" not in frame.index or frame.loc["patch_embed.proj", "w_size"] == 4
+
+
+@pytest.mark.parametrize(("grid", "spatial", "uniform"), [
+    ((8, 8), (32, 32), True), ((12, 8), (32, 32), False), ((15, 33), (60, 130), True), ((64, 64), (32, 32), True),
+    ((1, 1), (224, 224), True), ((7, 2), (224, 224), False), ((4,), (17,), True), ((2, 4, 4), (16, 16, 16), False)])
+def test_a_channels_last_grid_must_resample_the_input_by_one_stride(grid, spatial, uniform):
+    from rfreport.compute.engine import uniform_stride
+
+    assert uniform_stride(grid, spatial) is uniform

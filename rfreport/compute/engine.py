@@ -574,13 +574,27 @@ class LayerEngine(Engine):
 
 
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
-    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one."""
+    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one.
+
+    Under a channels-last layout every leaf is read as (N, *grid, C), yet convolutions and pooling
+    return (N, C, *grid) whatever the model's layout (a Swin patch embedding's projection): a reading
+    whose grid is not the input resampled by one stride on every axis is such a tensor, and skipped.
+    """
     if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
         return None
     try:
-        return channels_first(value.clone(), layout, input_spatial)
+        view = channels_first(value.clone(), layout, input_spatial)
     except LayoutError:
         return None
+    if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
+        return None
+    return view
+
+
+def uniform_stride(grid: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
+    """Tell whether a grid is the input resampled by one stride on every axis, up to rounding (one cell)."""
+    stride = max(n / g for n, g in zip(input_spatial, grid))
+    return all(abs(n / stride - g) <= 1 for n, g in zip(input_spatial, grid))
 
 
 def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
