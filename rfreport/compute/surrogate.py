@@ -501,21 +501,16 @@ def eager_forward() -> Iterator[None]:
         yield
 
 
-def _positive_weight(param: torch.Tensor, transposed: bool, generator: torch.Generator) -> torch.Tensor:
-    """Draw positive weights whose fan-in sums to one, so activations stay O(1)."""
-    values = positive_noise(param.shape, generator, param.dtype, param.device)
-    fan_dims = [d for d in range(param.dim()) if d != (1 if transposed else 0)]
-    return values / values.sum(dim=fan_dims, keepdim=True)
-
-
-def _surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
-                         generator: torch.Generator) -> torch.Tensor:
-    """Return the surrogate value of one parameter: zero biases, positive weights and scales."""
+def _write_surrogate_parameter(name: str, param: torch.Tensor, transposed: bool, generator: torch.Generator) -> None:
+    """Overwrite one parameter with its surrogate value: zero biases, ones for scales, and positive weights
+    (noise in [0.5, 1.5) over the fan-in), so every fan-in sums to about one and activations stay O(1)."""
     if name.endswith("bias"):
-        return torch.zeros(param.shape, dtype=param.dtype)
-    if param.dim() >= 2:
-        return _positive_weight(param, transposed, generator)
-    return torch.ones(param.shape, dtype=param.dtype)
+        param.zero_()
+    elif param.dim() >= 2:
+        fan_in = param.numel() // param.shape[1 if transposed else 0]
+        torch.div(positive_noise(param.shape, generator, param.dtype, param.device), fan_in, out=param)
+    else:
+        param.fill_(1.0)
 
 
 _reused: ContextVar[dict | None] = ContextVar("rfreport_reused_surrogates", default=None)
@@ -562,7 +557,7 @@ def _neutralise(surrogate: nn.Module, generator: torch.Generator) -> None:
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         for name, param in module.named_parameters(recurse=False):
             param.requires_grad_(False)
-            param.copy_(_surrogate_parameter(name, param, transposed, generator).to(param.device))
+            _write_surrogate_parameter(name, param, transposed, generator)
         for name, buffer in module.named_buffers(recurse=False):
             if name == "running_mean":
                 buffer.zero_()
