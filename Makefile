@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
-CONFIGS = configs/examples.toml $(shell $(PY) -c "import torchvision" 2>/dev/null && echo configs/torchvision.toml)
+CONFIGS = configs/examples.toml $(shell $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" 2>/dev/null && echo configs/torchvision.toml)
 
 .PHONY: help install browser test report bench bench-full bench-ray bench-verify lint docs gold-update clean
 
