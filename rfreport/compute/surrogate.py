@@ -229,7 +229,12 @@ class StructuralMode(TorchFunctionMode):
         result = self._held_if_global(name, args, kwargs, result)
         if size_dependent(name, args, kwargs, result, self.input_rank):
             self.size_dependent_ops.add(name)
-        return self._gated(func, result, inputs) if self.linearise and name not in POINTWISE else result
+        return self._gated(func, result, inputs) if self._gates(name) else result
+
+    def _gates(self, name: str) -> bool:
+        """Tell whether an op's result is gated: every op that sums over elements, so no dependency cancels or
+        underflows (replaced ReLUs carry their own noise instead: see _linearised)."""
+        return self.linearise and name not in POINTWISE and name not in IDENTITY_FUNCTIONS
 
     def _observe(self, name: str, args, kwargs) -> None:
         """Record padding modes that make borders wrap or mirror, and ops that can mix gradient signs."""
@@ -266,8 +271,11 @@ class StructuralMode(TorchFunctionMode):
         if not is_differentiable(first):
             return NotImplemented
         if name in IDENTITY_FUNCTIONS:
-            # a fresh tensor, so the gate gives relu(h) and relu(-h) independent cotangents
-            return first if _in_place(func) else first.clone()
+            # scaled by its own positive noise, so relu(h) and relu(-h) (or h - relu(h)) carry independent
+            # cotangents and cannot cancel; cheaper than a gate, and nothing is summed here to underflow
+            if _in_place(func):
+                return first
+            return first * positive_noise(first.shape, self.generator, first.dtype, first.device)
         if name == "batch_norm" and not bind(BATCH_NORM, args, kwargs).get("training", False):
             return _affine_batch_norm(**bind(BATCH_NORM, args, kwargs))
         if name.startswith("max_pool") and name[-2:] in ("1d", "2d", "3d"):

@@ -210,7 +210,16 @@ class AbsViaRelus(CReLU):
         return F.relu(h) + F.relu(-h)
 
 
-@pytest.mark.parametrize("model", [SoftmaxHead(), CReLU(), AbsViaRelus()], ids=["softmax-head", "crelu", "abs"])
+class NegativePart(CReLU):
+    """h - relu(h) = min(h, 0), with the ReLU computed before any op that can mix signs."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h - F.relu(h)
+
+
+@pytest.mark.parametrize("model", [SoftmaxHead(), CReLU(), AbsViaRelus(), NegativePart()],
+                         ids=["softmax-head", "crelu", "abs", "negative-part"])
 def test_cancellation_across_channels_loses_nothing(model):
     result = sweep(model, (1, 3, 12, 12), "center", keep_masks=True)
     assert result.support.tolist() == [9]
