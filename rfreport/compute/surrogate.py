@@ -114,16 +114,16 @@ def is_differentiable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def _tensors(values: Any) -> Iterator[torch.Tensor]:
+def tensors_of(values: Any) -> Iterator[torch.Tensor]:
     """Yield every tensor in a nest of tuples, lists and dicts."""
     if isinstance(values, torch.Tensor):
         yield values
     elif isinstance(values, (list, tuple)):
         for value in values:
-            yield from _tensors(value)
+            yield from tensors_of(value)
     elif isinstance(values, dict):
         for value in values.values():
-            yield from _tensors(value)
+            yield from tensors_of(value)
 
 
 def _is_tainted(value: Any) -> bool:
@@ -211,7 +211,7 @@ class StructuralMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = base_name(func)
-        inputs = list(_tensors((args, kwargs)))
+        inputs = list(tensors_of((args, kwargs)))
         differentiable = any(is_differentiable(t) for t in inputs)
         if differentiable:
             self._observe(name, args, kwargs)
@@ -224,7 +224,7 @@ class StructuralMode(TorchFunctionMode):
             _taint(result)
         if not differentiable:
             return result
-        if any(True for _ in _tensors(result)):  # metadata queries (dim, size, shape) move nothing
+        if any(True for _ in tensors_of(result)):  # metadata queries (dim, size, shape) move nothing
             self._judge_locality(name, args, kwargs, result)
         result = self._held_if_global(name, args, kwargs, result)
         if size_dependent(name, args, kwargs, result, self.input_rank):
@@ -264,7 +264,7 @@ class StructuralMode(TorchFunctionMode):
 
     def _linearised(self, func, name: str, args, kwargs):
         """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
-        tainted = any(_is_tainted(t) for t in _tensors((args[1:], kwargs)))
+        tainted = any(_is_tainted(t) for t in tensors_of((args[1:], kwargs)))
         if tainted and name in rep.SCATTERING:
             rep.refuse_scatter(name)
         first = args[0] if args else next(iter(kwargs.values()), None)
@@ -303,7 +303,7 @@ class StructuralMode(TorchFunctionMode):
             return
         if name in SHAPE_OPS and self._keeps_positions(name, args, kwargs, result):
             return
-        if all(_positionless(t, self.input_rank) for t in _tensors((args, kwargs, result))
+        if all(_positionless(t, self.input_rank) for t in tensors_of((args, kwargs, result))
                if t.is_floating_point()):
             return
         self.nonlocal_ops.add(name)
@@ -313,7 +313,7 @@ class StructuralMode(TorchFunctionMode):
         spatial = self.input_rank - 2
         if name == "pad" and kwargs.get("mode", args[2] if len(args) > 2 else "constant") != "constant":
             return True  # a border condition (wrap, mirror, repeat) the compressed sweep's prediction models
-        shapes = [tuple(t.shape) for t in _tensors((args, kwargs, result)) if t.is_floating_point()]
+        shapes = [tuple(t.shape) for t in tensors_of((args, kwargs, result)) if t.is_floating_point()]
         if any(len(s) < spatial + 2 for s in shapes) or len({s[-spatial:] for s in shapes}) != 1:
             return False
         if name in PERMUTING:
@@ -372,7 +372,7 @@ def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None,
 
 def _taint(result: Any) -> None:
     """Mark the integer and boolean tensors of a result as computed from the input."""
-    for tensor in _tensors(result):
+    for tensor in tensors_of(result):
         if not tensor.is_floating_point() and not tensor.is_complex():
             tensor._rfreport_from_input = True
 

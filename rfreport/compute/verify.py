@@ -34,13 +34,15 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.engine import Target, forward_target, resolve_device
-from rfreport.compute.surrogate import eager_forward, unwrap_compiled
+from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
+from rfreport.compute.surrogate import eager_forward, tensors_of, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve
 from rfreport.results import Verification
@@ -132,7 +134,7 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     if not rest.any():
         return _result(positions, violations, deviation, samples, started)
     try:
-        working = float64_copy(model, resolve_device(device))
+        working = float64_copy(model, resolve_device(device), shape, target)
     except Exception as exc:  # a model that cannot be copied or cast is reported unverified, not failed
         return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
                        note=f"the model could not be copied to float64 ({type(exc).__name__})")
@@ -158,10 +160,58 @@ def _result(positions, violations, deviation, samples, started, note: str = "") 
                         seconds=time.perf_counter() - started, note=note)
 
 
-def float64_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """Return a float64, eval-mode deep copy of the model on a device (compiled modules unwrapped), leaving it as is."""
-    plain = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model)))
+def float64_copy(model: nn.Module, device: torch.device, input_shape: tuple[int, ...] | None = None,
+                 target: Target | None = None) -> nn.Module:
+    """Return a float64, eval-mode deep copy of the model on a device (compiled modules unwrapped), leaving it as is.
+
+    With an input shape and target, the parameters and buffers the forward pass up to the target never
+    reads (a classifier after analysed features) are not copied: an empty tensor stands in for each, so a
+    128M-parameter head costs nothing here. A pass that did read one after all fails, and the check says
+    the copy did not run: unverified, never wrong.
+    """
+    source = getattr(model, "_orig_mod", model)
+    memo: dict[int, Any] = {}
+    if input_shape is not None and target is not None:
+        read = tensors_read(model, input_shape, target)
+        for tensor in [*source.parameters(), *source.buffers()]:
+            if id(tensor) not in read:
+                empty = torch.empty(0, dtype=tensor.dtype)
+                memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) \
+                    else empty
+    plain = unwrap_compiled(copy.deepcopy(source, memo))
     return plain.to(device=device, dtype=torch.float64).eval()
+
+
+class _Reads(TorchFunctionMode):
+    """Record the ids of every tensor an op receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ids.update(id(t) for t in tensors_of((args, kwargs)))
+        return func(*args, **kwargs)
+
+
+def tensors_read(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> set[int]:
+    """Return the ids of the tensors (parameters and buffers among them) a forward pass up to the target reads.
+
+    One pass of the model as given on zeros, without gradients, its flags and buffers restored after.
+    Empty when the model does not run: then nothing is left out of a copy.
+    """
+    x = torch.zeros(input_shape, dtype=next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                            torch.float32), device=next((p.device for p in model.parameters()),
+                                                                        torch.device("cpu")))
+    reads = _Reads()
+    try:
+        with preserved(model), torch.no_grad(), eager_forward(), reads:
+            model.eval()
+            forward_target(model, x, target, input_shape)
+    except Exception:  # the model may raise anything; copying everything is always safe
+        return {id(t) for t in [*model.parameters(), *model.buffers()]}
+    return reads.ids
 
 
 @contextmanager

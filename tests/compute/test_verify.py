@@ -19,7 +19,7 @@ from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
 from rfreport.compute.sweep import sweep
-from rfreport.compute.verify import RTOL, choose, default_count, verify
+from rfreport.compute.verify import RTOL, choose, default_count, float64_copy, verify
 from rfreport.errors import ConfigError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
@@ -397,3 +397,36 @@ def test_a_job_checks_as_many_positions_as_its_config_says(tmp_path):
     result = pipeline.run_job(jobs_mod.Job(spec, (1, 1, 12, 12), config.RunOptions()))
     assert result.frames["positions"]["verified"].sum() == 2 == result.summary.to_json()["verified"]
     assert result.summary.to_json()["violations"] == 0
+
+
+class TiedHead(nn.Module):
+    """A body, a large head after it, and a layer that reads another module's weight without calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(1, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 1000)
+
+    def forward(self, x):
+        y = F.conv2d(self.body(x), self.shared.weight, padding=1)
+        return self.head(y.flatten(1))
+
+
+def test_the_float64_copy_leaves_out_what_the_pass_to_the_target_never_reads():
+    model = TiedHead().eval()
+    copied = dict(float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target()).named_parameters())
+    assert copied["head.weight"].numel() == 4 * 8 * 8 * 1000   # the model output reads the head
+    body_only = float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target(layer="body"))
+    kept = {name: p.numel() for name, p in body_only.named_parameters()}
+    assert kept["head.weight"] == kept["shared.weight"] == 0 and kept["body.weight"] == 36
+    assert all(p.dtype == torch.float64 for p in body_only.parameters())
+
+
+def test_a_layer_reading_another_modules_weight_is_still_verified():
+    class Target4(TiedHead):
+        def forward(self, x):
+            return F.conv2d(self.body(x), self.shared.weight, padding=1)
+
+    result = sweep(Target4().eval(), (1, 1, 8, 8), "all", verify=4)
+    assert result.verification.note == "" and result.verification.checked == 4 and result.violations.sum() == 0
