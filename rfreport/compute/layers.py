@@ -171,7 +171,8 @@ class _Capture:
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
-             force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True) -> _Capture:
+             force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
+             grid_checked: frozenset[str] = frozenset()) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
@@ -181,7 +182,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
     instead: one backward from their probe rows to the input.
     """
     with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
-                    seed=seed) as engine:
+                    seed=seed, grid_checked=grid_checked) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
         seen = []
         for name, captured in engine.layers.items():
@@ -237,7 +238,7 @@ class _EveryCall(LayerEngine):
             while key in self.layers:
                 calls += 1
                 key = f"{name}{REPEAT}{calls}"
-            recorder(key, wanted)(module, inputs, out)
+            recorder(key, wanted, name)(module, inputs, out)
 
         return record
 
@@ -541,7 +542,9 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
     shape = check_input_shape(tuple(input_shape))
     leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
     names = leaves if layer in leaves else [*leaves, layer]
-    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False}
+    # leaves whose output is no grid of the input (channels-last tensors between permutes) are composed through
+    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False,
+               "grid_checked": frozenset(leaves) - {layer}}
     row = {m.name: m for m in _refined(model, shape, options)}[layer]
     exact = bool(row.affine.exact.all() and np.isfinite(row.affine.stride).all())
     return TargetGeometry(row.affine.rf, row.affine.stride, row.affine.padding, exact, row.pooled)
