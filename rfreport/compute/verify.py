@@ -166,7 +166,7 @@ def float64_copy(model: nn.Module, device: torch.device, input_shape: tuple[int,
 
     With an input shape and target, the parameters and buffers the forward pass up to the target never
     reads (a classifier after analysed features) are not copied: an empty tensor stands in for each, so a
-    128M-parameter head costs nothing here. A pass that did read one after all fails, and the check says
+    classifier head costs nothing here. A pass that did read one after all fails, and the check says
     the copy did not run: unverified, never wrong.
     """
     source = getattr(model, "_orig_mod", model)

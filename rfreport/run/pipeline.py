@@ -100,7 +100,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
                          **hit.values | {"status": Status(hit.values["status"]),
                                          "summary": Summary.from_json(hit.values["summary"])})
     with surrogates_reused():
-        measurements = plan.measure(model, job, advance, main, attention_found=plan.attention_record(model, job))
+        measurements = plan.measure(model, job, advance, main, find_attention=True)
         main, result, measured = measurements.main, measurements.analyse(), measurements.erf
         records = level_records(model, job, measurements, result)
     pyramid = build(Pyramid, {"levels": records, **levels.aggregate(records)}) if records else None
@@ -134,8 +134,7 @@ def inspect(job: Job, advance: Advance | None = None) -> dict:
 
 def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
     """Sweep one job's model without layer growth and return its inspect record."""
-    found = plan.attention_record(model, job)
-    measured = plan.measure(model, job, advance, growth=False, attention_found=found)
+    measured = plan.measure(model, job, advance, growth=False, find_attention=True)
     analysed = measured.analyse()
     summary, frame, main = analysed.summary, analysed.positions, measured.main
     letters = positions_mod.axis_names(main.ndim)

@@ -60,7 +60,7 @@ class Measurements:
     growth: pd.DataFrame | None = None        # the layers frame
     enlarged: SweepResult | None = None       # the fit's positions on a doubled input
     erf: erf.ErfResult | None = None
-    attention: dict | None = None
+    attention: dict | None = None             # attention modules and their reach (attention_record)
 
     @property
     def composed_axes(self) -> list[tuple] | None:
@@ -142,15 +142,16 @@ class Plan:
 
 
 def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
-            growth: bool = True, attention_found: dict | None = None, known: pd.DataFrame | None = None
+            growth: bool = True, find_attention: bool = False, known: pd.DataFrame | None = None
             ) -> Measurements:
     """Measure a job on its built model: the first pass, then the plan it decides, in order.
 
     `main` is the job's main sweep when it was computed elsewhere; `growth` asks for the per-layer
-    growth; `attention_found` is the job's attention record, passed on to the analysis; `known` is a
+    growth; `find_attention` looks for attention modules and how far RFs reach around them; `known` is a
     layer growth of the same model already measured (a pyramid level's parent job's), whose exact rows
     can give the target's geometry.
     """
+    attention_found = attention_record(model, job) if find_attention else None
     with timed(job, "main sweep"):
         main = main or main_sweep(model, job, None, advance)
     with timed(job, "global context"):
