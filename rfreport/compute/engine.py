@@ -477,6 +477,7 @@ class LayerEngine(Engine):
         self.layer_names = list(layers) if layers else None
         self.grid_checked = frozenset(grid_checked)
         self.layers: dict[str, CapturedLayer] = {}
+        self._open: Any = None   # during a local VJP, the one captured node gradients may pass through
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
@@ -510,12 +511,23 @@ class LayerEngine(Engine):
             value = _spatial_view(out, self.layout, self.input_spatial, strict) if ours else None
             if value is None:
                 return
-            self.layers[name] = CapturedLayer(name, type(module).__name__, value,
-                                              torch.autograd.graph.get_gradient_edge(out))
+            edge = torch.autograd.graph.get_gradient_edge(out)
+            if all(layer.edge.node is not edge.node for layer in self.layers.values()):
+                edge.node.register_hook(self._cut(edge.node))
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge)
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
         return record
+
+    def _cut(self, node: Any):
+        """Return a node hook that stops gradients behind a captured layer during a local VJP from another
+        layer: its window on a predecessor then counts only the paths that meet no other captured layer."""
+        def hook(grad_inputs, _grad_outputs):
+            if self._open is not None and self._open is not node:
+                return tuple(None for _ in grad_inputs)
+            return None
+        return hook
 
     def _stop(self, *_args) -> None:
         """End the forward pass with the last captured tensor as its result."""
@@ -545,6 +557,8 @@ class LayerEngine(Engine):
         """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
         owner = self._owners()
         start = self.layers[name].edge.node
+        if hasattr(start, "variable"):   # the layer returned the model input itself
+            return [None]
         found: dict[str | None, None] = {}
         seen, stack = {start}, [start]
         while stack:
@@ -568,7 +582,11 @@ class LayerEngine(Engine):
         cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
-        grads = _local_vjp(value, edges, cotangents)
+        self._open = self.layers[name].edge.node if sources != [None] else None
+        try:
+            grads = _local_vjp(value, edges, cotangents)
+        finally:
+            self._open = None
         grids = [g if s is None else self._as_grid(g) for s, g in zip(sources, grads)]
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
 

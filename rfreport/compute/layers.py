@@ -125,7 +125,7 @@ def probe_rows(shape: tuple[int, ...], axis: int | None = None, corner: bool = T
     """Return the output positions probed per layer: centre, next and previous neighbour per axis, first corner.
 
     A missing neighbour (an axis of one or two cells) repeats the centre, or the other side for the next one.
-    With `axis`, only the next neighbour on that axis is probed besides the centre (the other rows repeat
+    With `axis`, only the neighbours on that axis are probed besides the centre (the other rows repeat
     it); without `corner`, the corner row repeats the centre too. Repeated rows cost nothing.
     """
     mid = np.array(center(shape), dtype=np.int64)
@@ -138,7 +138,7 @@ def probe_rows(shape: tuple[int, ...], axis: int | None = None, corner: bool = T
         previous.append(before)
     if axis is not None:
         following = [f if a == axis else mid for a, f in enumerate(following)]
-        previous = [mid] * len(shape)
+        previous = [p if a == axis else mid for a, p in enumerate(previous)]
     first = np.zeros(len(shape), dtype=np.int64) if corner and axis is None else mid
     return np.stack([mid, *following, *previous, first])
 
@@ -295,8 +295,8 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
     Clipped: the centre window meets the grid border, or a next neighbour's window differs in size
     from the centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
     window differs from the centre's in size, or on another axis, with no border to explain it, or
-    the previous and next neighbours' windows move by different steps or not at all (upsampling,
-    transposed convolutions).
+    the previous and next neighbours' windows move by different steps, or a neighbour's window does not
+    move with no border to pin it (upsampling, transposed convolutions).
     """
     ndim, hit = len(grid), count > 0
     touch = (lo == 0) | (hi == grid - 1)
@@ -307,6 +307,7 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
         sides = [r for r in (1 + axis, 1 + ndim + axis) if rows[r, axis] != rows[0, axis] and hit[r] and hit[0]]
         for r in sides:
             if (size[r] == size[0]).all():
+                nonaffine = nonaffine or (lo[r, axis] == lo[0, axis] and not touch[[0, r], axis].any())
                 continue
             if not (touch[r].any() or touch[0].any()):
                 nonaffine = True
@@ -314,7 +315,7 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
                 clipped[axis] = True
         if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
             after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
-            nonaffine = nonaffine or after != before or (after == 0 and not touch[0, axis])
+            nonaffine = nonaffine or after != before
     return clipped, nonaffine
 
 
@@ -446,6 +447,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     covers the input here are not rerun (honestly inexact): global context keeps them so at every size.
     """
     base = _capture(model, input_shape, **options)
+    # reruns capture the layers of this pass only: a stretched input can make a channels-last tensor read as a grid
+    options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers))}
     known: dict[str, _Affine] = {}
     measured = _compose_all(base.layers, input_shape, known)
     for axis in range(len(input_shape) - 2):

@@ -181,9 +181,12 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[1])
+        ctx.set_materialize_grads(False)   # a gradient cut behind a captured layer (LayerEngine) stays free
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None, None, None
         (u,) = ctx.saved_tensors
         return u * (grad != 0), None, None
 

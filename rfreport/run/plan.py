@@ -89,6 +89,7 @@ class Plan:
     enlarged: bool                    # enlarged inputs, where every RF is clipped and nothing exact helped
     erf: bool                         # the effective RF
     global_context: bool = False      # RFs are global through global context: no larger input helps
+    saturated: bool = False           # the exact geometry is known: an RF covering the input is no global context
 
     @classmethod
     def first(cls, job: Job, main: SweepResult, global_ops: Sequence[GlobalOp], growth: bool) -> Plan:
@@ -111,18 +112,19 @@ class Plan:
         """The target's exact growth row is its geometry: no composition, no larger input, only the corners."""
         if grown is None:
             return replace(self, grown=False)
-        return replace(self, grown=False, composed=False, enlarged=False,
+        return replace(self, grown=False, composed=False, enlarged=False, saturated=True,
                        geometry=None if self.geometry is None else "corners")
 
     def after_composed(self, found: layers.TargetGeometry | None) -> Plan:
-        """An exact composed geometry needs only the corners (to tell a global RF); global pooling on the
-        way makes every RF global at every size: no larger input helps either."""
+        """An exact composed geometry needs only the corners (to tell a global RF), and no local sweep: every
+        window on the way is finite, so an RF covering the input is saturation. Global pooling on the way makes
+        every RF global at every size: no larger input helps either."""
         if found is None:
             return self
         exact, pooled = found.exact, found.pooled
         return replace(self, enlarged=self.enlarged and not exact and not pooled,
                        grown=self.grown and not exact and not pooled,
-                       global_context=self.global_context or pooled,
+                       global_context=self.global_context or pooled, saturated=exact and not pooled,
                        geometry=self.geometry if not exact or self.geometry is None else "corners")
 
     def after_geometry(self, main: SweepResult, geometry: SweepResult | None) -> Plan:
@@ -175,7 +177,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             plan = plan.after_composed(found)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
-        if local is None and not plan.local and (found_ops or is_global(
+        if local is None and not plan.local and not plan.saturated and (found_ops or is_global(
                 Boxes.of(main, geometry), main.input_spatial)):
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)

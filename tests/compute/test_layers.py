@@ -299,3 +299,52 @@ def test_stages_after_global_context_are_settled_without_enlarged_reruns():
     rest = frame.iloc[1:]
     assert list(rest["layer"]) == ["0.3", "1", "2"] and rest["global"].all() and not rest["rf_exact"].any()
     assert (rest["h_size"] == 32).all()
+
+
+class FixedSizeChain(nn.Module):
+    """A stem and residual 3x3 convolutions summed with a plain `+` (no module owns the sums, as in ConvNeXt,
+    Swin or ViT blocks); it refuses every input size but 16 x 16."""
+
+    def __init__(self, blocks: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 3, padding=1) for _ in range(blocks))
+
+    def forward(self, x):
+        if x.shape[-2:] != (16, 16):
+            raise ValueError("this model takes 16 x 16 inputs only")
+        x = self.stem(x)
+        for conv in self.convs:
+            x = x + conv(x)
+        return x
+
+
+def test_windows_across_plain_residual_sums_stay_local():
+    """A block reads every earlier block through the identity path; its window on each counts only the paths
+    that meet no other captured layer (3 wide, not 2k+1), so no window meets the 16-cell border and every row
+    is exact at the one size the model accepts."""
+    model = FixedSizeChain()
+    frame = layer_growth(model, (1, 1, 16, 16))
+    assert frame["rf_exact"].all()
+    assert frame["h_rf"].tolist() == list(range(3, 20, 2)) and (frame["w_padding"] == (frame["w_rf"] - 1) // 2).all()
+    found = target_geometry(model, (1, 1, 16, 16), "convs.7")
+    assert found.exact and found.rf.tolist() == [19, 19] and found.padding.tolist() == [9, 9]
+
+
+def test_an_upsampling_whose_windows_a_small_grid_clips_is_never_exact():
+    """Bilinear upsampling of a 2 x 2 grid: every window meets the border at the given size, and on the stretched
+    input the next neighbour's window does not move (the previous one does): not affine, never a stride of 0."""
+    model = Graph([(nn.Conv2d(1, 2, 2, stride=2), (0,)), (nn.Conv2d(2, 2, 2, stride=2), (1,)),
+                   (nn.Upsample(scale_factor=2, mode="bilinear"), (2,))])
+    row = layer_growth(model, (1, 1, 8, 8)).set_index("layer").loc["mods.2"]
+    assert not row["rf_exact"] and np.isnan(row["h_stride"])
+    direct = sweep(model, (1, 1, 8, 8), "center", layer="mods.2")
+    assert row["h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
+
+
+@pytest.mark.parametrize("mode", ["structural", "gradient"])
+def test_a_module_returning_the_input_itself_is_a_layer_of_rf_one(mode):
+    model = nn.Sequential(nn.Identity(), nn.Conv2d(1, 2, 3, padding=1), nn.Identity(), nn.Conv2d(2, 2, 3))
+    frame = layer_growth(model, (1, 1, 16, 16), mode=mode)
+    assert frame["h_rf"].tolist() == [1, 3, 3, 5] and frame["rf_exact"].all()
+    assert frame["h_padding"].tolist() == [0.0, 1.0, 1.0, 1.0]
