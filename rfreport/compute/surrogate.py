@@ -519,7 +519,9 @@ def _write_surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
         param.zero_()
     elif param.dim() >= 2:
         fan_in = param.numel() // param.shape[1 if transposed else 0]
-        torch.div(positive_noise(param.shape, generator, param.dtype, param.device), fan_in, out=param)
+        # slices of at most NOISE_POOL_MIN values: a 100M-weight classifier would otherwise grow the pool to 1 GB
+        for part in param.view(-1).split(NOISE_POOL_MIN):
+            torch.div(positive_noise(part.shape, generator, param.dtype, param.device), fan_in, out=part)
     else:
         param.fill_(1.0)
 

@@ -108,24 +108,33 @@ class Plan:
             return self
         return replace(self, grown=False, composed=False, enlarged=False, global_context=True)
 
-    def after_grown(self, grown: list[tuple] | None) -> Plan:
-        """The target's exact growth row is its geometry: no composition, no larger input, only the corners."""
+    def after_grown(self, grown: list[tuple] | None, main: SweepResult) -> Plan:
+        """The target's exact growth row is its geometry: no composition, no larger input, and the corners only
+        where that geometry lets every RF cover the input."""
         if grown is None:
             return replace(self, grown=False)
         return replace(self, grown=False, composed=False, enlarged=False, saturated=True,
-                       geometry=None if self.geometry is None else "corners")
+                       geometry=self._corners_if_global(grown, main))
 
-    def after_composed(self, found: layers.TargetGeometry | None) -> Plan:
-        """An exact composed geometry needs only the corners (to tell a global RF), and no local sweep: every
+    def after_composed(self, found: layers.TargetGeometry | None, main: SweepResult) -> Plan:
+        """An exact composed geometry needs at most the corners (to tell a global RF), and no local sweep: every
         window on the way is finite, so an RF covering the input is saturation. Global pooling on the way makes
         every RF global at every size: no larger input helps either."""
         if found is None:
             return self
         exact, pooled = found.exact, found.pooled
+        axes = list(zip(found.rf, found.stride, found.padding))
         return replace(self, enlarged=self.enlarged and not exact and not pooled,
                        grown=self.grown and not exact and not pooled,
                        global_context=self.global_context or pooled, saturated=exact and not pooled,
-                       geometry=self.geometry if not exact or self.geometry is None else "corners")
+                       geometry=self._corners_if_global(axes, main) if exact else self.geometry)
+
+    def _corners_if_global(self, axes: Sequence[tuple], main: SweepResult) -> PositionSpec | None:
+        """Return the corners when an exact geometry lets every output's RF cover the input (they confirm a global
+        RF), else None: the geometry already says the first or last position sees less than the input."""
+        if self.geometry is None or not covers_everywhere(axes, main.input_spatial, main.output_spatial):
+            return None
+        return "corners"
 
     def after_geometry(self, main: SweepResult, geometry: SweepResult | None) -> Plan:
         """Growth rows and enlarged inputs only while the merged sweeps still leave an axis estimated."""
@@ -171,10 +180,10 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
     with timed(job, "target geometry"):
         if plan.composed and plan.grown:   # the growth rows, when exact, spare the composition
             grown = grown_geometry(model, job, rows)
-            plan = plan.after_grown(grown)
+            plan = plan.after_grown(grown, main)
         if plan.composed:
             found = composed_geometry(model, job)
-            plan = plan.after_composed(found)
+            plan = plan.after_composed(found, main)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
         if local is None and not plan.local and not plan.saturated and (found_ops or is_global(
@@ -184,7 +193,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         plan = plan.after_geometry(main, geometry)
         if plan.grown:
             grown = grown_geometry(model, job, rows)
-            plan = plan.after_grown(grown)
+            plan = plan.after_grown(grown, main)
         if plan.enlarged:
             enlarged = enlarged_sweep(model, job, growth_frame)
     with timed(job, "effective RF"):
@@ -297,6 +306,13 @@ def geometry_sweep(model: nn.Module, job: Job, main: SweepResult, extra: Positio
     if extra is None or covers(main, extra):
         return None
     return sweep(model, job.input_shape, extra, verify=False, **sweep_options(job))
+
+
+def covers_everywhere(axes: Sequence[tuple], input_spatial: Sequence[int], output_spatial: Sequence[int]) -> bool:
+    """Tell whether an exact (size, stride, padding) per axis makes every output position's RF cover the input:
+    the first position's RF reaches the last pixel and the last position's starts at or before the first."""
+    return all(-padding + size - 1 >= n - 1 and -padding + (out - 1) * stride <= 0
+               for (size, stride, padding), n, out in zip(axes, input_spatial, output_spatial))
 
 
 def context_bound(local: SweepResult | None) -> bool:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rfreport.analysis.geometry import Boxes, is_global
 from rfreport.compute import layers, models
 from rfreport.compute.surrogate import build_surrogate, surrogates_reused
 from rfreport.compute.sweep import sweep
@@ -57,8 +58,24 @@ def test_an_exact_composed_geometry_leaves_only_the_corners_to_sweep():
     first, model = first_plan(job)
     found = plan.composed_geometry(model, job)
     assert found is not None and found.exact
-    after = first.after_composed(found)
+    after = first.after_composed(found, plan.main_sweep(model, job, None))
     assert after.geometry == "corners" and not after.enlarged
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_the_corners_are_swept_only_where_the_exact_geometry_lets_them_be_global(size):
+    """The corners only tell a global RF; whether they can be global follows from the exact geometry, and that
+    decision agrees with the corners swept on the model."""
+    job = job_of("resnet_small", (1, 3, size, size), kwargs={"width": 4, "blocks": 2}, layer="stages",
+                 positions="center")
+    first, model = first_plan(job)
+    main = plan.main_sweep(model, job, None)
+    found = plan.composed_geometry(model, job)
+    assert first.composed and found is not None and found.exact
+    corners = sweep(model, job.input_shape, "corners", layer="stages")
+    swept_global = is_global(Boxes.of(corners), corners.input_spatial)
+    assert first.after_composed(found, main).geometry == ("corners" if swept_global else None)
+    assert swept_global == (size == 16)
 
 
 @pytest.mark.parametrize(("factory", "changes"), [("resnet_small", {"layer": "stages"}), ("unet", {}), ("se_net", {})])
@@ -67,7 +84,7 @@ def test_later_passes_never_add_work(factory, changes):
     first, model = first_plan(job)
     main = plan.main_sweep(model, job, None)
     steps = [first.after_local(plan.local_sweep(model, job, main)),
-             first.after_composed(layers.TargetGeometry(np.ones(2), np.ones(2), np.zeros(2), True, True)),
+             first.after_composed(layers.TargetGeometry(np.ones(2), np.ones(2), np.zeros(2), True, True), main),
              first.after_geometry(main, None)]
     for later in steps:
         for kind in ("local", "composed", "growth", "enlarged", "erf"):
