@@ -2,7 +2,10 @@
 
 One forward pass of a :class:`~rfreport.compute.engine.LayerEngine` keeps every leaf module's output.
 Per layer, one small batched backward from its centre, its next and previous neighbour per axis
-and its first corner runs only as far as the layer's nearest captured predecessors (or the input). The boxes
+and its first corner runs only as far as the layer's nearest captured predecessors (or the input);
+gradients stop behind every other captured layer, so a window on a predecessor counts only the
+paths that meet no other captured layer (a block read through residual sums that no module owns,
+as in ConvNeXt or a transformer, would otherwise see every earlier block of its stage). The boxes
 found there are composed with those predecessors' unclipped affine geometry (a box [a, b] on a
 predecessor with size r, stride s and padding P covers the input from a*s - P to b*s - P + r - 1,
 anchored at the predecessor's centre so a window on that centre alone needs no stride),
