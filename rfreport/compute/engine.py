@@ -477,7 +477,7 @@ class LayerEngine(Engine):
         self.layer_names = list(layers) if layers else None
         self.grid_checked = frozenset(grid_checked)
         self.layers: dict[str, CapturedLayer] = {}
-        self._open: Any = None   # during a local VJP, the one captured node gradients may pass through
+        self._vjp_start = _VjpStart()
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
@@ -512,22 +512,13 @@ class LayerEngine(Engine):
             if value is None:
                 return
             edge = torch.autograd.graph.get_gradient_edge(out)
-            if all(layer.edge.node is not edge.node for layer in self.layers.values()):
-                edge.node.register_hook(self._cut(edge.node))
+            if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
+                edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
             self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge)
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
         return record
-
-    def _cut(self, node: Any):
-        """Return a node hook that stops gradients behind a captured layer during a local VJP from another
-        layer: its window on a predecessor then counts only the paths that meet no other captured layer."""
-        def hook(grad_inputs, _grad_outputs):
-            if self._open is not None and self._open is not node:
-                return tuple(None for _ in grad_inputs)
-            return None
-        return hook
 
     def _stop(self, *_args) -> None:
         """End the forward pass with the last captured tensor as its result."""
@@ -582,11 +573,12 @@ class LayerEngine(Engine):
         cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
-        self._open = self.layers[name].edge.node if sources != [None] else None
+        edge = self.layers[name].edge
+        self._vjp_start.edge = (id(edge.node), edge.output_nr) if sources != [None] else None
         try:
             grads = _local_vjp(value, edges, cotangents)
         finally:
-            self._open = None
+            self._vjp_start.edge = None
         grids = [g if s is None else self._as_grid(g) for s, g in zip(sources, grads)]
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
 
@@ -595,6 +587,26 @@ class LayerEngine(Engine):
         rows, batch = grad.shape[:2]
         flat = channels_first(grad.reshape(rows * batch, *grad.shape[2:]), self.layout, self.input_spatial)
         return flat.reshape(rows, batch, *flat.shape[1:])
+
+
+@dataclass
+class _VjpStart:
+    """The captured output a local VJP starts from, as (id of its graph node, output number); None outside one."""
+
+    edge: tuple[int, int] | None = None
+
+
+def _cut(start: _VjpStart, node: int, nr: int):
+    """Return a node pre-hook that stops the gradient of one captured output during a local VJP from another
+    layer (autograd has read it there already): windows on predecessors then count only the paths that meet
+    no other captured layer. The node's other outputs pass (one chunk of a split may be a layer, the next not).
+    The hook lives on the node, so it holds neither the node nor the engine (that would keep the graph alive)."""
+    def hook(grad_outputs):
+        if start.edge is None or start.edge == (node, nr) or grad_outputs[nr] is None:
+            return None
+        return tuple(None if i == nr else grad for i, grad in enumerate(grad_outputs))
+
+    return hook
 
 
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...],

@@ -331,6 +331,50 @@ def test_windows_across_plain_residual_sums_stay_local():
     assert found.exact and found.rf.tolist() == [19, 19] and found.padding.tolist() == [9, 9]
 
 
+class SplitHalves(nn.Module):
+    """One split node: an identity module returns its first half (a captured layer); the second half reaches
+    the sum through a 5x5 convolution that no module owns, so only the split's other output leads there."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.Identity()
+        self.wide = nn.Conv2d(2, 2, 5, padding=2)
+        self.out = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        return self.out(self.norm(a) + nn.functional.conv2d(b, self.wide.weight, padding=2))
+
+
+def test_a_cut_behind_one_output_of_a_split_leaves_its_other_outputs_open():
+    frame = layer_growth(SplitHalves(), (1, 1, 16, 16)).set_index("layer")
+    assert frame["h_rf"].to_dict() == {"stem": 3, "norm": 3, "out": 7} and frame["rf_exact"].all()
+    direct = sweep(SplitHalves(), (1, 1, 16, 16), "center", layer="out")
+    assert (direct.lo[0].tolist(), direct.hi[0].tolist()) == ([4, 4], [10, 10])
+    assert target_geometry(SplitHalves(), (1, 1, 16, 16), "out").rf.tolist() == [7, 7]
+
+
+def test_layer_growth_keeps_no_graph_alive(monkeypatch):
+    """The cuts are hooks on graph nodes: they must not hold the engine, or every pass would leak its graph."""
+    import gc
+    import weakref
+
+    from rfreport.compute.engine import LayerEngine
+
+    kept = []
+    original = LayerEngine.local_support
+
+    def spy(self, name, *args, **kwargs):
+        kept.append(weakref.ref(self.layers[name].value))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(LayerEngine, "local_support", spy)
+    layer_growth(FixedSizeChain(blocks=2), (1, 1, 16, 16))
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept)
+
+
 def test_an_upsampling_whose_windows_a_small_grid_clips_is_never_exact():
     """Bilinear upsampling of a 2 x 2 grid: every window meets the border at the given size, and on the stretched
     input the next neighbour's window does not move (the previous one does): not affine, never a stride of 0."""
