@@ -469,13 +469,13 @@ class LayerEngine(Engine):
     """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
-                 layout: Layout | str | None = None, grid_checked: Collection[str] = (), **kwargs):
-        """`grid_checked` names modules whose outputs are skipped when their grid is not the input resampled by
-        one stride (a channels-last tensor inside a channels-first model, read as (N, W, C) grids)."""
+                 layout: Layout | str | None = None, skip: Collection[str] = (), **kwargs):
+        """`skip` names modules whose outputs are never captured (channels-last tensors inside a channels-first
+        model, which would read as (N, H, W, C) 'grids')."""
         super().__init__(model, input_shape, **kwargs)
         self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
-        self.grid_checked = frozenset(grid_checked)
+        self.skip = frozenset(skip)
         self.layers: dict[str, CapturedLayer] = {}
         self._vjp_start = _VjpStart()
 
@@ -503,12 +503,13 @@ class LayerEngine(Engine):
     def _recorder(self, name: str, wanted: set[str], module_name: str | None = None):
         """Return a hook that keeps a module's first spatial output and stops once every named one ran
         (`module_name`: the module's own name when `name` is the key of one of its later calls)."""
-        strict = (module_name or name) in self.grid_checked
+        skipped = (module_name or name) in self.skip
 
         def record(module, _inputs, out):
             batch = self.input_shape[0] * self.probes
-            ours = name not in self.layers and isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == batch
-            value = _spatial_view(out, self.layout, self.input_spatial, strict) if ours else None
+            ours = (not skipped and name not in self.layers and isinstance(out, torch.Tensor) and out.dim()
+                    and out.shape[0] == batch)
+            value = _spatial_view(out, self.layout, self.input_spatial) if ours else None
             if value is None:
                 return
             edge = torch.autograd.graph.get_gradient_edge(out)
@@ -609,15 +610,12 @@ def _cut(start: _VjpStart, node: int, nr: int):
     return hook
 
 
-def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...],
-                  strict: bool = False) -> torch.Tensor | None:
+def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
     """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one.
 
     Under a channels-last layout every leaf is read as (N, *grid, C), yet convolutions and pooling
     return (N, C, *grid) whatever the model's layout (a Swin patch embedding's projection): a reading
-    whose grid is not the input resampled by one stride on every axis is such a tensor, and skipped;
-    with `strict`, the same holds under a channels-first layout (ConvNeXt's norms and linear layers
-    between permutes return (N, *grid, C)).
+    whose grid is not the input resampled by one stride on every axis is such a tensor, and skipped.
     """
     if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
         return None
@@ -625,7 +623,7 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...],
         view = channels_first(value.clone(), layout, input_spatial)
     except LayoutError:
         return None
-    if (strict or layout.kind is LayoutKind.NHWC) and not uniform_stride(tuple(view.shape[2:]), input_spatial):
+    if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
         return None
     return view
 

@@ -11,6 +11,10 @@ predecessor with size r, stride s and padding P covers the input from a*s - P to
 anchored at the predecessor's centre so a window on that centre alone needs no stride),
 so the whole table costs about one backward pass however deep the model is.
 
+Under the channels-first layout, outputs whose dim 1 changes with the input size are channels-last
+tensors, not grids (ConvNeXt's norms and linear layers between permutes): two shape-only passes on
+the meta device find them, and they are composed through rather than read as layers.
+
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
 border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
 unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
@@ -27,6 +31,7 @@ centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -55,7 +60,8 @@ RESIZING = ("Upsample", "Adaptive", "Cat", "Slice", "Select", "Split", "Flip", "
 
 LAYERS = register(Schema(
     name="layers",
-    row="layer (leaf module or chosen name) whose output is a spatial tensor of the input's rank, in forward order",
+    row="layer (leaf module or chosen name) whose output is a spatial tensor of the input's rank, in forward order "
+        "(channels-last tensors inside a channels-first model are left out)",
     columns=(
         Column("order", "int64", "", "forward order of the layer's first call (0-based)"),
         Column("layer", "string", "", "qualified module name"),
@@ -175,7 +181,7 @@ class _Capture:
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
              force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
-             grid_checked: frozenset[str] = frozenset()) -> _Capture:
+             skip: frozenset[str] = frozenset()) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
@@ -185,7 +191,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
     instead: one backward from their probe rows to the input.
     """
     with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
-                    seed=seed, grid_checked=grid_checked) as engine:
+                    seed=seed, skip=skip) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
         seen = []
         for name, captured in engine.layers.items():
@@ -449,8 +455,10 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     `global_context` (the model's RFs are global through global pooling), layers whose centre RF
     covers the input here are not rerun (honestly inexact): global context keeps them so at every size.
     """
+    if str(options.get("layout", "nchw")) == "nchw":
+        options = {**options, "skip": channels_last_outputs(model, input_shape, options.get("layers"))}
     base = _capture(model, input_shape, **options)
-    # reruns capture the layers of this pass only: a stretched input can make a channels-last tensor read as a grid
+    # reruns capture the layers of this pass only (what the base pass could not read, a rerun need not either)
     options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers))}
     known: dict[str, _Affine] = {}
     measured = _compose_all(base.layers, input_shape, known)
@@ -548,9 +556,7 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
     shape = check_input_shape(tuple(input_shape))
     leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
     names = leaves if layer in leaves else [*leaves, layer]
-    # leaves whose output is no grid of the input (channels-last tensors between permutes) are composed through
-    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False,
-               "grid_checked": frozenset(leaves) - {layer}}
+    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False}
     row = {m.name: m for m in _refined(model, shape, options)}[layer]
     exact = bool(row.affine.exact.all() and np.isfinite(row.affine.stride).all())
     return TargetGeometry(row.affine.rf, row.affine.stride, row.affine.padding, exact, row.pooled)
@@ -568,6 +574,45 @@ def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = No
     shape = check_input_shape(tuple(input_shape))
     options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options, global_context), len(shape) - 2)
+
+
+def channels_last_outputs(model: nn.Module, input_shape: tuple[int, ...],
+                           names: list[str] | None = None) -> frozenset[str]:
+    """Return the modules (leaves, or `names`) whose output of the input's rank has a dim 1 that changes with the
+    input size.
+
+    Read as (N, C, *grid), a channels-last tensor inside a channels-first model (ConvNeXt's norms and linear
+    layers between permutes, a Swin block) has a spatial size for its channels; a grid's channels never
+    depend on the input size. Two shape-only passes of the model as given on the meta device (the input,
+    then the input doubled per axis) tell them apart without copying a weight or computing a value; a module
+    is compared call by call, and one that either pass does not reach is kept (the window checks decide).
+    """
+    modules = dict(model.named_modules())
+    wanted = names or [n for n, m in modules.items() if n and not list(m.children())]
+    calls: dict[str, list[list[int]]] = {name: [[], []] for name in wanted if name in modules}
+    size = [0]
+
+    def record(name: str):
+        def hook(_module, _inputs, out):
+            if isinstance(out, torch.Tensor) and out.dim() == len(input_shape):
+                calls[name][size[0]].append(int(out.shape[1]))
+        return hook
+
+    on_meta = {name: torch.empty_like(t, device="meta") for name, t in
+               [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    handles = [modules[name].register_forward_hook(record(name)) for name in calls]
+    try:
+        with preserved(model), torch.no_grad():
+            model.eval()
+            for size[0], scale in enumerate((1, 2)):
+                x = torch.empty((*input_shape[:2], *(n * scale for n in input_shape[2:])), device="meta")
+                with contextlib.suppress(Exception):   # any model error ends the pass; what it reached counts
+                    torch.func.functional_call(model, on_meta, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return frozenset(name for name, (given, doubled) in calls.items()
+                     if any(a != b for a, b in zip(given, doubled)))
 
 
 def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, ...]:

@@ -392,3 +392,39 @@ def test_a_module_returning_the_input_itself_is_a_layer_of_rf_one(mode):
     frame = layer_growth(model, (1, 1, 16, 16), mode=mode)
     assert frame["h_rf"].tolist() == [1, 3, 3, 5] and frame["rf_exact"].all()
     assert frame["h_padding"].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+class ChannelsLastBlocks(nn.Module):
+    """A ConvNeXt-like stage: depthwise 7x7, then a norm and a linear layer on channels-last tensors between two
+    permutes, added back with a plain `+`; 16 channels, so at 64x64 a channels-last stage-1 tensor (1, 16, 16, 16)
+    has the shape of a grid."""
+
+    def __init__(self, channels: int = 16, blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 4, stride=4)
+        self.dw = nn.ModuleList(nn.Conv2d(channels, channels, 7, padding=3, groups=channels) for _ in range(blocks))
+        self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in range(blocks))
+        self.pw = nn.ModuleList(nn.Linear(channels, channels) for _ in range(blocks))
+        self.valid = nn.Conv2d(channels, channels, (1, 5))   # anisotropic and valid: a grid all the same
+
+    def forward(self, x):
+        x = self.stem(x)
+        for dw, norm, pw in zip(self.dw, self.norm, self.pw):
+            x = x + pw(norm(dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.valid(x)
+
+
+def test_channels_last_tensors_inside_a_channels_first_model_are_not_layers():
+    from rfreport.compute.layers import channels_last_outputs
+
+    model = ChannelsLastBlocks()
+    assert channels_last_outputs(model, (1, 1, 64, 64)) == {"norm.0", "norm.1", "pw.0", "pw.1"}
+    frame = layer_growth(model, (1, 1, 64, 64)).set_index("layer")
+    assert list(frame.index) == ["stem", "dw.0", "dw.1", "valid"] and frame["rf_exact"].all()
+    assert frame["h_rf"].tolist() == [4, 28, 52, 52] and frame["w_rf"].tolist() == [4, 28, 52, 68]
+    for name, row in frame.iterrows():
+        direct = sweep(model, (1, 1, 64, 64), "center", layer=name)
+        assert row["h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
+        assert row["w_size"] == direct.hi[0, 1] - direct.lo[0, 1] + 1
+    found = target_geometry(model, (1, 1, 64, 64), "valid")
+    assert found.exact and found.rf.tolist() == [52, 68] and found.stride.tolist() == [4, 4]
