@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -136,22 +136,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     """Sweep one job's model without layer growth and return its inspect record."""
     measured = plan.measure(model, job, advance, growth=False, find_attention=True)
     analysed = measured.analyse()
-    summary, frame, main = analysed.summary, analysed.positions, measured.main
-    letters = positions_mod.axis_names(main.ndim)
-
-    def axes(template: str, row: Any) -> list[int]:
-        return [int(getattr(row, template.format(a))) for a in letters]
-
-    checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
-               in zip(main.positions.tolist(), main.verified, main.violations)}
-
-    def record_of(row: Any) -> dict:
-        verified, violations = checked[tuple(axes("pos_{}", row))]
-        return {"pos": axes("pos_{}", row), "lo": axes("{}_lo", row), "hi": axes("{}_hi", row),
-                "size": axes("{}_size", row), "support": int(row.support), "fill": float(row.fill),
-                "edge": bool(row.edge), "verified": verified, "violations": violations}
-
-    rows = [record_of(row) for row in frame.itertuples(index=False)]
+    summary, main = analysed.summary, measured.main
+    rows = position_records(analysed.positions, main)
     geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
                 "center_offset": list(summary.center_offset), "affine": summary.affine,
                 "global": summary.global_context, **geometry_status(analysed.geometry, summary)}
@@ -166,6 +152,25 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     if measured.erf is not None:
         record["erf"] = json.loads(measured.erf.metrics.to_json(orient="records"))
     return record
+
+
+def position_records(frame: pd.DataFrame, main: SweepResult) -> list[dict]:
+    """Return one `inspect --json` record per swept position (column by column: an FCN has 65,536 of them)."""
+    letters = positions_mod.axis_names(main.ndim)
+
+    def axes(template: str) -> list[list[int]]:
+        return frame[[template.format(a) for a in letters]].to_numpy(dtype=np.int64).tolist()
+
+    checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
+               in zip(main.positions.tolist(), main.verified, main.violations)}
+    records = []
+    for pos, lo, hi, size, support, fill, edge in zip(axes("pos_{}"), axes("{}_lo"), axes("{}_hi"), axes("{}_size"),
+                                                      frame["support"].tolist(), frame["fill"].tolist(),
+                                                      frame["edge"].tolist()):
+        verified, violations = checked[tuple(pos)]
+        records.append({"pos": pos, "lo": lo, "hi": hi, "size": size, "support": int(support), "fill": float(fill),
+                        "edge": bool(edge), "verified": verified, "violations": violations})
+    return records
 
 
 def geometry_status(geo: pd.DataFrame, summary: Summary) -> dict:
