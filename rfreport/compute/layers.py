@@ -32,6 +32,7 @@ centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from torch import nn
 
 from rfreport.compute.dense import one_hot_weights
 from rfreport.compute.engine import LayerEngine, Target, check_input_shape, forward_target, preserved
+from rfreport.compute.surrogate import eager_forward, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.results import mask_bounds
@@ -583,36 +585,42 @@ def channels_last_outputs(model: nn.Module, input_shape: tuple[int, ...],
 
     Read as (N, C, *grid), a channels-last tensor inside a channels-first model (ConvNeXt's norms and linear
     layers between permutes, a Swin block) has a spatial size for its channels; a grid's channels never
-    depend on the input size. Two shape-only passes of the model as given on the meta device (the input,
-    then the input doubled per axis) tell them apart without copying a weight or computing a value; a module
-    is compared call by call, and one that either pass does not reach is kept (the window checks decide).
+    depend on the input size. Two shape-only passes on the meta device (the input, then the input doubled
+    per axis) tell them apart, on a copy of the model whose parameters and buffers are meta stand-ins (no
+    weight copied, no value computed, and state a forward pass keeps stays out of the user's model). A module
+    is compared call by call; one that either pass does not reach is kept (the window checks decide).
     """
-    modules = dict(model.named_modules())
+    shadow = _on_meta(model)
+    modules = dict(shadow.named_modules())
     wanted = names or [n for n, m in modules.items() if n and not list(m.children())]
     calls: dict[str, list[list[int]]] = {name: [[], []] for name in wanted if name in modules}
-    size = [0]
 
-    def record(name: str):
+    def record(name: str, size: int):
         def hook(_module, _inputs, out):
             if isinstance(out, torch.Tensor) and out.dim() == len(input_shape):
-                calls[name][size[0]].append(int(out.shape[1]))
+                calls[name][size].append(int(out.shape[1]))
         return hook
 
-    on_meta = {name: torch.empty_like(t, device="meta") for name, t in
-               [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
-    handles = [modules[name].register_forward_hook(record(name)) for name in calls]
-    try:
-        with preserved(model), torch.no_grad():
-            model.eval()
-            for size[0], scale in enumerate((1, 2)):
-                x = torch.empty((*input_shape[:2], *(n * scale for n in input_shape[2:])), device="meta")
-                with contextlib.suppress(Exception):   # any model error ends the pass; what it reached counts
-                    torch.func.functional_call(model, on_meta, (x,))
-    finally:
+    for size, scale in enumerate((1, 2)):
+        handles = [modules[name].register_forward_hook(record(name, size)) for name in calls]
+        x = torch.empty((*input_shape[:2], *(n * scale for n in input_shape[2:])), device="meta")
+        with torch.no_grad(), eager_forward(), contextlib.suppress(Exception):   # a model error ends the pass
+            shadow(x)
         for handle in handles:
             handle.remove()
     return frozenset(name for name, (given, doubled) in calls.items()
                      if any(a != b for a, b in zip(given, doubled)))
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of the model (compiled modules unwrapped) with meta parameters and buffers."""
+    source = getattr(model, "_orig_mod", model)
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in [*source.parameters(), *source.buffers()]:
+        stand_in = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(stand_in, requires_grad=False) if isinstance(tensor, nn.Parameter) \
+            else stand_in
+    return unwrap_compiled(copy.deepcopy(source, memo)).eval()
 
 
 def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, ...]:

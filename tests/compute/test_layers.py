@@ -428,3 +428,28 @@ def test_channels_last_tensors_inside_a_channels_first_model_are_not_layers():
         assert row["w_size"] == direct.hi[0, 1] - direct.lo[0, 1] + 1
     found = target_geometry(model, (1, 1, 64, 64), "valid")
     assert found.exact and found.rf.tolist() == [52, 68] and found.stride.tolist() == [4, 4]
+
+
+class CachesItsMask(nn.Module):
+    """Keeps a tensor built in forward for the next call at the same size (as attention masks are cached)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.mask = None
+
+    def forward(self, x):
+        if self.mask is None or self.mask.shape != x.shape[-2:]:
+            self.mask = torch.ones(x.shape[-2:], device=x.device)
+        return self.conv(x) * self.mask
+
+
+def test_the_shape_passes_leave_the_model_as_it_was():
+    """Finding channels-last outputs runs the model on the meta device at two sizes: on a copy, so state a
+    forward pass keeps (a cached mask) is the user's own afterwards."""
+    model = CachesItsMask()
+    model(torch.rand(1, 1, 16, 16))
+    mask = model.mask
+    assert layer_growth(model, (1, 1, 16, 16))["rf_exact"].all()
+    assert model.mask is mask and model.training
+    assert model(torch.rand(1, 1, 16, 16)).device.type == "cpu"
