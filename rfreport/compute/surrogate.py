@@ -520,8 +520,11 @@ def _write_surrogate_parameter(name: str, param: torch.Tensor, transposed: bool,
     elif param.dim() >= 2:
         fan_in = param.numel() // param.shape[1 if transposed else 0]
         # slices of at most NOISE_POOL_MIN values: a 100M-weight classifier would otherwise grow the pool to 1 GB
-        for part in param.view(-1).split(NOISE_POOL_MIN):
+        flat = param if param.is_contiguous() else torch.empty_like(param, memory_format=torch.contiguous_format)
+        for part in flat.view(-1).split(NOISE_POOL_MIN):
             torch.div(positive_noise(part.shape, generator, param.dtype, param.device), fan_in, out=part)
+        if flat is not param:   # a channels-last weight: no flat view of it exists
+            param.copy_(flat)
     else:
         param.fill_(1.0)
 

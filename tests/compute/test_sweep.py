@@ -197,3 +197,16 @@ def test_deep_gated_residual_stack_does_not_overflow():
     local_rf = sweep(model, (1, 2, 12, 12), "center", local=True)
     assert local_rf.support.tolist() == [144] and local_rf.lo.tolist() == [[0, 0]]
     assert sweep(GatedResidualStack(2), (1, 2, 12, 12), "center", local=True).support.tolist() == [25]
+
+
+def test_a_channels_last_memory_format_model_gives_the_same_rfs():
+    """Weights stored channels-last have no flat view; the surrogate writes them all the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 5, stride=2), nn.Linear(6, 4))
+    plain = sweep(model, (1, 3, 16, 16), "all")
+    stored = sweep(model.to(memory_format=torch.channels_last), (1, 3, 16, 16), "all")
+    assert not model[2].weight.is_contiguous()
+    np.testing.assert_array_equal(plain.lo, stored.lo)
+    np.testing.assert_array_equal(plain.hi, stored.hi)
+    np.testing.assert_array_equal(plain.support, stored.support)
+    assert stored.verified.any() and not stored.violations.any()
