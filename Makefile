@@ -41,9 +41,10 @@ bench-ray: install  ## wall time of the example audit in-process and on a local 
 bench-verify: install  ## share of a sweep spent on run-time verification (forward perturbation; a minute or two)
 	$(PY) benchmarks/bench_verify.py
 
-docs: install  ## regenerate docs/columns.md from the frame schemas and docs/summary.md from the Summary
+docs: install browser  ## regenerate docs/columns.md, docs/summary.md and the README's pictures (docs/img, from a real run)
 	$(PY) -m rfreport.schema > docs/columns.md
 	$(PY) -m rfreport.summary > docs/summary.md
+	$(PY) docs/make_images.py
 
 lint: install  ## ruff, and mypy over the torch-free rooms (files in pyproject's [tool.mypy])
 	$(VENV)/bin/ruff check .
