@@ -16,7 +16,7 @@ from rfreport import runfolder
 from rfreport.cli import cli
 from rfreport.run.executors import Silent
 from tests.oracle import support_mask
-from tests.support import NETS, TINY
+from tests.support import NETS, TINY, parse_junit
 
 MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
 CONFIGS = {
@@ -327,13 +327,11 @@ def ci_run(ws) -> Path:
 
 
 def test_check_writes_junit_with_failures_for_rules_and_errors_for_jobs(ci_run, tmp_path):
-    import xml.etree.ElementTree as ET
-
     path = tmp_path / "reports" / "audit.xml"   # the folder is created
     done = invoke("check", ci_run, "--junit", path)
     assert done.exit_code == 1 and "audit failed for tiny-17x17, broken-17x17" in done.stderr
-    root = ET.parse(path).getroot()
-    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures"), root.get("errors")) == ("3", "1", "1")
+    root = parse_junit(path)
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("3", "1", "1")
     suites = {suite.get("name"): suite for suite in root.iter("testsuite")}
     assert list(suites) == ["tiny-17x17", "broken-17x17"]
     cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
