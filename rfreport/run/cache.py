@@ -23,8 +23,11 @@ scheduled audit of an unchanged model need not sweep again. The key of a job
 
 Only completed jobs are stored. Entries live under :func:`default_dir` (``$RFREPORT_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/rfreport``, else ``~/.cache/rfreport``), one folder per key in the run
-folder's own format (Parquet + CSV frames, ``.npy``/``.npz`` arrays), written atomically. A cache
-that cannot be read or written is skipped with a warning, never a failed job.
+folder's own format (Parquet + CSV frames, ``.npy``/``.npz`` arrays), written atomically, with a
+SHA-256 of every file in ``result.json`` and of ``result.json`` in ``result.sha256``. An entry
+whose checksums or values do not hold up is removed and recomputed; a cache that cannot be read or
+written is skipped; both with a warning naming the model, never a failed job or a wrong answer.
+The checksums detect corruption, not a writer with access to the folder (docs/cache.md).
 """
 
 from __future__ import annotations
