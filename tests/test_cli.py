@@ -255,9 +255,9 @@ def test_flags_override_the_config(ws):
     assert plain.models[0].erf is None and plain.options.seed == 0
 
 
-def test_an_unknown_device_fails_before_any_job(ws):
+def test_an_unknown_device_is_a_usage_error_before_any_job(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "nodevice", "--device", "warp:7")
-    assert done.exit_code == 1 and done.stderr == "Error: unknown device 'warp:7'\n"
+    assert done.exit_code == 2 and done.stderr == "Error: --device: unknown device 'warp:7'\n"
     assert not (ws / "nodevice").exists()
 
 
@@ -365,8 +365,9 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "progress")
     assert done.exit_code == 0
     lines = done.stderr.splitlines()
-    assert lines[0].startswith("[1/1] tiny-17x17: ok (") and lines[1] == "rendering the report of 1 job(s)"
-    assert lines[2].startswith("rendering the report took ") and len(lines) == 3
+    assert lines[0] == "[1/1] tiny-17x17: running" and lines[1].startswith("[1/1] tiny-17x17: ok (")
+    assert lines[2] == "rendering the report of 1 job(s)"
+    assert lines[3].startswith("rendering the report took ") and len(lines) == 4
     quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
