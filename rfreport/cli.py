@@ -182,32 +182,35 @@ def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | N
     erf = erf_overrides(erf_samples, erf_positions)
     specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
     config = replace(loaded, models=specs, options=options)
-    check_device(config, "--device" if device is not None else None)
+    if (problem := device_problem(options.device)) is not None:   # before any job: exit 2 naming the flag or key
+        raise config.option_error("device", problem, "--device" if device is not None else None)
     return config
 
 
-def check_device(config, flag: str | None) -> None:
-    """Refuse a device that is not there before any job runs: a config error naming the flag, or file and key."""
+def device_problem(device: str) -> str | None:
+    """Return why a device cannot be used here (unknown, or not on this machine), or None when it can."""
     from rfreport.compute.engine import resolve_device
 
     try:
-        resolve_device(config.options.device)
+        resolve_device(device)
     except SweepError as exc:
-        raise config.option_error("device", str(exc), flag) from exc
+        return str(exc)
+    return None
 
 
 class ClickProgress:
-    """Progress on stderr: a line per job with its status, and on a terminal a bar per job's sweep."""
+    """Progress on stderr: a line per job as it starts (with `starts`) and ends, on a terminal a bar per sweep."""
 
-    def __init__(self, bars: bool = True):
-        self.bars = bars
+    def __init__(self, bars: bool = True, starts: bool = True):
+        self.bars, self.starts = bars, starts
         self.bar = None
         self.label = ""
 
     def start(self, job, index: int, count: int) -> None:
-        """Name the job about to run (a model that hangs is named before it does)."""
+        """Name the job about to run: a model that hangs is named before it does."""
         self.label = f"[{index + 1}/{count}] {job.slug}"
-        click.echo(f"{self.label}: running", err=True)
+        if self.starts:
+            click.echo(f"{self.label}: running", err=True)
 
     def advance(self, done: int, total: int) -> None:
         """Open the job's bar on its first chunk, move it to `done` positions and close it when complete."""
@@ -234,11 +237,14 @@ class ClickProgress:
         click.echo(f"{self.label}: {status} ({result.seconds:.1f} s)", err=True)
 
 
-def make_progress(quiet: bool):
-    """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q."""
+def make_progress(quiet: bool, starts: bool = True):
+    """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q.
+
+    `starts` adds a line as each job starts (`run` and `check`; `inspect` runs the one model it names).
+    """
     from rfreport.run.jobs import Silent
 
-    return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty())
+    return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty(), starts=starts)
 
 
 def make_executor(kind: str, address: str | None, progress):
@@ -459,8 +465,10 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
              "cache": False if no_cache else None, "cache_dir": cache_dir}
+    if device is not None and (problem := device_problem(device)) is not None:
+        raise click.BadParameter(problem, param_hint="--device")
     job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
-    progress = make_progress(quiet)
+    progress = make_progress(quiet, starts=False)
     progress.start(job, 0, 1)
     record = pipeline.inspect(job, progress.advance)
     progress.finish()

@@ -247,6 +247,8 @@ def test_a_missing_device_is_a_config_error_naming_its_file_or_flag(ws):
     done = invoke("run", write(ws, model("m", "tiny")), "--out", ws / "out", "--device", "cuda:1")
     assert done.exit_code == 2 and done.stderr.startswith("Error: --device: device 'cuda:1' was asked for")
     assert not (ws / "out").exists()
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,8,8", "--device", "cuda")
+    assert done.exit_code == 2 and "--device" in done.stderr and "CUDA is not available" in done.stderr
 
 
 def test_check_json_prints_standard_json_for_non_finite_values(ws):
