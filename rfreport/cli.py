@@ -247,6 +247,11 @@ def make_progress(quiet: bool, starts: bool = True):
     return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty(), starts=starts)
 
 
+def job_progress(options, quiet: bool):
+    """Return the progress of a run's jobs: a line as each starts in-process (Ray reports jobs as they end)."""
+    return make_progress(quiet, starts=options.executor == "local")
+
+
 def make_executor(kind: str, address: str | None, progress):
     """Return the executor a run asked for; Ray is imported only when chosen."""
     from rfreport.run.executors import LocalExecutor
@@ -285,7 +290,7 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, ba
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
                          erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
                          address=address, job_timeout=job_timeout)
-    chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+    chosen = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
     failed = [model.slug for model in saved.models if not model.ok]
@@ -385,7 +390,7 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     jobs = jobs_mod.make_jobs(config)
-    executor = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+    executor = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
     return [output.entry for output in pipeline.outputs(jobs, executor)]
 
 
