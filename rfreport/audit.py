@@ -11,6 +11,8 @@ does one whose run-time verification found violations (an implicit `exact` row).
 
 from __future__ import annotations
 
+import math
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ from typing import Any
 
 from rfreport.config import AUDIT_RULES
 from rfreport.options import AuditVerdict
+
+ANSI_CODE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")          # a terminal control sequence (colours, cursor moves)
+FORBIDDEN_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")   # XML 1.0's Char
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,18 @@ def verdicts_json(entries: Sequence[Mapping[str, Any]]) -> dict:
     """Return the machine-readable verdicts of a check: overall and per model, with every rule's row."""
     models = [{"name": e.get("name"), "slug": e.get("slug"), "status": e.get("status"), "error": e.get("error"),
                "passed": passed(e.get("audit") or []), "audit": list(e.get("audit") or [])} for e in entries]
-    return {"passed": all(m["passed"] for m in models), "models": models}
+    return finite({"passed": all(m["passed"] for m in models), "models": models})
+
+
+def finite(value: Any) -> Any:
+    """Return JSON data with every NaN or infinity replaced by null: standard JSON, which strict readers take."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def junit_xml(entries: Sequence[Mapping[str, Any]], name: str = "rfreport check") -> str:
@@ -114,18 +130,18 @@ def junit_xml(entries: Sequence[Mapping[str, Any]], name: str = "rfreport check"
 
 def _testsuite(entry: Mapping[str, Any]) -> ET.Element:
     """Return one model's testsuite: its rules as testcases, or one erroring `job` testcase if its job failed."""
-    slug = str(entry.get("slug"))
+    slug = xml_text(str(entry.get("slug")))
     suite = ET.Element("testsuite", name=slug, time=f"{float(entry.get('seconds') or 0):.3f}")
     failures = errors = 0
     for row in entry.get("audit") or []:
         case = ET.SubElement(suite, "testcase", classname=slug, name="job" if row["rule"] == "status" else row["rule"])
         if row["rule"] == "status":
             errors += 1
-            message = f"the job failed: {entry.get('error') or row['value']}"
+            message = xml_text(f"the job failed: {entry.get('error') or row['value']}")
             ET.SubElement(case, "error", message=message, type="JobFailed").text = message
         elif not row["passed"]:
             failures += 1
-            message = f"{row['rule']}: value {_text(row['value'])}, limit {_text(row['limit'])}"
+            message = xml_text(f"{row['rule']}: value {_text(row['value'])}, limit {_text(row['limit'])}")
             ET.SubElement(case, "failure", message=message, type="AuditFailure").text = (
                 f"{message} ({AUDIT_RULES[row['rule']].help})")
     suite.set("tests", str(len(suite)))
@@ -133,6 +149,15 @@ def _testsuite(entry: Mapping[str, Any]) -> ET.Element:
     suite.set("errors", str(errors))
     suite.set("skipped", "0")
     return suite
+
+
+def xml_text(text: str) -> str:
+    """Return text that XML 1.0 can hold: terminal colour codes dropped, other forbidden characters as `\\xNN`.
+
+    Library and CUDA errors often carry ANSI colour codes; an ESC character (or any control
+    character but tab and newlines) makes the whole JUnit file unreadable to a strict parser.
+    """
+    return FORBIDDEN_IN_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", ANSI_CODE.sub("", text))
 
 
 def _text(value: Any) -> str:

@@ -23,6 +23,7 @@ import click
 
 from rfreport import __version__
 from rfreport import audit as audit_mod
+from rfreport.config import SEED_MAX
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
@@ -107,7 +108,8 @@ def sweep_flags(command: Callable) -> Callable:
     flags = [
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
         click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
-        click.option("--seed", type=int, default=None, help="Seed of the random probe inputs (default: 0)."),
+        click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
+                     help="Seed of the random probe inputs (default: 0)."),
         click.option("--erf-samples", type=click.IntRange(min=1), default=None,
                      help="Measure the effective RF with this many random inputs (enables ERF)."),
         click.option("--erf-positions", multiple=True, metavar="SPEC",
@@ -158,32 +160,57 @@ def erf_overrides(samples: int | None, chosen: Sequence[str]) -> dict[str, Any]:
     return settings
 
 
+def job_timeout_flag(command: Callable) -> Callable:
+    """Add --job-timeout (run and check: the commands that run jobs)."""
+    return click.option("--job-timeout", type=click.FloatRange(0, min_open=True), default=None, metavar="SECONDS",
+                        help="Fail a job that runs longer than this, naming its model and stage "
+                             "(default: the config's job_timeout, else none).")(command)
+
+
 def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | None, seed: int | None,
                 erf_samples: int | None, erf_positions: Sequence[str], no_cache: bool = False,
-                cache_dir: str | None = None, executor: str | None = None, address: str | None = None):
-    """Load configs and apply the command-line overrides of the run options and ERF settings."""
+                cache_dir: str | None = None, executor: str | None = None, address: str | None = None,
+                job_timeout: float | None = None):
+    """Load configs, apply the command-line overrides of the run options and ERF settings, check the device."""
     from rfreport import config as config_mod
 
     loaded = config_mod.load(paths)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed, "executor": executor,
-             "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir}
+             "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir,
+             "job_timeout": job_timeout}
     options = replace(loaded.options, **{k: v for k, v in given.items() if v is not None})
     erf = erf_overrides(erf_samples, erf_positions)
     specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
-    return replace(loaded, models=specs, options=options)
+    config = replace(loaded, models=specs, options=options)
+    if (problem := device_problem(options.device)) is not None:   # before any job: exit 2 naming the flag or key
+        raise config.option_error("device", problem, "--device" if device is not None else None)
+    return config
+
+
+def device_problem(device: str) -> str | None:
+    """Return why a device cannot be used here (unknown, or not on this machine), or None when it can."""
+    from rfreport.compute.engine import resolve_device
+
+    try:
+        resolve_device(device)
+    except SweepError as exc:
+        return str(exc)
+    return None
 
 
 class ClickProgress:
-    """Progress on stderr: a line per job with its status, and on a terminal a bar per job's sweep."""
+    """Progress on stderr: a line per job as it starts (with `starts`) and ends, on a terminal a bar per sweep."""
 
-    def __init__(self, bars: bool = True):
-        self.bars = bars
+    def __init__(self, bars: bool = True, starts: bool = True):
+        self.bars, self.starts = bars, starts
         self.bar = None
         self.label = ""
 
     def start(self, job, index: int, count: int) -> None:
-        """Remember the label of the job about to run."""
+        """Name the job about to run: a model that hangs is named before it does."""
         self.label = f"[{index + 1}/{count}] {job.slug}"
+        if self.starts:
+            click.echo(f"{self.label}: running", err=True)
 
     def advance(self, done: int, total: int) -> None:
         """Open the job's bar on its first chunk, move it to `done` positions and close it when complete."""
@@ -210,11 +237,19 @@ class ClickProgress:
         click.echo(f"{self.label}: {status} ({result.seconds:.1f} s)", err=True)
 
 
-def make_progress(quiet: bool):
-    """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q."""
+def make_progress(quiet: bool, starts: bool = True):
+    """Return progress on stderr (with bars on a terminal, lines only when piped), or nothing with -q.
+
+    `starts` adds a line as each job starts (`run` and `check`; `inspect` runs the one model it names).
+    """
     from rfreport.run.jobs import Silent
 
-    return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty())
+    return Silent() if quiet else ClickProgress(bars=sys.stdout.isatty() and sys.stderr.isatty(), starts=starts)
+
+
+def job_progress(options, quiet: bool):
+    """Return the progress of a run's jobs: a line as each starts in-process (Ray reports jobs as they end)."""
+    return make_progress(quiet, starts=options.executor == "local")
 
 
 def make_executor(kind: str, address: str | None, progress):
@@ -242,10 +277,11 @@ def cli() -> None:
 @click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
+@job_timeout_flag
 @sweep_flags
 @converts_errors
-def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
-        no_cache, cache_dir, verbose, quiet) -> None:
+def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, batch_size, seed, erf_samples,
+        erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
     from rfreport import runfolder
     from rfreport.run import pipeline
@@ -253,8 +289,8 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
     configure_logging(verbose, quiet)
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
                          erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
-                         address=address)
-    chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+                         address=address, job_timeout=job_timeout)
+    chosen = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
     failed = [model.slug for model in saved.models if not model.ok]
@@ -286,10 +322,11 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the verdicts as JUnit XML: a testsuite per model, a testcase per rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as one JSON object instead of a table.")
+@job_timeout_flag
 @sweep_flags
 @converts_errors
-def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir,
-          verbose, quiet) -> None:
+def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, erf_samples, erf_positions, no_cache,
+          cache_dir, verbose, quiet) -> None:
     """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR.
 
     Exit 0 when every rule passes, 1 when one fails or a job failed, 2 when there is nothing to
@@ -298,14 +335,14 @@ def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, e
     configure_logging(verbose, quiet)
     entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
                               erf_samples=erf_samples, erf_positions=erf_positions, no_cache=no_cache,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, job_timeout=job_timeout)
     if not audit_mod.checked(entries):
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     if junit_path is not None:
         write_atomically(Path(junit_path), audit_mod.junit_xml(entries))
     if as_json:
-        click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2))
+        click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2, allow_nan=False))
     else:
         rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
                 for e in entries for r in e.get("audit") or []]
@@ -353,7 +390,7 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     jobs = jobs_mod.make_jobs(config)
-    executor = make_executor(config.options.executor, config.options.address, make_progress(quiet))
+    executor = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
     return [output.entry for output in pipeline.outputs(jobs, executor)]
 
 
@@ -433,8 +470,10 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
     given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
              "cache": False if no_cache else None, "cache_dir": cache_dir}
+    if device is not None and (problem := device_problem(device)) is not None:
+        raise click.BadParameter(problem, param_hint="--device")
     job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
-    progress = make_progress(quiet)
+    progress = make_progress(quiet, starts=False)
     progress.start(job, 0, 1)
     record = pipeline.inspect(job, progress.advance)
     progress.finish()

@@ -11,6 +11,8 @@ docs/config.md documents the format.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +28,8 @@ from rfreport.options import Distribution, ExecutorKind, Mode, values
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
 TOP_KEYS = ("run", "defaults", "model")
+SEED_MAX = 2**63 - 1      # torch's generators take 64 bits (with the engine's small offsets), numpy's no negative
+DEVICE = re.compile(r"auto|cpu|mps|(?:cuda|xpu)(?::\d+)?")
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -92,6 +96,7 @@ class ModelSpec:
     levels: tuple[Level, ...] = ()                 # extra targets analysed in the same job (feature pyramids)
     config_file: Path | None = None
     verify: int | bool | str = "auto"              # positions checked on the model itself (rfreport.compute.verify)
+    job_timeout: float | None = None               # seconds each job of this model may run (None: the run's limit)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class RunOptions:
     seed: int = 0
     cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.run.cache)
     cache_dir: str | None = None     # the cache folder (None: $RFREPORT_CACHE_DIR or ~/.cache/rfreport)
+    job_timeout: float | None = None  # seconds each job may run before it fails (None: no limit; rfreport.run.limits)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,13 @@ class RunConfig:
     files: tuple[Path, ...]
     models: tuple[ModelSpec, ...]
     options: RunOptions = RunOptions()
+    option_files: dict[str, Path] = field(default_factory=dict)   # the file whose `[run]` set each option
+
+    def option_error(self, key: str, problem: str, flag: str | None = None) -> ConfigError:
+        """Return a one-line error about a run option, naming the flag that set it, else its file and key."""
+        if flag is not None or key not in self.option_files:
+            return ConfigError(f"{flag or key}: {problem}")
+        return _Where(self.option_files[key], "[run]").error(key, problem)
 
 
 @dataclass(frozen=True)
@@ -291,10 +304,43 @@ def _audit_limit(rule: AuditRule, value: Any, where: _Where, prefix: str = "audi
         if not sizes or any(v < 1 for v in sizes):
             raise where.error(key, f"must be a positive integer or a list of them, not {value!r}")
         return value
-    number = float(_expect(value, (int, float), "a number", where, key))
+    number = _finite(value, where, key)
     if number < 0 or (rule.kind == "fraction" and number > 1):
         raise where.error(key, f"must be {'between 0 and 1' if rule.kind == 'fraction' else '>= 0'}, not {value!r}")
     return number
+
+
+def _finite(value: Any, where: _Where, key: str) -> float:
+    """Validate a finite number (TOML's nan and inf are floats: a NaN limit would fail every comparison)."""
+    number = float(_expect(value, (int, float), "a number", where, key))
+    if not math.isfinite(number):
+        raise where.error(key, f"must be a finite number, not {value!r}")
+    return number
+
+
+def _seconds(value: Any, where: _Where, key: str) -> float:
+    """Validate a duration in seconds: a finite number > 0."""
+    number = _finite(value, where, key)
+    if number <= 0:
+        raise where.error(key, f"must be a number of seconds > 0, not {value!r}")
+    return number
+
+
+def _seed(value: Any, where: _Where, key: str) -> int:
+    """Validate a seed: an integer torch and numpy both take (0 to SEED_MAX)."""
+    number = _expect(value, (int,), "an integer", where, key)
+    if not 0 <= number <= SEED_MAX:
+        raise where.error(key, f"must be between 0 and {SEED_MAX} (2**63 - 1), not {number}")
+    return number
+
+
+def _device(value: Any, where: _Where, key: str) -> str:
+    """Validate a device name's spelling (auto, cpu, cuda, cuda:1, mps, ...); whether it is there is checked
+    before the run starts (rfreport.compute.engine.resolve_device)."""
+    text = _string(value, where, key)
+    if not DEVICE.fullmatch(text):
+        raise where.error(key, f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps, xpu or xpu:N)")
+    return text
 
 
 def _audit(value: Any, where: _Where, key: str, rules: Sequence[str] = tuple(AUDIT_RULES)) -> dict[str, Any]:
@@ -407,13 +453,15 @@ MODEL_KEYS: dict[str, Checker] = {
     "layout": _layout,
     "verify": _verify,
     "levels": _levels,
+    "job_timeout": _seconds,
 }
 RUN_KEYS: dict[str, Checker] = {
     "executor": lambda v, w, k: _option(ExecutorKind, v, w, k),
     "address": _string,
-    "device": _string,
+    "device": _device,
     "batch_size": _batch_size,
-    "seed": lambda v, w, k: _expect(v, (int,), "an integer", w, k),
+    "seed": _seed,
+    "job_timeout": _seconds,
 }
 MERGED_TABLES = ("kwargs", "audit", "erf")   # a model's table updates the defaults' table key by key
 REQUIRED = ("name", "factory", "input_shape")
@@ -478,7 +526,7 @@ def _model_spec(raw: Any, index: int, defaults: dict[str, Any], file: Path) -> M
         output=values.get("output"), positions=values.get("positions", "all"),
         mode=values.get("mode", "structural"), audit=values.get("audit", {}), erf=values.get("erf"),
         image=values.get("image"), layers=values.get("layers"), layout=values.get("layout", "nchw"),
-        levels=levels, config_file=file, verify=values.get("verify", "auto"))
+        levels=levels, config_file=file, verify=values.get("verify", "auto"), job_timeout=values.get("job_timeout"))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -514,14 +562,17 @@ def load(paths: Sequence[Path | str]) -> RunConfig:
     files = tuple(Path(p) for p in paths)
     models: list[ModelSpec] = []
     run: dict[str, Any] = {}
+    option_files: dict[str, Path] = {}
     for path in files:
         specs, options = load_file(path)
         models.extend(specs)
         run.update(options)
+        option_files.update(dict.fromkeys(options, path))
     _check_unique(models)
     if not models:
         raise ConfigError(f"{', '.join(map(str, files))}: no [[model]] tables; nothing to run")
-    return RunConfig(files=files, models=tuple(models), options=replace(RunOptions(), **run))
+    return RunConfig(files=files, models=tuple(models), options=replace(RunOptions(), **run),
+                     option_files=option_files)
 
 
 def _check_unique(models: Sequence[ModelSpec]) -> None:

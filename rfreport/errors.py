@@ -31,6 +31,19 @@ class RunFolderError(RfReportError):
     """A run folder is missing, incomplete or of an unknown format version."""
 
 
+class JobTimeout(BaseException):
+    """A job ran past its time limit (rfreport.run.limits); its message is one line naming the model and the stage.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` in a model's code or around
+    it (rfreport's own fallbacks) swallows it on its way to the job.
+    """
+
+
+# Raised into a model's code from outside it: they pass through every wrapper of model code untouched,
+# while anything else the model's code raises (SystemExit and GeneratorExit included) is that model's failure.
+PASS_THROUGH = (KeyboardInterrupt, JobTimeout)
+
+
 def first_line(exc: BaseException) -> str:
     """Return the first line of an exception's message ("" when it has none)."""
     lines = str(exc).strip().splitlines()
@@ -39,7 +52,9 @@ def first_line(exc: BaseException) -> str:
 
 def one_line(exc: BaseException) -> str:
     """Return an exception as one line: our own messages as they are, others prefixed with their type."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the code called sys.exit({exc.code!r})"
     text = first_line(exc)
-    if isinstance(exc, RfReportError):
+    if isinstance(exc, (RfReportError, JobTimeout)):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from rfreport.errors import ModelLoadError, one_line
+from rfreport.errors import PASS_THROUGH, ModelLoadError, one_line
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -32,7 +32,10 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file may raise anything while it is imported
+    except PASS_THROUGH:
+        del sys.modules[name]
+        raise
+    except BaseException as exc:  # the user's file may raise anything while it is imported, sys.exit() included
         del sys.modules[name]
         raise ModelLoadError(f"cannot import {str(path)!r} ({one_line(exc)})") from exc
     return module
@@ -42,7 +45,9 @@ def _import_module(name: str) -> ModuleType:
     """Import a module by dotted name."""
     try:
         return importlib.import_module(name)
-    except Exception as exc:  # a module may fail on import with anything, not only ImportError
+    except PASS_THROUGH:
+        raise
+    except BaseException as exc:  # a module may fail on import with anything, not only ImportError (sys.exit too)
         raise ModelLoadError(f"cannot import module {name!r} ({one_line(exc)})") from exc
 
 

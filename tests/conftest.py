@@ -31,6 +31,18 @@ def cache_dir(tmp_path_factory, monkeypatch):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def strict_junit(request):
+    """Parse strictly every JUnit file a test wrote under its tmp_path, whatever the test itself checks."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:   # pytest keeps the folder after its fixture ends
+        from tests.support import junit_files, parse_junit
+
+        for path in junit_files(folder):
+            parse_junit(path)
+
+
 def _hypothesis_profiles() -> None:
     """Explore new examples on developer machines; replay a fixed set in CI so a red build is reproducible."""
     import os

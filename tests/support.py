@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import xml.dom.minidom
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,20 @@ def _edit_b(models: list[dict]) -> list[dict]:
         "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
     newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
     return [dilated, failed_volume, broken, newcomer]
+
+
+def parse_junit(path: Path) -> ET.Element:
+    """Parse a JUnit file strictly (expat through minidom refuses any character XML 1.0 forbids); return its root."""
+    data = path.read_bytes()
+    xml.dom.minidom.parseString(data)    # raises ExpatError on a control character, where lenient readers go on
+    root = ET.fromstring(data)
+    assert root.tag == "testsuites", f"{path} is not a JUnit file"
+    return root
+
+
+def junit_files(folder: Path) -> list[Path]:
+    """Return the JUnit files under a folder (XML files whose root is <testsuites>)."""
+    return [p for p in folder.rglob("*.xml") if p.is_file() and b"<testsuites" in p.read_bytes()[:512]]
 
 
 def invoke(*args) -> Any:

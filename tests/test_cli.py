@@ -16,7 +16,7 @@ from rfreport import runfolder
 from rfreport.cli import cli
 from rfreport.run.executors import Silent
 from tests.oracle import support_mask
-from tests.support import NETS, TINY
+from tests.support import NETS, TINY, parse_junit
 
 MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
 CONFIGS = {
@@ -255,9 +255,9 @@ def test_flags_override_the_config(ws):
     assert plain.models[0].erf is None and plain.options.seed == 0
 
 
-def test_an_unknown_device_fails_before_any_job(ws):
+def test_an_unknown_device_is_a_usage_error_before_any_job(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "nodevice", "--device", "warp:7")
-    assert done.exit_code == 1 and done.stderr == "Error: unknown device 'warp:7'\n"
+    assert done.exit_code == 2 and done.stderr == "Error: --device: unknown device 'warp:7'\n"
     assert not (ws / "nodevice").exists()
 
 
@@ -327,13 +327,11 @@ def ci_run(ws) -> Path:
 
 
 def test_check_writes_junit_with_failures_for_rules_and_errors_for_jobs(ci_run, tmp_path):
-    import xml.etree.ElementTree as ET
-
     path = tmp_path / "reports" / "audit.xml"   # the folder is created
     done = invoke("check", ci_run, "--junit", path)
     assert done.exit_code == 1 and "audit failed for tiny-17x17, broken-17x17" in done.stderr
-    root = ET.parse(path).getroot()
-    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures"), root.get("errors")) == ("3", "1", "1")
+    root = parse_junit(path)
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("3", "1", "1")
     suites = {suite.get("name"): suite for suite in root.iter("testsuite")}
     assert list(suites) == ["tiny-17x17", "broken-17x17"]
     cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
@@ -367,8 +365,9 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
     done = invoke("run", ws / "good.toml", "--out", ws / "progress")
     assert done.exit_code == 0
     lines = done.stderr.splitlines()
-    assert lines[0].startswith("[1/1] tiny-17x17: ok (") and lines[1] == "rendering the report of 1 job(s)"
-    assert lines[2].startswith("rendering the report took ") and len(lines) == 3
+    assert lines[0] == "[1/1] tiny-17x17: running" and lines[1].startswith("[1/1] tiny-17x17: ok (")
+    assert lines[2] == "rendering the report of 1 job(s)"
+    assert lines[3].startswith("rendering the report took ") and len(lines) == 4
     quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 

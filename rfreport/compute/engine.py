@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
-from rfreport.errors import LayoutError, SweepError, first_line
+from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
 from rfreport.options import Mode, values
 
@@ -80,6 +80,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise SweepError(f"unknown device {device!r}") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise SweepError(f"device {device!r} was asked for but CUDA is not available")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise SweepError(f"device {device!r} was asked for but there are {torch.cuda.device_count()} CUDA devices")
     return resolved
 
 
@@ -160,9 +162,9 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
             raise SweepError(f"layer {target.layer!r} never ran during the forward pass")
     except _Captured as captured:
         value = captured.value
-    except SweepError:
+    except (SweepError, *PASS_THROUGH):
         raise
-    except Exception as exc:  # the user's model may raise anything; say where it happened
+    except BaseException as exc:  # the user's model may raise anything, sys.exit() included; say where it happened
         shape = shown_shape or tuple(x.shape)
         raise SweepError(f"the model raised {type(exc).__name__} on input shape {shape}: "
                          f"{first_line(exc)}") from exc

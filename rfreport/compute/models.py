@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rfreport.config import ModelSpec
-from rfreport.errors import ModelLoadError, SweepError, one_line
+from rfreport.errors import PASS_THROUGH, ModelLoadError, SweepError, one_line
 from rfreport.factories import import_factory
 
 
@@ -78,7 +78,9 @@ def build(spec: ModelSpec) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = factory(**spec.kwargs)
-    except Exception as exc:  # the user's factory may raise anything
+    except PASS_THROUGH:
+        raise
+    except BaseException as exc:  # the user's factory may raise anything, sys.exit() included
         raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} raised {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"model {spec.name!r}: factory {spec.factory} returned a {type(model).__name__}, "

@@ -23,8 +23,11 @@ scheduled audit of an unchanged model need not sweep again. The key of a job
 
 Only completed jobs are stored. Entries live under :func:`default_dir` (``$RFREPORT_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/rfreport``, else ``~/.cache/rfreport``), one folder per key in the run
-folder's own format (Parquet + CSV frames, ``.npy``/``.npz`` arrays), written atomically. A cache
-that cannot be read or written is skipped with a warning, never a failed job.
+folder's own format (Parquet + CSV frames, ``.npy``/``.npz`` arrays), written atomically, with a
+SHA-256 of every file in ``result.json`` and of ``result.json`` in ``result.sha256``. An entry
+whose checksums or values do not hold up is removed and recomputed; a cache that cannot be read or
+written is skipped; both with a warning naming the model, never a failed job or a wrong answer.
+The checksums detect corruption, not a writer with access to the folder (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -54,18 +57,22 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from rfreport import __version__, runfolder
 from rfreport.compute.engine import resolve_device
 from rfreport.compute.surrogate import eager_forward
+from rfreport.errors import one_line
 
 if TYPE_CHECKING:
     from rfreport.config import RunOptions
     from rfreport.run.jobs import Job
 
 logger = logging.getLogger("rfreport")
+T = TypeVar("T")
 ENV = "RFREPORT_CACHE_DIR"
-FORMAT = 1
+FORMAT = 2
 RESULT = "result.json"
+CHECKSUM = "result.sha256"     # the SHA-256 of result.json, which holds the SHA-256 of every other file
 TUPLE = "__tuple__"
-UNKEYED_SPEC_FIELDS = ("name", "input_shapes", "audit", "image", "config_file")   # labels, or applied after the cache
-UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir")
+# labels, things applied after the cache, and limits that change no answer
+UNKEYED_SPEC_FIELDS = ("name", "input_shapes", "audit", "image", "config_file", "job_timeout")
+UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir", "job_timeout")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # neutralised in the surrogate
 UNSTORED = ("name", "slug", "seconds", "frames", "arrays", "cached")   # a JobResult's labels, timing and files
 
@@ -369,6 +376,10 @@ class Hit:
 
 
 
+class DamagedEntry(ValueError):
+    """A cache entry whose checksum, files or values do not hold up: removed, and the job recomputed."""
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one job's result is cached: its folder, or nowhere (cache off or model untraceable)."""
@@ -376,22 +387,44 @@ class Slot:
     path: Path | None
     slug: str = ""
 
-    def load(self) -> Hit | None:
-        """Return the cached result, or None on a miss; a damaged entry is removed and counts as a miss."""
-        if self.path is None or not (self.path / RESULT).is_file():
+    def load(self, read: Callable[[Hit], T]) -> T | None:
+        """Return `read` of the cached result, or None on a miss.
+
+        An entry whose checksum or files do not match, or whose values `read` refuses, is removed
+        and counts as a miss; a cache that cannot be read is skipped; both with a warning, never a
+        failed job and never a wrong answer.
+        """
+        if self.path is None:
             return None
         try:
-            stored = json.loads((self.path / RESULT).read_text(encoding="utf-8"))
-            if stored.get("format") != FORMAT or stored.get("key") != self.path.name:
-                raise ValueError(f"entry {stored.get('key')!r} of format {stored.get('format')!r}")
-            saved = runfolder.ModelRun(self.path, stored["entry"])
-            hit = Hit(untagged(stored["values"]), saved.frames, saved.arrays)
-        except Exception as exc:  # a damaged entry (any reader error) must never fail the job
-            logger.warning("%s: ignoring damaged cache entry %s (%s)", self.slug, self.path, exc)
+            if not (self.path / RESULT).is_file():
+                return None
+            found = read(self._verified())
+        except OSError as exc:   # an unreadable folder (permissions, I/O): leave it, run uncached
+            logger.warning("%s: cannot read the cache entry %s (%s); computing it again", self.slug, self.path,
+                           exc.strerror or exc)
+            return None
+        except Exception as exc:  # a damaged or edited entry (any reader or value error) must never be an answer
+            logger.warning("%s: discarding damaged cache entry %s (%s); computing it again", self.slug, self.path,
+                           one_line(exc))
             shutil.rmtree(self.path, ignore_errors=True)
             return None
         logger.info("%s: from the cache (%s)", self.slug, self.path.name[:12])
-        return hit
+        return found
+
+    def _verified(self) -> Hit:
+        """Read the entry once its checksum and every file's digest match what was written."""
+        assert self.path is not None
+        document = (self.path / RESULT).read_bytes()
+        if (self.path / CHECKSUM).read_text(encoding="ascii").strip() != hashlib.sha256(document).hexdigest():
+            raise DamagedEntry(f"{RESULT} does not match its checksum")
+        stored = json.loads(document)
+        if stored.get("format") != FORMAT or stored.get("key") != self.path.name:
+            raise DamagedEntry(f"entry {stored.get('key')!r} of format {stored.get('format')!r}")
+        if file_digests(self.path) != stored["digests"]:
+            raise DamagedEntry("its files do not match their digests")
+        saved = runfolder.ModelRun(self.path, stored["entry"])
+        return Hit(untagged(stored["values"]), saved.frames, saved.arrays)
 
     def save(self, values: Mapping[str, Any], frames: Mapping[str, pd.DataFrame] | None = None,
              arrays: Mapping[str, Any] | None = None) -> None:
@@ -407,8 +440,9 @@ class Slot:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)   # left over only when another process won the race
         except (OSError, TypeError, ValueError) as exc:   # a full disk, a race, a value JSON cannot hold
-            if (self.path / RESULT).is_file():   # another process stored the same key first
-                return
+            with suppress(OSError):
+                if (self.path / RESULT).is_file():   # another process stored the same key first
+                    return
             logger.warning("%s: cannot write the cache entry %s (%s)", self.slug, self.path, exc)
 
     def save_result(self, result: Any) -> None:
@@ -418,11 +452,21 @@ class Slot:
             self.save(values | {"summary": result.summary.to_json()}, result.frames, result.arrays)
 
     def _write(self, staging: Path, values: Mapping, frames: Mapping, arrays: Mapping) -> None:
-        """Write the frames and arrays in the run folder's format, then result.json last."""
+        """Write the frames and arrays in the run folder's format, then result.json with their digests, then its
+        checksum last."""
+        assert self.path is not None
         output = runfolder.ModelOutput({"slug": "result"}, frames, arrays)
         entry = runfolder.write_model(staging, output)
-        document = {"format": FORMAT, "key": self.path.name, "entry": entry, "values": tagged(dict(values))}
-        (staging / RESULT).write_text(json.dumps(document) + "\n", encoding="utf-8")
+        document = json.dumps({"format": FORMAT, "key": self.path.name, "entry": entry,
+                               "digests": file_digests(staging), "values": tagged(dict(values))}).encode()
+        (staging / RESULT).write_bytes(document + b"\n")
+        (staging / CHECKSUM).write_text(hashlib.sha256(document + b"\n").hexdigest() + "\n", encoding="ascii")
+
+
+def file_digests(entry: Path) -> dict[str, str]:
+    """Return the SHA-256 of every file of an entry's frames and arrays, by path relative to the entry."""
+    return {str(p.relative_to(entry)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(entry.rglob("*")) if p.is_file() and p.name not in (RESULT, CHECKSUM)}
 
 
 def tagged(value: Any) -> Any:

@@ -33,6 +33,11 @@ class Job:
         """Return the run-folder name of this job, e.g. `resnet50-224x224`."""
         return runfolder.slugify(self.spec.name, self.input_shape)
 
+    @property
+    def time_limit(self) -> float | None:
+        """Return the job's time limit in seconds: its model's `job_timeout`, else the run's (None: no limit)."""
+        return self.spec.job_timeout if self.spec.job_timeout is not None else self.options.job_timeout
+
 
 @dataclass(frozen=True)
 class JobResult:

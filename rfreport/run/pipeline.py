@@ -13,11 +13,12 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -38,24 +39,42 @@ from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
 from rfreport.options import Status
 from rfreport.results import SweepResult
-from rfreport.run import cache, plan, progress
+from rfreport.run import cache, limits, plan, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
 from rfreport.summary import Pyramid, Summary, build
 
 logger = logging.getLogger("rfreport")
+T = TypeVar("T")
 LEVEL_CHECKS = 1               # positions of a level's sweep checked on the model: the one nearest its centre
 
 
-def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None = None) -> JobResult:
-    """Run one job; any exception becomes a failed result with a one-line error, never a raise.
+def run_job(job: Job, advance: Advance | None = None, main: SweepResult | None = None, *,
+            spent: float = 0.0) -> JobResult:
+    """Run one job; anything it raises becomes a failed result with a one-line error, never a raise.
 
-    `main` is the job's main sweep when it was computed elsewhere (merged from chunks).
+    `main` is the job's main sweep when it was computed elsewhere (merged from chunks); `spent` the
+    seconds the job already took elsewhere (building, planning and that main sweep, on a Ray worker),
+    counted in its `seconds` so that every executor accounts for the same stages.
     """
-    started = time.perf_counter()
+    return attempt(job, lambda started: _complete(job, advance, main, started), spent)
+
+
+def attempt(job: Job, work: Callable[[float], T], spent: float = 0.0) -> T | JobResult:
+    """Run a job's work within its time limit and return its value, or the job's failed result if it raised.
+
+    `work` gets the job's start time (`perf_counter`, `spent` seconds ago). Whatever the model's own
+    code raises fails the job, `SystemExit` and `GeneratorExit` included (they are no Exception) and
+    the job's timeout: a job must never take the run down, nor end it with no verdicts.
+    KeyboardInterrupt stays an interrupt.
+    """
+    started = time.perf_counter() - spent
     logger.debug("%s: started", job.slug)
     try:
-        return _complete(job, advance, main, started)
-    except Exception as exc:  # a job must never take the run down: import errors, OOM, bugs in user models
+        with limits.time_limit(job.spec.name, job.time_limit):
+            return work(started)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # import errors, OOM, bugs in user models, sys.exit(), endless loops
         logger.debug("%s: traceback", job.slug, exc_info=True)
         return failed_result(job, exc, time.perf_counter() - started)
 
@@ -93,12 +112,11 @@ def level_records(model: nn.Module, job: Job, measured: plan.Measurements, analy
 def _complete(job: Job, advance: Advance | None, main: SweepResult | None, started: float) -> JobResult:
     """Build the model and return the job's cached result, or run every stage, assemble and cache its result."""
     model = models.build(job.spec)
-    slot = cache.slot(model, job)
-    if (hit := slot.load()) is not None:
-        return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
-                         frames=hit.frames, arrays=hit.arrays,
-                         **hit.values | {"status": Status(hit.values["status"]),
-                                         "summary": Summary.from_json(hit.values["summary"])})
+    with plan.timed(job, "cache lookup"):
+        slot = cache.slot(model, job)
+        cached = slot.load(lambda hit: cached_result(job, hit, started))
+    if cached is not None:
+        return cached
     with surrogates_reused():
         measurements = plan.measure(model, job, advance, main, find_attention=True)
         main, result, measured = measurements.main, measurements.analyse(), measurements.erf
@@ -120,12 +138,21 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     return result
 
 
+def cached_result(job: Job, hit: cache.Hit, started: float) -> JobResult:
+    """Return a job's result from its cache entry; raise on stored values a JobResult or Summary cannot hold."""
+    values = hit.values | {"status": Status(hit.values["status"]), "summary": Summary.from_json(hit.values["summary"])}
+    if values["status"] != Status.OK:
+        raise ValueError(f"a cached result of status {values['status']}")
+    return JobResult(name=job.spec.name, slug=job.slug, seconds=time.perf_counter() - started, cached=True,
+                     frames=hit.frames, arrays=hit.arrays, **values)
+
+
 def inspect(job: Job, advance: Advance | None = None) -> dict:
     """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept without layer growth."""
     model = models.build(job.spec)
     slot = cache.slot(model, job, "inspect")
-    if (hit := slot.load()) is not None:
-        return hit.values | {"cached": True}
+    if (record := slot.load(lambda hit: hit.values | {"cached": True})) is not None:
+        return record
     with surrogates_reused():
         record = inspect_record(model, job, advance)
     slot.save(record)

@@ -37,7 +37,7 @@ from rfreport.errors import RfReportError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.positions import PositionSpec, center
 from rfreport.results import GlobalOp, SweepResult
-from rfreport.run import progress
+from rfreport.run import limits, progress
 from rfreport.run.jobs import Advance, Job
 
 logger = logging.getLogger("rfreport")
@@ -205,8 +205,8 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
 
 @contextmanager
 def timed(job: Job, stage: str) -> Iterator[None]:
-    """Log how long a stage of a job took: in log.txt, and on the console when it was slow."""
-    with progress.stage(f"{job.slug}: {stage}"):
+    """Log how long a stage of a job took (in log.txt, and on the console when it was slow); name it in a timeout."""
+    with progress.stage(f"{job.slug}: {stage}"), limits.during(stage):
         yield
 
 
@@ -415,7 +415,7 @@ def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | 
 
 def attention_record(model: nn.Module, job: Job) -> dict | None:
     """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
-    with timed(job, "attention"):
+    with timed(job, "attention search"):
         try:
             calls = attention.detect(model, job.input_shape)
         except RfReportError:

@@ -12,6 +12,10 @@ A task that raises (a failed job raises :class:`JobFailed` on its worker, so Ray
 is killed for memory or loses its worker or node is retried up to `max_retries` times; then the job
 is recorded as failed with its one-line error and the other jobs complete. Results come back in job
 order, so :func:`rfreport.run.pipeline.run` writes the same run folder as with the in-process executor.
+
+A job's `seconds` add up its tasks, so they cover the stages an in-process job's do: the planning
+task's model building, planning and main sweep, each chunk task's building and sweep, and the last
+task's rest of the job. Every task runs within the job's time limit (rfreport.run.limits).
 """
 
 from __future__ import annotations
@@ -20,18 +24,19 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 from ray.exceptions import RayError, RayTaskError
 
 from rfreport.compute import models
-from rfreport.errors import RfReportError, one_line
+from rfreport.errors import JobTimeout, RfReportError, SweepError, one_line
 from rfreport.results import SweepResult
 from rfreport.run.executors import Chunk, merge, run_chunk, split
 from rfreport.run.jobs import Job, JobResult, Progress, Silent
-from rfreport.run.pipeline import failed_result, run_job
+from rfreport.run.limits import time_limit
+from rfreport.run.pipeline import attempt, failed_result, run_job
 from rfreport.run.plan import main_sweep, selected_positions
 
 logger = logging.getLogger("rfreport")
@@ -61,26 +66,51 @@ def _checked(result: JobResult) -> JobResult:
     return result
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A job cut into position chunks by its planning task, with the seconds that task took (building, planning)."""
+
+    chunks: list[Chunk]
+    seconds: float
+
+
 @ray.remote
-def _start(job: Job, limit: int) -> JobResult | list[Chunk]:
-    """Plan a job on a worker: run it whole, or return its position chunks when it has more than `limit`."""
+def _start(job: Job, limit: int) -> JobResult | Planned:
+    """Plan a job on a worker: run it whole, or return its position chunks when it has more than `limit`.
+
+    Like every task of a job, it runs within the job's time limit and fails the job for whatever it raises.
+    """
+    outcome = attempt(job, lambda started: _plan(job, limit, started))
+    return _checked(outcome) if isinstance(outcome, JobResult) else outcome
+
+
+def _plan(job: Job, limit: int, started: float) -> JobResult | Planned:
+    """Build a job's model and resolve its positions; return its chunks, or run it whole with those counted."""
     model = models.build(job.spec)
     selected = selected_positions(model, job)
     if len(selected) > limit:
-        return split(job, math.ceil(len(selected) / limit))
-    return _checked(run_job(job, main=main_sweep(model, job, selected)))
+        return Planned(split(job, math.ceil(len(selected) / limit)), time.perf_counter() - started)
+    main = main_sweep(model, job, selected)
+    return run_job(job, main=main, spent=time.perf_counter() - started)
 
 
 @ray.remote
 def _sweep_chunk(chunk: Chunk) -> SweepResult:
-    """Sweep one position chunk on a worker."""
-    return run_chunk(chunk)
+    """Sweep one position chunk on a worker; its `seconds` are the whole task's (building the model too)."""
+    started = time.perf_counter()
+    try:
+        with time_limit(chunk.job.spec.name, chunk.job.time_limit):
+            swept = run_chunk(chunk)
+    except JobTimeout as exc:   # as a task error, so that Ray reports it (and retries it) like any other
+        raise SweepError(str(exc)) from None
+    return replace(swept, seconds=time.perf_counter() - started)
 
 
 @ray.remote
-def _finish(job: Job, *parts: SweepResult) -> JobResult:
-    """Merge a job's chunk sweeps in position order and run the rest of the job on them."""
-    return _checked(run_job(job, main=merge(parts)))
+def _finish(job: Job, planning_s: float, *parts: SweepResult) -> JobResult:
+    """Merge a job's chunk sweeps in position order and run the rest of the job on them, counting every task."""
+    merged = merge(parts)
+    return _checked(run_job(job, main=merged, spent=planning_s + merged.seconds))
 
 
 def connect(address: str | None) -> None:
@@ -160,16 +190,17 @@ class _Schedule:
             outcome = ray.get(ref)
         except RayError as exc:
             outcome = failure(job, exc, time.perf_counter() - self.started)
-        if isinstance(outcome, list):
+        if isinstance(outcome, Planned):
             self.pending[self.submit_chunks(job, outcome)] = index
         else:
             self.record(index, outcome)
 
-    def submit_chunks(self, job: Job, chunks: Sequence[Chunk]) -> ray.ObjectRef:
+    def submit_chunks(self, job: Job, planned: Planned) -> ray.ObjectRef:
         """Sweep each chunk in its own task; return the task that merges and analyses them."""
+        chunks = planned.chunks
         logger.info("%s: %d positions in %d chunks", job.slug, sum(len(c.positions) for c in chunks), len(chunks))
         parts = [_sweep_chunk.options(**self.options).remote(chunk) for chunk in chunks]
-        return _finish.options(**self.options).remote(job, *parts)
+        return _finish.options(**self.options).remote(job, planned.seconds, *parts)
 
     def record(self, index: int, result: JobResult) -> None:
         """Keep a finished job's result and advance the progress by one job (pipeline.outputs logs it)."""

@@ -25,7 +25,7 @@ from rfreport.run import pipeline
 from rfreport.run.executors import LocalExecutor, Silent
 
 ray = pytest.importorskip("ray")
-from rfreport.run.ray_executor import RayExecutor, task_resources  # noqa: E402 (only once Ray is known to import)
+from rfreport.run.ray_executor import CHUNK_POSITIONS, RayExecutor, task_resources  # noqa: E402 (only once Ray is known to import)
 
 pytestmark = pytest.mark.ray
 HERE = Path(__file__).resolve()
@@ -55,6 +55,34 @@ def flaky(marker: str) -> nn.Module:
         Path(marker).touch()
         os._exit(3)
     return tiny()
+
+
+BUILD_S, FORWARD_S = 0.5, 0.02   # the slow model's building and each of its forward passes on values
+
+
+class Slow(nn.Module):
+    """A convolution whose every forward pass on values takes FORWARD_S (the shape-only passes on meta are free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            time.sleep(FORWARD_S)
+        return self.conv(x)
+
+
+def slow() -> nn.Module:
+    """A factory that takes BUILD_S to build a Slow model."""
+    time.sleep(BUILD_S)
+    return Slow()
+
+
+def looping() -> nn.Module:
+    """A factory that never returns."""
+    while True:
+        pass
 
 
 def model_table(name: str, factory: str, shapes: list, **extra: str) -> str:
@@ -245,6 +273,24 @@ def test_interrupted_driver_leaves_previous_run_untouched(cluster, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.json"]
     assert runfolder.load(out).meta == {"seed": "previous"} and (out / "log.txt").read_text() == "old run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "out"]
+
+
+@pytest.mark.parametrize("chunk_positions", [CHUNK_POSITIONS, 20], ids=["whole", "chunked"])
+def test_ray_seconds_cover_the_same_stages_as_in_process(cluster, chunk_positions):
+    spec = config.ModelSpec(name="slow", factory=f"{HERE}:slow", input_shapes=((1, 1, 8, 8),), positions="all")
+    job = jobs_mod.Job(spec, (1, 1, 8, 8), config.RunOptions(cache=False))
+    [local] = LocalExecutor().map([job])
+    [on_ray] = RayExecutor(chunk_positions=chunk_positions).map([job])
+    assert local.status == on_ray.status == "ok" and local.seconds > BUILD_S + 0.3   # 36 positions: a long sweep
+    # the model building and the main sweep count on Ray too (the tasks build the model more than once)
+    assert on_ray.seconds >= local.seconds - 0.2, (on_ray.seconds, local.seconds)
+
+
+def test_the_time_limit_holds_on_ray(cluster):
+    spec = config.ModelSpec(name="loop", factory=f"{HERE}:looping", input_shapes=((1, 1, 8, 8),))
+    job = jobs_mod.Job(spec, (1, 1, 8, 8), config.RunOptions(cache=False, job_timeout=1))
+    [result] = RayExecutor(max_retries=0).map([job])
+    assert result.error == "model 'loop': timed out after 1 s in the model building"
 
 
 def test_jobs_ask_for_a_gpu_when_the_cluster_has_gpus(cluster, monkeypatch):
