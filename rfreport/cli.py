@@ -30,6 +30,7 @@ from rfreport.run.progress import is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
+EXACT_DIGITS = 12   # significant digits of exact per-layer values (halves and thirds of pixels print in full)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -412,11 +413,14 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
               help="Exact structural RF or naive gradient.")
 @click.option("--layout", default="nchw", show_default=True,
               help="How the analysed tensor's axes are read: nchw, nhwc, tokens or tokens:HxW.")
+@click.option("--layers", "with_layers", is_flag=True,
+              help="Also measure and print the per-layer table (architecture RF, stride, padding per layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @sweep_flags
 @converts_errors
-def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
-            device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
+def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, with_layers,
+            as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,
+            quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport.config import Level, ModelSpec, RunOptions
     from rfreport.run import jobs as jobs_mod
@@ -436,7 +440,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet)
     progress.start(job, 0, 1)
-    record = pipeline.inspect(job, progress.advance)
+    record = pipeline.inspect(job, progress.advance, layers=with_layers)
     progress.finish()
     click.echo(json.dumps(record) if as_json else inspect_text(record))
 
@@ -483,15 +487,34 @@ def inspect_text(record: dict) -> str:
                  text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
                 for lv in record["levels"]]
         lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
+    if "layers" in record:
+        lines += ["", *layers_text(record["layers"])]
     return "\n".join(lines)
 
 
-def text(value: Any) -> str:
-    """Format a JSON value for a table cell: lists as `a x b`, floats with 4 significant digits."""
+def layers_text(rows: Sequence[dict]) -> list[str]:
+    """Render the per-layer table of an inspect record: one line per layer, the reasons for estimates below it.
+
+    `>` marks the analysed layer; `covers` says whether the centre's RF covers the input (border) or every RF
+    does (global). Values are printed in full: they are exact unless the `exact` column names a reason.
+    """
+    reasons = list(dict.fromkeys(row["estimated"] for row in rows if row["estimated"]))
+    body = [[">" if row["target"] else "", row["layer"], row["type"], text(row["output_shape"]),
+             text(row["stride"], EXACT_DIGITS), text(row["arch_rf_size"]), text(row["padding"], EXACT_DIGITS),
+             text(row["center_offset"], EXACT_DIGITS),
+             f"estimated ({reasons.index(row['estimated']) + 1})" if row["estimated"] else "yes",
+             "global" if row["global"] else "border" if row["border"] else ""] for row in rows]
+    lines = ["per-layer table (> the analysed layer):",
+             table(["", "layer", "type", "output", "stride", "arch rf", "padding", "offset", "exact", "covers"], body)]
+    return lines + [f"({number}) {reason}" for number, reason in enumerate(reasons, 1)]
+
+
+def text(value: Any, digits: int = 4) -> str:
+    """Format a JSON value for a table cell: lists as `a x b`, floats with `digits` significant digits."""
     if isinstance(value, (list, tuple)):
-        return " x ".join(text(v) for v in value)
+        return " x ".join(text(v, digits) for v in value)
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     return "-" if value is None else str(value)
 
 

@@ -29,6 +29,7 @@ from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
 from rfreport.analysis.analyze import Analysis
 from rfreport.analysis.geometry import EXACT_FITS
+from rfreport.analysis.layertable import layer_rows
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
 from rfreport.compute.surrogate import surrogates_reused
@@ -120,21 +121,22 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     return result
 
 
-def inspect(job: Job, advance: Advance | None = None) -> dict:
-    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept without layer growth."""
+def inspect(job: Job, advance: Advance | None = None, layers: bool = False) -> dict:
+    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept (with the per-layer table
+    when `layers`, else without layer growth)."""
     model = models.build(job.spec)
-    slot = cache.slot(model, job, "inspect")
+    slot = cache.slot(model, job, "inspect-layers" if layers else "inspect")
     if (hit := slot.load()) is not None:
         return hit.values | {"cached": True}
     with surrogates_reused():
-        record = inspect_record(model, job, advance)
+        record = inspect_record(model, job, advance, layers)
     slot.save(record)
     return record | {"cached": False}
 
 
-def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
-    """Sweep one job's model without layer growth and return its inspect record."""
-    measured = plan.measure(model, job, advance, growth=False, find_attention=True)
+def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None, layers: bool = False) -> dict:
+    """Sweep one job's model (with layer growth when `layers`) and return its inspect record."""
+    measured = plan.measure(model, job, advance, growth=layers, find_attention=True)
     analysed = measured.analyse()
     summary, main = analysed.summary, measured.main
     rows = position_records(analysed.positions, main)
@@ -145,6 +147,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
               "exact": summary.exact}
+    if measured.growth is not None:
+        record["layers"] = [row.to_json() for row in layer_rows(measured.growth)]
     if job.spec.levels:
         record["levels"] = level_records(model, job, measured, analysed)
     if summary.attention is not None:
