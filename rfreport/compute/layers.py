@@ -93,8 +93,8 @@ NOT_AFFINE = ("not affine at its centre (upsampling, a transposed convolution or
               "the size is measured at the centre, with no stride or padding")
 UNKNOWN = "its centre reads a layer whose geometry is unknown"
 POOLED = "reads through global pooling: its RF is global at every input size"
-CLIPPED = ("a grid border cut a local window on axis {axes}, here or on a layer it reads from, at every input size "
-           "tried: the values are lower bounds")
+CLIPPED = ("a grid border cuts a local window on axis {axes} (here or upstream) and no larger input tried gave exact "
+           "values: the RF is a lower bound")
 
 
 @dataclass(frozen=True)
@@ -596,13 +596,14 @@ def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = No
 
     `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
     it are skipped. `global_context` (known from a local sweep) spares larger inputs for layers whose
-    RF is global here. The outermost module whose output is the `target` tensor (default: the model's
-    output) is captured too, leaf or not, and flagged as the target row.
+    RF is global here. The row of the outermost module whose output is the `target` tensor is flagged
+    (default: the model's output); a given target's module is captured even when it is not a leaf or
+    not among `layers`.
     """
     shape = check_input_shape(tuple(input_shape))
     owner = target_module(model, shape, target or Target())
     names = layers or leaf_names(model)
-    if owner is not None and owner not in names:
+    if target is not None and owner is not None and owner not in names:
         names = [*names, owner]
     options = {"layers": names, "mode": mode, "device": device, "seed": seed, "layout": layout}
     return _frame(_refined(model, shape, options, global_context), len(shape) - 2, owner)
