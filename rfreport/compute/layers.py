@@ -89,8 +89,9 @@ LAYERS = register(Schema(
                "output it is, captured as a row even when it is not a leaf)"),
     ),
 ))
-NOT_AFFINE = ("not affine at its centre (upsampling, a transposed convolution or a size-dependent op on the way): "
-              "the size is measured at the centre, with no stride or padding")
+NOT_AFFINE = ("not affine at its centre (its windows do not move in equal steps, as through upsampling or a "
+              "transposed convolution, or it reads through a size-dependent op): the size is measured at the centre, "
+              "with no stride or padding")
 UNKNOWN = "its centre reads a layer whose geometry is unknown"
 POOLED = "reads through global pooling: its RF is global at every input size"
 CLIPPED = ("a grid border cuts a local window on axis {axes} (here or upstream) and no larger input tried gave exact "
