@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from rfreport import audit as audit_mod
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
-from rfreport.run.progress import is_progress, stage
+from rfreport.run.progress import is_job_status, is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
@@ -69,7 +69,8 @@ def converts_errors(command: Callable) -> Callable:
 
 
 class ConsoleFilter(logging.Filter):
-    """Pass records at or above the chosen level, and progress lines unless -q."""
+    """Pass records at or above the chosen level, and progress lines unless -q; a job's outcome only with -q (else
+    the progress display's status line of the job says it, once)."""
 
     def __init__(self):
         super().__init__()
@@ -77,6 +78,8 @@ class ConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Tell whether the console shows a record."""
+        if self.progress and is_job_status(record):
+            return False
         return record.levelno >= self.level or (self.progress and is_progress(record))
 
 
@@ -103,10 +106,16 @@ def verbosity(command: Callable) -> Callable:
     return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(command)
 
 
-def sweep_flags(command: Callable) -> Callable:
-    """Add the shared options of the commands that sweep: device, batch size, seed, ERF, cache and verbosity."""
+def sweep_flags(configured: bool) -> Callable[[Callable], Callable]:
+    """Return a decorator adding the shared options of the commands that sweep: device, batch size, seed, ERF, cache
+    and verbosity (`configured`: the command reads configs, whose options are the defaults)."""
+    return functools.partial(_add_sweep_flags, device_default="the config's, else auto" if configured else "auto")
+
+
+def _add_sweep_flags(command: Callable, device_default: str) -> Callable:
+    """Add the shared sweep options to a command."""
     flags = [
-        click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
+        click.option("--device", default=None, help=f"auto, cpu, cuda, cuda:1, ... (default: {device_default})."),
         click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
         click.option("--seed", type=int, default=None, help="Seed of the random probe inputs (default: 0)."),
         click.option("--erf-samples", type=click.IntRange(min=1), default=None,
@@ -208,7 +217,8 @@ class ClickProgress:
         if result is None:
             return
         status = "ok" if result.status == "ok" else f"FAILED: {result.error}"
-        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s)", err=True)
+        cached = ", from the cache" if result.cached else ""
+        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s{cached})", err=True)
 
 
 def make_progress(quiet: bool):
@@ -243,7 +253,7 @@ def cli() -> None:
 @click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
-@sweep_flags
+@sweep_flags(configured=True)
 @converts_errors
 def run(configs, out_dir, assets_dir, executor, address, device, batch_size, seed, erf_samples, erf_positions,
         no_cache, cache_dir, verbose, quiet) -> None:
@@ -258,6 +268,7 @@ def run(configs, out_dir, assets_dir, executor, address, device, batch_size, see
     chosen = make_executor(config.options.executor, config.options.address, make_progress(quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
+    print_summary([model.entry for model in saved.models], quiet)
     failed = [model.slug for model in saved.models if not model.ok]
     if failed:
         raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed ({', '.join(failed)}); "
@@ -287,7 +298,7 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the verdicts as JUnit XML: a testsuite per model, a testcase per rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as one JSON object instead of a table.")
-@sweep_flags
+@sweep_flags(configured=True)
 @converts_errors
 def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir,
           verbose, quiet) -> None:
@@ -311,9 +322,42 @@ def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, e
         rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
                 for e in entries for r in e.get("audit") or []]
         click.echo(table(["model", "rule", "limit", "value", "result"], rows))
+    print_summary(entries, quiet)
     failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
     if failing:
         raise CommandError(f"audit failed for {', '.join(failing)}", 1)
+
+
+def arch_rf(entry: Mapping[str, Any]) -> Any:
+    """Return a model entry's architecture RF per axis (the RF with no border in the way), None if unknown."""
+    return entry.get("rf_size")
+
+
+def verdict_text(entry: Mapping[str, Any]) -> str:
+    """Return a model's verdict in a few words: job failed, FAIL and the failing rules, pass, or ok (no rules)."""
+    if entry.get("status") != "ok":
+        return "job failed"
+    results = entry.get("audit") or []
+    if not audit_mod.passed(results):
+        return f"FAIL: {', '.join(audit_mod.failed_rules(results))}"
+    return "pass" if results else "ok"
+
+
+def global_text(entry: Mapping[str, Any]) -> str:
+    """Return whether global context reaches a model's output: yes (from its first global layer), no, or unknown."""
+    found = entry.get("global")
+    if found is None:
+        return "unknown" if entry.get("status") == "ok" else "-"
+    return ("yes" + (f" ({entry['global_from']})" if entry.get("global_from") else "")) if found else "no"
+
+
+def print_summary(entries: Sequence[Mapping[str, Any]], quiet: bool) -> None:
+    """Print the closing summary table of `run` and `check` on stderr (stdout stays what scripts read); not with -q."""
+    if quiet or not entries:
+        return
+    rows = [[e["slug"], text(e["input_shape"][2:]), verdict_text(e), text(arch_rf(e)), text(e.get("stride")),
+             global_text(e)] for e in entries]
+    click.echo(table(["model", "input", "verdict", "architecture RF", "stride", "global"], rows), err=True)
 
 
 def write_atomically(path: Path, content: str) -> None:
@@ -416,7 +460,7 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
 @click.option("--layers", "with_layers", is_flag=True,
               help="Also measure and print the per-layer table (architecture RF, stride, padding per layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@sweep_flags
+@sweep_flags(configured=False)
 @converts_errors
 def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, with_layers,
             as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,

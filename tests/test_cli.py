@@ -368,7 +368,7 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
     assert done.exit_code == 0
     lines = done.stderr.splitlines()
     assert lines[0].startswith("[1/1] tiny-17x17: ok (") and lines[1] == "rendering the report of 1 job(s)"
-    assert lines[2].startswith("rendering the report took ") and len(lines) == 3
+    assert lines[2].startswith("rendering the report took ") and lines[3].startswith("model ") and len(lines) == 6
     quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
@@ -506,3 +506,42 @@ def test_inspect_layers_json_lists_the_rows_with_the_hand_derived_geometry():
 
 def test_inspect_without_layers_lists_no_layer_rows(ws):
     assert "layers" not in inspect_json(ws)
+
+
+def test_run_and_check_end_with_a_summary_table_on_stderr_and_q_silences_it(ws, ci_run):
+    done = invoke("run", ws / "good.toml", "--out", ws / "summarised")
+    assert done.exit_code == 0 and done.stdout == f"{ws / 'summarised' / 'index.html'}\n"
+    assert [line.split() for line in done.stderr.splitlines()[-3:]] == [
+        ["model", "input", "verdict", "architecture", "RF", "stride", "global"],
+        ["-" * 10, "-" * 7, "-" * 7, "-" * 15, "-" * 6, "-" * 6],
+        ["tiny-17x17", "17", "x", "17", "pass", "13", "x", "13", "2", "x", "2", "no"]]
+    checked = invoke("check", ci_run)
+    assert checked.stdout.splitlines()[0].split() == ["model", "rule", "limit", "value", "result"]
+    summary = checked.stderr.splitlines()
+    assert summary[0].split()[:3] == ["model", "input", "verdict"]
+    assert summary[2].split() == ["tiny-17x17", "17", "x", "17", "FAIL:", "min_rf", "13", "x", "13", "2", "x", "2",
+                                  "no"]
+    assert summary[3].split() == ["broken-17x17", "17", "x", "17", "job", "failed", "-", "-", "-"]
+    assert summary[4] == "Error: audit failed for tiny-17x17, broken-17x17" and len(summary) == 5
+    assert invoke("check", ci_run, "-q").stderr == "Error: audit failed for tiny-17x17, broken-17x17\n"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_failed_job_is_reported_once_on_stderr(ws, quiet):
+    done = invoke("run", ws / "mixed.toml", "--out", ws / "mixed-once", *(["-q"] if quiet else []))
+    assert done.exit_code == 1 and done.stderr.count("no model today") == 1
+    assert ("[2/2] broken-17x17: FAILED: " in done.stderr) is not quiet
+    assert "broken-17x17: failed: " in (ws / "mixed-once" / "log.txt").read_text()
+
+
+def test_cache_hits_are_named_in_the_progress_lines(ws):
+    first = invoke("run", ws / "good.toml", "--out", ws / "cached")
+    again = invoke("run", ws / "good.toml", "--out", ws / "cached")
+    assert first.stderr.startswith("[1/1] tiny-17x17: ok (") and "from the cache" not in first.stderr
+    assert again.stderr.splitlines()[0].endswith(" s, from the cache)")
+
+
+def test_inspect_help_mentions_no_config():
+    shown = invoke("inspect", "--help")
+    assert "(default: auto)" in shown.stdout and "config" not in shown.stdout
+    assert "(default: the config's, else auto)" in " ".join(invoke("run", "--help").stdout.split())

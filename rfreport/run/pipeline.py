@@ -225,9 +225,9 @@ def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.Model
     """Run the jobs through the executor and yield what the run folder stores for each."""
     for job, result in zip(jobs, executor.map(jobs), strict=True):
         if result.status == "ok":
-            logger.info("%s: ok in %.1f s", result.slug, result.seconds)
+            logger.info("%s: ok in %.1f s", result.slug, result.seconds, extra=progress.JOB_STATUS)
         else:
-            logger.error("%s: failed: %s", result.slug, result.error)
+            logger.error("%s: failed: %s", result.slug, result.error, extra=progress.JOB_STATUS)
         yield runfolder.ModelOutput(entry(job, result), result.frames, result.arrays)
 
 
