@@ -58,9 +58,18 @@ def _center_offset(rf: int, stride: float | None, padding: float | None) -> floa
     return None if stride is None or padding is None else (rf - stride) / 2 - padding
 
 
+UNRECORDED = "the reason is not recorded in this run folder (rerun the model to see it)"
+
+
 def layer_rows(frame: pd.DataFrame) -> tuple[LayerRow, ...]:
-    """Return the per-layer table of a layers frame, in forward order."""
+    """Return the per-layer table of a layers frame, in forward order.
+
+    A frame saved without the `estimated` and `target` columns gives estimated rows that say their reason
+    was not recorded, and no analysed row.
+    """
     letters = axis_names(sum(column.startswith("out_") for column in frame.columns))
+    frame = frame.assign(**{column: value for column, value in (("estimated", ""), ("target", False))
+                            if column not in frame.columns})
     rows = []
     for record in frame.to_dict("records"):
         stride = tuple(_known(record[f"{a}_stride"]) for a in letters)
@@ -71,6 +80,7 @@ def layer_rows(frame: pd.DataFrame) -> tuple[LayerRow, ...]:
             output_shape=(int(record["channels"]), *(int(record[f"out_{a}"]) for a in letters)),
             stride=stride, arch_rf_size=rf, padding=padding,
             center_offset=tuple(_center_offset(*axis) for axis in zip(rf, stride, padding, strict=True)),
-            exact=bool(record["rf_exact"]), estimated=str(record["estimated"]) or None,
+            exact=bool(record["rf_exact"]),
+            estimated=None if record["rf_exact"] else str(record["estimated"]) or UNRECORDED,
             border=bool(record["border"]), global_=bool(record["global"]), target=bool(record["target"])))
     return tuple(rows)
