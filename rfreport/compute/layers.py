@@ -94,7 +94,7 @@ NOT_AFFINE = ("not affine at its centre (its windows do not move in equal steps,
               "with no stride or padding")
 UNKNOWN = "its centre reads a layer whose geometry is unknown"
 POOLED = "reads through global pooling: its RF is global at every input size"
-CLIPPED = ("a grid border cuts a local window on axis {axes} (here or upstream) and no larger input tried gave exact "
+CLIPPED = ("a grid border cuts a local window on {axes} (here or upstream) and no larger input tried gave exact "
            "values: the RF is a lower bound")
 
 
@@ -539,7 +539,8 @@ def _estimated(layer: _Layer, letters: str) -> str:
         return UNKNOWN
     if layer.pooled:
         return POOLED
-    return CLIPPED.format(axes=", ".join(a for a, ok in zip(letters, layer.affine.exact) if not ok))
+    cut = [a for a, ok in zip(letters, layer.affine.exact) if not ok]
+    return CLIPPED.format(axes=f"{'axes' if len(cut) > 1 else 'axis'} {', '.join(cut)}")
 
 
 def _frame(measured: list[_Layer], ndim: int, target: str | None = None) -> pd.DataFrame:

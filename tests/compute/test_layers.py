@@ -491,5 +491,5 @@ def test_a_row_says_why_it_is_estimated():
     upsampled = Graph([(nn.Conv2d(1, 2, 2, stride=2), (0,)), (nn.Conv2d(2, 2, 2, stride=2), (1,)),
                        (nn.Upsample(scale_factor=2, mode="bilinear"), (2,))])
     row = layer_growth(upsampled, (1, 1, 8, 8)).set_index("layer").loc["mods.2"]
-    assert row["estimated"] == ("a grid border cuts a local window on axis h, w (here or upstream) and no larger "
+    assert row["estimated"] == ("a grid border cuts a local window on axes h, w (here or upstream) and no larger "
                                 "input tried gave exact values: the RF is a lower bound")
