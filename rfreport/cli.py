@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from rfreport.config import SEED_MAX
 from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
-from rfreport.run.progress import is_progress, stage
+from rfreport.run.progress import is_job_status, is_progress, stage
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
+EXACT_DIGITS = 12   # significant digits of exact per-layer values (halves and thirds of pixels print in full)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -69,7 +70,8 @@ def converts_errors(command: Callable) -> Callable:
 
 
 class ConsoleFilter(logging.Filter):
-    """Pass records at or above the chosen level, and progress lines unless -q."""
+    """Pass records at or above the chosen level, and progress lines unless -q; a job's outcome only with -q (else
+    the progress display's status line of the job says it, once)."""
 
     def __init__(self):
         super().__init__()
@@ -77,6 +79,8 @@ class ConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Tell whether the console shows a record."""
+        if self.progress and is_job_status(record):
+            return False
         return record.levelno >= self.level or (self.progress and is_progress(record))
 
 
@@ -103,10 +107,16 @@ def verbosity(command: Callable) -> Callable:
     return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(command)
 
 
-def sweep_flags(command: Callable) -> Callable:
-    """Add the shared options of the commands that sweep: device, batch size, seed, ERF, cache and verbosity."""
+def sweep_flags(configured: bool) -> Callable[[Callable], Callable]:
+    """Return a decorator adding the shared options of the commands that sweep: device, batch size, seed, ERF, cache
+    and verbosity (`configured`: the command reads configs, whose options are the defaults)."""
+    return functools.partial(_add_sweep_flags, device_default="the config's, else auto" if configured else "auto")
+
+
+def _add_sweep_flags(command: Callable, device_default: str) -> Callable:
+    """Add the shared sweep options to a command."""
     flags = [
-        click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the config's, else auto)."),
+        click.option("--device", default=None, help=f"auto, cpu, cuda, cuda:1, ... (default: {device_default})."),
         click.option("--batch-size", default=None, help="Positions per backward pass: a positive integer or auto."),
         click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
                      help="Seed of the random probe inputs (default: 0)."),
@@ -234,7 +244,8 @@ class ClickProgress:
         if result is None:
             return
         status = "ok" if result.status == "ok" else f"FAILED: {result.error}"
-        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s)", err=True)
+        cached = ", from the cache" if result.cached else ""
+        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s{cached})", err=True)
 
 
 def make_progress(quiet: bool, starts: bool = True):
@@ -278,7 +289,7 @@ def cli() -> None:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
 @job_timeout_flag
-@sweep_flags
+@sweep_flags(configured=True)
 @converts_errors
 def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, batch_size, seed, erf_samples,
         erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
@@ -293,6 +304,7 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, ba
     chosen = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
+    print_summary([model.entry for model in saved.models], quiet)
     failed = [model.slug for model in saved.models if not model.ok]
     if failed:
         raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed ({', '.join(failed)}); "
@@ -323,7 +335,7 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
               help="Also write the verdicts as JUnit XML: a testsuite per model, a testcase per rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as one JSON object instead of a table.")
 @job_timeout_flag
-@sweep_flags
+@sweep_flags(configured=True)
 @converts_errors
 def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, erf_samples, erf_positions, no_cache,
           cache_dir, verbose, quiet) -> None:
@@ -347,9 +359,42 @@ def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, e
         rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
                 for e in entries for r in e.get("audit") or []]
         click.echo(table(["model", "rule", "limit", "value", "result"], rows))
+    print_summary(entries, quiet)
     failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
     if failing:
         raise CommandError(f"audit failed for {', '.join(failing)}", 1)
+
+
+def arch_rf(entry: Mapping[str, Any]) -> Any:
+    """Return a model entry's architecture RF per axis (the RF with no border in the way), None if unknown."""
+    return entry.get("rf_size")
+
+
+def verdict_text(entry: Mapping[str, Any]) -> str:
+    """Return a model's verdict in a few words: job failed, FAIL and the failing rules, pass, or ok (no rules)."""
+    if entry.get("status") != "ok":
+        return "job failed"
+    results = entry.get("audit") or []
+    if not audit_mod.passed(results):
+        return f"FAIL: {', '.join(audit_mod.failed_rules(results))}"
+    return "pass" if results else "ok"
+
+
+def global_text(entry: Mapping[str, Any]) -> str:
+    """Return whether global context reaches a model's output: yes (from its first global layer), no, or unknown."""
+    found = entry.get("global")
+    if found is None:
+        return "unknown" if entry.get("status") == "ok" else "-"
+    return ("yes" + (f" ({entry['global_from']})" if entry.get("global_from") else "")) if found else "no"
+
+
+def print_summary(entries: Sequence[Mapping[str, Any]], quiet: bool) -> None:
+    """Print the closing summary table of `run` and `check` on stderr (stdout stays what scripts read); not with -q."""
+    if quiet or not entries:
+        return
+    rows = [[e["slug"], text(e["input_shape"][2:]), verdict_text(e), text(arch_rf(e)), text(e.get("stride")),
+             global_text(e)] for e in entries]
+    click.echo(table(["model", "input", "verdict", "architecture RF", "stride", "global"], rows), err=True)
 
 
 def write_atomically(path: Path, content: str) -> None:
@@ -449,11 +494,14 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
               help="Exact structural RF or naive gradient.")
 @click.option("--layout", default="nchw", show_default=True,
               help="How the analysed tensor's axes are read: nchw, nhwc, tokens or tokens:HxW.")
+@click.option("--layers", "with_layers", is_flag=True,
+              help="Also measure and print the per-layer table (architecture RF, stride, padding per layer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@sweep_flags
+@sweep_flags(configured=False)
 @converts_errors
-def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, as_json,
-            device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
+def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, positions, mode, layout, with_layers,
+            as_json, device, batch_size, seed, erf_samples, erf_positions, no_cache, cache_dir, verbose,
+            quiet) -> None:
     """Sweep one model built by FACTORY (package.module:callable or file.py:callable) and show its RFs."""
     from rfreport.config import Level, ModelSpec, RunOptions
     from rfreport.run import jobs as jobs_mod
@@ -475,7 +523,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet, starts=False)
     progress.start(job, 0, 1)
-    record = pipeline.inspect(job, progress.advance)
+    record = pipeline.inspect(job, progress.advance, layers=with_layers)
     progress.finish()
     click.echo(json.dumps(record) if as_json else inspect_text(record))
 
@@ -522,15 +570,34 @@ def inspect_text(record: dict) -> str:
                  text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
                 for lv in record["levels"]]
         lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
+    if "layers" in record:
+        lines += ["", *layers_text(record["layers"])]
     return "\n".join(lines)
 
 
-def text(value: Any) -> str:
-    """Format a JSON value for a table cell: lists as `a x b`, floats with 4 significant digits."""
+def layers_text(rows: Sequence[dict]) -> list[str]:
+    """Render the per-layer table of an inspect record: one line per layer, the reasons for estimates below it.
+
+    `>` marks the analysed layer; `covers` says whether the centre's RF covers the input (border) or every RF
+    does (global). Values are printed in full: they are exact unless the `exact` column names a reason.
+    """
+    reasons = list(dict.fromkeys(row["estimated"] for row in rows if row["estimated"]))
+    body = [[">" if row["target"] else "", row["layer"], row["type"], text(row["output_shape"]),
+             text(row["stride"], EXACT_DIGITS), text(row["arch_rf_size"]), text(row["padding"], EXACT_DIGITS),
+             text(row["center_offset"], EXACT_DIGITS),
+             f"estimated ({reasons.index(row['estimated']) + 1})" if row["estimated"] else "yes",
+             "global" if row["global"] else "border" if row["border"] else ""] for row in rows]
+    lines = ["per-layer table (> the analysed layer):",
+             table(["", "layer", "type", "output", "stride", "arch rf", "padding", "offset", "exact", "covers"], body)]
+    return lines + [f"({number}) {reason}" for number, reason in enumerate(reasons, 1)]
+
+
+def text(value: Any, digits: int = 4) -> str:
+    """Format a JSON value for a table cell: lists as `a x b`, floats with `digits` significant digits."""
     if isinstance(value, (list, tuple)):
-        return " x ".join(text(v) for v in value)
+        return " x ".join(text(v, digits) for v in value)
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     return "-" if value is None else str(value)
 
 

@@ -16,7 +16,7 @@ from rfreport import runfolder
 from rfreport.cli import cli
 from rfreport.run.executors import Silent
 from tests.oracle import support_mask
-from tests.support import NETS, TINY, parse_junit
+from tests.support import NETS, TINY, assert_gold, parse_junit
 
 MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
 CONFIGS = {
@@ -367,7 +367,7 @@ def test_piped_progress_names_each_job_and_the_rendering_and_q_silences_it(ws):
     lines = done.stderr.splitlines()
     assert lines[0] == "[1/1] tiny-17x17: running" and lines[1].startswith("[1/1] tiny-17x17: ok (")
     assert lines[2] == "rendering the report of 1 job(s)"
-    assert lines[3].startswith("rendering the report took ") and len(lines) == 4
+    assert lines[3].startswith("rendering the report took ") and lines[4].startswith("model ") and len(lines) == 7
     quiet = invoke("run", ws / "good.toml", "--out", ws / "progress", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
@@ -452,3 +452,95 @@ def test_the_rank_guard_checks_only_the_first_spatial_layer_and_leaves_no_hook()
     with pytest.raises(SweepError, match=unbatched), rank_guard(model3d, (1, 1, 8, 8)):
         model3d(torch.zeros(1, 1, 8, 8))
     assert all(not m._forward_pre_hooks for m in [*model.modules(), *model3d.modules()])
+
+
+SMALL_RESNET = ("inspect", "rfreport.examples:resnet_small", "--input-shape", "1,3,16,16", "--kwargs",
+                '{"width": 4, "blocks": 1}', "--layer", "stages", "--layers")
+# hand-derived architecture geometry of resnet_small(blocks=1): (stride, RF, padding, centre offset (r - s)/2 - P)
+HAND_DERIVED = {
+    "stem.0": (1, 3, 1, 0.0),                 # 3x3, padding 1
+    "stages.0.body.1": (1, 7, 3, 0.0),        # two more 3x3 convs at stride 1
+    "stages.1.body.0.0": (2, 9, 4, -0.5),     # 3x3 at stride 2, padding 1: RF 7 + 2, P 3 + 1
+    "stages.1.shortcut.0": (2, 7, 3, -0.5),   # 1x1 at stride 2 on the stage-0 output
+    "stages.2.body.1": (4, 25, 12, -1.5),     # 3x3 (stride 2) then 3x3 on a stride-4 grid: RF 13 + 2*2 + 2*4
+    "stages": (4, 25, 12, -1.5),              # the last block: the union of its body (25) and shortcut (13)
+}
+
+
+def test_inspect_layers_prints_the_per_layer_table():
+    """The text table of `inspect --layers` is the golden file; its rows hold the hand-derived geometry."""
+    done = invoke(*SMALL_RESNET)
+    assert done.exit_code == 0, done.output
+    assert_gold("inspect_layers.txt", done.stdout)
+    lines = done.stdout.splitlines()
+    table = lines[lines.index("per-layer table (> the analysed layer):") + 1:]
+    assert table[0].split() == ["layer", "type", "output", "stride", "arch", "rf", "padding", "offset", "exact",
+                                "covers"]
+    rows = {line[3:].split()[0]: line[3:].split() for line in table[2:] if not line.startswith("(")}
+    assert table[2 + list(rows).index("stages")].startswith(">  stages ")
+    for name, (stride, rf, padding, offset) in HAND_DERIVED.items():
+        values = [f"{v:g}" for v in (stride, stride, rf, rf, padding, padding, offset, offset)]
+        assert rows[name][7:19:3] + rows[name][9:20:3] == values[::2] + values[1::2], name
+        assert rows[name][19] == "yes"
+    assert rows["stages"][20:] == ["border"] and rows["stem.0"][20:] == []
+    assert table[-1] == "(1) reads through global pooling: its RF is global at every input size"
+
+
+def test_inspect_layers_json_lists_the_rows_with_the_hand_derived_geometry():
+    done = invoke(*SMALL_RESNET, "--json")
+    assert done.exit_code == 0, done.output
+    layers = {row["layer"]: row for row in json.loads(done.stdout)["layers"]}
+    for name, (stride, rf, padding, offset) in HAND_DERIVED.items():
+        row = layers[name]
+        assert (row["stride"], row["arch_rf_size"], row["padding"], row["center_offset"]) == (
+            [stride] * 2, [rf] * 2, [padding] * 2, [offset] * 2), name
+        assert row["exact"] is True and row["estimated"] is None
+    assert [name for name, row in layers.items() if row["target"]] == ["stages"]
+    assert layers["stages"]["output_shape"] == [16, 4, 4] and layers["stages"]["border"] is True
+    pooled = layers["head.0"]
+    assert pooled["global"] is True and pooled["exact"] is False and "global pooling" in pooled["estimated"]
+    assert list(pooled) == ["layer", "type", "output_shape", "stride", "arch_rf_size", "padding", "center_offset",
+                            "exact", "estimated", "border", "global", "target"]
+
+
+def test_inspect_without_layers_lists_no_layer_rows(ws):
+    assert "layers" not in inspect_json(ws)
+
+
+def test_run_and_check_end_with_a_summary_table_on_stderr_and_q_silences_it(ws, ci_run):
+    done = invoke("run", ws / "good.toml", "--out", ws / "summarised")
+    assert done.exit_code == 0 and done.stdout == f"{ws / 'summarised' / 'index.html'}\n"
+    assert [line.split() for line in done.stderr.splitlines()[-3:]] == [
+        ["model", "input", "verdict", "architecture", "RF", "stride", "global"],
+        ["-" * 10, "-" * 7, "-" * 7, "-" * 15, "-" * 6, "-" * 6],
+        ["tiny-17x17", "17", "x", "17", "pass", "13", "x", "13", "2", "x", "2", "no"]]
+    checked = invoke("check", ci_run)
+    assert checked.stdout.splitlines()[0].split() == ["model", "rule", "limit", "value", "result"]
+    summary = checked.stderr.splitlines()
+    assert summary[0].split()[:3] == ["model", "input", "verdict"]
+    assert summary[2].split() == ["tiny-17x17", "17", "x", "17", "FAIL:", "min_rf", "13", "x", "13", "2", "x", "2",
+                                  "no"]
+    assert summary[3].split() == ["broken-17x17", "17", "x", "17", "job", "failed", "-", "-", "-"]
+    assert summary[4] == "Error: audit failed for tiny-17x17, broken-17x17" and len(summary) == 5
+    assert invoke("check", ci_run, "-q").stderr == "Error: audit failed for tiny-17x17, broken-17x17\n"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_failed_job_is_reported_once_on_stderr(ws, quiet):
+    done = invoke("run", ws / "mixed.toml", "--out", ws / "mixed-once", *(["-q"] if quiet else []))
+    assert done.exit_code == 1 and done.stderr.count("no model today") == 1
+    assert ("[2/2] broken-17x17: FAILED: " in done.stderr) is not quiet
+    assert "broken-17x17: failed: " in (ws / "mixed-once" / "log.txt").read_text()
+
+
+def test_cache_hits_are_named_in_the_progress_lines(ws):
+    first = invoke("run", ws / "good.toml", "--out", ws / "cached")
+    again = invoke("run", ws / "good.toml", "--out", ws / "cached")
+    assert first.stderr.splitlines()[1].startswith("[1/1] tiny-17x17: ok (") and "from the cache" not in first.stderr
+    assert again.stderr.splitlines()[1].endswith(" s, from the cache)")
+
+
+def test_inspect_help_mentions_no_config():
+    shown = invoke("inspect", "--help")
+    assert "(default: auto)" in shown.stdout and "config" not in shown.stdout
+    assert "(default: the config's, else auto)" in " ".join(invoke("run", "--help").stdout.split())

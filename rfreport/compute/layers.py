@@ -84,8 +84,18 @@ LAYERS = register(Schema(
         Column("border", "bool", "flag", "border layer: the centre position's RF already covers the whole input, "
                "so this layer's depth adds no context at this resolution"),
         Column("global", "bool", "flag", "both the centre and the first corner position see the whole input"),
+        Column("estimated", "string", "", "why the unclipped values are not exact (empty when rf_exact)"),
+        Column("target", "bool", "flag", "the analysed tensor is this layer's output (the outermost module whose "
+               "output it is, captured as a row even when it is not a leaf)"),
     ),
 ))
+NOT_AFFINE = ("not affine at its centre (its windows do not move in equal steps, as through upsampling or a "
+              "transposed convolution, or it reads through a size-dependent op): the size is measured at the centre, "
+              "with no stride or padding")
+UNKNOWN = "its centre reads a layer whose geometry is unknown"
+POOLED = "reads through global pooling: its RF is global at every input size"
+CLIPPED = ("a grid border cuts a local window on {axes} (here or upstream) and no larger input tried gave exact "
+           "values: the RF is a lower bound")
 
 
 @dataclass(frozen=True)
@@ -519,15 +529,32 @@ def _on_axis(affine: _Affine, axis: int) -> _Affine:
     return replace(affine, exact=np.arange(len(affine.exact)) == axis)
 
 
-def _frame(measured: list[_Layer], ndim: int) -> pd.DataFrame:
-    """Build the layers frame from measured rows (a module's later calls are left out)."""
+def _estimated(layer: _Layer, letters: str) -> str:
+    """Say why a layer's unclipped values are not exact (empty when they are)."""
+    if layer.affine.exact.all():
+        return ""
+    if layer.direct:
+        return NOT_AFFINE
+    if layer.unknown or not layer.size.any():
+        return UNKNOWN
+    if layer.pooled:
+        return POOLED
+    cut = [a for a, ok in zip(letters, layer.affine.exact) if not ok]
+    return CLIPPED.format(axes=f"{'axes' if len(cut) > 1 else 'axis'} {', '.join(cut)}")
+
+
+def _frame(measured: list[_Layer], ndim: int, target: str | None = None) -> pd.DataFrame:
+    """Build the layers frame from measured rows (a module's later calls are left out); `target` names the row
+    whose output is the analysed tensor."""
     measured = [m for m in measured if REPEAT not in m.name]
+    letters = axis_names(ndim)
     data: dict[str, object] = {
         "order": np.arange(len(measured)), "layer": [m.name for m in measured], "type": [m.type for m in measured],
         "channels": [m.channels for m in measured], "rf_exact": [bool(m.affine.exact.all()) for m in measured],
         "border": [m.border for m in measured], "global": [m.is_global for m in measured],
+        "estimated": [_estimated(m, letters) for m in measured], "target": [m.name == target for m in measured],
     }
-    for axis, a in enumerate(axis_names(ndim)):
+    for axis, a in enumerate(letters):
         data[f"out_{a}"] = [m.out[axis] for m in measured]
         data[f"{a}_size"] = [m.size[axis] for m in measured]
         data[f"{a}_rf"] = [int(m.affine.rf[axis]) if np.isfinite(m.affine.rf[axis]) else 0 for m in measured]
@@ -556,7 +583,7 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
     has no stride.
     """
     shape = check_input_shape(tuple(input_shape))
-    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    leaves = [n for n in leaf_names(model) if n]
     names = leaves if layer in leaves else [*leaves, layer]
     options = {"layers": names, "mode": mode, "device": device, "seed": seed, "upto": layer, "corner": False}
     row = {m.name: m for m in _refined(model, shape, options)}[layer]
@@ -565,17 +592,33 @@ def target_geometry(model: nn.Module, input_shape, layer: str, *, mode: str = "s
 
 
 def layer_growth(model: nn.Module, input_shape, *, layers: list[str] | None = None, mode: str = "structural",
-                 device: str = "auto", seed: int = 0, layout: str = "nchw",
-                 global_context: bool = False) -> pd.DataFrame:
+                 device: str = "auto", seed: int = 0, layout: str = "nchw", global_context: bool = False,
+                 target: Target | None = None) -> pd.DataFrame:
     """Return the layers frame: RF size, stride, padding and border flags per layer, in forward order.
 
     `layout` says how captured layer outputs are read (see rfreport.layouts); outputs that do not fit
     it are skipped. `global_context` (known from a local sweep) spares larger inputs for layers whose
-    RF is global here.
+    RF is global here. The row of the outermost module whose output is the `target` tensor is flagged
+    (default: the model's output); a given target's module is captured even when it is not a leaf or
+    not among `layers`.
     """
     shape = check_input_shape(tuple(input_shape))
-    options = {"layers": layers, "mode": mode, "device": device, "seed": seed, "layout": layout}
-    return _frame(_refined(model, shape, options, global_context), len(shape) - 2)
+    owner = target_module(model, shape, target or Target())
+    names = layers or leaf_names(model)
+    if target is not None and owner is not None and owner not in names:
+        names = [*names, owner]
+    options = {"layers": names, "mode": mode, "device": device, "seed": seed, "layout": layout}
+    return _frame(_refined(model, shape, options, global_context), len(shape) - 2, owner)
+
+
+def leaf_names(model: nn.Module) -> list[str]:
+    """Return the names of a model's leaf modules (the layers captured by default), in definition order."""
+    return [name for name, module in model.named_modules() if not list(module.children())]
+
+
+def target_module(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> str | None:
+    """Return the outermost module whose first call outputs the target tensor, or None when no module's does."""
+    return next((name for name in output_layers(model, input_shape, target) if REPEAT not in name), None)
 
 
 def channels_last_outputs(model: nn.Module, input_shape: tuple[int, ...],
@@ -627,28 +670,34 @@ def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, .
     """Return the modules whose output is the target tensor itself, outermost first (empty when none is).
 
     A `features_only` backbone or an FPN returns its levels as the very outputs of named modules, so
-    their layer-growth rows describe the levels. One forward pass of the model as given, in eval mode.
+    their layer-growth rows describe the levels. A module's later calls are named as the layer growth
+    captures them (`name#2`, ...): a reused ReLU's first row describes its first call only. One forward
+    pass of the model as given, in eval mode.
     """
     found: list[tuple[str, weakref.ref]] = []   # weak: outputs are freed as usual, and a freed one matches nothing
+    calls: dict[str, int] = {}
 
     def record(name: str):
         def hook(_module, _inputs, out):
             if isinstance(out, torch.Tensor):
-                found.insert(0, (name, weakref.ref(out)))   # inner modules finish first
+                calls[name] = calls.get(name, 0) + 1
+                key = name if calls[name] == 1 else f"{name}{REPEAT}{calls[name]}"
+                found.insert(0, (key, weakref.ref(out)))   # inner modules finish first
         return hook
 
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     x = torch.zeros(check_input_shape(tuple(input_shape)), dtype=first.dtype if first is not None else None)
     x = x.to(first.device if first is not None else torch.device("cpu"))
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
     with preserved(model), torch.no_grad():
         model.eval()
-        for name, module in model.named_modules():
-            if name:
-                module.register_forward_hook(record(name))
         try:
             selected = forward_target(model, x, Target(target.layer, target.output), read_layout=False)
         except SweepError:
             return ()
+        finally:
+            for handle in handles:
+                handle.remove()
     return tuple(name for name, ref in found if ref() is selected)
 
 

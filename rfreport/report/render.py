@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import audit
+from rfreport.analysis.layertable import LayerRow, layer_rows
 from rfreport.diff import SPEC_LABELS, spec_text
 from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
@@ -194,6 +195,9 @@ class ModelSection:
     data: Mapping | None = field(default=None, metadata={
         "doc": "the explorer's data (positions, bounds, masks) as JSON values; None when the model has no explorer"})
     open: bool = field(default=True, metadata={"doc": "whether the section starts expanded"})
+    layers: tuple[LayerRow, ...] = field(default=(), metadata={
+        "doc": "the per-layer table (architecture RF, stride, padding, centre offset per layer), empty without a "
+               "layer growth"})
 
 
 @dataclass(frozen=True)
@@ -710,7 +714,7 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
         figures=model_figures(model, assets) if model.ok else (),
         tables=model_tables(run, model, page_dir, assets.embeds) if model.ok else (),
         spec=spec_rows(entry), data=explorer_data(model, assets) if model.ok else None,
-        open=expanded or not model.ok)
+        open=expanded or not model.ok, layers=layer_rows(model.frames["layers"]) if "layers" in model.frames else ())
 
 
 def run_info(meta: Mapping) -> RunInfo:

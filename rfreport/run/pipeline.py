@@ -30,6 +30,7 @@ from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
 from rfreport.analysis.analyze import Analysis
 from rfreport.analysis.geometry import EXACT_FITS
+from rfreport.analysis.layertable import layer_rows
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
 from rfreport.compute.surrogate import surrogates_reused
@@ -147,21 +148,22 @@ def cached_result(job: Job, hit: cache.Hit, started: float) -> JobResult:
                      frames=hit.frames, arrays=hit.arrays, **values)
 
 
-def inspect(job: Job, advance: Advance | None = None) -> dict:
-    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept without layer growth."""
+def inspect(job: Job, advance: Advance | None = None, layers: bool = False) -> dict:
+    """Return the JSON record of `rfreport inspect --json` for one job: cached, or swept (with the per-layer table
+    when `layers`, else without layer growth)."""
     model = models.build(job.spec)
-    slot = cache.slot(model, job, "inspect")
+    slot = cache.slot(model, job, "inspect-layers" if layers else "inspect")
     if (record := slot.load(lambda hit: hit.values | {"cached": True})) is not None:
         return record
     with surrogates_reused():
-        record = inspect_record(model, job, advance)
+        record = inspect_record(model, job, advance, layers)
     slot.save(record)
     return record | {"cached": False}
 
 
-def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -> dict:
-    """Sweep one job's model without layer growth and return its inspect record."""
-    measured = plan.measure(model, job, advance, growth=False, find_attention=True)
+def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None, layers: bool = False) -> dict:
+    """Sweep one job's model (with layer growth when `layers`) and return its inspect record."""
+    measured = plan.measure(model, job, advance, growth=layers, find_attention=True)
     analysed = measured.analyse()
     summary, main = analysed.summary, measured.main
     rows = position_records(analysed.positions, main)
@@ -172,6 +174,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
               "exact": summary.exact}
+    if measured.growth is not None:
+        record["layers"] = [row.to_json() for row in layer_rows(measured.growth)]
     if job.spec.levels:
         record["levels"] = level_records(model, job, measured, analysed)
     if summary.attention is not None:
@@ -248,9 +252,9 @@ def outputs(jobs: Sequence[Job], executor: Executor) -> Iterator[runfolder.Model
     """Run the jobs through the executor and yield what the run folder stores for each."""
     for job, result in zip(jobs, executor.map(jobs), strict=True):
         if result.status == "ok":
-            logger.info("%s: ok in %.1f s", result.slug, result.seconds)
+            logger.info("%s: ok in %.1f s", result.slug, result.seconds, extra=progress.JOB_STATUS)
         else:
-            logger.error("%s: failed: %s", result.slug, result.error)
+            logger.error("%s: failed: %s", result.slug, result.error, extra=progress.JOB_STATUS)
         yield runfolder.ModelOutput(entry(job, result), result.frames, result.arrays)
 
 

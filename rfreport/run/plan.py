@@ -398,7 +398,7 @@ def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.
     """Return the per-layer RF growth of a job's model: the architecture's, so always structural."""
     return layers.layer_growth(model, job.input_shape, layers=job.spec.layers, mode="structural",
                                device=job.options.device, seed=job.options.seed, layout=job.spec.layout,
-                               global_context=global_context)
+                               global_context=global_context, target=Target(job.spec.layer, job.spec.output))
 
 
 def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | None:

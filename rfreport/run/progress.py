@@ -2,8 +2,9 @@
 
 A record logged with :func:`stage` carries `progress=True`; the CLI's console shows such records
 at the default verbosity (and hides them with `-q`), so a piped run still says what it is doing
-while the rest of the info-level log stays behind `-v`. Every stage is logged at debug level
-too, so log.txt holds the timing of each.
+while the rest of the info-level log stays behind `-v`. Every stage is logged at debug level too, so
+log.txt holds the timing of each. A job's outcome is logged with `job_status=True`: the console leaves
+it to the progress display's status line of that job, and shows it itself only with `-q`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from contextlib import contextmanager
 logger = logging.getLogger("rfreport")
 SLOW_S = 3.0     # a stage that took at least this long gets a progress line
 PROGRESS = {"progress": True}
+JOB_STATUS = {"job_status": True}   # a job's outcome, which a progress display also prints as its status line
 
 
 def is_progress(record: logging.LogRecord) -> bool:
     """Tell whether a log record is a progress line."""
     return bool(getattr(record, "progress", False))
+
+
+def is_job_status(record: logging.LogRecord) -> bool:
+    """Tell whether a log record reports a job's outcome (shown once: by the progress display when there is one)."""
+    return bool(getattr(record, "job_status", False))
 
 
 def announce(message: str, *args) -> None:

@@ -453,3 +453,43 @@ def test_the_shape_passes_leave_the_model_as_it_was():
     assert layer_growth(model, (1, 1, 16, 16))["rf_exact"].all()
     assert model.mask is mask and model.training
     assert model(torch.rand(1, 1, 16, 16)).device.type == "cpu"
+
+
+class ReusedReLU(nn.Module):
+    """Two strided convs sharing one ReLU module: the block's output is the ReLU's second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def test_a_reused_modules_later_call_is_named_as_the_growth_captures_it():
+    """The block's output is `relu#2`, never the row of the ReLU's first call (RF 3 where the block's is 7)."""
+    from rfreport.compute.engine import Target
+    from rfreport.compute.layers import exact_geometry, output_layers
+
+    model = nn.Sequential(ReusedReLU())
+    assert output_layers(model, (1, 1, 8, 8), Target(layer="0")) == ("0", "0.relu#2")
+    assert all(not m._forward_hooks for m in model.modules())
+    frame = layer_growth(model, (1, 1, 8, 8), target=Target(layer="0"))
+    assert frame["layer"].tolist() == ["0.conv1", "0.relu", "0.conv2", "0"]   # the block is captured as a row
+    assert frame["target"].tolist() == [False, False, False, True]
+    assert exact_geometry(frame, output_layers(model, (1, 1, 8, 8), Target(layer="0"))) == [(7, 4.0, 3.0)] * 2
+
+
+def test_a_row_says_why_it_is_estimated():
+    frame = layer_growth(TinyResNet(), (1, 1, 12, 12)).set_index("layer")
+    assert frame.loc["pool", "estimated"] == "reads through global pooling: its RF is global at every input size"
+    assert (frame.drop(index="pool")["estimated"] == "").all()
+    assert layer_growth(Resized(), (1, 1, 16, 16)).set_index("layer").loc["last", "estimated"].startswith(
+        "not affine at its centre")
+    upsampled = Graph([(nn.Conv2d(1, 2, 2, stride=2), (0,)), (nn.Conv2d(2, 2, 2, stride=2), (1,)),
+                       (nn.Upsample(scale_factor=2, mode="bilinear"), (2,))])
+    row = layer_growth(upsampled, (1, 1, 8, 8)).set_index("layer").loc["mods.2"]
+    assert row["estimated"] == ("a grid border cuts a local window on axes h, w (here or upstream) and no larger "
+                                "input tried gave exact values: the RF is a lower bound")

@@ -224,3 +224,25 @@ def test_number_filter(value, text):
 def test_percent_filter():
     """Fractions become percentages without a needless decimal."""
     assert [report.percent_text(v) for v in (0.375, 0.9, None, float("nan"))] == ["37.5%", "90%", "—", "—"]
+
+
+def test_the_per_layer_table_highlights_the_analysed_layer_and_marks_border_layers(rendered, tmp_path):
+    """Each model with a layer growth has a collapsed per-layer table: the analysed row highlighted and badged,
+    border layers marked, estimated rows with their reason."""
+    run = gold_run(rendered, tmp_path)
+    path = run.path / "models" / "dilated-16x20" / "layers.parquet"
+    frame = pd.read_parquet(path)
+    frame.loc[5:, "border"] = True   # as if the input were smaller: the last two layers already cover it
+    frame.to_parquet(path)
+    html = report.render(runfolder.load(run.path)).read_text(encoding="utf-8")
+    table = html[html.index('<details class="layers">'):]
+    table = table[:table.index("</details>")]
+    assert "7 layers · analysed: <code>3</code> · 2 border layers" in table
+    rows = re.findall(r'<tr class="([^"]*)">\s*<th scope="row"><code>([^<]*)</code>(.*?)</tr>', table, flags=re.S)
+    assert [(cls, name) for cls, name, _ in rows] == [("", n) for n in ("0.0", "0.1", "1.0", "1.1", "2.0")] + [
+        (" border", "2.1"), ("target border", "3")]
+    last = rows[-1][2]
+    assert "analysed</span>" in last and "<td>13 × 13</td>" in last and "<td>border layer</td>" in last
+    volume = html[html.index('id="model-volume-6x8x8"'):]
+    assert "estimated: not affine at its centre" in volume[volume.index('<details class="layers">'):]
+    assert html.count('<details class="layers">') == 3   # one per completed model; none for the failed one
