@@ -537,8 +537,8 @@ def _md(text: str) -> str:
 
 
 def _code(text: str) -> str:
-    """Return text as a markdown code span (backticks inside replaced, one line)."""
-    return "`" + text.replace("`", "'").replace("\n", " ") + "`"
+    """Return text as a markdown code span (backticks inside replaced, one line, hidden characters shown)."""
+    return "`" + visible(text).replace("`", "'").replace("\n", " ") + "`"
 
 
 def ordered(models: Sequence[ModelDiff]) -> list[ModelDiff]:

@@ -50,6 +50,7 @@ REPORT = "index.html"
 MODELS = "models"
 STYLESHEET = "report.css"   # the report's stylesheet, in its assets folder
 FILE_KINDS = ("parquet", "csv", "npy", "npz")
+ENTRY_KEYS = ("name", "slug", "status", "input_shape")   # every entry holds these; `files` and `output_shape` too
 
 
 @dataclass(frozen=True)
@@ -516,13 +517,15 @@ def check_entries(summary: Path, entries: list) -> None:
 
 
 def _entry_problem(entry: dict) -> str | None:
-    """Return `'key': what is wrong` for the first bad key of one summary.json entry, or None."""
-    slug = entry.get("slug")
+    """Return `'key': what is wrong` (or `'key' is missing`) for the first bad key of a summary.json entry, or None."""
+    missing = next((key for key in ENTRY_KEYS if key not in entry), None)
+    if missing:
+        return f"{missing!r} is missing"
+    slug = entry["slug"]
     checks = (
-        ("name", isinstance(entry.get("name"), str), "must be a string"),
+        ("name", isinstance(entry["name"], str), "must be a string"),
         ("slug", isinstance(slug, str) and is_safe(slug),
-         "must be a plain folder name (letters, digits, '.', '_', '-'; no leading dot)" if "slug" in entry
-         else "is missing"),
+         "must be a plain folder name (letters, digits, '.', '_', '-'; no leading dot)"),
         ("status", entry.get("status") in ("ok", "failed"), "must be ok or failed"),
         ("input_shape", _shape(entry.get("input_shape"), 3), "must be a list of at least 3 positive integers"),
         ("output_shape", (entry.get("output_shape") is None and entry.get("status") != "ok")
@@ -535,9 +538,9 @@ def _entry_problem(entry: dict) -> str | None:
 
 
 def _found(entry: dict, key: str) -> str:
-    """Return `, found <value>` (shortened) for a bad key of an entry, or nothing when the key is missing."""
+    """Return `, found <value>` (shortened) for a bad key of an entry, ` (missing)` for an absent optional one."""
     if key not in entry:
-        return "" if key == "slug" else " (missing)"
+        return " (missing)"
     text = json.dumps(entry[key], ensure_ascii=True)
     return f", found {text[:80]}{'...' if len(text) > 80 else ''}"
 
