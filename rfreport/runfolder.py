@@ -7,8 +7,11 @@ Layout (format 2, rfreport.summary.FORMAT; the entries are documented in docs/su
     RUN/index.html       (report.py)
     RUN/models/<slug>/<frame>.parquet + <frame>.csv, coverage.npy, masks.npz, erf_maps.npz
 
-A run is assembled in a hidden sibling folder (:func:`staged`) and renamed into place only
-once everything is written, so a crash never leaves a folder that looks complete. No torch.
+A run is assembled in a hidden sibling folder (:func:`staged`) and swapped into place only once
+everything is written, under a lock on the target, so a crash never leaves a folder that looks
+complete and a run killed mid-swap is restored by the next one; only a folder holding nothing but
+what rfreport wrote is replaced. :func:`load` checks every entry before anything is read, so a
+hostile or damaged folder is refused in one line (docs/runfolder.md). No torch.
 """
 
 from __future__ import annotations
