@@ -520,32 +520,31 @@ def check_entries(summary: Path, entries: list) -> None:
 
 
 def _entry_problem(entry: dict) -> str | None:
-    """Return `'key': what is wrong` (or `'key' is missing`) for the first bad key of a summary.json entry, or None."""
+    """Return `'key': what is wrong, found ...` (or `'key' is missing`) for the first bad key of an entry, or None."""
     missing = next((key for key in ENTRY_KEYS if key not in entry), None)
     if missing:
         return f"{missing!r} is missing"
-    slug = entry["slug"]
-    checks = (
-        ("name", isinstance(entry["name"], str), "must be a string"),
+    slug, files = entry["slug"], entry.get("files", [])
+    stray = next((f for f in files if not _listed_file(f, str(slug))), None) if isinstance(files, list) else files
+    checks = (   # (key, whether it is right, what it must be, the value to show)
+        ("name", isinstance(entry["name"], str), "must be a string", entry["name"]),
         ("slug", isinstance(slug, str) and is_safe(slug),
-         "must be a plain folder name (letters, digits, '.', '_', '-'; no leading dot)"),
-        ("status", entry.get("status") in ("ok", "failed"), "must be ok or failed"),
-        ("input_shape", _shape(entry.get("input_shape"), 3), "must be a list of at least 3 positive integers"),
-        ("output_shape", (entry.get("output_shape") is None and entry.get("status") != "ok")
-         or _shape(entry.get("output_shape"), 1), "must be a list of positive integers"),
-        ("files", isinstance(entry.get("files", []), list)
-         and all(_listed_file(f, str(slug)) for f in entry.get("files", [])),
-         f"must list files models/<slug>/<name>.<{'|'.join(FILE_KINDS)}> of this model"),
+         "must be a plain folder name (letters, digits, '.', '_', '-'; no leading dot)", slug),
+        ("status", entry["status"] in ("ok", "failed"), "must be ok or failed", entry["status"]),
+        ("input_shape", _shape(entry["input_shape"], 3), "must be a list of at least 3 positive integers",
+         entry["input_shape"]),
+        ("output_shape", (entry.get("output_shape") is None and entry["status"] != "ok")
+         or _shape(entry.get("output_shape"), 1), "must be a list of positive integers", entry.get("output_shape")),
+        ("files", stray is None, f"must list files models/<slug>/<name>.<{'|'.join(FILE_KINDS)}> of this model",
+         stray),
     )
-    return next((f"{key!r}: {message}" + _found(entry, key) for key, ok, message in checks if not ok), None)
+    return next((f"{key!r}: {message}, found {_shown(value)}" for key, ok, message, value in checks if not ok), None)
 
 
-def _found(entry: dict, key: str) -> str:
-    """Return `, found <value>` (shortened) for a bad key of an entry, ` (missing)` for an absent optional one."""
-    if key not in entry:
-        return " (missing)"
-    text = json.dumps(entry[key], ensure_ascii=True)
-    return f", found {text[:80]}{'...' if len(text) > 80 else ''}"
+def _shown(value: Any) -> str:
+    """Return a JSON value as short ASCII text for an error message."""
+    text = json.dumps(value, ensure_ascii=True)
+    return f"{text[:80]}..." if len(text) > 80 else text
 
 
 def _shape(value: Any, least: int) -> bool:
