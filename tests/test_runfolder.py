@@ -73,12 +73,6 @@ def test_position_keys_round_trip(position, key):
     assert runfolder.parse_position_key(key) == position
 
 
-def test_slug_is_filesystem_safe():
-    assert slugify("resnet50", (1, 3, 224, 224)) == "resnet50-224x224"
-    assert slugify("a/b c:d", (1, 1, 16)) == "a_b_c_d-16"
-    assert slugify("..", (1, 1, 4, 4, 4)) == "model-4x4x4"
-
-
 def test_load_rejects_missing_incomplete_and_unknown_folders(tmp_path):
     with pytest.raises(RunFolderError, match="no run folder"):
         runfolder.load(tmp_path / "nowhere")
