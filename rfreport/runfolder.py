@@ -338,7 +338,7 @@ def recover(path: Path) -> list[Path]:
     for holder in sorted(path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*")):
         if not holder.is_dir() or holder.is_symlink() or _owner_alive(holder):
             continue
-        if (holder / ASIDE).is_dir() and not (path.exists() or path.is_symlink()):
+        if (holder / ASIDE).is_dir() and _vacant(path):
             try:
                 os.replace(holder / ASIDE, path)
             except OSError as exc:
@@ -348,6 +348,13 @@ def recover(path: Path) -> list[Path]:
         shutil.rmtree(holder, ignore_errors=True)
         removed.append(holder)
     return removed
+
+
+def _vacant(path: Path) -> bool:
+    """Tell whether nothing is at `path`, or only an empty folder (which a restored run may replace)."""
+    if path.is_symlink() or not path.exists():
+        return not path.is_symlink()
+    return path.is_dir() and not any(path.iterdir())
 
 
 def interrupted(path: Path) -> Path | None:

@@ -89,6 +89,7 @@ def test_a_swap_whose_restore_fails_keeps_the_previous_run_aside_and_the_next_ru
     with pytest.raises(RunFolderError, match=r"no run folder there \(a run was killed while replacing it: the "
                                              r"previous run is in .*/\.old; the next run into it restores it\)$"):
         runfolder.load(path)
+    path.mkdir()   # someone made an empty folder there meanwhile: the restore takes its place
     monkeypatch.setattr(runfolder, "write_summary", lambda *_a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):    # the next run restores the previous one first, then fails itself
         write(path, 3)
