@@ -1,8 +1,9 @@
 """The `rfreport` command line: thin click commands over the pipeline, run folders, audits and diffs.
 
 RfReportError is turned into a one-line `Error: ...` here and nowhere else: exit code 2 for
-usage, config and run-folder errors, 1 for everything that failed while running, 130 for
-Ctrl-C (a run folder being written is discarded, the old one left as it was). Each command
+usage, config and run-folder errors and for outputs that cannot be written (no permission, a
+full disk, another run writing the same folder), 1 for everything that failed while running,
+130 for Ctrl-C (a run folder being written is discarded, the old one left as it was). Each command
 imports what it needs when it runs: torch only in the commands that compute (so `report`,
 `check RUN_DIR` and `diff` never import it), pandas with the run folder, matplotlib and Jinja2
 only where a report is rendered (never for `inspect`); tests/test_imports.py checks it.
@@ -23,13 +24,15 @@ import click
 
 from rfreport import __version__
 from rfreport import audit as audit_mod
+from rfreport.atomic import write_file
 from rfreport.config import SEED_MAX
-from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepError
+from rfreport.errors import ConfigError, OutputError, RfReportError, RunFolderError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
 from rfreport.run.progress import is_job_status, is_progress, stage
+from rfreport.visible import visible
 
-USAGE_ERRORS = (ConfigError, RunFolderError)
+USAGE_ERRORS = (ConfigError, RunFolderError, OutputError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
 EXACT_DIGITS = 12   # significant digits of exact per-layer values (halves and thirds of pixels print in full)
 
@@ -285,7 +288,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to (re)write.")
-@click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
+@click.option("--assets-dir", default=None,
+              help="Write figures and CSS into this folder of the run (a relative path inside it), not inline.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
 @job_timeout_flag
@@ -313,7 +317,8 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, ba
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--assets-dir", default=None, help="Write figures and CSS into this folder of the run, not inline.")
+@click.option("--assets-dir", default=None,
+              help="Write figures and CSS into this folder of the run (a relative path inside it), not inline.")
 @verbosity
 @converts_errors
 def report(run_dir, assets_dir, verbose, quiet) -> None:
@@ -323,8 +328,8 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 
     configure_logging(verbose, quiet)
     saved = runfolder.load(run_dir)
-    assets = saved.path / assets_dir if assets_dir is not None else None
-    with stage("rendering the report"):
+    assets = runfolder.assets_folder(saved.path, assets_dir) if assets_dir is not None else None
+    with runfolder.locked(saved.path), stage("rendering the report"):
         page = report_mod.render(saved, saved.path / "index.html", assets_dir=assets)
     click.echo(str(page))
 
@@ -352,7 +357,7 @@ def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, e
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     if junit_path is not None:
-        write_atomically(Path(junit_path), audit_mod.junit_xml(entries))
+        write_file(junit_path, audit_mod.junit_xml(entries))
     if as_json:
         click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2, allow_nan=False))
     else:
@@ -395,21 +400,6 @@ def print_summary(entries: Sequence[Mapping[str, Any]], quiet: bool) -> None:
     rows = [[e["slug"], text(e["input_shape"][2:]), verdict_text(e), text(arch_rf(e)), text(e.get("stride")),
              global_text(e)] for e in entries]
     click.echo(table(["model", "input", "verdict", "architecture RF", "stride", "global"], rows), err=True)
-
-
-def write_atomically(path: Path, content: str) -> None:
-    """Write a text file (creating its folder) through a temporary sibling: an interrupted write leaves nothing."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(content, encoding="utf-8")
-        partial.replace(path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise CommandError(f"{path}: cannot write ({exc.strerror or exc})", 2) from exc
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
@@ -470,7 +460,7 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
         if path == "-":
             click.echo(content, nl=False)
         elif path is not None:
-            Path(path).write_text(content, encoding="utf-8")
+            write_file(path, content)
     if "-" not in outputs:
         rows = diff.text_rows(found)
         click.echo(table(["model", "what", run_a, run_b, "change"], rows) if rows else "no changes")
@@ -557,7 +547,8 @@ def inspect_text(record: dict) -> str:
     rows = [[text(p["pos"]), text(p["lo"]), text(p["hi"]), text(p["size"]), p["support"], f"{p['fill']:.3f}",
              "yes" if p["edge"] else ""] for p in record["positions"]]
     geometry = record["geometry"]
-    lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
+    lines = [f"{visible(record['model'])}: input {text(record['input_shape'])} -> "
+             f"output {text(record['output_shape'])} "
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
@@ -603,7 +594,7 @@ def text(value: Any, digits: int = 4) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Return a plain-text table with left-aligned columns."""
-    cells = [list(map(str, headers)), *([str(c) for c in row] for row in rows)]
+    cells = [list(map(str, headers)), *([visible(str(c)) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])

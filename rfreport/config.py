@@ -25,6 +25,7 @@ from rfreport.errors import ConfigError, ModelLoadError, PositionError, SweepErr
 from rfreport.factories import import_factory
 from rfreport.layouts import parse_layout
 from rfreport.options import Distribution, ExecutorKind, Mode, values
+from rfreport.slugs import slugify
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
 TOP_KEYS = ("run", "defaults", "model")
@@ -569,6 +570,7 @@ def load(paths: Sequence[Path | str]) -> RunConfig:
         run.update(options)
         option_files.update(dict.fromkeys(options, path))
     _check_unique(models)
+    _check_slugs(models)
     if not models:
         raise ConfigError(f"{', '.join(map(str, files))}: no [[model]] tables; nothing to run")
     return RunConfig(files=files, models=tuple(models), options=replace(RunOptions(), **run),
@@ -583,3 +585,22 @@ def _check_unique(models: Sequence[ModelSpec]) -> None:
             raise ConfigError(f"{spec.config_file}: model {spec.name!r}: key 'name': duplicate model name "
                               f"(first defined in {seen[spec.name].config_file})")
         seen[spec.name] = spec
+
+
+def _check_slugs(models: Sequence[ModelSpec]) -> None:
+    """Raise on two jobs (model, input shape) that would share a run-folder name, e.g. `a b` and `a_b` at 8x8.
+
+    The slug names a job's folder, its report section and its diff row, so it must be unique.
+    """
+    seen: dict[str, tuple[ModelSpec, tuple[int, ...]]] = {}
+    for spec in models:
+        for shape in spec.input_shapes:
+            slug = slugify(spec.name, shape)
+            if slug in seen:
+                other, other_shape = seen[slug]
+                key, clash, fix = ("input_shape", f"its input shapes {list(other_shape)} and {list(shape)} share",
+                                   "put one in a model of its own name") if other is spec else (
+                    "name", f"model {other.name!r} (in {other.config_file}) shares", "rename one")
+                raise ConfigError(f"{spec.config_file}: model {spec.name!r}: key '{key}': {clash} the run folder "
+                                  f"name {slug!r}; {fix} so each job has its own folder")
+            seen[slug] = (spec, tuple(shape))

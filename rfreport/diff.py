@@ -19,6 +19,7 @@ from typing import Any
 from rfreport import audit
 from rfreport.options import AuditVerdict
 from rfreport.runfolder import Run
+from rfreport.visible import visible
 
 FORMAT = 1
 FIELDS = ("status", "output_shape", "rf_size", "center_rf_size", "stride", "padding", "center_offset",
@@ -530,14 +531,14 @@ def markdown_bullets(m: ModelDiff) -> list[str]:
 
 
 def _md(text: str) -> str:
-    """Escape the characters that would break a markdown table cell or emphasis."""
-    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Escape the characters that would break a markdown table cell or emphasis; show hidden ones (bidi) as escapes."""
+    escaped = visible(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return escaped.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("`", "'").replace("\n", " ")
 
 
 def _code(text: str) -> str:
-    """Return text as a markdown code span (backticks inside replaced, one line)."""
-    return "`" + text.replace("`", "'").replace("\n", " ") + "`"
+    """Return text as a markdown code span (backticks inside replaced, one line, hidden characters shown)."""
+    return "`" + visible(text).replace("`", "'").replace("\n", " ") + "`"
 
 
 def ordered(models: Sequence[ModelDiff]) -> list[ModelDiff]:

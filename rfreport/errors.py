@@ -28,7 +28,11 @@ class LayoutError(SweepError):
 
 
 class RunFolderError(RfReportError):
-    """A run folder is missing, incomplete or of an unknown format version."""
+    """A run folder is missing, incomplete, damaged, of an unknown format version, or not ours to replace."""
+
+
+class OutputError(RfReportError):
+    """A file or folder cannot be written (no permission, a full disk) or another run is writing it."""
 
 
 class JobTimeout(BaseException):
@@ -48,6 +52,11 @@ def first_line(exc: BaseException) -> str:
     """Return the first line of an exception's message ("" when it has none)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""
+
+
+def reason(exc: OSError) -> str:
+    """Return why an operating-system call failed, e.g. `No space left on device`."""
+    return exc.strerror or one_line(exc)
 
 
 def one_line(exc: BaseException) -> str:

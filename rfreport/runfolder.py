@@ -7,23 +7,26 @@ Layout (format 2, rfreport.summary.FORMAT; the entries are documented in docs/su
     RUN/index.html       (report.py)
     RUN/models/<slug>/<frame>.parquet + <frame>.csv, coverage.npy, masks.npz, erf_maps.npz
 
-A run is assembled in a hidden sibling folder (:func:`staged`) and renamed into place only
-once everything is written, so a crash never leaves a folder that looks complete. No torch.
+A run is assembled in a hidden sibling folder (:func:`staged`) and swapped into place only once
+everything is written, under a lock on the target, so a crash never leaves a folder that looks
+complete and a run killed mid-swap is restored by the next one; only a folder holding nothing but
+what rfreport wrote is replaced. :func:`load` checks every entry before anything is read, so a
+hostile or damaged folder is refused in one line (docs/runfolder.md). No torch.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,16 +35,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rfreport.errors import RunFolderError, one_line
+from rfreport import atomic
+from rfreport.errors import OutputError, RunFolderError, one_line, reason
 from rfreport.positions import axis_names
+from rfreport.slugs import is_safe
 from rfreport.summary import FORMAT, Summary
+
+logger = logging.getLogger("rfreport")
 
 SUMMARY = "summary.json"
 LOG = "log.txt"
 POSITION_KEYED = ("masks", "erf_maps")
 STAGING_MARK = ".tmp-"       # staging folders are `.<name>.tmp-<random>` beside the run folder
 OWNER = "owner"             # in a staging folder: "<host> <pid>" of the run writing it
-ORPHAN_AGE_S = 60           # a staging folder without an owner file older than this is a leftover
+ASIDE = ".old"              # in a staging folder: the previous run, moved aside during the swap
+REPORT = "index.html"
+MODELS = "models"
+STYLESHEET = "report.css"   # the report's stylesheet, in its assets folder
+FILE_KINDS = ("parquet", "csv", "npy", "npz")
+ENTRY_KEYS = ("name", "slug", "status", "input_shape")   # every entry holds these; `files` and `output_shape` too
 
 
 @dataclass(frozen=True)
@@ -120,11 +132,20 @@ class ModelRun:
                                  "rerun the model or restore the file") from exc
 
     def _file(self, rel: str) -> Path:
-        """Return the absolute path of a file the entry lists, or raise if it is missing."""
+        """Return the absolute path of a file the entry lists, or raise if it is missing or leads out of the folder."""
         path = self.root / rel
         if not path.is_file():
             raise RunFolderError(f"{self.root}: model {self.name!r} lists {rel} but the file is missing")
+        if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(self.root)):
+            raise RunFolderError(f"{self.root}: model {self.name!r} lists {rel}, a link out of the run folder; "
+                                 "refusing to read it")
         return path
+
+    def file(self, rel: str) -> Path:
+        """Return the path of one of the files the entry lists (RunFolderError if missing or a link out)."""
+        if rel not in self.entry.get("files", []):
+            raise RunFolderError(f"{self.root}: model {self.name!r} does not list {rel}")
+        return self._file(rel)
 
 
 @dataclass(frozen=True)
@@ -147,13 +168,6 @@ def _read_npz(path: Path) -> dict[tuple[int, ...], np.ndarray]:
     """Read a position-keyed .npz archive into {position: ndarray}."""
     with np.load(path) as archive:
         return {parse_position_key(key): archive[key] for key in archive.files}
-
-
-def slugify(name: str, input_shape: Sequence[int]) -> str:
-    """Return `<name>-<spatial sizes joined by x>`, made safe as a folder name."""
-    spatial = "x".join(str(int(n)) for n in input_shape[2:])
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-    return f"{safe}-{spatial}"
 
 
 def position_key(position: Sequence[int]) -> str:
@@ -193,16 +207,16 @@ def _finite(value: Any) -> Any:
 
 def write_model(staging: Path, output: ModelOutput) -> dict:
     """Write one model's frames (Parquet and CSV) and arrays; return its entry with `files` filled in."""
-    rel_dir = Path("models") / output.entry["slug"]
+    rel_dir = Path(MODELS) / output.entry["slug"]
     folder = staging / rel_dir
     folder.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
     for name, frame in output.frames.items():
         frame.to_parquet(folder / f"{name}.parquet", index=False)
         frame.to_csv(folder / f"{name}.csv", index=False)
-        files += [str(rel_dir / f"{name}.parquet"), str(rel_dir / f"{name}.csv")]
+        files += [(rel_dir / f"{name}.parquet").as_posix(), (rel_dir / f"{name}.csv").as_posix()]
     for name, value in output.arrays.items():
-        files.append(str(rel_dir / _write_array(folder, name, value)))
+        files.append((rel_dir / _write_array(folder, name, value)).as_posix())
     return {**output.entry, "files": files}
 
 
@@ -232,88 +246,227 @@ def write(path: Path, meta: dict, outputs: Sequence[ModelOutput], log: str = "")
 
 
 @contextmanager
-def staged(path: Path) -> Iterator[Path]:
-    """Yield a folder to assemble a run in, named like `path` inside a hidden sibling; move it to `path` on success.
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a folder to assemble a run in, named like `path` inside a hidden sibling; swap it into `path` on success.
 
-    `path` must be missing, an empty folder or an rfreport run folder (:func:`check_replaceable`);
-    leftover staging folders of killed runs at that location are removed first. On any exception
-    (KeyboardInterrupt included) the staging folder is removed and an existing `path` is left
-    untouched; an old run is moved aside only once the new one is complete.
-    """
-    path = check_replaceable(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(path)
-        holder = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING_MARK}", dir=path.parent))
-    except OSError as exc:
-        raise RunFolderError(f"{path}: cannot create the run folder there ({exc.strerror or exc})") from exc
-    try:
-        (holder / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
-        staging = holder / path.name
-        staging.mkdir()
-        yield staging
-        _replace(staging, path, holder / ".old")
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
-
-
-def is_run_folder(path: Path) -> bool:
-    """Tell whether a folder holds an rfreport summary.json (any format version), i.e. can be replaced."""
-    try:
-        document = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(document, dict) and isinstance(document.get("format"), int) and isinstance(
-        document.get("models"), list)
-
-
-def check_replaceable(path: str | os.PathLike) -> Path:
-    """Return `path` made absolute if a run may be written there, else raise RunFolderError naming it.
-
-    Allowed: a missing path, an empty folder, or an rfreport run folder. Refused: a file, a link,
-    a folder holding anything else, and the current folder or one of its parents.
+    The target is locked for the whole block (:func:`rfreport.atomic.locked`: a second run into it
+    fails naming the first). `path` must be missing, an empty folder or a folder holding only what
+    rfreport wrote (:func:`check_replaceable`); a previous run left aside by a run killed during its
+    swap is restored first, and staging folders of dead runs are removed. On any exception
+    (KeyboardInterrupt included) the staging folder is removed and `path` is left as it was; an
+    OSError (a full disk) becomes OutputError.
     """
     given = Path(path)
-    path = Path(os.path.abspath(given))
-    cwd = Path.cwd()
-    if path == cwd or path in cwd.parents:
-        raise RunFolderError(f"{given}: refusing to write a run over the current folder (or one above it); "
-                             "choose a new or empty folder")
-    above = next((a for a in path.parents if a.exists() or a.is_symlink()), None)
-    if above is not None and not above.is_dir():
-        raise RunFolderError(f"{given}: cannot create a run folder there ({above} is a file)")
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise RunFolderError(f"{given}: exists and is not a folder; refusing to replace it with a run folder")
+    path = check_target(given)
     try:
-        empty = path.is_dir() and not any(path.iterdir())
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunFolderError(f"{given}: cannot read the folder ({exc.strerror or exc})") from exc
-    if path.is_dir() and not empty and not is_run_folder(path):
-        raise RunFolderError(f"{given}: not an rfreport run folder (no {SUMMARY} of a run) and not empty; "
-                             "refusing to replace it: choose a new or empty folder")
-    return path
+        raise RunFolderError(f"{given}: cannot create the run folder there ({reason(exc)})") from exc
+    with locked(path):
+        recover(path)
+        check_contents(given, path)
+        holder = _new_holder(given, path)
+        try:
+            staging = holder / path.name
+            staging.mkdir()
+            yield staging
+            _swap(staging, path, holder / ASIDE)
+        except OSError as exc:
+            raise OutputError(f"{given}: cannot write the run ({reason(exc)}{_at(exc)}); "
+                              f"{_left(path, holder / ASIDE)}") from exc
+        finally:
+            _discard(holder, path)
 
 
-def clean_leftovers(path: Path) -> list[Path]:
-    """Remove staging folders of earlier runs into `path` whose process is gone (killed runs); return them."""
+def locked(path: str | os.PathLike) -> AbstractContextManager[None]:
+    """Return the lock of a run folder (any name of it): one rfreport process writes a run folder at a time."""
+    return atomic.locked(Path(os.path.realpath(path)))
+
+
+def _new_holder(given: Path, path: Path) -> Path:
+    """Create the hidden staging folder beside `path`, with the owner file naming this process."""
+    try:
+        holder = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING_MARK}", dir=path.parent))
+        (holder / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{given}: cannot create the run folder there ({reason(exc)})") from exc
+    return holder
+
+
+def _at(exc: OSError) -> str:
+    """Return ` at FILE` for an OSError that names its file, else an empty string."""
+    return f" at {exc.filename}" if exc.filename else ""
+
+
+def _left(path: Path, aside: Path) -> str:
+    """Say where the previous run is after a failed swap."""
+    if aside.is_dir() and not path.exists():
+        return f"the previous run is kept in {aside} and the next run into {path} restores it"
+    return "the previous run is unchanged" if path.exists() else "nothing was written"
+
+
+def _swap(staging: Path, path: Path, aside: Path) -> None:
+    """Rename the staging folder onto `path`, first moving an existing folder to `aside` (moved back on failure).
+
+    A process killed between the two renames leaves the previous run in `aside` and no `path`:
+    :func:`recover` moves it back before the next run into `path`.
+    """
+    if path.exists():
+        os.replace(path, aside)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if aside.exists():
+            os.replace(aside, path)
+        raise
+
+
+def _discard(holder: Path, path: Path) -> None:
+    """Remove a staging folder, unless it keeps the only copy of the previous run (then it is left for recover)."""
+    if (holder / ASIDE).is_dir() and not path.exists():
+        (holder / OWNER).unlink(missing_ok=True)   # no owner: the next run restores it
+        return
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+def recover(path: Path) -> list[Path]:
+    """Restore a previous run that a killed run left aside, and remove staging folders of dead runs; return them.
+
+    Called with `path`'s lock held, so no live process on this host is writing these folders.
+    """
     removed = []
-    for holder in path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*"):
-        if holder.is_dir() and not holder.is_symlink() and not _owner_alive(holder):
-            shutil.rmtree(holder, ignore_errors=True)
-            removed.append(holder)
+    for holder in sorted(path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*")):
+        if not holder.is_dir() or holder.is_symlink() or _owner_alive(holder):
+            continue
+        if (holder / ASIDE).is_dir() and _vacant(path):
+            try:
+                os.replace(holder / ASIDE, path)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot restore the previous run from {holder / ASIDE} "
+                                  f"({reason(exc)}); move it there by hand") from exc
+            logger.warning("%s: restored the previous run, left aside by a run killed while replacing it", path)
+        shutil.rmtree(holder, ignore_errors=True)
+        removed.append(holder)
     return removed
 
 
+def _vacant(path: Path) -> bool:
+    """Tell whether nothing is at `path`, or only an empty folder (which a restored run may replace)."""
+    if path.is_symlink() or not path.exists():
+        return not path.is_symlink()
+    return path.is_dir() and not any(path.iterdir())
+
+
+def interrupted(path: Path) -> Path | None:
+    """Return the previous run a killed run left aside in a staging folder beside a missing `path`, if any."""
+    if path.exists():
+        return None
+    return next((holder / ASIDE for holder in path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*")
+                 if (holder / ASIDE).is_dir() and not _owner_alive(holder)), None)
+
+
+def _run_document(path: Path) -> dict | None:
+    """Return the summary.json of a folder if it is an rfreport run folder's (any format version), else None."""
+    try:
+        document = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(document, dict) and isinstance(document.get("format"), int) and isinstance(
+            document.get("models"), list):
+        return document
+    return None
+
+
+def check_target(given: Path) -> Path:
+    """Return the resolved path a run may be written to, or raise RunFolderError naming `given`.
+
+    Refused: a link, a file, a path below a file, and the current folder or one of its parents
+    (compared resolved, so a link in a parent's name does not hide them).
+    """
+    path = Path(os.path.abspath(given))
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise RunFolderError(f"{given}: exists and is not a folder; refusing to replace it with a run folder")
+    above = next((a for a in path.parents if a.exists() or a.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise RunFolderError(f"{given}: cannot create a run folder there ({above} is a file)")
+    resolved, cwd = Path(os.path.realpath(path)), Path(os.path.realpath(Path.cwd()))
+    if resolved == cwd or resolved in cwd.parents:
+        raise RunFolderError(f"{given}: refusing to write a run over the current folder (or one above it); "
+                             "choose a new or empty folder")
+    return resolved
+
+
+def check_contents(given: Path, path: Path) -> None:
+    """Raise RunFolderError unless `path` is missing, empty, or a run folder holding only what rfreport wrote."""
+    try:
+        empty = not path.exists() or not any(path.iterdir())
+    except OSError as exc:
+        raise RunFolderError(f"{given}: cannot read the folder ({reason(exc)})") from exc
+    if empty:
+        return
+    document = _run_document(path)
+    if document is None:
+        raise RunFolderError(f"{given}: not an rfreport run folder (no {SUMMARY} of a run) and not empty; "
+                             "refusing to replace it: choose a new or empty folder")
+    stranger = foreign(path, document)
+    if stranger is not None:
+        raise RunFolderError(f"{given}: holds {stranger}, which rfreport did not write; refusing to replace the "
+                             "folder: move it out or choose another folder")
+
+
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """Return `path` resolved if a run may be written there (:func:`check_target`, :func:`check_contents`)."""
+    resolved = check_target(Path(path))
+    check_contents(Path(path), resolved)
+    return resolved
+
+
+def foreign(root: Path, document: dict) -> str | None:
+    """Return the first item (relative path) of a run folder that rfreport did not write, or None.
+
+    rfreport writes summary.json, log.txt, index.html, the `files` of each entry under
+    `models/<slug>/`, and a report's assets folder (report.css and `<slug>-*.png` beside it);
+    a hidden `*.partial` file is a write that was interrupted. Anything else (a link to a folder,
+    an empty folder of one's own) is foreign.
+    """
+    entries = [entry for entry in document["models"] if isinstance(entry, dict)]
+    slugs = {str(entry.get("slug")) for entry in entries}
+    ours = {SUMMARY, LOG, REPORT, MODELS, *(f"{MODELS}/{slug}" for slug in slugs),
+            *(f for entry in entries for f in entry.get("files") or [] if isinstance(f, str))}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        here = Path(folder).relative_to(root)
+        assets = STYLESHEET in files
+        links = [d for d in dirs if (Path(folder) / d).is_symlink()]
+        for name in sorted(files) + links:
+            rel = (here / name).as_posix()
+            if not (rel in ours or _interrupted_write(name) or (assets and _asset(name, slugs))):
+                return rel
+        if not dirs and not files and here.as_posix() not in ours:
+            return f"{here.as_posix()}/"
+    return None
+
+
+def _interrupted_write(name: str) -> bool:
+    """Tell whether a file name is that of an interrupted write (rfreport.atomic.write_file)."""
+    return name.startswith(".") and name.endswith(atomic.PARTIAL)
+
+
+def _asset(name: str, slugs: set[str]) -> bool:
+    """Tell whether a file beside report.css is one the report wrote: the stylesheet or a model's figure."""
+    return name == STYLESHEET or (name.endswith(".png") and any(name.startswith(f"{slug}-") for slug in slugs))
+
+
 def _owner_alive(holder: Path) -> bool:
-    """Tell whether the process that created a staging folder may still be writing it."""
+    """Tell whether the process that created a staging folder may still be writing it.
+
+    No owner file: killed before writing it (staging folders are created under the target's lock),
+    or left on purpose holding a previous run to restore.
+    """
     try:
         host, pid = (holder / OWNER).read_text(encoding="utf-8").split()
     except (OSError, ValueError):
-        # no owner file yet: a run that is just starting, unless the folder is old
-        try:
-            return time.time() - holder.stat().st_mtime < ORPHAN_AGE_S
-        except OSError:
-            return True
+        return False
     if host != socket.gethostname():
         return True
     try:
@@ -325,23 +478,14 @@ def _owner_alive(holder: Path) -> bool:
     return True
 
 
-def _replace(staging: Path, path: Path, aside: Path) -> None:
-    """Rename the staging folder onto `path`, first moving an existing folder to `aside` (restored on failure)."""
-    if path.exists():
-        os.replace(path, aside)
-    try:
-        os.replace(staging, path)
-    except BaseException:
-        if aside.exists():
-            os.replace(aside, path)
-        raise
-
-
 def load(path: str | os.PathLike) -> Run:
-    """Read a run folder's summary.json; frames and arrays are read lazily per model."""
+    """Read a run folder's summary.json and check its entries; frames and arrays are read lazily per model."""
     path = Path(path)
     if not path.is_dir():
-        raise RunFolderError(f"{path}: no run folder there")
+        aside = interrupted(Path(os.path.abspath(path)))
+        left = f" (a run was killed while replacing it: the previous run is in {aside}; the next run into it " \
+               "restores it)" if aside else ""
+        raise RunFolderError(f"{path}: no run folder there{left}")
     summary = path / SUMMARY
     if not summary.is_file():
         raise RunFolderError(f"{path}: incomplete run folder ({SUMMARY} is missing)")
@@ -350,10 +494,94 @@ def load(path: str | os.PathLike) -> Run:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{summary}: unreadable ({exc})") from exc
     check_format(summary, document)
-    models = tuple(ModelRun(path, entry) for entry in document.get("models", []))
+    check_entries(summary, document["models"])
+    models = tuple(ModelRun(path, entry) for entry in document["models"])
     for model in models:
         model.summary  # noqa: B018  (read every summary now, so a bad entry fails here, naming its key)
-    return Run(path=path, meta=document.get("run", {}), models=models)
+    meta = document.get("run", {})
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{summary}: key 'run' must be an object")
+    return Run(path=path, meta=meta, models=models)
+
+
+def check_entries(summary: Path, entries: list) -> None:
+    """Raise RunFolderError naming the file, the entry and the key unless every entry is safe to read and link.
+
+    Checked: name, slug (a plain folder name, unique), status, input_shape and output_shape (integer
+    lists), and `files`: each `models/<slug>/<plain file name>` of a known kind, so nothing read
+    back can point outside the folder or become a link of another scheme.
+    """
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        where = f"{summary}: model #{index + 1}"
+        if not isinstance(entry, dict):
+            raise RunFolderError(f"{where}: not an object")
+        where += f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
+        problem = _entry_problem(entry)
+        if problem:
+            raise RunFolderError(f"{where}: key {problem}")
+        if entry["slug"] in seen:
+            raise RunFolderError(f"{where}: key 'slug': {entry['slug']!r} is also the slug of model "
+                                 f"#{seen[entry['slug']] + 1}; each model needs its own")
+        seen[entry["slug"]] = index
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """Return `'key': what is wrong, found ...` (or `'key' is missing`) for the first bad key of an entry, or None."""
+    missing = next((key for key in ENTRY_KEYS if key not in entry), None)
+    if missing:
+        return f"{missing!r} is missing"
+    slug, files = entry["slug"], entry.get("files", [])
+    stray = next((f for f in files if not _listed_file(f, str(slug))), None) if isinstance(files, list) else files
+    checks = (   # (key, whether it is right, what it must be, the value to show)
+        ("name", isinstance(entry["name"], str), "must be a string", entry["name"]),
+        ("slug", isinstance(slug, str) and is_safe(slug),
+         "must be a plain folder name (letters, digits, '.', '_', '-'; no leading dot)", slug),
+        ("status", entry["status"] in ("ok", "failed"), "must be ok or failed", entry["status"]),
+        ("input_shape", _shape(entry["input_shape"], 3), "must be a list of at least 3 positive integers",
+         entry["input_shape"]),
+        ("output_shape", (entry.get("output_shape") is None and entry["status"] != "ok")
+         or _shape(entry.get("output_shape"), 1), "must be a list of positive integers", entry.get("output_shape")),
+        ("files", stray is None, f"must list files models/<slug>/<name>.<{'|'.join(FILE_KINDS)}> of this model",
+         stray),
+    )
+    return next((f"{key!r}: {message}, found {_shown(value)}" for key, ok, message, value in checks if not ok), None)
+
+
+def _shown(value: Any) -> str:
+    """Return a JSON value as short ASCII text for an error message."""
+    text = json.dumps(value, ensure_ascii=True)
+    return f"{text[:80]}..." if len(text) > 80 else text
+
+
+def _shape(value: Any, least: int) -> bool:
+    """Tell whether a value is a list of at least `least` positive integers (booleans are not integers)."""
+    return isinstance(value, list) and len(value) >= least and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+
+
+def _listed_file(rel: Any, slug: str) -> bool:
+    """Tell whether a `files` item is `models/<slug>/<plain name>.<kind>`: relative, inside the folder, no scheme."""
+    if not isinstance(rel, str):
+        return False
+    parts = rel.split("/")
+    return (len(parts) == 3 and parts[:2] == [MODELS, slug] and is_safe(parts[2])
+            and parts[2].rsplit(".", 1)[-1] in FILE_KINDS)
+
+
+def assets_folder(root: Path, rel: str | os.PathLike) -> Path:
+    """Return the folder of a report's figures and stylesheet: `rel` inside the run folder `root`.
+
+    Refused (RunFolderError): an absolute path, a path with `..`, and a path that a link leads out of `root`.
+    """
+    given = Path(rel)
+    if given.is_absolute() or ".." in given.parts:
+        raise RunFolderError(f"--assets-dir {rel}: must be a relative folder inside the run folder (no '..')")
+    folder = root / given
+    if not Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(root)):
+        raise RunFolderError(f"--assets-dir {rel}: a link leads it out of the run folder {root}; "
+                             "refusing to write there")
+    return folder
 
 
 def check_format(summary: Path, document: Any) -> None:

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from rfreport import runfolder, summary
-from rfreport.errors import RunFolderError
+from rfreport.errors import OutputError, RunFolderError
+from rfreport.slugs import slugify
 
 GOLD_ENTRY = json.loads((Path(__file__).parent / "gold" / "run" / "summary.json").read_text())["models"][0]
 SUMMARY = {key: value for key, value in GOLD_ENTRY.items() if key in summary.json_keys()}   # a valid summary
@@ -26,7 +27,8 @@ def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfol
     positions = pd.DataFrame({"pos_h": np.arange(4, dtype=np.int64), "fill": rng.random(4),
                               "edge": [True, False, False, True], "path": pd.array(["dense"] * 4, dtype="string")})
     geometry = pd.DataFrame({"axis": ["h", "w"], "stride": [2, 2]})
-    entry = {"name": name, "slug": runfolder.slugify(name, shape), "input_shape": list(shape), "status": "ok",
+    entry = {"name": name, "slug": slugify(name, shape), "input_shape": list(shape), "status": "ok",
+             "output_shape": [1, 2, *shape[2:]],
              **SUMMARY, "rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
     arrays = {"coverage": rng.integers(0, 5, shape[2:]),
               "masks": {(1, 2): rng.random(shape[2:]) > 0.5, (0, 0): np.zeros(shape[2:], bool)},
@@ -69,12 +71,6 @@ def test_layout_and_summary_are_strict_json(tmp_path):
 def test_position_keys_round_trip(position, key):
     assert runfolder.position_key(position) == key
     assert runfolder.parse_position_key(key) == position
-
-
-def test_slug_is_filesystem_safe():
-    assert runfolder.slugify("resnet50", (1, 3, 224, 224)) == "resnet50-224x224"
-    assert runfolder.slugify("a/b c:d", (1, 1, 16)) == "a_b_c_d-16"
-    assert runfolder.slugify("..", (1, 1, 4, 4, 4)) == "model-4x4x4"
 
 
 def test_load_rejects_missing_incomplete_and_unknown_folders(tmp_path):
@@ -121,7 +117,7 @@ def test_a_crash_midway_keeps_the_old_run_and_leaves_nothing_complete(tmp_path, 
 
 def test_a_crash_on_a_fresh_path_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(runfolder, "write_model", lambda *_a: (_ for _ in ()).throw(OSError("boom")))
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"cannot write the run \(OSError: boom\); nothing was written$"):
         runfolder.write(tmp_path / "run", {}, [model_output()])
     assert list(tmp_path.iterdir()) == []
 

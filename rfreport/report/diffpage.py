@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rfreport import diff
+from rfreport.atomic import write_file
 from rfreport.positions import axis_names
 from rfreport.report import plots
 from rfreport.report import render as report
@@ -204,12 +205,12 @@ def build_context(found: diff.RunDiff, before: Run, after: Run) -> DiffContext:
 
 
 def render(found: diff.RunDiff, before: Run, after: Run, out_path: str | os.PathLike) -> Path:
-    """Render the diff page of two runs into one self-contained HTML file and return its path."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Render the diff page of two runs into one self-contained HTML file and return its path.
+
+    Written beside the target and renamed over it: on failure the previous file stays (OutputError).
+    """
     html = report.make_env().get_template("diff.html").render(ctx=build_context(found, before, after))
-    out.write_text(html, encoding="utf-8")
-    return out
+    return write_file(out_path, html)
 
 
 def context_types() -> Mapping[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jinja2
+import markupsafe
 import matplotlib.colors
 import matplotlib.image
 import numpy as np
@@ -26,11 +27,13 @@ from matplotlib.figure import Figure
 
 from rfreport import audit
 from rfreport.analysis.layertable import LayerRow, layer_rows
+from rfreport.atomic import write_file
 from rfreport.diff import SPEC_LABELS, spec_text
 from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
+from rfreport.visible import visible
 
 PREVIEW_ROWS = 12
 CHOSEN = ("center", "corners", "edges")
@@ -278,12 +281,12 @@ class AssetsFolder:
 
     def png(self, name: str, png: bytes, alt: str, size: tuple[int, int]) -> Image:
         """Write PNG bytes as `<name>.png` and link it."""
-        (self.folder / f"{name}.png").write_bytes(png)
+        write_file(self.folder / f"{name}.png", png)
         return Image(src=self._href(f"{name}.png"), alt=alt, width=size[0], height=size[1])
 
     def stylesheet(self, css: str) -> tuple[str, str]:
         """Write report.css and link it."""
-        (self.folder / "report.css").write_text(css, encoding="utf-8")
+        write_file(self.folder / "report.css", css)
         return "", self._href("report.css")
 
 
@@ -327,9 +330,15 @@ def make_env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(_template_source),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=True),
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        finalize=shown)
     env.filters.update(axes=axes_text, number=number_text, percent=percent_text, yesno=yes_no)
     return env
+
+
+def shown(value: Any) -> Any:
+    """Show bidi and control characters of a printed value as `\\u202e` escapes (markup left as it is)."""
+    return visible(value) if isinstance(value, str) and not isinstance(value, markupsafe.Markup) else value
 
 
 def _template_source(name: str) -> str:
@@ -384,17 +393,20 @@ TABLES = (("levels", "Feature-pyramid levels"), ("geometry", "Geometry per axis"
 def frame_table(run: Run, model: ModelRun, name: str, title: str, page_dir: Path, embeds: bool = False) -> Table:
     """Preview a frame's first rows with links to its CSV (embedded when self-contained and small) and Parquet files."""
     frame = model.frames[name]
-    links = tuple(frame_link(run, rel, page_dir, embeds)
+    links = tuple(frame_link(model, rel, page_dir, embeds)
                   for rel in model.entry.get("files", []) if Path(rel).stem == name)
     rows = tuple(tuple(number_text(v) for v in row)
                  for row in frame.head(PREVIEW_ROWS).itertuples(index=False))
     return Table(title=title, columns=tuple(frame.columns), rows=rows, total=len(frame), links=links)
 
 
-def frame_link(run: Run, rel: str, page_dir: Path, embeds: bool) -> Link:
-    """Link a frame file: a CSV data URI in a self-contained page (up to EMBED_CSV bytes), else into the run."""
-    path, kind = run.path / rel, rel.rsplit(".", 1)[1]
-    if embeds and kind == "csv" and path.is_file() and path.stat().st_size <= EMBED_CSV:
+def frame_link(model: ModelRun, rel: str, page_dir: Path, embeds: bool) -> Link:
+    """Link a frame file: a CSV data URI in a self-contained page (up to EMBED_CSV bytes), else into the run.
+
+    Only files the entry lists, checked when the run folder was read (`models/<slug>/<name>`), inside it.
+    """
+    path, kind = model.file(rel), rel.rsplit(".", 1)[1]
+    if embeds and kind == "csv" and path.stat().st_size <= EMBED_CSV:
         uri = "data:text/csv;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
         return Link(label="CSV", href=uri, download=f"{Path(rel).parent.name}-{path.name}",
                     note="embedded in this page")
@@ -750,15 +762,13 @@ def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:
 
 def render(run: Run, out_path: str | os.PathLike | None = None, *,
            assets_dir: str | os.PathLike | None = None) -> Path:
-    """Render a run as index.html (self-contained unless `assets_dir` is given) and return its path."""
+    """Render a run as index.html (self-contained unless `assets_dir` is given) and return its path.
+
+    Every file is written beside its target and renamed over it: a failed render leaves the previous
+    page as it was (OutputError names the file that could not be written).
+    """
     out = Path(out_path) if out_path is not None else Path(run.path) / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    assets: Assets = Embedded()
-    if assets_dir is not None:
-        Path(assets_dir).mkdir(parents=True, exist_ok=True)
-        assets = AssetsFolder(Path(assets_dir), out.parent)
+    assets: Assets = Embedded() if assets_dir is None else AssetsFolder(Path(assets_dir), out.parent)
     context = build_context(run, assets, out.parent)
-    html = make_env().get_template("index.html").render(ctx=context)
-    out.write_text(html, encoding="utf-8")
-    return out
+    return write_file(out, make_env().get_template("index.html").render(ctx=context))
 

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from rfreport import runfolder
 from rfreport.config import ModelSpec, RunConfig, RunOptions
 from rfreport.options import Status
+from rfreport.slugs import slugify
 from rfreport.summary import Summary
 
 Advance = Callable[[int, int], None]   # (positions done, positions total) after each sweep chunk
@@ -31,7 +31,7 @@ class Job:
     @property
     def slug(self) -> str:
         """Return the run-folder name of this job, e.g. `resnet50-224x224`."""
-        return runfolder.slugify(self.spec.name, self.input_shape)
+        return slugify(self.spec.name, self.input_shape)
 
     @property
     def time_limit(self) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -267,10 +268,27 @@ def run_meta(config: RunConfig, argv: Sequence[str]) -> dict:
             "seed": config.options.seed, "executor": config.options.executor, "argv": list(argv)}
 
 
+class RunLog(logging.FileHandler):
+    """The handler of a run's log.txt: a failed write (a full disk) is kept to be raised once, never printed."""
+
+    error: OSError | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Keep the first OSError of a write; let logging report anything else."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+        elif self.error is None:
+            self.error = exc
+
+
 @contextmanager
 def log_to(path: Path) -> Iterator[None]:
-    """Copy every rfreport log record (tracebacks of failed jobs included) into a file during the block."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    """Copy every rfreport log record (tracebacks of failed jobs included) into a file during the block.
+
+    A write that failed (a full disk) is raised as its OSError when the block ends.
+    """
+    handler = RunLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     level = logger.level
     logger.addHandler(handler)
@@ -281,6 +299,8 @@ def log_to(path: Path) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
+    if handler.error is not None:
+        raise handler.error
 
 
 def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_dir: str | Path | None = None,
@@ -290,6 +310,8 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
     A relative `assets_dir` is a folder inside the run folder for the report's figures and stylesheet.
     """
     from rfreport.report import render as report
+    if assets_dir is not None:
+        runfolder.assets_folder(Path(out_dir), assets_dir)   # refuse `..` or an absolute path before any job runs
     started, meta, jobs = time.perf_counter(), run_meta(config, argv), make_jobs(config)
     with runfolder.staged(Path(out_dir)) as staging, log_to(staging / runfolder.LOG):
         logger.info("run of %d job(s) from %s: %s", len(jobs), ", ".join(map(str, config.files)), " ".join(argv))
@@ -297,7 +319,7 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
         meta["duration_s"] = round(time.perf_counter() - started, 3)
         meta["cache"] = cache.describe(config.options, entries)
         runfolder.write_summary(staging, meta, entries)
-        assets = staging / assets_dir if assets_dir is not None else None
+        assets = runfolder.assets_folder(staging, assets_dir) if assets_dir is not None else None
         progress.announce("rendering the report of %d job(s)", len(entries))
         with progress.stage("rendering the report", slow_s=0.0):
             report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
