@@ -329,9 +329,9 @@ def make_env() -> jinja2.Environment:
 
 
 def _template_source(name: str) -> str:
-    """Read a template file shipped in the rfreport.report.templates package."""
+    """Read a template file shipped in the rfreport.templates package (the top-level templates/ folder)."""
     try:
-        return resources.files("rfreport.report.templates").joinpath(name).read_text(encoding="utf-8")
+        return resources.files("rfreport.templates").joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise jinja2.TemplateNotFound(name) from exc
 

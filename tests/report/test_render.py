@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def test_every_context_field_documented_and_used():
     classes: set = set()
     _context_types(report.ReportContext, classes)
     assert {report.ModelSection, report.OverviewRow, report.Image, report.Table, report.Link} <= classes
-    templates = Path(report.__file__).parent / "templates"
-    source = "".join(p.read_text() for p in templates.glob("*.html"))
+    source = "".join(report.template_text(p.name) for p in resources.files("rfreport.templates").iterdir()
+                     if p.name.endswith(".html"))
     for cls in classes:
         assert cls.__doc__ and dataclasses.is_dataclass(cls)
         for f in dataclasses.fields(cls):
@@ -85,9 +86,7 @@ def test_every_context_field_documented_and_used():
 
 def test_templates_load_from_the_package():
     """The templates resolve through importlib.resources (as in a wheel), not a source path."""
-    from importlib import resources
-
-    names = {p.name for p in resources.files("rfreport.report.templates").iterdir()}
+    names = {p.name for p in resources.files("rfreport.templates").iterdir()}
     assert {"base.html", "index.html", "macros.html", "report.css"} <= names
 
 
