@@ -30,6 +30,7 @@ from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
+from rfreport.summary import Summary
 
 PREVIEW_ROWS = 12
 CHOSEN = ("center", "corners", "edges")
@@ -134,6 +135,16 @@ class AuditResult:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A model's verdict at a glance: the job's error, the audit rules it fails, or a pass."""
+
+    kind: str = field(metadata={"doc": "error (the job failed), fail (an audit rule fails), pass or none (no "
+                                       "audit rules); the badge's CSS class and the ordering key, failures first"})
+    text: str = field(metadata={"doc": "what the badge says: job error, fail: the failing rule names, pass, "
+                                       "or no audit rules"})
+
+
+@dataclass(frozen=True)
 class OverviewRow:
     """One model and resolution in the overview table (None where the model failed)."""
 
@@ -141,20 +152,22 @@ class OverviewRow:
     name: str = field(metadata={"doc": "model name"})
     resolution: str = field(metadata={"doc": "input spatial size, e.g. 224 × 224"})
     status: str = field(metadata={"doc": "ok or failed"})
-    rf_size: tuple | None = field(metadata={"doc": "RF size at the centre per axis (input pixels)"})
+    verdict: Verdict = field(metadata={"doc": "the model's verdict: job error, failing audit rules, or pass"})
+    arch_rf: tuple | None = field(metadata={"doc": "architecture RF per axis (input pixels): what an output "
+                                                   "position sees with no border in the way"})
     stride: tuple | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
+    stride_note: str = field(metadata={"doc": "why the stride reads as it does: the fit does not hold (non-affine), "
+                                              "or no fit under global context; empty otherwise"})
+    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
+                                                          "spatial norm) reaches the output"})
+    global_source: str = field(metadata={"doc": "the global operation and the layer it starts at; empty when none"})
     padding: tuple | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
     center_offset: tuple | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
-    affine: bool | None = field(metadata={"doc": "the fitted stride, padding and centre offset hold for every "
-                                                  "position (false: non-affine, a best fit that does not hold)"})
-    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
-                                                          "spatial norm) reaches the output"})
     erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
                                                       "summary's ERF position (the centre when measured there)"})
-    audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,10 @@ class ModelSection:
     output_shape: list | None = field(metadata={"doc": "analysed output shape (None when the model failed)"})
     mode: str = field(metadata={"doc": "structural or gradient"})
     target: str = field(metadata={"doc": "the analysed tensor, e.g. model output or layer4"})
-    affine: bool | None = field(metadata={"doc": "the fitted geometry holds for every position (false: flagged)"})
+    nonaffine: str = field(metadata={"doc": "why the fitted geometry does not hold for every position (the "
+                                            "summary's `nonaffine`); empty when it holds or no fit was made"})
     status: str = field(metadata={"doc": "ok or failed"})
+    verdict: Verdict = field(metadata={"doc": "the model's verdict, in its heading and its table-of-contents entry"})
     error: str = field(metadata={"doc": "the error of a failed model, empty otherwise"})
     findings: tuple[Finding, ...] = field(metadata={"doc": "plain-sentence findings, warnings first"})
     audit: tuple[AuditResult, ...] = field(metadata={"doc": "audit rules and their results"})
@@ -346,20 +361,60 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-SUMMARY_FIGURES = ("rf_size", "stride", "padding", "center_offset", "affine", "edge_fraction", "unseen_pixels",
-                   "holes", "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
+def arch_rf(summary: Summary) -> tuple:
+    """Return the architecture RF per axis: the one place the report reads that summary key."""
+    return summary.rf_size
+
+
+VERDICT_ORDER = ("error", "fail", "pass", "none")   # failures first
+SUMMARY_FIGURES = ("arch_rf", "stride", "padding", "center_offset", "edge_fraction", "unseen_pixels", "holes",
+                   "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
+
+
+def verdict(model: ModelRun) -> Verdict:
+    """Return a model's verdict: its job error, the audit rules it fails, pass, or none without rules."""
+    if not model.ok:
+        return Verdict(kind="error", text="job error")
+    rows = model.entry.get("audit")
+    result = audit.verdict(rows)
+    if result is AuditVerdict.FAIL:
+        return Verdict(kind="fail", text="fail: " + ", ".join(audit.failed_rules(rows)))
+    return Verdict(kind=str(result), text="pass" if result is AuditVerdict.PASS else "no audit rules")
+
+
+def by_verdict(models: Sequence[ModelRun]) -> list[ModelRun]:
+    """Order models failures first (job errors, then failing audits), in run order within each verdict."""
+    return sorted(models, key=lambda model: VERDICT_ORDER.index(verdict(model).kind))
+
+
+def stride_note(summary: Summary) -> str:
+    """Say why a stride reads as it does: a fit that does not hold, or no fit under global context."""
+    if summary.nonaffine:
+        return "fit does not hold"
+    if summary.global_context and any(missing(value) for value in summary.stride):
+        return "global context: no fit"
+    return ""
+
+
+def global_source(summary: Summary) -> str:
+    """Name the global operation and the layer it starts at, e.g. `adaptive_avg_pool2d at layer4.avgpool`."""
+    if not summary.global_context:
+        return ""
+    where = f" at {summary.global_from}" if summary.global_from else ""
+    return f"{summary.global_op or 'global operation'}{where}"
 
 
 def overview_row(model: ModelRun) -> OverviewRow:
     """Build the overview-table row of one model entry (its summary's figures are None where it failed)."""
-    entry, s = model.entry, model.summary
-    figures: dict[str, Any] = {} if s is None else {
-        "rf_size": s.rf_size, "stride": s.stride, "padding": s.padding, "center_offset": s.center_offset,
-        "affine": s.affine, "edge_fraction": s.edge_fraction, "unseen_pixels": s.unseen_pixels, "holes": s.holes,
-        "global_context": s.global_context, "erf_ratio": s.erf.area95_ratio if s.erf else None}
-    return OverviewRow(
-        anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]), status=model.status,
-        **{name: figures.get(name) for name in SUMMARY_FIGURES}, audit=str(audit.verdict(entry.get("audit"))))
+    s = model.summary
+    figures: dict[str, Any] = {**dict.fromkeys(SUMMARY_FIGURES), "stride_note": "", "global_source": ""}
+    if s is not None:
+        figures = {"arch_rf": arch_rf(s), "stride": s.stride, "stride_note": stride_note(s), "padding": s.padding,
+                   "center_offset": s.center_offset, "edge_fraction": s.edge_fraction,
+                   "unseen_pixels": s.unseen_pixels, "holes": s.holes, "global_context": s.global_context,
+                   "global_source": global_source(s), "erf_ratio": s.erf.area95_ratio if s.erf else None}
+    return OverviewRow(anchor=anchor(model), name=model.name, resolution=resolution(model.entry["input_shape"]),
+                       status=model.status, verdict=verdict(model), **figures)
 
 
 def anchor(model: ModelRun) -> str:
@@ -702,8 +757,8 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]),
         input_shape=list(entry["input_shape"]), output_shape=entry.get("output_shape"),
         mode=str(entry.get("mode", "")), target=str(entry.get("target", "")),
-        affine=model.summary.affine if model.summary else None,
-        status=model.status,
+        nonaffine=(model.summary.nonaffine or "") if model.summary else "",
+        status=model.status, verdict=verdict(model),
         error=str(entry.get("error") or ""), findings=findings(entry),
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
                     for r in entry.get("audit") or []),
@@ -735,11 +790,12 @@ def counts(run: Run) -> Counts:
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:
     """Build the whole page context of a run; sections start collapsed past EXPANDED_SECTIONS jobs."""
     expanded = len(run.models) <= EXPANDED_SECTIONS
-    sections = tuple(model_section(run, model, assets, page_dir, expanded) for model in run.models)
+    models = by_verdict(run.models)
+    sections = tuple(model_section(run, model, assets, page_dir, expanded) for model in models)
     css, css_href = assets.stylesheet(_template_source("report.css"))
     return ReportContext(
         title=f"Receptive-field report: {Path(run.path).name}", run=run_info(run.meta),
-        overview=tuple(overview_row(model) for model in run.models),
+        overview=tuple(overview_row(model) for model in models),
         failed=tuple(s for s in sections if s.status != "ok"), sections=sections, css=css, css_href=css_href,
         counts=counts(run), script=_template_source("report.js"))
 
