@@ -512,9 +512,14 @@ def explorable(model: ModelRun) -> bool:
     return _ndim(model) == 2 and "positions" in model.frames and model.arrays.get("coverage") is not None
 
 
-def scale_text(value: float, log: bool) -> str:
-    """Format a colour-scale end: compact numbers, two significant digits on a log scale."""
-    return f"{value:.2g}" if log else number_text(float(value))
+def scale_ends(lo: float, hi: float, log: bool) -> tuple[str, str]:
+    """Format a colour scale's two ends: compact (two significant digits on a log scale), with as many digits
+    as it takes to tell two different ends apart (0.348 and 0.352, not 0.35 twice)."""
+    texts = (f"{lo:.2g}", f"{hi:.2g}") if log else (number_text(float(lo)), number_text(float(hi)))
+    digits = 3
+    while lo != hi and texts[0] == texts[1] and digits <= 17:
+        texts, digits = (f"{lo:.{digits}g}", f"{hi:.{digits}g}"), digits + 1
+    return texts
 
 
 def heatmap(model: ModelRun, assets: Assets, kind: str, title: str, values: np.ndarray, unit: str, *,
@@ -526,8 +531,9 @@ def heatmap(model: ModelRun, assets: Assets, kind: str, title: str, values: np.n
     scale = longest / max(rows, cols)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     image = assets.png(f"{model.slug}-{kind}", drawn.png, f"{title}: {model.name}", size)
-    return Heatmap(title=title, image=image, unit=unit, lo=scale_text(drawn.lo, log), hi=scale_text(drawn.hi, log),
-                   log=log, rows=rows, cols=cols, grid=grid, boxes=boxes, position=position, cmap=cmap.name)
+    lo, hi = scale_ends(drawn.lo, drawn.hi, log)
+    return Heatmap(title=title, image=image, unit=unit, lo=lo, hi=hi, log=log, rows=rows, cols=cols, grid=grid,
+                   boxes=boxes, position=position, cmap=cmap.name)
 
 
 def grid_heatmaps(model: ModelRun, assets: Assets, kind: str, frame: pd.DataFrame,
@@ -592,7 +598,7 @@ def input_panel(model: ModelRun, assets: Assets, frame: pd.DataFrame) -> Heatmap
 
 
 def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """Padding seen per axis and clipped sides per output position, from the edges frame."""
+    """Share of each RF inside the input, padding reached per axis and clipped sides, from the edges frame."""
     frame = model.frames.get("edges")
     if frame is None:
         return None
@@ -600,15 +606,25 @@ def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
     derived = frame.assign(
         clipped=sum(frame[f"{a}_clip_{side}"].astype(int) for a in letters for side in ("lo", "hi")),
         **{f"{a}_padding": frame[f"{a}_out_lo"] + frame[f"{a}_out_hi"] for a in letters})
-    columns = [(f"{a}_padding", f"padding seen on {a}", "input pixels") for a in letters]
+    columns = [("in_input_share", "share of the RF inside the input", "ratio")]
+    columns += [(f"{a}_padding", f"padding reached on {a}", "input pixels") for a in letters]
     columns.append(("clipped", "clipped sides", "sides"))
-    title, caption = ("Padding seen by each output position",
-                      "Rows or columns of each position's unclipped RF that fall outside the input, i.e. are fed by "
-                      "padding (both sides added), and how many sides of its RF the input border cuts.")
+    shown = [column for column in columns if known(derived, column[0])]
+    title = "How much of each RF lies inside the input"
+    caption = ("The share of each position's unclipped RF box (the exact geometry) that lies inside the input, the "
+               "rows or columns of it that reach past the input into padding (both sides added), and how many "
+               "sides of its RF the input border cuts.")
+    if len(shown) < len(columns):
+        caption += " Without an exact geometry the share and the padding reached are unknown and not drawn."
     if _ndim(model) == 1:
-        return _block(model, assets, "padding", title, caption, plots.grid_maps(derived, columns, 1))
+        return _block(model, assets, "padding", title, caption, plots.grid_maps(derived, shown, 1))
     return FigureBlock(title=title, caption=caption, image=None,
-                       heatmaps=grid_heatmaps(model, assets, "padding", derived, columns))
+                       heatmaps=grid_heatmaps(model, assets, "padding", derived, shown))
+
+
+def known(frame: pd.DataFrame, column: str) -> bool:
+    """Return whether a frame has a column with at least one value (older run folders may lack it)."""
+    return column in frame and bool(frame[column].notna().any())
 
 
 def _coverage(model: ModelRun, assets: Assets) -> FigureBlock | None:

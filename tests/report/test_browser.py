@@ -179,7 +179,7 @@ def test_key_columns_and_verdicts_are_visible_at_1280(tmp_path):
     assert layout["scrollWidth"] <= layout["width"]
     assert [key[0] for key in layout["keys"]] == ["model", "input", "verdict", "architecture RF", "stride",
                                                   "global context"]
-    assert all(0 <= left and right <= layout["width"] for _name, left, right in layout["keys"])
+    assert all(left >= 0 and right <= layout["width"] for _name, left, right in layout["keys"])
     assert layout["header"] == [0, layout["width"]]
     expected = [report.verdict(model).text for model in report.by_verdict(run.models)]
     assert expected[:2] == ["job error", "fail: max_edge_fraction"]

@@ -223,3 +223,53 @@ def test_number_filter(value, text):
 def test_percent_filter():
     """Fractions become percentages without a needless decimal."""
     assert [report.percent_text(v) for v in (0.375, 0.9, None, float("nan"))] == ["37.5%", "90%", "—", "—"]
+
+
+def test_colour_scale_ends_tell_different_values_apart():
+    """A narrow range keeps the digits that separate its ends; equal ends and log scales stay compact."""
+    assert report.scale_ends(0.3481, 0.3524, log=False) == ("0.348", "0.352")
+    assert report.scale_ends(0.35, 0.35, log=False) == ("0.35", "0.35")
+    assert report.scale_ends(218, 224, log=False) == ("218", "224")
+    assert report.scale_ends(1e-4, 1.0, log=True) == ("0.0001", "1")
+
+
+def edited_gold(tmp_path: Path, edit) -> runfolder.Run:
+    """Copy the golden run folder, apply `edit(entry)` to its first model's summary entry, and load it."""
+    run = shutil.copytree(GOLD_RUN, tmp_path / "run")
+    document = json.loads((run / "summary.json").read_text())
+    edit(document["models"][0])
+    (run / "summary.json").write_text(json.dumps(document))
+    return runfolder.load(run)
+
+
+def global_without_fit(entry: dict) -> None:
+    """Make an entry global context with no fitted stride, padding or offset (efficientnet_b0's case)."""
+    entry.update(affine=False, nonaffine=None, stride=[None, None], padding=[None, None],
+                 center_offset=[None, None], **{"global": True, "global_from": "features.1.avgpool",
+                                                "global_op": "adaptive_avg_pool2d"})
+
+
+def test_global_context_is_not_called_non_affine(tmp_path):
+    """affine false with `nonaffine` null (global context, no fit): no banner, no "fit does not hold"."""
+    html = report.render(edited_gold(tmp_path, global_without_fit)).read_text(encoding="utf-8")
+    assert "Non-affine geometry" not in html and "fit does not hold" not in html
+    assert "(global context: no fit)" in html and 'title="adaptive_avg_pool2d at features.1.avgpool"' in html
+
+
+def test_a_non_affine_model_gets_the_banner_with_its_reason(tmp_path):
+    """A geometry that is not affine says so in its section, with the summary's reason, and in the overview."""
+    reason = "the RF box moves in steps of 4 every 4 positions"
+    html = report.render(edited_gold(tmp_path, lambda e: e.update(affine=False, nonaffine=reason))).read_text(
+        encoding="utf-8")
+    assert f"<strong>Non-affine geometry:</strong> {reason}." in html and "(fit does not hold)" in html
+
+
+def test_the_rf_share_inside_the_input_is_drawn(rendered):
+    """The edges frame's share of each RF inside the input gets its own map, with a scale from the frame."""
+    run, html = rendered
+    model = run.models[0]
+    share = model.frames["edges"]["in_input_share"]
+    section = html[html.index(f'id="{report.anchor(model)}"'):]
+    found = re.search(r'<figcaption>share of the RF inside the input</figcaption>.*?<span class="lo">([^<]*)</span>'
+                      r'.*?<span class="hi">([^<]*)</span>', section, flags=re.S)
+    assert found and found.groups() == report.scale_ends(share.min(), share.max(), log=False)
