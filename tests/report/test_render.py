@@ -273,3 +273,11 @@ def test_the_rf_share_inside_the_input_is_drawn(rendered):
     found = re.search(r'<figcaption>share of the RF inside the input</figcaption>.*?<span class="lo">([^<]*)</span>'
                       r'.*?<span class="hi">([^<]*)</span>', section, flags=re.S)
     assert found and found.groups() == report.scale_ends(share.min(), share.max(), log=False)
+
+
+def test_a_constant_map_says_so_instead_of_a_range(rendered):
+    """A map of one value has no colour bar from 1 to 1: it says the value is the same at every cell."""
+    html = rendered[1]
+    assert not re.search(r'<span class="lo">([^<]*)</span><span class="bar[^"]*"></span><span class="hi">\1</span>',
+                         html)
+    assert 'the same at every cell: <span class="lo hi">' in html
