@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import audit
+from rfreport.analysis.geometry import EXACT_FITS
 from rfreport.diff import SPEC_LABELS, spec_text
 from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
@@ -609,7 +610,8 @@ def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
     columns = [("in_input_share", "share of the RF inside the input", "ratio")]
     columns += [(f"{a}_padding", f"padding reached on {a}", "input pixels") for a in letters]
     columns.append(("clipped", "clipped sides", "sides"))
-    shown = [column for column in columns if known(derived, column[0])]
+    exact = "geometry" in model.frames and bool(model.frames["geometry"]["fit"].isin(EXACT_FITS).all())
+    shown = [column for column in columns if column[0] == "clipped" or (exact and known(derived, column[0]))]
     title = "How much of each RF lies inside the input"
     caption = ("The share of each position's unclipped RF box (the exact geometry) that lies inside the input, the "
                "rows or columns of it that reach past the input into padding (both sides added), and how many "

@@ -281,3 +281,17 @@ def test_a_constant_map_says_so_instead_of_a_range(rendered):
     assert not re.search(r'<span class="lo">([^<]*)</span><span class="bar[^"]*"></span><span class="hi">\1</span>',
                          html)
     assert 'the same at every cell: <span class="lo hi">' in html
+
+
+def test_padding_reach_and_share_are_drawn_only_from_an_exact_geometry(tmp_path):
+    """With an estimated fit (a lower bound on the RF size) the share and the padding reached are not drawn."""
+    run = shutil.copytree(GOLD_RUN, tmp_path / "run")
+    slug = json.loads((run / "summary.json").read_text())["models"][0]["slug"]
+    path = run / "models" / slug / "geometry.parquet"
+    pd.read_parquet(path).assign(fit="estimated").to_parquet(path, index=False)
+    html = report.render(runfolder.load(run)).read_text(encoding="utf-8")
+    section = html[html.index(f'id="model-{slug}"'):]
+    section = section[:section.index("</section>")]
+    assert "share of the RF inside the input" not in section and "padding reached on" not in section
+    assert "Without an exact geometry the share and the padding reached are unknown" in section
+    assert "clipped sides" in section
