@@ -251,9 +251,7 @@ def test_diff_page_is_self_contained_and_escaped(diff_page):
 
 
 def test_diff_page_context_is_documented_and_used():
-    source = (Path(report.__file__).parent / "templates" / "diff.html").read_text()
-    source += "".join((Path(report.__file__).parent / "templates" / name).read_text()
-                      for name in ("macros.html", "base.html"))
+    source = "".join(report.template_text(name) for name in ("diff.html", "macros.html", "base.html"))
     for cls in diffpage.context_types().values():
         assert cls.__doc__
         for f in dataclasses.fields(cls):

@@ -387,7 +387,8 @@ def test_columns_doc_is_generated_from_the_schemas():
 
 def test_rooms_map_modules():
     assert [room(m) for m in ("rfreport", "rfreport.config", "rfreport.compute.engine", "rfreport.cli",
-                              "rfreport.report.templates")] == ["base", "base", "compute", "cli", "report"]
+                              "rfreport.report.render", "rfreport.templates")] == [
+        "base", "base", "compute", "cli", "report", "base"]
 
 
 def test_mapping_rules_name_known_rooms():

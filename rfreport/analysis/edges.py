@@ -40,6 +40,10 @@ EDGES = register(Schema(
              Column("{a}_clip_lo", "bool", "flag", "the RF is cut (or wraps) at the low border of this axis"),
              Column("{a}_clip_hi", "bool", "flag", "the RF is cut (or wraps) at the high border of this axis"),
              Column("edge", "bool", "flag", "the RF reaches past the input on some side: the position sees padding"),
+             Column("in_input_share", "float64", "ratio", "share of the position's unclipped RF box (the exact "
+                    "geometry's size r per axis, placed by the fit) that lies inside the input, the product over "
+                    "axes of the in-input part of [start, end] over r; 1 clear of the border, NaN without an exact "
+                    "fit"),
              ),
 ))
 
@@ -49,10 +53,13 @@ def edges_frame(result: SweepResult, fits: list[AxisFit]) -> pd.DataFrame:
     frame = positions_frame(result)
     data = {name: frame[name] for name in frame.columns}
     edge = np.zeros(len(frame), dtype=bool)
+    share = np.ones(len(frame))
     for a, (name, fit, n) in enumerate(zip(axis_names(result.ndim), fits, result.input_spatial)):
         start = fit.start(result.positions[:, a])
         end = start + fit.size - 1
         known = ~np.isnan(start)
+        inside = np.clip(np.minimum(end, n - 1) - np.maximum(start, 0) + 1, 0, None) / fit.size
+        share *= inside if fit.fit in EXACT_FITS else np.nan
         data[f"{name}_start"], data[f"{name}_end"] = start, end
         data[f"{name}_out_lo"] = np.maximum(0.0, -start) + 0.0
         data[f"{name}_out_hi"] = np.maximum(0.0, end - (n - 1)) + 0.0
@@ -60,6 +67,7 @@ def edges_frame(result: SweepResult, fits: list[AxisFit]) -> pd.DataFrame:
         data[f"{name}_clip_hi"] = np.where(known, end > n - 1, result.hi[:, a] >= n - 1)
         edge |= data[f"{name}_clip_lo"] | data[f"{name}_clip_hi"]
     data["edge"] = edge
+    data["in_input_share"] = share
     return EDGES.frame(data, result.ndim)
 
 

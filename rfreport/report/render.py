@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import audit
+from rfreport.analysis.geometry import EXACT_FITS
 from rfreport.analysis.layertable import LayerRow, layer_rows
 from rfreport.atomic import write_file
 from rfreport.diff import SPEC_LABELS, spec_text
@@ -33,6 +34,7 @@ from rfreport.options import AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
+from rfreport.summary import Summary
 from rfreport.visible import visible
 
 PREVIEW_ROWS = 12
@@ -138,6 +140,16 @@ class AuditResult:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A model's verdict at a glance: the job's error, the audit rules it fails, or a pass."""
+
+    kind: str = field(metadata={"doc": "error (the job failed), fail (an audit rule fails), pass or none (no "
+                                       "audit rules); the badge's CSS class and the ordering key, failures first"})
+    text: str = field(metadata={"doc": "what the badge says: job error, fail: the failing rule names, pass, "
+                                       "or no audit rules"})
+
+
+@dataclass(frozen=True)
 class OverviewRow:
     """One model and resolution in the overview table (None where the model failed)."""
 
@@ -145,20 +157,22 @@ class OverviewRow:
     name: str = field(metadata={"doc": "model name"})
     resolution: str = field(metadata={"doc": "input spatial size, e.g. 224 × 224"})
     status: str = field(metadata={"doc": "ok or failed"})
-    rf_size: tuple | None = field(metadata={"doc": "RF size at the centre per axis (input pixels)"})
+    verdict: Verdict = field(metadata={"doc": "the model's verdict: job error, failing audit rules, or pass"})
+    arch_rf: tuple | None = field(metadata={"doc": "architecture RF per axis (input pixels): what an output "
+                                                   "position sees with no border in the way"})
     stride: tuple | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
+    stride_note: str = field(metadata={"doc": "why the stride reads as it does: the fit does not hold (non-affine), "
+                                              "or no fit under global context; empty otherwise"})
+    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
+                                                          "spatial norm) reaches the output"})
+    global_source: str = field(metadata={"doc": "the global operation and the layer it starts at; empty when none"})
     padding: tuple | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
     center_offset: tuple | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
     unseen_pixels: int | None = field(metadata={"doc": "input pixels no output position sees"})
     holes: bool | None = field(metadata={"doc": "some RF has holes (fill below 1)"})
-    affine: bool | None = field(metadata={"doc": "the fitted stride, padding and centre offset hold for every "
-                                                  "position (false: non-affine, a best fit that does not hold)"})
-    global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
-                                                          "spatial norm) reaches the output"})
     erf_ratio: float | None = field(metadata={"doc": "ERF area (95% of the mass) / theoretical RF area at the "
                                                       "summary's ERF position (the centre when measured there)"})
-    audit: str = field(metadata={"doc": "pass, fail or none (no rules configured)"})
 
 
 @dataclass(frozen=True)
@@ -186,8 +200,10 @@ class ModelSection:
     output_shape: list | None = field(metadata={"doc": "analysed output shape (None when the model failed)"})
     mode: str = field(metadata={"doc": "structural or gradient"})
     target: str = field(metadata={"doc": "the analysed tensor, e.g. model output or layer4"})
-    affine: bool | None = field(metadata={"doc": "the fitted geometry holds for every position (false: flagged)"})
+    nonaffine: str = field(metadata={"doc": "why the fitted geometry does not hold for every position (the "
+                                            "summary's `nonaffine`); empty when it holds or no fit was made"})
     status: str = field(metadata={"doc": "ok or failed"})
+    verdict: Verdict = field(metadata={"doc": "the model's verdict, in its heading and its table-of-contents entry"})
     error: str = field(metadata={"doc": "the error of a failed model, empty otherwise"})
     findings: tuple[Finding, ...] = field(metadata={"doc": "plain-sentence findings, warnings first"})
     audit: tuple[AuditResult, ...] = field(metadata={"doc": "audit rules and their results"})
@@ -342,9 +358,9 @@ def shown(value: Any) -> Any:
 
 
 def _template_source(name: str) -> str:
-    """Read a template file shipped in the rfreport.report.templates package."""
+    """Read a template file shipped in the rfreport.templates package (the top-level templates/ folder)."""
     try:
-        return resources.files("rfreport.report.templates").joinpath(name).read_text(encoding="utf-8")
+        return resources.files("rfreport.templates").joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise jinja2.TemplateNotFound(name) from exc
 
@@ -359,20 +375,60 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-SUMMARY_FIGURES = ("rf_size", "stride", "padding", "center_offset", "affine", "edge_fraction", "unseen_pixels",
-                   "holes", "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
+def arch_rf(summary: Summary) -> tuple:
+    """Return the architecture RF per axis: the one place the report reads that summary key."""
+    return summary.rf_size
+
+
+VERDICT_ORDER = ("error", "fail", "pass", "none")   # failures first
+SUMMARY_FIGURES = ("arch_rf", "stride", "padding", "center_offset", "edge_fraction", "unseen_pixels", "holes",
+                   "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
+
+
+def verdict(model: ModelRun) -> Verdict:
+    """Return a model's verdict: its job error, the audit rules it fails, pass, or none without rules."""
+    if not model.ok:
+        return Verdict(kind="error", text="job error")
+    rows = model.entry.get("audit")
+    result = audit.verdict(rows)
+    if result is AuditVerdict.FAIL:
+        return Verdict(kind="fail", text="fail: " + ", ".join(audit.failed_rules(rows)))
+    return Verdict(kind=str(result), text="pass" if result is AuditVerdict.PASS else "no audit rules")
+
+
+def by_verdict(models: Sequence[ModelRun]) -> list[ModelRun]:
+    """Order models failures first (job errors, then failing audits), in run order within each verdict."""
+    return sorted(models, key=lambda model: VERDICT_ORDER.index(verdict(model).kind))
+
+
+def stride_note(summary: Summary) -> str:
+    """Say why a stride reads as it does: a fit that does not hold, or no fit under global context."""
+    if summary.nonaffine:
+        return "fit does not hold"
+    if summary.global_context and any(missing(value) for value in summary.stride):
+        return "global context: no fit"
+    return ""
+
+
+def global_source(summary: Summary) -> str:
+    """Name the global operation and the layer it starts at, e.g. `adaptive_avg_pool2d at layer4.avgpool`."""
+    if not summary.global_context:
+        return ""
+    where = f" at {summary.global_from}" if summary.global_from else ""
+    return f"{summary.global_op or 'global operation'}{where}"
 
 
 def overview_row(model: ModelRun) -> OverviewRow:
     """Build the overview-table row of one model entry (its summary's figures are None where it failed)."""
-    entry, s = model.entry, model.summary
-    figures: dict[str, Any] = {} if s is None else {
-        "rf_size": s.rf_size, "stride": s.stride, "padding": s.padding, "center_offset": s.center_offset,
-        "affine": s.affine, "edge_fraction": s.edge_fraction, "unseen_pixels": s.unseen_pixels, "holes": s.holes,
-        "global_context": s.global_context, "erf_ratio": s.erf.area95_ratio if s.erf else None}
-    return OverviewRow(
-        anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]), status=model.status,
-        **{name: figures.get(name) for name in SUMMARY_FIGURES}, audit=str(audit.verdict(entry.get("audit"))))
+    s = model.summary
+    figures: dict[str, Any] = {**dict.fromkeys(SUMMARY_FIGURES), "stride_note": "", "global_source": ""}
+    if s is not None:
+        figures = {"arch_rf": arch_rf(s), "stride": s.stride, "stride_note": stride_note(s), "padding": s.padding,
+                   "center_offset": s.center_offset, "edge_fraction": s.edge_fraction,
+                   "unseen_pixels": s.unseen_pixels, "holes": s.holes, "global_context": s.global_context,
+                   "global_source": global_source(s), "erf_ratio": s.erf.area95_ratio if s.erf else None}
+    return OverviewRow(anchor=anchor(model), name=model.name, resolution=resolution(model.entry["input_shape"]),
+                       status=model.status, verdict=verdict(model), **figures)
 
 
 def anchor(model: ModelRun) -> str:
@@ -473,9 +529,14 @@ def explorable(model: ModelRun) -> bool:
     return _ndim(model) == 2 and "positions" in model.frames and model.arrays.get("coverage") is not None
 
 
-def scale_text(value: float, log: bool) -> str:
-    """Format a colour-scale end: compact numbers, two significant digits on a log scale."""
-    return f"{value:.2g}" if log else number_text(float(value))
+def scale_ends(lo: float, hi: float, log: bool) -> tuple[str, str]:
+    """Format a colour scale's two ends: compact (two significant digits on a log scale), with as many digits
+    as it takes to tell two different ends apart (0.348 and 0.352, not 0.35 twice)."""
+    texts = (f"{lo:.2g}", f"{hi:.2g}") if log else (number_text(float(lo)), number_text(float(hi)))
+    digits = 3
+    while lo != hi and texts[0] == texts[1] and digits <= 17:
+        texts, digits = (f"{lo:.{digits}g}", f"{hi:.{digits}g}"), digits + 1
+    return texts
 
 
 def heatmap(model: ModelRun, assets: Assets, kind: str, title: str, values: np.ndarray, unit: str, *,
@@ -487,8 +548,9 @@ def heatmap(model: ModelRun, assets: Assets, kind: str, title: str, values: np.n
     scale = longest / max(rows, cols)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     image = assets.png(f"{model.slug}-{kind}", drawn.png, f"{title}: {model.name}", size)
-    return Heatmap(title=title, image=image, unit=unit, lo=scale_text(drawn.lo, log), hi=scale_text(drawn.hi, log),
-                   log=log, rows=rows, cols=cols, grid=grid, boxes=boxes, position=position, cmap=cmap.name)
+    lo, hi = scale_ends(drawn.lo, drawn.hi, log)
+    return Heatmap(title=title, image=image, unit=unit, lo=lo, hi=hi, log=log, rows=rows, cols=cols, grid=grid,
+                   boxes=boxes, position=position, cmap=cmap.name)
 
 
 def grid_heatmaps(model: ModelRun, assets: Assets, kind: str, frame: pd.DataFrame,
@@ -553,7 +615,7 @@ def input_panel(model: ModelRun, assets: Assets, frame: pd.DataFrame) -> Heatmap
 
 
 def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """Padding seen per axis and clipped sides per output position, from the edges frame."""
+    """Share of each RF inside the input, padding reached per axis and clipped sides, from the edges frame."""
     frame = model.frames.get("edges")
     if frame is None:
         return None
@@ -561,15 +623,26 @@ def _padding_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
     derived = frame.assign(
         clipped=sum(frame[f"{a}_clip_{side}"].astype(int) for a in letters for side in ("lo", "hi")),
         **{f"{a}_padding": frame[f"{a}_out_lo"] + frame[f"{a}_out_hi"] for a in letters})
-    columns = [(f"{a}_padding", f"padding seen on {a}", "input pixels") for a in letters]
+    columns = [("in_input_share", "share of the RF inside the input", "ratio")]
+    columns += [(f"{a}_padding", f"padding reached on {a}", "input pixels") for a in letters]
     columns.append(("clipped", "clipped sides", "sides"))
-    title, caption = ("Padding seen by each output position",
-                      "Rows or columns of each position's unclipped RF that fall outside the input, i.e. are fed by "
-                      "padding (both sides added), and how many sides of its RF the input border cuts.")
+    exact = "geometry" in model.frames and bool(model.frames["geometry"]["fit"].isin(EXACT_FITS).all())
+    shown = [column for column in columns if column[0] == "clipped" or (exact and known(derived, column[0]))]
+    title = "How much of each RF lies inside the input"
+    caption = ("The share of each position's unclipped RF box (the exact geometry) that lies inside the input, the "
+               "rows or columns of it that reach past the input into padding (both sides added), and how many "
+               "sides of its RF the input border cuts.")
+    if len(shown) < len(columns):
+        caption += " Without an exact geometry the share and the padding reached are unknown and not drawn."
     if _ndim(model) == 1:
-        return _block(model, assets, "padding", title, caption, plots.grid_maps(derived, columns, 1))
+        return _block(model, assets, "padding", title, caption, plots.grid_maps(derived, shown, 1))
     return FigureBlock(title=title, caption=caption, image=None,
-                       heatmaps=grid_heatmaps(model, assets, "padding", derived, columns))
+                       heatmaps=grid_heatmaps(model, assets, "padding", derived, shown))
+
+
+def known(frame: pd.DataFrame, column: str) -> bool:
+    """Return whether a frame has a column with at least one value (older run folders may lack it)."""
+    return column in frame and bool(frame[column].notna().any())
 
 
 def _coverage(model: ModelRun, assets: Assets) -> FigureBlock | None:
@@ -718,8 +791,8 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
         anchor=anchor(model), name=model.name, resolution=resolution(entry["input_shape"]),
         input_shape=list(entry["input_shape"]), output_shape=entry.get("output_shape"),
         mode=str(entry.get("mode", "")), target=str(entry.get("target", "")),
-        affine=model.summary.affine if model.summary else None,
-        status=model.status,
+        nonaffine=(model.summary.nonaffine or "") if model.summary else "",
+        status=model.status, verdict=verdict(model),
         error=str(entry.get("error") or ""), findings=findings(entry),
         audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
                     for r in entry.get("audit") or []),
@@ -751,11 +824,12 @@ def counts(run: Run) -> Counts:
 def build_context(run: Run, assets: Assets, page_dir: Path) -> ReportContext:
     """Build the whole page context of a run; sections start collapsed past EXPANDED_SECTIONS jobs."""
     expanded = len(run.models) <= EXPANDED_SECTIONS
-    sections = tuple(model_section(run, model, assets, page_dir, expanded) for model in run.models)
+    models = by_verdict(run.models)
+    sections = tuple(model_section(run, model, assets, page_dir, expanded) for model in models)
     css, css_href = assets.stylesheet(_template_source("report.css"))
     return ReportContext(
         title=f"Receptive-field report: {Path(run.path).name}", run=run_info(run.meta),
-        overview=tuple(overview_row(model) for model in run.models),
+        overview=tuple(overview_row(model) for model in models),
         failed=tuple(s for s in sections if s.status != "ok"), sections=sections, css=css, css_href=css_href,
         counts=counts(run), script=_template_source("report.js"))
 

@@ -268,3 +268,15 @@ def test_layer_helpers_on_hand_made_frames():
 def test_axis_fit_predicts_position_zero_without_a_stride():
     fit = AxisFit(5, math.nan, 2.0, "estimated")
     assert fit.start(np.array([0])).tolist() == [-2.0]
+
+
+def test_in_input_share_of_each_rf_follows_the_exact_geometry():
+    """Two 3x3 convolutions, stride 2 then 1, padding 1 (RF 7, stride 2, padding 3) on 16 x 16: the share of each
+    unclipped box inside the input is the closed form product of (in-input part of [2p - 3, 2p + 3]) / 7."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Conv2d(1, 1, 3, padding=1)).eval()
+    frame = analyze(sweep(model, (1, 1, 16, 16), "all")).positions
+    inside = {p: (min(2 * p + 3, 15) - max(2 * p - 3, 0) + 1) / 7 for p in range(8)}
+    expected = [inside[h] * inside[w] for h, w in zip(frame["pos_h"], frame["pos_w"])]
+    assert frame["in_input_share"].tolist() == pytest.approx(expected)
+    assert frame["in_input_share"].min() == pytest.approx((4 / 7) ** 2)   # the corner (0, 0)
+    assert (frame["h_out_lo"] == [max(0, 3 - 2 * h) for h in frame["pos_h"]]).all()

@@ -38,7 +38,7 @@ def test_report_opens_cleanly_in_chromium(tmp_path):
     assert not errors and not failed
     assert images and all(complete and width > 0 for complete, width in images)
     assert overview_rows == len(run.models)
-    assert sections == [report.anchor(model) for model in run.models]
+    assert sections == [report.anchor(model) for model in report.by_verdict(run.models)]
     assert any(heading.startswith(EVIL) for heading in headings)
 
 
@@ -133,3 +133,68 @@ def test_diff_page_opens_cleanly_in_chromium(tmp_path):
             "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])"))
     assert not errors and not failed
     assert images and all(complete and width > 0 for complete, width in images)
+
+
+LAYOUT = """() => {
+  const page = document.scrollingElement;
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; };
+  return {width: innerWidth, scrollWidth: page.scrollWidth, header: box(document.querySelector('.page-header')),
+          keys: [...document.querySelectorAll('table.overview thead th.key')].map(th => [th.textContent, ...box(th)])};
+}"""
+
+
+def layout_at(page_path: Path, width: int, action=None):
+    """Open a page at `width` x 844 CSS pixels; return its layout (LAYOUT) and `action(page)`'s result."""
+    def look(page):
+        page.set_viewport_size({"width": width, "height": 844})
+        return page.evaluate(LAYOUT), action(page) if action else None
+
+    (layout, extra), errors, failed = open_page(page_path, look)
+    assert not errors and not failed
+    return layout, extra
+
+
+def sticky_model_cell(page) -> dict:
+    """Scroll the overview table to its right end; return where its box and first model cell then sit."""
+    return page.evaluate("""() => {
+      const scroller = document.querySelector('#overview .scroll');
+      scroller.scrollLeft = scroller.scrollWidth;
+      const cell = scroller.querySelector('tbody th[scope=row]').getBoundingClientRect();
+      return {scrolled: scroller.scrollLeft, box: scroller.getBoundingClientRect().left, cell: cell.left,
+              right: cell.right, text: scroller.querySelector('tbody th[scope=row]').textContent};
+    }""")
+
+
+def verdicts_shown(page) -> dict:
+    """Read the verdict badges of the table of contents, the section headings and the overview, in page order."""
+    read = "els => els.map(e => e.textContent.trim())"
+    return {where: page.eval_on_selector_all(f"{where} .verdict", read)
+            for where in ("nav.toc", "section.model h2", "table.overview tbody")}
+
+
+def test_key_columns_and_verdicts_are_visible_at_1280(tmp_path):
+    """At 1280 px: no page scroll, the key overview columns inside the viewport, verdicts everywhere, failures first."""
+    run = example_run(tmp_path)
+    layout, shown = layout_at(report.render(run), 1280, verdicts_shown)
+    assert layout["scrollWidth"] <= layout["width"]
+    assert [key[0] for key in layout["keys"]] == ["model", "input", "verdict", "architecture RF", "stride",
+                                                  "global context"]
+    assert all(left >= 0 and right <= layout["width"] for _name, left, right in layout["keys"])
+    assert layout["header"] == [0, layout["width"]]
+    expected = [report.verdict(model).text for model in report.by_verdict(run.models)]
+    assert expected[:2] == ["job error", "fail: max_edge_fraction"]
+    assert shown == {"nav.toc": expected, "section.model h2": expected, "table.overview tbody": expected}
+
+
+def test_no_page_scroll_at_390_and_the_model_column_sticks(tmp_path):
+    """At 390 px the report and the diff page fit the width (wide tables scroll in their box); the model
+    column stays put when the overview table scrolls."""
+    run = example_run(tmp_path)
+    layout, sticky = layout_at(report.render(run), 390, sticky_model_cell)
+    assert layout["scrollWidth"] <= layout["width"] and layout["header"] == [0, layout["width"]]
+    assert sticky["scrolled"] > 0 and abs(sticky["cell"] - sticky["box"]) <= 1 and sticky["right"] <= 390
+    assert sticky["text"] == report.by_verdict(run.models)[0].name
+    a, b = edited_runs(tmp_path)
+    assert invoke("diff", a, b, "--html", tmp_path / "diff.html").exit_code == 0
+    layout, _ = layout_at(tmp_path / "diff.html", 390)
+    assert layout["scrollWidth"] <= layout["width"] and layout["header"] == [0, layout["width"]]

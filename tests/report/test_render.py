@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def test_every_context_field_documented_and_used():
     classes: set = set()
     _context_types(report.ReportContext, classes)
     assert {report.ModelSection, report.OverviewRow, report.Image, report.Table, report.Link} <= classes
-    templates = Path(report.__file__).parent / "templates"
-    source = "".join(p.read_text() for p in templates.glob("*.html"))
+    source = "".join(report.template_text(p.name) for p in resources.files("rfreport.templates").iterdir()
+                     if p.name.endswith(".html"))
     for cls in classes:
         assert cls.__doc__ and dataclasses.is_dataclass(cls)
         for f in dataclasses.fields(cls):
@@ -85,9 +86,7 @@ def test_every_context_field_documented_and_used():
 
 def test_templates_load_from_the_package():
     """The templates resolve through importlib.resources (as in a wheel), not a source path."""
-    from importlib import resources
-
-    names = {p.name for p in resources.files("rfreport.report.templates").iterdir()}
+    names = {p.name for p in resources.files("rfreport.templates").iterdir()}
     assert {"base.html", "index.html", "macros.html", "report.css"} <= names
 
 
@@ -156,7 +155,7 @@ def test_toc_and_collapsible_sections(rendered):
     """A table of contents links every section; each model section is a <details>, open in a small run."""
     run, html = rendered
     toc = html[html.index('<nav class="toc"'):html.index("</nav>")]
-    assert [f"#{report.anchor(m)}" for m in run.models] == re.findall(r'href="(#model-[^"]+)"', toc)
+    assert [f"#{report.anchor(m)}" for m in report.by_verdict(run.models)] == re.findall(r'href="(#model-[^"]+)"', toc)
     assert html.count("<details open>") == len(run.models)
 
 
@@ -246,3 +245,75 @@ def test_the_per_layer_table_highlights_the_analysed_layer_and_marks_border_laye
     volume = html[html.index('id="model-volume-6x8x8"'):]
     assert "estimated: not affine at its centre" in volume[volume.index('<details class="layers">'):]
     assert html.count('<details class="layers">') == 3   # one per completed model; none for the failed one
+
+
+def test_colour_scale_ends_tell_different_values_apart():
+    """A narrow range keeps the digits that separate its ends; equal ends and log scales stay compact."""
+    assert report.scale_ends(0.3481, 0.3524, log=False) == ("0.348", "0.352")
+    assert report.scale_ends(0.35, 0.35, log=False) == ("0.35", "0.35")
+    assert report.scale_ends(218, 224, log=False) == ("218", "224")
+    assert report.scale_ends(1e-4, 1.0, log=True) == ("0.0001", "1")
+
+
+def edited_gold(tmp_path: Path, edit) -> runfolder.Run:
+    """Copy the golden run folder, apply `edit(entry)` to its first model's summary entry, and load it."""
+    run = shutil.copytree(GOLD_RUN, tmp_path / "run")
+    document = json.loads((run / "summary.json").read_text())
+    edit(document["models"][0])
+    (run / "summary.json").write_text(json.dumps(document))
+    return runfolder.load(run)
+
+
+def global_without_fit(entry: dict) -> None:
+    """Make an entry global context with no fitted stride, padding or offset (efficientnet_b0's case)."""
+    entry.update(affine=False, nonaffine=None, stride=[None, None], padding=[None, None],
+                 center_offset=[None, None], **{"global": True, "global_from": "features.1.avgpool",
+                                                "global_op": "adaptive_avg_pool2d"})
+
+
+def test_global_context_is_not_called_non_affine(tmp_path):
+    """affine false with `nonaffine` null (global context, no fit): no banner, no "fit does not hold"."""
+    html = report.render(edited_gold(tmp_path, global_without_fit)).read_text(encoding="utf-8")
+    assert "Non-affine geometry" not in html and "fit does not hold" not in html
+    assert "(global context: no fit)" in html and 'title="adaptive_avg_pool2d at features.1.avgpool"' in html
+
+
+def test_a_non_affine_model_gets_the_banner_with_its_reason(tmp_path):
+    """A geometry that is not affine says so in its section, with the summary's reason, and in the overview."""
+    reason = "the RF box moves in steps of 4 every 4 positions"
+    html = report.render(edited_gold(tmp_path, lambda e: e.update(affine=False, nonaffine=reason))).read_text(
+        encoding="utf-8")
+    assert f"<strong>Non-affine geometry:</strong> {reason}." in html and "(fit does not hold)" in html
+
+
+def test_the_rf_share_inside_the_input_is_drawn(rendered):
+    """The edges frame's share of each RF inside the input gets its own map, with a scale from the frame."""
+    run, html = rendered
+    model = run.models[0]
+    share = model.frames["edges"]["in_input_share"]
+    section = html[html.index(f'id="{report.anchor(model)}"'):]
+    found = re.search(r'<figcaption>share of the RF inside the input</figcaption>.*?<span class="lo">([^<]*)</span>'
+                      r'.*?<span class="hi">([^<]*)</span>', section, flags=re.S)
+    assert found and found.groups() == report.scale_ends(share.min(), share.max(), log=False)
+
+
+def test_a_constant_map_says_so_instead_of_a_range(rendered):
+    """A map of one value has no colour bar from 1 to 1: it says the value is the same at every cell."""
+    html = rendered[1]
+    assert not re.search(r'<span class="lo">([^<]*)</span><span class="bar[^"]*"></span><span class="hi">\1</span>',
+                         html)
+    assert 'the same at every cell: <span class="lo hi">' in html
+
+
+def test_padding_reach_and_share_are_drawn_only_from_an_exact_geometry(tmp_path):
+    """With an estimated fit (a lower bound on the RF size) the share and the padding reached are not drawn."""
+    run = shutil.copytree(GOLD_RUN, tmp_path / "run")
+    slug = json.loads((run / "summary.json").read_text())["models"][0]["slug"]
+    path = run / "models" / slug / "geometry.parquet"
+    pd.read_parquet(path).assign(fit="estimated").to_parquet(path, index=False)
+    html = report.render(runfolder.load(run)).read_text(encoding="utf-8")
+    section = html[html.index(f'id="model-{slug}"'):]
+    section = section[:section.index("</section>")]
+    assert "share of the RF inside the input" not in section and "padding reached on" not in section
+    assert "Without an exact geometry the share and the padding reached are unknown" in section
+    assert "clipped sides" in section

@@ -132,3 +132,18 @@ def test_a_clipped_block_ending_in_a_reused_module_takes_its_own_growth_row(tmp_
     job = Job(spec, (1, 1, 8, 8), RunOptions())
     summary = plan.measure(models.build(spec), job).analyse().summary
     assert (summary.rf_size, summary.stride, summary.padding) == ((7, 7), (4.0, 4.0), (3.0, 3.0))
+
+
+@pytest.mark.parametrize(("spatial", "swept"), [((7, 7), 49), ((8, 8), 64), ((9, 9), 9), ((40,), 40), ((100,), 26)])
+def test_a_sampled_grid_on_a_small_output_sweeps_all_of_it(spatial, swept):
+    """grid:K widens to every position up to FULL_GRID output positions; larger outputs keep the sampled grid."""
+    assert len(plan.main_positions("grid:4", spatial)) == swept
+    assert len(plan.main_positions("center", (7, 7))) == 1   # a named selection is kept as asked
+
+
+def test_the_main_sweep_of_a_small_output_covers_the_whole_grid():
+    """A 4 x 4 output asked on grid:3 (2 x 2 sampled) is swept at all 16 positions."""
+    job = job_of("resnet_small", (1, 3, 16, 16), kwargs={"width": 4, "blocks": 1}, layer="stages",
+                 positions="grid:3")
+    main = plan.main_sweep(models.build(job.spec), job, None)
+    assert main.output_spatial == (4, 4) and len(main.positions) == 16
