@@ -27,6 +27,7 @@ from rfreport.errors import ConfigError, RfReportError, RunFolderError, SweepErr
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
 from rfreport.run.progress import is_progress, stage
+from rfreport.summary import per_axis
 
 USAGE_ERRORS = (ConfigError, RunFolderError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
@@ -307,9 +308,9 @@ def check(sources, junit_path, as_json, device, batch_size, seed, erf_samples, e
     if as_json:
         click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2))
     else:
-        rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
-                for e in entries for r in e.get("audit") or []]
-        click.echo(table(["model", "rule", "limit", "value", "result"], rows))
+        rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL",
+                 r.get("note") or ""] for e in entries for r in e.get("audit") or []]
+        click.echo(table(["model", "rule", "limit", "value", "result", "note"], rows))
     failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
     if failing:
         raise CommandError(f"audit failed for {', '.join(failing)}", 1)
@@ -473,17 +474,28 @@ def inspect_text(record: dict) -> str:
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
-    lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    lines += [f"{key}: {geometry_text(key, value)}" for key, value in geometry.items()]
     if "verified" in record:
         lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
                      f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
                      "input outside the reported RF was perturbed)")
     if record.get("levels"):
-        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]), text(lv["rf_size"]), text(lv["padding"]),
-                 text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
-                for lv in record["levels"]]
-        lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
+        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]),
+                 geometry_text("arch_rf_size", lv["arch_rf_size"]), text(lv["in_input_rf_size"]),
+                 text(lv["padding"]), text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}",
+                 "yes" if lv["global"] else ""] for lv in record["levels"]]
+        lines += ["", table(["level", "output", "stride", "arch rf", "in-input rf", "padding", "offset", "edge",
+                             "global"], rows)]
     return "\n".join(lines)
+
+
+def geometry_text(key: str, value: Any) -> str:
+    """Format a geometry value of an inspect record: per-axis lists as `a x b`, other lists as `a, b`."""
+    if key == "arch_rf_size" and value is None:
+        return "unbounded (global context)"
+    if isinstance(value, list) and not per_axis(key):
+        return ", ".join(map(text, value)) or "-"
+    return text(value)
 
 
 def text(value: Any) -> str:

@@ -21,7 +21,8 @@ from rfreport.report import plots
 from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
 
-OVERVIEW = ("status", "center_rf_size", "stride", "padding", "edge_fraction", "unseen_pixels", "global", "audit")
+OVERVIEW = ("status", "arch_rf_size", "stride", "padding", "global", "in_input_rf_size", "edge_fraction",
+            "unseen_pixels", "audit")
 
 
 @dataclass(frozen=True)

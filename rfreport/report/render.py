@@ -131,6 +131,8 @@ class AuditResult:
     limit: Any = field(metadata={"doc": "the configured limit"})
     value: Any = field(metadata={"doc": "the measured value"})
     passed: bool = field(metadata={"doc": "whether the rule holds"})
+    note: str = field(metadata={"doc": "why the value was not judged as is (estimated geometry, global context); "
+                                       "empty when nothing to say"})
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ class OverviewRow:
     name: str = field(metadata={"doc": "model name"})
     resolution: str = field(metadata={"doc": "input spatial size, e.g. 224 × 224"})
     status: str = field(metadata={"doc": "ok or failed"})
-    rf_size: tuple | None = field(metadata={"doc": "RF size at the centre per axis (input pixels)"})
+    arch_rf_size: tuple | None = field(metadata={"doc": "the architecture RF per axis (input pixels); None where "
+                                                        "unbounded (global context) or the model failed"})
     stride: tuple | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
     padding: tuple | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
     center_offset: tuple | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
@@ -346,7 +349,7 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-SUMMARY_FIGURES = ("rf_size", "stride", "padding", "center_offset", "affine", "edge_fraction", "unseen_pixels",
+SUMMARY_FIGURES = ("arch_rf_size", "stride", "padding", "center_offset", "affine", "edge_fraction", "unseen_pixels",
                    "holes", "global_context", "erf_ratio")   # the OverviewRow fields read from the Summary
 
 
@@ -354,7 +357,7 @@ def overview_row(model: ModelRun) -> OverviewRow:
     """Build the overview-table row of one model entry (its summary's figures are None where it failed)."""
     entry, s = model.entry, model.summary
     figures: dict[str, Any] = {} if s is None else {
-        "rf_size": s.rf_size, "stride": s.stride, "padding": s.padding, "center_offset": s.center_offset,
+        "arch_rf_size": s.arch_rf_size, "stride": s.stride, "padding": s.padding, "center_offset": s.center_offset,
         "affine": s.affine, "edge_fraction": s.edge_fraction, "unseen_pixels": s.unseen_pixels, "holes": s.holes,
         "global_context": s.global_context, "erf_ratio": s.erf.area95_ratio if s.erf else None}
     return OverviewRow(
@@ -705,7 +708,7 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
         affine=model.summary.affine if model.summary else None,
         status=model.status,
         error=str(entry.get("error") or ""), findings=findings(entry),
-        audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
+        audit=tuple(AuditResult(r["rule"], r["limit"], r["value"], r["passed"], r.get("note") or "")
                     for r in entry.get("audit") or []),
         figures=model_figures(model, assets) if model.ok else (),
         tables=model_tables(run, model, page_dir, assets.embeds) if model.ok else (),
