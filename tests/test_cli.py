@@ -165,8 +165,9 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
-    assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                                  "affine": True, "global": False, "fit": ["affine", "affine"],
+    assert record["geometry"] == {"arch_rf_size": [13, 13], "in_input_rf_size": [13, 13], "stride": [2, 2],
+                                  "padding": [5, 5], "center_offset": [0.5, 0.5],
+                                  "affine": True, "global": False, "arch_rf_fit": ["affine", "affine"],
                                   "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
         assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
@@ -182,15 +183,16 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
 def test_inspect_geometry_is_filled_for_a_single_position(ws):
     record = inspect_json(ws)
     assert [p["pos"] for p in record["positions"]] == [[3, 3]]
-    assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["size"] == [13, 13]
+    assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["arch_rf_size"] == [13, 13]
 
 
 def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
     done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,5,5", "--json")
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
-    assert geometry == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                        "affine": True, "global": False, "fit": ["enlarged", "enlarged"], "size_dependent": None,
+    assert geometry == {"arch_rf_size": [13, 13], "in_input_rf_size": [5, 5], "stride": [2, 2], "padding": [5, 5],
+                        "center_offset": [0.5, 0.5], "affine": True, "global": False,
+                        "arch_rf_fit": ["enlarged", "enlarged"], "size_dependent": None,
                         "estimated": None}
 
 
@@ -202,7 +204,7 @@ def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):
     done = invoke("inspect", f"{tmp_path / 'sizenets.py'}:pooled", "--input-shape", "1,1,8,8", "--json")
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
-    assert geometry["fit"] == ["estimated", "estimated"] and geometry["affine"] is False
+    assert geometry["arch_rf_fit"] == ["estimated", "estimated"] and geometry["affine"] is False
     assert geometry["size_dependent"] == ["adaptive_avg_pool2d"]
     reasons = geometry["estimated"].split("; w: ")
     assert reasons[0].startswith("h: ") and len(reasons) == 2

@@ -18,8 +18,8 @@ from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
 from tests.support import GOLD_RUN, assert_gold, edited_runs, invoke
 
-BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
-        "center_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
+BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "arch_rf_size": [11, 11],
+        "in_input_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
         "affine": True, "edge_fraction": 0.5, "unseen_pixels": 0, "global": False, "wrapped": False,
         "min_fill": 1.0, "findings": [{"code": "edge", "severity": "warning", "message": "50% see padding"}],
         "audit": [{"rule": "min_rf", "limit": 10, "value": [11, 11], "passed": True}]}
@@ -41,10 +41,10 @@ def test_float_noise_is_not_a_change():
 
 
 def test_geometry_changes_are_listed_field_by_field():
-    after = {**BASE, "rf_size": [15, 15], "stride": [8, 4], "edge_fraction": 0.25}
+    after = {**BASE, "arch_rf_size": [15, 15], "stride": [8, 4], "edge_fraction": 0.25}
     found = diff.compare(make_run(BASE), make_run(after))
     assert found.changes == (
-        diff.Change("net-32x32", "rf_size", [11, 11], [15, 15]),
+        diff.Change("net-32x32", "arch_rf_size", [11, 11], [15, 15]),
         diff.Change("net-32x32", "stride", [4, 4], [8, 4]),
         diff.Change("net-32x32", "edge_fraction", 0.5, 0.25),
     )
@@ -110,11 +110,11 @@ def test_audit_verdicts_per_rule():
 def test_values_have_labels_and_never_join_codes_with_the_axis_separator():
     """Finding codes are joined with commas; per-axis values with ×; fractions are percentages with pp deltas."""
     assert diff.value_text("findings", ["edge", "unseen"]) == "edge, unseen"
-    assert diff.value_text("rf_size", [11, 13]) == "11 × 13"
+    assert diff.value_text("arch_rf_size", [11, 13]) == "11 × 13"
     assert diff.value_text("edge_fraction", 0.25) == "25%"
     assert diff.delta_text("edge_fraction", 0.5, 0.25) == "-25 pp"
-    assert diff.delta_text("rf_size", [11, 11], [15, 13]) == "+4 × +2"
-    assert diff.label("center_rf_size") == "RF size at the centre"
+    assert diff.delta_text("arch_rf_size", [11, 11], [15, 13]) == "+4 × +2"
+    assert diff.label("in_input_rf_size") == "RF size at the centre"
     after = {**BASE, "findings": [{"code": "unseen", "severity": "warning", "message": "x"},
                                   {"code": "holes", "severity": "info", "message": "y"}]}
     rows = diff.text_rows(diff.compare(make_run(BASE), make_run(after)))
@@ -122,12 +122,12 @@ def test_values_have_labels_and_never_join_codes_with_the_axis_separator():
 
 
 def test_json_document():
-    after = {**BASE, "rf_size": [15, 15]}
+    after = {**BASE, "arch_rf_size": [15, 15]}
     document = diff.to_json(diff.compare(make_run(BASE), make_run(after, {**BASE, "slug": "b-1", "name": "b"})))
     assert document["counts"] == {"failed": 0, "fixed": 0, "added": 1, "removed": 0, "changed": 1, "unchanged": 0}
     first = document["models"][0]
     assert first["state"] == "changed" and first["changes"] == [
-        {"field": "rf_size", "label": "RF size (clear of the border)", "a": [11, 11], "b": [15, 15],
+        {"field": "arch_rf_size", "label": "RF size (clear of the border)", "a": [11, 11], "b": [15, 15],
          "delta": "+4 × +4"}]
     assert json.loads(json.dumps(document)) == document
 
@@ -135,7 +135,7 @@ def test_json_document():
 def test_markdown_stays_comment_sized():
     """Forty changed models give a table and at most MARKDOWN_MODELS detailed sections."""
     before = [{**BASE, "slug": f"m{i}", "name": f"m{i}"} for i in range(40)]
-    after = [{**entry, "rf_size": [15, 15], "edge_fraction": 0.75} for entry in before]
+    after = [{**entry, "arch_rf_size": [15, 15], "edge_fraction": 0.75} for entry in before]
     text = diff.to_markdown(diff.compare(make_run(*before), make_run(*after)), "diff.html")
     assert text.count("\n**m") == diff.MARKDOWN_MODELS and "… and 28 more changed models." in text
     assert "| m0 | changed | 11 × 11 | 50% → **75%** | pass |" in text
@@ -279,21 +279,21 @@ def test_pipeline_records_the_spec_of_every_job():
 
 # --- feature-pyramid levels ---------------------------------------------------------------------------------------
 
-C3 = {"level": "C3", "target": "output[1]", "output_shape": [1, 8, 8, 8], "stride": [4.0, 4.0], "rf_size": [11, 11],
-      "padding": [4.0, 4.0], "center_offset": [0.0, 0.0], "fit": "affine", "center_rf_size": [11, 11],
+C3 = {"level": "C3", "target": "output[1]", "output_shape": [1, 8, 8, 8], "stride": [4.0, 4.0], "arch_rf_size": [11, 11],
+      "padding": [4.0, 4.0], "center_offset": [0.0, 0.0], "fit": "affine", "in_input_rf_size": [11, 11],
       "edge_fraction": 0.5, "global": False, "local_rf_size": None, "min_fill": 1.0, "affine": True, "verified": 1,
       "violations": 0, "anchors": [[8, 8]], "anchor_basis": "rf", "anchor_rf": [11, 11], "anchors_fit": True,
       "anchor_min_share": 8 / 11}
 C4 = {**C3, "level": "C4", "target": "output[2]", "output_shape": [1, 16, 4, 4], "stride": [8.0, 8.0],
-      "rf_size": [27, 27], "padding": [12.0, 12.0], "center_rf_size": [27, 27], "edge_fraction": 1.0, "anchors": [],
+      "arch_rf_size": [27, 27], "padding": [12.0, 12.0], "in_input_rf_size": [27, 27], "edge_fraction": 1.0, "anchors": [],
       "anchor_basis": None, "anchor_rf": None, "anchors_fit": None, "anchor_min_share": None}
 
 
 def pyramid_runs() -> tuple[dict, dict]:
     """Return entries before and after: C3 grows (the fit kind alone changes nothing else), C4 goes, P6 comes."""
     before = {**BASE, "levels": [C3, C4]}
-    grown = {**C3, "rf_size": [15, 15], "padding": [6.0, 6.0], "anchors": [[8, 8], [32, 16]], "fit": "composed"}
-    p6 = {**C4, "level": "P6", "stride": [16.0, 16.0], "rf_size": [43, 43], "global": True}
+    grown = {**C3, "arch_rf_size": [15, 15], "padding": [6.0, 6.0], "anchors": [[8, 8], [32, 16]], "fit": "composed"}
+    p6 = {**C4, "level": "P6", "stride": [16.0, 16.0], "arch_rf_size": [43, 43], "global": True}
     return before, {**BASE, "levels": [grown, p6]}
 
 
@@ -302,7 +302,7 @@ def test_levels_are_compared_by_name_field_by_field():
     (model,) = diff.compare(make_run(before), make_run(after)).models
     assert model.state == "changed" and model.changes == ()
     assert [(lv.level, lv.change) for lv in model.levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
-    assert model.levels[0].changes == (diff.Change("net-32x32", "rf_size", [11, 11], [15, 15]),
+    assert model.levels[0].changes == (diff.Change("net-32x32", "arch_rf_size", [11, 11], [15, 15]),
                                        diff.Change("net-32x32", "padding", [4.0, 4.0], [6.0, 6.0]),
                                        diff.Change("net-32x32", "anchors", [[8, 8]], [[8, 8], [32, 16]]))
     assert diff.compare(make_run(before), make_run({**before, "levels": [C3, {**C4, "fit": "enlarged"}]})
@@ -339,7 +339,7 @@ def test_cli_diff_shows_levels_in_text_json_markdown_and_html(tmp_path):
     document = json.loads(invoke("diff", a, b, "--json", "-").stdout)
     levels = document["models"][0]["levels"]
     assert [(lv["level"], lv["change"]) for lv in levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
-    assert [c["field"] for c in levels[0]["changes"]] == ["rf_size", "padding", "anchors"] and levels[2]["b"]["global"]
+    assert [c["field"] for c in levels[0]["changes"]] == ["arch_rf_size", "padding", "anchors"] and levels[2]["b"]["global"]
     assert document["models"][0]["state"] == "changed"
     done = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
     assert done.exit_code == 0, done.output

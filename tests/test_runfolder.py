@@ -27,7 +27,7 @@ def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfol
                               "edge": [True, False, False, True], "path": pd.array(["dense"] * 4, dtype="string")})
     geometry = pd.DataFrame({"axis": ["h", "w"], "stride": [2, 2]})
     entry = {"name": name, "slug": runfolder.slugify(name, shape), "input_shape": list(shape), "status": "ok",
-             **SUMMARY, "rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
+             **SUMMARY, "arch_rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
     arrays = {"coverage": rng.integers(0, 5, shape[2:]),
               "masks": {(1, 2): rng.random(shape[2:]) > 0.5, (0, 0): np.zeros(shape[2:], bool)},
               "erf_maps": {(1, 2): rng.random(shape[2:])}}

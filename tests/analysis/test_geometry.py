@@ -23,7 +23,7 @@ from tests.oracle import Layer, lengths
 from tests.support import hole_free_stacks, recurrence
 
 SUMMARY_KEYS = {
-    "rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "center_rf_size", "positions",
+    "arch_rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "in_input_rf_size", "positions",
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
@@ -58,10 +58,10 @@ def test_affine_fit_matches_the_recurrences(case):
         r, s, p = recurrence(layers, axis)
         if unclipped_positions(layers, axis, shape[axis]) >= 2:
             assert row["fit"] == "affine", row["problem"]
-            assert (row["size"], row["stride"], row["padding"]) == (r, s, p)
+            assert (row["arch_rf_size"], row["stride"], row["padding"]) == (r, s, p)
             assert row["center_offset"] == (r - s) / 2 - p
         else:  # one clear box may be cut by intermediate padding: only the lower bound is certain
-            assert row["size"] <= r
+            assert row["arch_rf_size"] <= r
 
 
 class AlignedBranches(nn.Module):
@@ -96,7 +96,7 @@ class SimpleDiamond(nn.Module):
 ], ids=["aligned-branches", "non-square", "stacked-diamonds"])
 def test_known_graphs(model, spatial, expected):
     summary = analysed(model, spatial).summary.to_json()
-    assert (summary["rf_size"], summary["stride"], summary["padding"]) == tuple(list(v) for v in expected)
+    assert (summary["arch_rf_size"], summary["stride"], summary["padding"]) == tuple(list(v) for v in expected)
     assert summary["affine"] and summary["nonaffine"] is None
 
 
@@ -121,7 +121,7 @@ def test_circular_padding_wraps_and_fits_unrolled():
                           nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"))
     analysis = analysed(model, (12, 12))
     s = analysis.summary.to_json()
-    assert (s["rf_size"], s["stride"], s["padding"]) == ([7, 7], [2.0, 2.0], [3.0, 3.0])
+    assert (s["arch_rf_size"], s["stride"], s["padding"]) == ([7, 7], [2.0, 2.0], [3.0, 3.0])
     assert s["wrapped"] and s["padding_modes"] == ["circular"] and s["affine"]
     assert {"wrap", "edge"} <= {f.code for f in analysis.findings}
 
@@ -137,7 +137,7 @@ def test_sampled_sweeps_do_not_judge_coverage():
     analysis = analysed(nn.Conv2d(1, 1, 1, stride=2), (8, 8), positions="center")
     assert analysis.summary.to_json()["unseen_pixels"] is None
     assert "sampled" in {f.code for f in analysis.findings}
-    assert analysis.summary.to_json()["rf_size"] == [1, 1] and analysis.summary.to_json()["stride"] == [2.0, 2.0]
+    assert analysis.summary.to_json()["arch_rf_size"] == [1, 1] and analysis.summary.to_json()["stride"] == [2.0, 2.0]
 
 
 def test_strided_three_by_three_coverage_is_a_checkerboard():
@@ -149,7 +149,7 @@ def test_strided_three_by_three_coverage_is_a_checkerboard():
 def test_dilation_leaves_holes_with_their_fill_ratio():
     analysis = analysed(nn.Conv2d(1, 1, 3, padding=2, dilation=2), (10, 10))
     assert analysis.summary.to_json()["holes"] and analysis.summary.to_json()["min_fill"] == pytest.approx(9 / 25)
-    assert analysis.summary.to_json()["rf_size"] == [5, 5] and analysis.summary.to_json()["affine"]
+    assert analysis.summary.to_json()["arch_rf_size"] == [5, 5] and analysis.summary.to_json()["affine"]
 
 
 def test_reflect_padding_is_reported():

@@ -92,7 +92,7 @@ def test_saturation_is_not_called_global_context():
     assert s["global"] is False and s["global_from"] is None and s["covering_positions"] > 0
     assert "global" not in codes(analysis) and "covers" in codes(analysis)
     (covers,) = [f for f in analysis.findings if f.code == "covers"]
-    size = s["rf_size"]
+    size = s["arch_rf_size"]
     assert s["no_coverage_resolution"] == [n + 1 for n in size]
     assert f"from an input of {size[0] + 1} x {size[1] + 1} on, no RF can cover it" in covers.message
     assert "no global operation" in covers.message

@@ -263,7 +263,7 @@ def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(
     warning = next(f for f in done.findings if f.code == "not_exact")
     assert warning.severity == "warning" and warning.message.startswith(f"Not exact: {default_count(2)} of ")
     rows = audit.evaluate({}, {"status": "ok", **done.summary.to_json()})
-    assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False}]
+    assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False, "note": None}]
 
 
 def test_honest_summary_has_no_finding_and_no_audit_row():

@@ -74,7 +74,7 @@ def test_a_job_matches_the_set_propagation_oracle(tiny_result):
 def test_a_job_result_has_every_stage_and_no_torch(tiny_result):
     assert set(tiny_result.frames) == {"positions", "edges", "geometry", "layers"}
     summary = tiny_result.summary.to_json()
-    assert (summary["rf_size"], summary["stride"], summary["padding"]) == ([13, 13], [2, 2], [5, 5])
+    assert (summary["arch_rf_size"], summary["stride"], summary["padding"]) == ([13, 13], [2, 2], [5, 5])
     assert all(set(f) == {"code", "severity", "message"} for f in tiny_result.findings)
     data = pickle.dumps(tiny_result)
     assert b"torch" not in data
