@@ -33,7 +33,6 @@ LABELS = {"status": "status", "output_shape": "output shape", "arch_rf_size": "a
           "unseen_pixels": "unseen input pixels", "global": "global context", "wrapped": "RF wraps round the border",
           "min_fill": "smallest fill", "findings": "findings", "audit": "audit"}
 PERCENT = ("edge_fraction", "min_fill")
-NULL_TEXT = {"arch_rf_size": "unbounded (global context)"}   # what a null value of a field means
 LEVEL_FIELDS = (*HEADLINE, "output_shape", "in_input_rf_size", "center_offset", "edge_fraction", "anchors")
 SPEC_KEYS = ("factory", "kwargs", "input_shape", "layer", "output", "mode", "positions", "checkpoint", "audit")
 SPEC_LABELS = {"factory": "factory", "kwargs": "keyword arguments", "input_shape": "input shape",
@@ -264,8 +263,8 @@ def compare_levels(slug: str, before: Mapping[str, Any], after: Mapping[str, Any
     found = []
     for name in [*old, *(n for n in new if n not in old)]:
         a, b = old.get(name), new.get(name)
-        changes = tuple(Change(slug, key, a.get(key), b.get(key)) for key in LEVEL_FIELDS
-                        if not same(a.get(key), b.get(key))) if a is not None and b is not None else ()
+        changes = tuple(Change(slug, key, view(a, key), view(b, key)) for key in LEVEL_FIELDS
+                        if not same(view(a, key), view(b, key))) if a is not None and b is not None else ()
         level = LevelChange(name, a, b, changes)
         if level.change != "unchanged":
             found.append(level)
@@ -274,10 +273,18 @@ def compare_levels(slug: str, before: Mapping[str, Any], after: Mapping[str, Any
 
 def compare_entries(slug: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Change]:
     """Return the changed summary fields, finding codes and audit status of one model."""
-    views = [(field, before.get(field), after.get(field)) for field in FIELDS]
+    views = [(field, view(before, field), view(after, field)) for field in FIELDS]
     views.append(("findings", finding_codes(before), finding_codes(after)))
     views.append(("audit", audit_status(before), audit_status(after)))
     return [Change(slug, field, old, new) for field, old, new in views if not same(old, new)]
+
+
+def view(entry: Mapping[str, Any], field: str) -> Any:
+    """Return the value of a field as the diff compares and shows it: the architecture RF is `unbounded` under
+    global context (summary.json holds null there: no finite number), every other field as stored."""
+    if field == "arch_rf_size" and entry.get("global") and entry.get(field) is None:
+        return "unbounded"
+    return entry.get(field)
 
 
 def findings(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -347,7 +354,7 @@ def label(field: str) -> str:
 def value_text(field: str, value: Any) -> str:
     """Format a summary value: per-axis lists as `11 × 11`, fractions as percentages, lists of codes with commas."""
     if value is None:
-        return NULL_TEXT.get(field, "—")
+        return "—"
     if field == "findings":
         return ", ".join(map(str, value)) or "none"
     if field == "anchors":
@@ -449,7 +456,7 @@ def level_text(level: LevelChange, side: str) -> str:
     if record is None:
         return "—"
     return (f"stride {value_text('stride', record.get('stride'))}, architecture RF "
-            f"{value_text('arch_rf_size', record.get('arch_rf_size'))}")
+            f"{value_text('arch_rf_size', view(record, 'arch_rf_size'))}")
 
 
 def _status_after(model: ModelDiff) -> str:
@@ -516,7 +523,7 @@ def counts_line(found: RunDiff) -> str:
 def _markdown_row(m: ModelDiff) -> str:
     """Return one model's row of the markdown table."""
     def pair(field: str) -> str:
-        old, new = (m.before or {}).get(field), (m.after or {}).get(field)
+        old, new = view(m.before or {}, field), view(m.after or {}, field)
         return value_text(field, old) if same(old, new) else f"{value_text(field, old)} → **{value_text(field, new)}**"
     cells = " | ".join(pair(field) for field in MARKDOWN_FIELDS)
     return f"| {_md(m.slug)} | {m.state} | {cells} | {_audit_pair(m)} |"

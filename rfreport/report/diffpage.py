@@ -112,7 +112,7 @@ def overview_cell(model: diff.ModelDiff, key: str) -> Cell:
         return Cell(before, after, "", before != after)
     if key == "status":
         return Cell(model.status("a"), model.status("b"), "", model.status("a") != model.status("b"))
-    b, a = old.get(key), new.get(key)
+    b, a = diff.view(old, key), diff.view(new, key)
     return Cell(diff.value_text(key, b), diff.value_text(key, a), diff.delta_text(key, b, a) if not diff.same(b, a)
                 else "", not diff.same(b, a))
 
