@@ -152,13 +152,22 @@ def _expect(value: Any, types: tuple[type, ...], label: str, where: _Where, key:
 
 
 def _unknown(keys: Sequence[str], allowed: Sequence[str], where: _Where, what: str) -> None:
-    """Raise on the first key not in `allowed`, suggesting the closest allowed key (abbreviations spelt out)."""
-    spelt = {_spelt_out(name): name for name in allowed}
+    """Raise on the first key not in `allowed`, suggesting the closest allowed key."""
     for key in keys:
         if key not in allowed:
-            close = difflib.get_close_matches(_spelt_out(key), list(spelt), n=1)
-            hint = f" (did you mean {spelt[close[0]]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+            close = _closest(key, allowed)
+            hint = f" (did you mean {close!r}?)" if close else f" (allowed: {', '.join(allowed)})"
             raise where.error(key, f"unknown {what}{hint}")
+
+
+def _closest(key: str, allowed: Sequence[str]) -> str | None:
+    """Return the allowed name most like `key`, as written or with abbreviations spelt out (`min_receptive_field`
+    is `min_rf`), or None when none is close (difflib's ratio below 0.6)."""
+    def likeness(name: str) -> float:
+        return max(difflib.SequenceMatcher(None, key, name).ratio(),
+                   difflib.SequenceMatcher(None, _spelt_out(key), _spelt_out(name)).ratio())
+    best = max(allowed, key=likeness, default=None)
+    return best if best is not None and likeness(best) >= 0.6 else None
 
 
 def _spelt_out(key: str) -> str:
@@ -311,7 +320,7 @@ def _audit_limit(rule: AuditRule, value: Any, where: _Where, prefix: str = "audi
                    for v in (value if isinstance(value, list) else [value])]
         if not numbers or any(v <= 0 for v in numbers):
             raise where.error(key, f"must be a positive number or a list of them, not {value!r}")
-        return numbers if isinstance(value, list) else numbers[0]
+        return value
     number = float(_expect(value, (int, float), "a number", where, key))
     if number < 0 or (rule.kind == "fraction" and number > 1):
         raise where.error(key, f"must be {'between 0 and 1' if rule.kind == 'fraction' else '>= 0'}, not {value!r}")

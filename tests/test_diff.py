@@ -20,9 +20,10 @@ from rfreport.runfolder import ModelRun, Run
 from tests.support import GOLD_RUN, META, assert_gold, edited_runs, invoke, outputs
 
 BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "arch_rf_size": [11, 11],
-        "arch_rf_fit": ["affine", "affine"], "in_input_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
-        "affine": True, "edge_fraction": 0.5, "unseen_pixels": 0, "global": False, "wrapped": False,
-        "min_fill": 1.0, "findings": [{"code": "edge", "severity": "warning", "message": "50% see padding"}],
+        "arch_rf_fit": ["affine", "affine"], "in_input_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4],
+        "center_offset": [0.0, 0.0], "affine": True, "edge_fraction": 0.5, "unseen_pixels": 0, "global": False,
+        "wrapped": False, "min_fill": 1.0,
+        "findings": [{"code": "edge", "severity": "warning", "message": "50% see padding"}],
         "audit": [{"rule": "min_rf", "limit": 10, "value": [11, 11], "passed": True}]}
 
 

@@ -23,7 +23,8 @@ from tests.oracle import Layer, lengths
 from tests.support import hole_free_stacks, recurrence
 
 SUMMARY_KEYS = {
-    "arch_rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "in_input_rf_size", "positions",
+    "arch_rf_size", "arch_rf_fit", "stride", "padding", "center_offset", "affine", "nonaffine", "in_input_rf_size",
+    "positions",
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
@@ -268,3 +269,25 @@ def test_layer_helpers_on_hand_made_frames():
 def test_axis_fit_predicts_position_zero_without_a_stride():
     fit = AxisFit(5, math.nan, 2.0, "estimated")
     assert fit.start(np.array([0])).tolist() == [-2.0]
+
+
+def test_borders_reached_unequally_by_the_same_positions_are_not_asymmetric():
+    """A strided 'same' conv on an even input: its first RF reaches 2 pixels before the input, its last 1 past its end,
+    but one position sees padding at each border; the difference is the centre offset (-0.5) and the input size,
+    not a border treated differently, so no `asymmetric` warning (it fired on every ImageNet backbone)."""
+    stem = analysed(nn.Conv2d(1, 1, 5, stride=2, padding=2), (12, 12))
+    h = stem.geometry.iloc[0]
+    assert (h["border_lo"], h["border_hi"], h["edge_lo"], h["edge_hi"], h["center_offset"]) == (2, 1, 1, 1, -0.5)
+    assert stem.summary.asymmetric_axes == () and "asymmetric" not in [f.code for f in stem.findings]
+
+
+def test_axes_made_exact_beyond_this_input_share_one_finding_named_by_how():
+    """Geometry composed from per-layer windows is reported once, as `composed` (it was `enlarged`, once per axis)."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 5, padding=2), nn.Conv2d(1, 1, 5, padding=2))
+    torch.manual_seed(0)
+    main = sweep(model, (1, 1, 6, 6), "center")
+    found = analyze(main, composed=[(9, 1.0, 4.0), (9, 1.0, 4.0)], global_ops=())
+    assert found.summary.arch_rf_size == (9, 9) and found.summary.arch_rf_fit == ("composed", "composed")
+    assert found.summary.in_input_rf_size == (6, 6)
+    (composed,) = [f for f in found.findings if f.code in ("composed", "enlarged")]
+    assert composed.code == "composed" and composed.message.startswith("Axes h, w: every RF is clipped")
