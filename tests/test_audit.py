@@ -169,3 +169,12 @@ def test_passed_needs_every_row():
     assert [r["passed"] for r in rows] == [True, False]
     assert not audit.passed(rows)
     assert audit.passed(rows[:1]) and audit.passed([])
+
+
+def test_junit_failure_messages_carry_the_note():
+    entry = {**ENTRY, "slug": "net-32x32", "global": True, "global_op": "mean", "global_from": "gate",
+             "arch_rf_size": None}
+    entry["audit"] = audit.evaluate({"max_rf": 300}, entry)
+    xml = audit.junit_xml([entry])
+    assert ('message="max_rf: value unbounded, limit 300 (architecture RF unbounded: global context (mean in gate) '
+            'reaches every input pixel at any size)"') in xml
