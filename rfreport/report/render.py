@@ -67,7 +67,7 @@ class Box:
 class Heatmap:
     """An array drawn straight through the colour map: one PNG pixel per cell, scaled up by the page."""
 
-    title: str = field(metadata={"doc": "panel title, e.g. RF size h"})
+    title: str = field(metadata={"doc": "panel title, e.g. in-input RF h"})
     image: Image = field(metadata={"doc": "the PNG (natural size: one pixel per cell) and its display size"})
     unit: str = field(metadata={"doc": "unit of the colour scale"})
     lo: str = field(metadata={"doc": "value at the scale's first colour, formatted"})
@@ -500,11 +500,11 @@ def grid_note(model: ModelRun, frame: pd.DataFrame) -> str:
 
 
 def _rf_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """RF size per axis and fill over the output grid; in 2-D with the input panel the explorer draws on."""
+    """In-input RF per axis and fill over the output grid; in 2-D with the input panel the explorer draws on."""
     frame = model.frames.get("positions")
     if frame is None:
         return None
-    columns = [(f"{a}_size", f"RF size {a}", "input pixels") for a in axis_names(_ndim(model))]
+    columns = [(f"{a}_size", f"in-input RF {a}", "input pixels") for a in axis_names(_ndim(model))]
     columns.append(("fill", "fill (support / box)", "ratio"))
     title, caption = ("Receptive field over the output grid",
                       "Each cell is one output position: the size of its RF box per axis, and the share of the box "
@@ -604,9 +604,9 @@ def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
     fig = plots.layer_growth(layer_labels(frame), {a: frame[f"{a}_rf"].to_numpy() for a in letters},
                              dict(zip(letters, spatial)), frame["border"].to_numpy(dtype=bool))
     return _block(model, assets, "layers", "RF growth per layer",
-                  "Unclipped RF size at the centre of each layer's output, in forward order; dashed lines are the "
-                  "input size. Shaded layers are border layers: their RF already covers the whole input, so their "
-                  "depth adds no context at this resolution.", fig)
+                  "Architecture RF (unclipped) at the centre of each layer's output, in forward order; dashed lines "
+                  "are the input size. Shaded layers are border layers: their RF already covers the whole input, so "
+                  "their depth adds no context at this resolution.", fig)
 
 
 def _erf(model: ModelRun, assets: Assets) -> FigureBlock | None:
