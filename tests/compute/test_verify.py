@@ -302,7 +302,7 @@ def test_the_report_shows_the_violation_as_a_warning(monkeypatch, tmp_path):
     assert done.exit_code == 0, done.output
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
     assert entry["verified"] == 4 == entry["violations"]
-    assert {"rule": "exact", "limit": 0, "value": 4, "passed": False} in entry["audit"]
+    assert {"rule": "exact", "limit": 0, "value": 4, "passed": False, "note": None} in entry["audit"]
     assert "Not exact: 4 of 4 verified positions changed" in (tmp_path / "run" / "index.html").read_text()
 
 

@@ -170,7 +170,7 @@ def test_a_run_records_failed_models_and_completes_the_others(nets, tmp_path):
     assert [(m.slug, m.status) for m in run.models] == [("good-17x17", "ok"), ("broken-17x17", "failed"),
                                                         ("other-17x17", "ok")]
     good, broken = run.models[0].entry, run.models[1].entry
-    assert good["audit"] == [{"rule": "min_rf", "limit": 9, "value": [13, 13], "passed": True}]
+    assert good["audit"] == [{"rule": "min_rf", "limit": 9, "value": [13, 13], "passed": True, "note": None}]
     assert broken["audit"][0]["passed"] is False and "no model today" in broken["error"]
     assert run.meta["argv"] == ["rfreport", "run"] and run.meta["seed"] == 0
     assert (run.path / "index.html").is_file()
