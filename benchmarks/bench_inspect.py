@@ -98,14 +98,14 @@ def fcn_rows(folder: Path, size: int, sample: int) -> tuple[Measured, Measured, 
 
 
 def geometry(record: str) -> str:
-    """Return `size/stride/padding` of an inspect JSON record, e.g. `427/32/213` (per axis when they differ)."""
+    """Return `arch RF/stride/padding` of an inspect JSON record, e.g. `427/32/213` (per axis when they differ)."""
     found = json.loads(record)["geometry"]
 
     def axes(values) -> str:
         shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in (values or ["?"])]
         return shown[0] if len(set(shown)) == 1 else "x".join(shown)
 
-    return "/".join(axes(found[key]) for key in ("size", "stride", "padding"))
+    return "/".join(axes(found[key]) for key in ("arch_rf_size", "stride", "padding"))
 
 
 def main() -> None:

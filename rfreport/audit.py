@@ -3,7 +3,8 @@
 A config's `[model.audit]` table maps rule names (config.AUDIT_RULES, validated there) to limits.
 Each rule reads one key of a model entry's summary in its JSON view (rfreport.summary, the keys of
 docs/summary.md; a level's rules read its level record) and yields one result row
-`{rule, limit, value, passed}`; a model whose job failed fails its audit, and so
+`{rule, limit, value, passed, note}`: a geometry rule judges only exact axes and the architecture RF is
+unbounded under global context, and the note says so (:func:`judge`); a model whose job failed fails its audit, and so
 does one whose run-time verification found violations (an implicit `exact` row). The verdicts of a
 `check` are also written for CI: one JSON object (:func:`verdicts_json`) or a JUnit XML file
 (:func:`junit_xml`). Pure Python, no torch.
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rfreport.config import AUDIT_RULES
-from rfreport.options import AuditVerdict
+from rfreport.options import EXACT_FITS, AuditVerdict
+from rfreport.positions import axis_names
 
 ANSI_CODE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")          # a terminal control sequence (colours, cursor moves)
 FORBIDDEN_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")   # XML 1.0's Char
@@ -27,10 +29,17 @@ FORBIDDEN_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010
 
 @dataclass(frozen=True)
 class Check:
-    """How a rule is checked: the summary key it reads and its test of (limit, value)."""
+    """How a rule is checked: the summary key it reads, its test of (limit, value), and what it needs to be exact.
+
+    `fitted` names the fitted quantity a geometry rule judges ("architecture RF", "stride"): it is judged only
+    where every axis's fit (`arch_rf_fit`) is exact, else the row fails saying so. `unbounded` is the verdict of
+    an architecture-RF rule under global context, where that RF is unbounded (None: not such a rule).
+    """
 
     key: str
     test: Callable[[Any, Any], bool]
+    fitted: str = ""
+    unbounded: bool | None = None
 
 
 def _per_axis(compare: Callable[[float, float], bool]) -> Callable[[Any, Any], bool]:
@@ -42,15 +51,21 @@ def _per_axis(compare: Callable[[float, float], bool]) -> Callable[[Any, Any], b
     return test
 
 
+AT_LEAST = _per_axis(lambda v, lim: v >= lim)
+AT_MOST = _per_axis(lambda v, lim: v <= lim)
 CHECKS: dict[str, Check] = {
-    "min_rf": Check("center_rf_size", _per_axis(lambda v, lim: v >= lim)),
-    "max_rf": Check("center_rf_size", _per_axis(lambda v, lim: v <= lim)),
+    "min_rf": Check("arch_rf_size", AT_LEAST, "architecture RF", unbounded=True),
+    "max_rf": Check("arch_rf_size", AT_MOST, "architecture RF", unbounded=False),
+    "min_rf_in_input": Check("in_input_rf_size", AT_LEAST),
+    "max_rf_in_input": Check("in_input_rf_size", AT_MOST),
+    "min_stride": Check("stride", AT_LEAST, "stride"),
+    "max_stride": Check("stride", AT_MOST, "stride"),
     "max_edge_fraction": Check("edge_fraction", lambda lim, v: v <= lim),
     "no_unseen": Check("unseen_pixels", lambda lim, v: v == 0),
     "no_global": Check("global", lambda lim, v: v is False),
     "no_full_coverage": Check("covering_positions", lambda lim, v: v == 0),
     "max_covering_fraction": Check("covering_fraction", lambda lim, v: v <= lim),
-    "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim)),
+    "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim), "centre offset"),
     "min_fill": Check("min_fill", lambda lim, v: v >= lim),
     "anchors_fit": Check("anchors_fit", lambda lim, v: bool(v)),
     "min_anchor_share": Check("anchor_min_share", lambda lim, v: v >= lim),
@@ -60,16 +75,35 @@ CHECKS: dict[str, Check] = {
 def evaluate(rules: Mapping[str, Any], entry: Mapping[str, Any]) -> list[dict]:
     """Check every rule on one model entry; a failed job yields a single failing `status` row."""
     if entry.get("status") != "ok":
-        return [{"rule": "status", "limit": "ok", "value": entry.get("status"), "passed": False}]
-    results = []
-    for name, limit in active(rules).items():
-        check = CHECKS[name]
-        value = entry.get(check.key)
-        results.append({"rule": name, "limit": limit, "value": value,
-                        "passed": value is not None and bool(check.test(limit, value))})
+        return [{"rule": "status", "limit": "ok", "value": entry.get("status"), "passed": False, "note": None}]
+    results = [judge(name, limit, entry) for name, limit in active(rules).items()]
     if entry.get("violations"):  # implicit: a reported RF the model itself contradicts fails every audit
-        results.append({"rule": "exact", "limit": 0, "value": entry["violations"], "passed": False})
+        results.append({"rule": "exact", "limit": 0, "value": entry["violations"], "passed": False, "note": None})
     return results
+
+
+def judge(name: str, limit: Any, entry: Mapping[str, Any]) -> dict:
+    """Return one rule's row `{rule, limit, value, passed, note}`; the note says why a value was not judged as is."""
+    check = CHECKS[name]
+    value = entry.get(check.key)
+    if check.unbounded is not None and entry.get("global"):
+        where = f"{entry.get('global_op')} in {entry.get('global_from') or 'the forward'}"
+        return {"rule": name, "limit": limit, "value": "unbounded", "passed": check.unbounded,
+                "note": f"architecture RF unbounded: global context ({where}) reaches every input pixel at any size"}
+    inexact = inexact_axes(entry) if check.fitted else {}
+    if inexact:
+        axes = ", ".join(f"{axis} ({fit})" for axis, fit in inexact.items())
+        return {"rule": name, "limit": limit, "value": value, "passed": False,
+                "note": f"{check.fitted} not exact on axis {axes}: not judged"}
+    return {"rule": name, "limit": limit, "value": value,
+            "passed": value is not None and bool(check.test(limit, value)), "note": None}
+
+
+def inexact_axes(entry: Mapping[str, Any]) -> dict[str, str]:
+    """Return {axis: fit} of the axes whose geometry is not exact (`arch_rf_fit` estimated, nonaffine or none)."""
+    fits = list(entry.get("arch_rf_fit") or [])
+    return {axis: fit for axis, fit in zip(axis_names(len(fits)), fits) if fit not in EXACT_FITS} if fits else {
+        "every axis": "no fit recorded"}
 
 
 def passed(results: Sequence[Mapping[str, Any]]) -> bool:
@@ -141,7 +175,8 @@ def _testsuite(entry: Mapping[str, Any]) -> ET.Element:
             ET.SubElement(case, "error", message=message, type="JobFailed").text = message
         elif not row["passed"]:
             failures += 1
-            message = xml_text(f"{row['rule']}: value {_text(row['value'])}, limit {_text(row['limit'])}")
+            note = f" ({row['note']})" if row.get("note") else ""
+            message = xml_text(f"{row['rule']}: value {_text(row['value'])}, limit {_text(row['limit'])}{note}")
             ET.SubElement(case, "failure", message=message, type="AuditFailure").text = (
                 f"{message} ({AUDIT_RULES[row['rule']].help})")
     suite.set("tests", str(len(suite)))

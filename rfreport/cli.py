@@ -30,6 +30,7 @@ from rfreport.errors import ConfigError, OutputError, RfReportError, RunFolderEr
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
 from rfreport.run.progress import is_job_status, is_progress, stage
+from rfreport.summary import per_axis
 from rfreport.visible import visible
 
 USAGE_ERRORS = (ConfigError, RunFolderError, OutputError)
@@ -361,18 +362,13 @@ def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, e
     if as_json:
         click.echo(json.dumps(audit_mod.verdicts_json(entries), indent=2, allow_nan=False))
     else:
-        rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL"]
-                for e in entries for r in e.get("audit") or []]
-        click.echo(table(["model", "rule", "limit", "value", "result"], rows))
+        rows = [[e["slug"], r["rule"], text(r["limit"]), text(r["value"]), "pass" if r["passed"] else "FAIL",
+                 r.get("note") or ""] for e in entries for r in e.get("audit") or []]
+        click.echo(table(["model", "rule", "limit", "value", "result", "note"], rows))
     print_summary(entries, quiet)
     failing = [e["slug"] for e in entries if not audit_mod.passed(e.get("audit") or [])]
     if failing:
         raise CommandError(f"audit failed for {', '.join(failing)}", 1)
-
-
-def arch_rf(entry: Mapping[str, Any]) -> Any:
-    """Return a model entry's architecture RF per axis (the RF with no border in the way), None if unknown."""
-    return entry.get("rf_size")
 
 
 def verdict_text(entry: Mapping[str, Any]) -> str:
@@ -383,6 +379,11 @@ def verdict_text(entry: Mapping[str, Any]) -> str:
     if not audit_mod.passed(results):
         return f"FAIL: {', '.join(audit_mod.failed_rules(results))}"
     return "pass" if results else "ok"
+
+
+def arch_rf_text(entry: Mapping[str, Any]) -> str:
+    """Return a model's architecture RF per axis (unbounded under global context), or `-` for a failed job."""
+    return geometry_text("arch_rf_size", entry.get("arch_rf_size")) if entry.get("status") == "ok" else "-"
 
 
 def global_text(entry: Mapping[str, Any]) -> str:
@@ -397,7 +398,7 @@ def print_summary(entries: Sequence[Mapping[str, Any]], quiet: bool) -> None:
     """Print the closing summary table of `run` and `check` on stderr (stdout stays what scripts read); not with -q."""
     if quiet or not entries:
         return
-    rows = [[e["slug"], text(e["input_shape"][2:]), verdict_text(e), text(arch_rf(e)), text(e.get("stride")),
+    rows = [[e["slug"], text(e["input_shape"][2:]), verdict_text(e), arch_rf_text(e), text(e.get("stride")),
              global_text(e)] for e in entries]
     click.echo(table(["model", "input", "verdict", "architecture RF", "stride", "global"], rows), err=True)
 
@@ -551,16 +552,18 @@ def inspect_text(record: dict) -> str:
              f"output {text(record['output_shape'])} "
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
-    lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    lines += [f"{key}: {geometry_text(key, value)}" for key, value in geometry.items()]
     if "verified" in record:
         lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
                      f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
                      "input outside the reported RF was perturbed)")
     if record.get("levels"):
-        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]), text(lv["rf_size"]), text(lv["padding"]),
-                 text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}", "yes" if lv["global"] else ""]
-                for lv in record["levels"]]
-        lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
+        rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]),
+                 geometry_text("arch_rf_size", lv["arch_rf_size"]), text(lv["in_input_rf_size"]),
+                 text(lv["padding"]), text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}",
+                 "yes" if lv["global"] else ""] for lv in record["levels"]]
+        lines += ["", table(["level", "output", "stride", "arch rf", "in-input rf", "padding", "offset", "edge",
+                             "global"], rows)]
     if "layers" in record:
         lines += ["", *layers_text(record["layers"])]
     return "\n".join(lines)
@@ -581,6 +584,15 @@ def layers_text(rows: Sequence[dict]) -> list[str]:
     lines = ["per-layer table (> the analysed layer):",
              table(["", "layer", "type", "output", "stride", "arch rf", "padding", "offset", "exact", "covers"], body)]
     return lines + [f"({number}) {reason}" for number, reason in enumerate(reasons, 1)]
+
+
+def geometry_text(key: str, value: Any) -> str:
+    """Format a geometry value of an inspect record: per-axis lists as `a x b`, other lists as `a, b`."""
+    if key == "arch_rf_size" and value is None:
+        return "unbounded (global context)"
+    if isinstance(value, list) and not per_axis(key):
+        return ", ".join(map(text, value)) or "-"
+    return text(value)
 
 
 def text(value: Any, digits: int = 4) -> str:

@@ -28,6 +28,7 @@ from rfreport.options import Distribution, ExecutorKind, Mode, values
 from rfreport.slugs import slugify
 
 PositionSpec = str | tuple[str | tuple[int, ...], ...]
+ABBREVIATIONS = {"rf": "receptive_field", "erf": "effective_receptive_field"}   # words of key names, spelt out
 TOP_KEYS = ("run", "defaults", "model")
 SEED_MAX = 2**63 - 1      # torch's generators take 64 bits (with the engine's small offsets), numpy's no negative
 DEVICE = re.compile(r"auto|cpu|mps|(?:cuda|xpu)(?::\d+)?")
@@ -39,13 +40,20 @@ class AuditRule:
     """One audit rule: its config name, the kind of limit it takes and what it checks."""
 
     name: str
-    kind: str   # "size": int or per-axis list; "fraction": 0..1; "pixels": number >= 0; "flag": bool
+    kind: str   # "size": int or per-axis list; "stride": number > 0 or per-axis list; "fraction": 0..1;
+    #             "pixels": number >= 0; "flag": bool
     help: str
 
 
 AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
-    AuditRule("min_rf", "size", "RF size at the centre position is at least this (per axis)"),
-    AuditRule("max_rf", "size", "RF size at the centre position is at most this (per axis)"),
+    AuditRule("min_rf", "size", "the architecture RF (what an output sees with no border in the way) is at least "
+              "this (per axis)"),
+    AuditRule("max_rf", "size", "the architecture RF is at most this (per axis)"),
+    AuditRule("min_rf_in_input", "size", "the in-input RF (the centre position's RF clipped to this input) is at "
+              "least this (per axis)"),
+    AuditRule("max_rf_in_input", "size", "the in-input RF is at most this (per axis)"),
+    AuditRule("min_stride", "stride", "the effective stride is at least this (input pixels, per axis)"),
+    AuditRule("max_stride", "stride", "the effective stride is at most this (input pixels, per axis)"),
     AuditRule("max_edge_fraction", "fraction", "at most this fraction of the swept positions see padding"),
     AuditRule("no_unseen", "flag", "when true, every input pixel is seen by some output position"),
     AuditRule("no_global", "flag", "when true, no global operation (global pooling, squeeze-and-excitation, "
@@ -160,9 +168,24 @@ def _unknown(keys: Sequence[str], allowed: Sequence[str], where: _Where, what: s
     """Raise on the first key not in `allowed`, suggesting the closest allowed key."""
     for key in keys:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+            close = _closest(key, allowed)
+            hint = f" (did you mean {close!r}?)" if close else f" (allowed: {', '.join(allowed)})"
             raise where.error(key, f"unknown {what}{hint}")
+
+
+def _closest(key: str, allowed: Sequence[str]) -> str | None:
+    """Return the allowed name most like `key`, as written or with abbreviations spelt out (`min_receptive_field`
+    is `min_rf`), or None when none is close (difflib's ratio below 0.6)."""
+    def likeness(name: str) -> float:
+        return max(difflib.SequenceMatcher(None, key, name).ratio(),
+                   difflib.SequenceMatcher(None, _spelt_out(key), _spelt_out(name)).ratio())
+    best = max(allowed, key=likeness, default=None)
+    return best if best is not None and likeness(best) >= 0.6 else None
+
+
+def _spelt_out(key: str) -> str:
+    """Return a key with the abbreviations of rfreport's names written out, e.g. `min_rf` -> `min_receptive_field`."""
+    return re.sub(r"[a-z]+", lambda word: ABBREVIATIONS.get(word[0], word[0]), key)
 
 
 def _string(value: Any, where: _Where, key: str) -> str:
@@ -304,6 +327,11 @@ def _audit_limit(rule: AuditRule, value: Any, where: _Where, prefix: str = "audi
                  for v in sizes]
         if not sizes or any(v < 1 for v in sizes):
             raise where.error(key, f"must be a positive integer or a list of them, not {value!r}")
+        return value
+    if rule.kind == "stride":
+        numbers = [_finite(v, where, key) for v in (value if isinstance(value, list) else [value])]
+        if not numbers or any(v <= 0 for v in numbers):
+            raise where.error(key, f"must be a positive number or a list of them, not {value!r}")
         return value
     number = _finite(value, where, key)
     if number < 0 or (rule.kind == "fraction" and number > 1):

@@ -1,7 +1,9 @@
 """Compare two saved runs model by model: what an architecture change did to the receptive fields.
 
-Models are matched by slug (name and input size). For each pair the config (spec), geometry,
-edge and coverage figures, feature-pyramid levels (matched by level name), findings and audit
+Models are matched by slug (name and input size). For each pair the config (spec), the headline
+(:data:`HEADLINE`: the architecture RF, how it was found, stride, padding and global context,
+compared first: any change there makes the model "changed" even where the in-input RF is the same),
+the other geometry, edge and coverage figures, feature-pyramid levels (matched by level name), findings and audit
 verdicts are compared; a model present in one run
 only is added or removed, and a model whose job failed is shown as failed wherever it appears.
 The result, :class:`RunDiff`, feeds every reporter: the text table of the CLI, :func:`to_json`,
@@ -21,21 +23,24 @@ from rfreport.options import AuditVerdict
 from rfreport.runfolder import Run
 from rfreport.visible import visible
 
-FORMAT = 1
-FIELDS = ("status", "output_shape", "rf_size", "center_rf_size", "stride", "padding", "center_offset",
-          "affine", "edge_fraction", "unseen_pixels", "global", "wrapped", "min_fill")
-LABELS = {"status": "status", "output_shape": "output shape", "rf_size": "RF size (clear of the border)",
-          "center_rf_size": "RF size at the centre", "stride": "stride", "padding": "padding",
+FORMAT = 2
+HEADLINE = ("arch_rf_size", "arch_rf_fit", "stride", "padding", "global")   # compared first; any change is a change
+FIELDS = ("status", *HEADLINE, "output_shape", "in_input_rf_size", "center_offset", "affine", "edge_fraction",
+          "unseen_pixels", "wrapped", "min_fill")
+LABELS = {"status": "status", "output_shape": "output shape", "arch_rf_size": "architecture RF",
+          "arch_rf_fit": "architecture RF found by", "in_input_rf_size": "in-input RF at the centre",
+          "stride": "stride", "padding": "padding",
           "center_offset": "centre offset", "affine": "affine geometry", "edge_fraction": "edge-affected positions",
           "unseen_pixels": "unseen input pixels", "global": "global context", "wrapped": "RF wraps round the border",
           "min_fill": "smallest fill", "findings": "findings", "audit": "audit"}
 PERCENT = ("edge_fraction", "min_fill")
-LEVEL_FIELDS = ("output_shape", "stride", "rf_size", "padding", "center_offset", "edge_fraction", "global", "anchors")
+LEVEL_FIELDS = (*HEADLINE, "output_shape", "in_input_rf_size", "center_offset", "edge_fraction", "anchors")
 SPEC_KEYS = ("factory", "kwargs", "input_shape", "layer", "output", "mode", "positions", "checkpoint", "audit")
 SPEC_LABELS = {"factory": "factory", "kwargs": "keyword arguments", "input_shape": "input shape",
                "layer": "analysed layer", "output": "analysed output", "mode": "mode", "positions": "swept positions",
                "checkpoint": "checkpoint", "audit": "audit rules"}
 STATES = ("failed", "fixed", "added", "removed", "changed", "unchanged")
+MARKDOWN_FIELDS = ("arch_rf_size", "stride", "padding", "global", "in_input_rf_size")   # the markdown table's columns
 MARKDOWN_MODELS = 12   # model sections in a markdown summary; the rest are counted
 MARKDOWN_CHANGES = 8   # change bullets per model in a markdown summary
 
@@ -179,6 +184,11 @@ class ModelDiff:
             "added" if self.before is None else "removed")
 
     @property
+    def headline(self) -> tuple[Change, ...]:
+        """Return the changes of the headline fields: architecture RF, how it was found, stride, padding, global."""
+        return tuple(c for c in self.changes if c.field in HEADLINE)
+
+    @property
     def spec_changed(self) -> bool:
         """Return whether any config key differs."""
         return any(row.changed for row in self.spec)
@@ -240,11 +250,10 @@ def compare_model(slug: str, before: Mapping[str, Any] | None, after: Mapping[st
     """Compare one model's entries (either may be None); values and findings only when both runs completed it."""
     old, new = before or {}, after or {}
     both = old.get("status") == "ok" and new.get("status") == "ok"
-    codes_old, codes_new = {f["code"] for f in findings(old)}, {f["code"] for f in findings(new)}
     return ModelDiff(
         slug=slug, before=before, after=after, changes=tuple(compare_entries(slug, old, new)) if both else (),
-        findings_added=tuple(_finding(f) for f in findings(new) if f["code"] not in codes_old) if both else (),
-        findings_removed=tuple(_finding(f) for f in findings(old) if f["code"] not in codes_new) if both else (),
+        findings_added=finding_changes(new, old) if both else (),
+        findings_removed=finding_changes(old, new) if both else (),
         audit=verdicts(old, new), spec=spec_rows(old, new), levels=compare_levels(slug, old, new) if both else ())
 
 
@@ -255,8 +264,8 @@ def compare_levels(slug: str, before: Mapping[str, Any], after: Mapping[str, Any
     found = []
     for name in [*old, *(n for n in new if n not in old)]:
         a, b = old.get(name), new.get(name)
-        changes = tuple(Change(slug, key, a.get(key), b.get(key)) for key in LEVEL_FIELDS
-                        if not same(a.get(key), b.get(key))) if a is not None and b is not None else ()
+        changes = tuple(Change(slug, key, view(a, key), view(b, key)) for key in LEVEL_FIELDS
+                        if not same(view(a, key), view(b, key))) if a is not None and b is not None else ()
         level = LevelChange(name, a, b, changes)
         if level.change != "unchanged":
             found.append(level)
@@ -265,10 +274,18 @@ def compare_levels(slug: str, before: Mapping[str, Any], after: Mapping[str, Any
 
 def compare_entries(slug: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Change]:
     """Return the changed summary fields, finding codes and audit status of one model."""
-    views = [(field, before.get(field), after.get(field)) for field in FIELDS]
+    views = [(field, view(before, field), view(after, field)) for field in FIELDS]
     views.append(("findings", finding_codes(before), finding_codes(after)))
     views.append(("audit", audit_status(before), audit_status(after)))
     return [Change(slug, field, old, new) for field, old, new in views if not same(old, new)]
+
+
+def view(entry: Mapping[str, Any], field: str) -> Any:
+    """Return the value of a field as the diff compares and shows it: the architecture RF is `unbounded` under
+    global context (summary.json holds null there: no finite number), every other field as stored."""
+    if field == "arch_rf_size" and entry.get("global") and entry.get(field) is None:
+        return "unbounded"
+    return entry.get(field)
 
 
 def findings(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -276,9 +293,20 @@ def findings(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(entry.get("findings") or [])
 
 
-def _finding(item: Mapping[str, Any]) -> FindingChange:
-    """Return a finding of an entry as a FindingChange."""
-    return FindingChange(str(item["code"]), str(item.get("severity", "info")), str(item.get("message", "")))
+def finding_changes(entry: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[FindingChange, ...]:
+    """Return one FindingChange per finding code of `entry` that `other` lacks (its messages joined, e.g. per axis)."""
+    absent = set(finding_codes(other))
+    by_code: dict[str, list[Mapping[str, Any]]] = {}
+    for item in findings(entry):
+        if item["code"] not in absent:
+            by_code.setdefault(str(item["code"]), []).append(item)
+    return tuple(FindingChange(code, _severity(items), " ".join(str(i.get("message", "")) for i in items))
+                 for code, items in by_code.items())
+
+
+def _severity(items: Sequence[Mapping[str, Any]]) -> str:
+    """Return the gravest severity of some findings: warning if any is one."""
+    return "warning" if any(i.get("severity") == "warning" for i in items) else str(items[0].get("severity", "info"))
 
 
 def finding_codes(entry: Mapping[str, Any]) -> list[str]:
@@ -428,7 +456,8 @@ def level_text(level: LevelChange, side: str) -> str:
     record = level.before if side == "a" else level.after
     if record is None:
         return "—"
-    return f"stride {value_text('stride', record.get('stride'))}, RF {value_text('rf_size', record.get('rf_size'))}"
+    return (f"stride {value_text('stride', record.get('stride'))}, architecture RF "
+            f"{value_text('arch_rf_size', view(record, 'arch_rf_size'))}")
 
 
 def _status_after(model: ModelDiff) -> str:
@@ -441,7 +470,7 @@ def _status_after(model: ModelDiff) -> str:
 # --- JSON and markdown --------------------------------------------------------------------------------------------
 
 def to_json(found: RunDiff) -> dict:
-    """Return the diff as a JSON-ready document (format 1)."""
+    """Return the diff as a JSON-ready document (format 2: `headline` per model, the RF keys by name)."""
     return {"format": FORMAT, "run_a": found.run_a, "run_b": found.run_b, "changed": found.changed,
             "counts": {state: found.count(state) for state in STATES},
             "models": [model_json(m) for m in found.models]}
@@ -450,6 +479,7 @@ def to_json(found: RunDiff) -> dict:
 def model_json(m: ModelDiff) -> dict:
     """Return one model's diff as JSON values."""
     return {"slug": m.slug, "name": m.name, "state": m.state, "presence": m.presence,
+            "headline": [c.field for c in m.headline],
             "status": {"a": m.status("a"), "b": m.status("b")},
             "error": {"a": (m.before or {}).get("error"), "b": (m.after or {}).get("error")},
             "spec": {"a": (m.before or {}).get("spec"), "b": (m.after or {}).get("spec"),
@@ -470,7 +500,8 @@ def to_markdown(found: RunDiff, html_name: str | None = None) -> str:
     lines = [f"### Receptive-field diff: `{found.run_a}` → `{found.run_b}`", "", counts_line(found), ""]
     if not shown:
         return "\n".join([*lines, "No model changed.", ""])
-    lines += ["| model | change | RF size at the centre | edge-affected | audit |", "|---|---|---|---|---|"]
+    lines += ["| model | change | " + " | ".join(label(f) for f in MARKDOWN_FIELDS) + " | audit |",
+              "|---" * (len(MARKDOWN_FIELDS) + 3) + "|"]
     lines += [_markdown_row(m) for m in shown]
     for m in shown[:MARKDOWN_MODELS]:
         bullets = markdown_bullets(m)
@@ -492,12 +523,11 @@ def counts_line(found: RunDiff) -> str:
 
 def _markdown_row(m: ModelDiff) -> str:
     """Return one model's row of the markdown table."""
-    def pair(field: str, fmt) -> str:
-        old, new = (m.before or {}).get(field), (m.after or {}).get(field)
-        return fmt(old) if same(old, new) else f"{fmt(old)} → **{fmt(new)}**"
-    size = pair("center_rf_size", lambda v: value_text("center_rf_size", v))
-    edges = pair("edge_fraction", lambda v: value_text("edge_fraction", v))
-    return f"| {_md(m.slug)} | {m.state} | {size} | {edges} | {_audit_pair(m)} |"
+    def pair(field: str) -> str:
+        old, new = view(m.before or {}, field), view(m.after or {}, field)
+        return value_text(field, old) if same(old, new) else f"{value_text(field, old)} → **{value_text(field, new)}**"
+    cells = " | ".join(pair(field) for field in MARKDOWN_FIELDS)
+    return f"| {_md(m.slug)} | {m.state} | {cells} | {_audit_pair(m)} |"
 
 
 def _audit_pair(m: ModelDiff) -> str:

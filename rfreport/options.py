@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# How an axis's geometry (architecture RF, stride, padding) was found (geometry frame `fit`, summary `arch_rf_fit`):
+# these three are exact; `estimated` (a lower bound on the size), `nonaffine` (position-dependent) and `none` are not.
+EXACT_FITS = ("affine", "enlarged", "composed")
+
 
 class Mode(StrEnum):
     """How a sweep measures receptive fields."""

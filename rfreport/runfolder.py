@@ -1,8 +1,8 @@
 """The run folder: what `rfreport run` leaves on disk, written atomically and read back lazily.
 
-Layout (format 2, rfreport.summary.FORMAT; the entries are documented in docs/summary.md)::
+Layout (format 3, rfreport.summary.FORMAT; the entries are documented in docs/summary.md)::
 
-    RUN/summary.json     {"format": 2, "run": {...}, "models": [entry, ...]}   written last
+    RUN/summary.json     {"format": 3, "run": {...}, "models": [entry, ...]}   written last
     RUN/log.txt
     RUN/index.html       (report.py)
     RUN/models/<slug>/<frame>.parquet + <frame>.csv, coverage.npy, masks.npz, erf_maps.npz

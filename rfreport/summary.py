@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from rfreport.errors import RunFolderError
 from rfreport.options import Distribution
 
-# 2: every completed model entry holds every key of Summary (format 1 entries may lack later keys)
-FORMAT = 2
+# 3: the architecture RF (`arch_rf_size`, `arch_rf_fit`) and the in-input RF (`in_input_rf_size`) by name
+FORMAT = 3
 T = TypeVar("T")
 
 
@@ -33,6 +33,7 @@ class Kind:
     name: str
     load: Callable[[Any], Any]
     dump: Callable[[Any], Any] = lambda value: value
+    per_axis: bool = False   # a list with one value per spatial axis (shown `a x b`)
 
 
 def _is(types: type | tuple[type, ...], name: str, convert: Callable[[Any], Any] = lambda v: v) -> Kind:
@@ -71,7 +72,7 @@ STR = _is(str, "string")
 def optional(kind: Kind) -> Kind:
     """Return `kind` or null."""
     return Kind(f"{kind.name} or null", lambda v: None if v is None else kind.load(v),
-                lambda v: None if v is None else kind.dump(v))
+                lambda v: None if v is None else kind.dump(v), kind.per_axis)
 
 
 def listed(kind: Kind, per: str = "") -> Kind:
@@ -80,7 +81,7 @@ def listed(kind: Kind, per: str = "") -> Kind:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, found {value!r}")
         return tuple(kind.load(v) for v in value)
-    return Kind(f"list of {kind.name}{per}", load, lambda v: [kind.dump(x) for x in v])
+    return Kind(f"list of {kind.name}{per}", load, lambda v: [kind.dump(x) for x in v], bool(per))
 
 
 def _plain(value: Any) -> Any:
@@ -186,11 +187,15 @@ class Level(JsonPart):
     target: str = key("target", STR, "the analysed tensor, e.g. output['p2'] or layer3")
     output_shape: tuple[int, ...] = key("output_shape", listed(INT), "the level's output shape (N, C, *spatial)")
     stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride (the level's reduction)")
-    rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
+    arch_rf_size: tuple[int | None, ...] | None = key("arch_rf_size", optional(AXES_INT), "the level's "
+                                                      "architecture RF (as the summary's); null when unbounded")
+    arch_rf_fit: tuple[str, ...] = key("arch_rf_fit", listed(STR, ", one per axis"), "how it was found per axis "
+                                       "(as the summary's)")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
     center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel")
     fit: str = key("fit", STR, "the least exact axis fit: affine, enlarged, composed, estimated, nonaffine or none")
-    center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre position")
+    in_input_rf_size: tuple[int | None, ...] = key("in_input_rf_size", AXES_INT, "the level's in-input RF at its "
+                                                   "centre position")
     edge_fraction: float = key("edge_fraction", FLOAT, "share of the level's positions whose RF reaches padding")
     global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the level")
     local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
@@ -249,7 +254,17 @@ class Pyramid(JsonPart):
 class Summary(JsonPart):
     """The headline numbers of one analysed model, as written to its summary.json entry."""
 
-    rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
+    arch_rf_size: tuple[int | None, ...] | None = key(
+        "arch_rf_size", optional(AXES_INT),
+        "the architecture RF: what an output position sees with no border in the way (the number published tables "
+        "give), per axis from the geometry; exact where `arch_rf_fit` is affine, enlarged or composed, a lower bound "
+        "where it is estimated; null when global context makes it unbounded")
+    arch_rf_fit: tuple[str, ...] = key("arch_rf_fit", listed(STR, ", one per axis"),
+                                       "how the architecture RF, stride and padding were found on each axis: affine, "
+                                       "enlarged, composed (exact), estimated, nonaffine or none (geometry `fit`)")
+    in_input_rf_size: tuple[int | None, ...] = key("in_input_rf_size", AXES_INT, "the in-input RF: the extent of "
+                                                   "the centre output position's RF (or the swept position nearest "
+                                                   "it) clipped to this input")
     stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
     center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel, "
@@ -257,8 +272,6 @@ class Summary(JsonPart):
     affine: bool = key("affine", BOOL, "the fitted size, stride and padding hold for every position (false: "
                        "non-affine, e.g. transposed convolutions or U-Nets; the numbers are then a best fit)")
     nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is")
-    center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre output "
-                                                 "position (or the swept position nearest it), clipped to the input")
     positions: int = key("positions", INT, "output positions swept")
     edge_positions: int = key("edge_positions", INT, "swept positions whose RF reaches padding")
     edge_fraction: float = key("edge_fraction", FLOAT, "share of output positions whose RF reaches past "
@@ -338,6 +351,12 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
 def json_keys() -> tuple[str, ...]:
     """Return every JSON key a summary may write, in order."""
     return tuple(row[0] for row in rows(Summary))
+
+
+def per_axis(name: str) -> bool:
+    """Tell whether a summary or level key holds one value per spatial axis (shown `a x b`, not `a, b`)."""
+    return any(f.metadata.get("key") == name and f.metadata["kind"].per_axis
+               for cls in (Summary, Level, Erf, Pyramid) for f in fields(cls))
 
 
 def rows(cls: type | None = None) -> list[tuple[str, str, str]]:

@@ -115,7 +115,7 @@ def _edit_a(models: list[dict]) -> list[dict]:
 def _edit_b(models: list[dict]) -> list[dict]:
     """Change the dilated net, fail the volume model, drop the 1-D model and add a failed one."""
     dilated, _one_d, volume, broken = models
-    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, rf_size=[15, 15], center_rf_size=[15, 15],
+    dilated.update(spec={**SPEC, "kwargs": {"width": 8}}, arch_rf_size=[15, 15], in_input_rf_size=[15, 15],
                    edge_fraction=0.95)
     dilated["findings"] = [*dilated["findings"], {"code": "unseen", "severity": "warning",
                                                   "message": "3 <b>pixels</b> are unseen"}]
@@ -123,7 +123,7 @@ def _edit_b(models: list[dict]) -> list[dict]:
                         for row in dilated["audit"]]
     failed_volume = {k: volume[k] for k in ("name", "slug", "input_shape", "mode", "target", "spec")} | {
         "status": "failed", "error": "RuntimeError: out of memory", "output_shape": None, "files": [],
-        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False}]}
+        "findings": [], "audit": [{"rule": "status", "limit": "ok", "value": "failed", "passed": False, "note": None}]}
     newcomer = {**broken, "name": "newcomer", "slug": "newcomer-32x32"}
     return [dilated, failed_volume, broken, newcomer]
 

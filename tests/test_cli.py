@@ -107,7 +107,7 @@ def test_check_a_run_folder_that_passes(good_run):
     done = invoke("check", good_run)
     assert done.exit_code == 0, done.output
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["model", "rule", "limit", "value", "result"]
+    assert lines[0].split() == ["model", "rule", "limit", "value", "result", "note"]
     assert [line.split() for line in lines[2:]] == [["tiny-17x17", "min_rf", "5", "13", "x", "13", "pass"],
                                                     ["tiny-17x17", "no_unseen", "True", "0", "pass"]]
 
@@ -144,7 +144,7 @@ def test_diff_lists_changes_and_fails_on_request(ws, good_run):
     done = invoke("diff", good_run, ws / "wide")
     assert done.exit_code == 0
     rows = {line.split("  ")[1].strip(): line for line in done.stdout.splitlines()[2:]}
-    assert "13 × 13" in rows["RF size (clear of the border)"] and "15 × 15" in rows["RF size (clear of the border)"]
+    assert "13 × 13" in rows["architecture RF"] and "15 × 15" in rows["architecture RF"]
     assert "padding" in rows and "width=" not in done.stdout and "k=5" in rows["config: keyword arguments"]
     failing = invoke("diff", good_run, ws / "wide", "--fail-on-change")
     assert failing.exit_code == 1 and "1 model(s) changed between" in failing.stderr
@@ -165,8 +165,9 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
     assert record["input_shape"] == [1, 1, 17, 17] and record["output_shape"] == [1, 1, 8, 8]
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
-    assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                                  "affine": True, "global": False, "fit": ["affine", "affine"],
+    assert record["geometry"] == {"arch_rf_size": [13, 13], "in_input_rf_size": [13, 13], "stride": [2, 2],
+                                  "padding": [5, 5], "center_offset": [0.5, 0.5],
+                                  "affine": True, "global": False, "arch_rf_fit": ["affine", "affine"],
                                   "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
         assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
@@ -182,15 +183,16 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
 def test_inspect_geometry_is_filled_for_a_single_position(ws):
     record = inspect_json(ws)
     assert [p["pos"] for p in record["positions"]] == [[3, 3]]
-    assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["size"] == [13, 13]
+    assert record["geometry"]["stride"] == [2, 2] and record["geometry"]["arch_rf_size"] == [13, 13]
 
 
 def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
     done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,5,5", "--json")
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
-    assert geometry == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                        "affine": True, "global": False, "fit": ["enlarged", "enlarged"], "size_dependent": None,
+    assert geometry == {"arch_rf_size": [13, 13], "in_input_rf_size": [4, 4], "stride": [2, 2], "padding": [5, 5],
+                        "center_offset": [0.5, 0.5], "affine": True, "global": False,
+                        "arch_rf_fit": ["enlarged", "enlarged"], "size_dependent": None,
                         "estimated": None}
 
 
@@ -202,13 +204,22 @@ def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):
     done = invoke("inspect", f"{tmp_path / 'sizenets.py'}:pooled", "--input-shape", "1,1,8,8", "--json")
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
-    assert geometry["fit"] == ["estimated", "estimated"] and geometry["affine"] is False
+    assert geometry["arch_rf_fit"] == ["estimated", "estimated"] and geometry["affine"] is False
     assert geometry["size_dependent"] == ["adaptive_avg_pool2d"]
     reasons = geometry["estimated"].split("; w: ")
     assert reasons[0].startswith("h: ") and len(reasons) == 2
     assert all("the geometry depends on the input size (adaptive_avg_pool2d)" in r for r in reasons)
     shown = invoke("inspect", f"{tmp_path / 'sizenets.py'}:pooled", "--input-shape", "1,1,8,8")
-    assert "fit: estimated x estimated" in shown.output and "size_dependent: adaptive_avg_pool2d" in shown.output
+    assert "arch_rf_fit: estimated x estimated" in shown.output
+    assert "size_dependent: adaptive_avg_pool2d" in shown.output
+
+
+def test_inspect_joins_lists_of_names_with_commas_and_per_axis_values_with_x():
+    """`size_dependent: flatten x reshape` read like one value per axis: names are listed with commas."""
+    assert cli_mod.geometry_text("size_dependent", ["flatten", "reshape"]) == "flatten, reshape"
+    assert cli_mod.geometry_text("arch_rf_fit", ["affine", "estimated"]) == "affine x estimated"
+    assert cli_mod.geometry_text("arch_rf_size", [435, 435]) == "435 x 435"
+    assert cli_mod.geometry_text("arch_rf_size", None) == "unbounded (global context)"
 
 
 def test_inspect_erf_flags_add_the_erf_rows(ws):
@@ -515,7 +526,7 @@ def test_run_and_check_end_with_a_summary_table_on_stderr_and_q_silences_it(ws, 
         ["-" * 10, "-" * 7, "-" * 7, "-" * 15, "-" * 6, "-" * 6],
         ["tiny-17x17", "17", "x", "17", "pass", "13", "x", "13", "2", "x", "2", "no"]]
     checked = invoke("check", ci_run)
-    assert checked.stdout.splitlines()[0].split() == ["model", "rule", "limit", "value", "result"]
+    assert checked.stdout.splitlines()[0].split() == ["model", "rule", "limit", "value", "result", "note"]
     summary = checked.stderr.splitlines()
     assert summary[0].split()[:3] == ["model", "input", "verdict"]
     assert summary[2].split() == ["tiny-17x17", "17", "x", "17", "FAIL:", "min_rf", "13", "x", "13", "2", "x", "2",

@@ -172,6 +172,14 @@ ERRORS = [
     ("positions = [[1, -2]]", MODEL, "key 'positions': position [1, -2] has a negative coordinate"),
     ("positions = []", MODEL, "key 'positions': must not be empty"),
     ("audit = { min_rff = 3 }", MODEL, "key 'audit.min_rff': unknown audit rule (did you mean 'audit.min_rf'?)"),
+    ("audit = { min_receptive_field = 3 }", MODEL, "key 'audit.min_receptive_field': unknown audit rule (did you "
+                                                   "mean 'audit.min_rf'?)"),
+    ("audit = { max_receptive_field_in_input = 3 }", MODEL, "key 'audit.max_receptive_field_in_input': unknown "
+                                                            "audit rule (did you mean 'audit.max_rf_in_input'?)"),
+    ("audit = { min_stride = 0 }", MODEL, "key 'audit.min_stride': must be a positive number or a list of them, "
+                                          "not 0"),
+    ("audit = { max_stride = [8] }", MODEL, "key 'audit.max_stride': [8] must have 2 entries (one per spatial "
+                                            "axis)"),
     ("audit = { min_rf = 0 }", MODEL, "key 'audit.min_rf': must be a positive integer or a list of them, not 0"),
     ("audit = { min_rf = [3] }", MODEL, "key 'audit.min_rf': [3] must have 2 entries (one per spatial axis)"),
     ("audit = { min_fill = 1.5 }", MODEL, "key 'audit.min_fill': must be between 0 and 1, not 1.5"),

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from rfreport import diff
+from rfreport import diff, runfolder
 from rfreport.analysis.levels import aggregate
+from rfreport.config import ModelSpec
 from rfreport.report import diffpage
 from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
-from tests.support import GOLD_RUN, assert_gold, edited_runs, invoke
+from tests.support import GOLD_RUN, META, assert_gold, edited_runs, invoke, outputs
 
-BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "rf_size": [11, 11],
-        "center_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4], "center_offset": [0.0, 0.0],
-        "affine": True, "edge_fraction": 0.5, "unseen_pixels": 0, "global": False, "wrapped": False,
-        "min_fill": 1.0, "findings": [{"code": "edge", "severity": "warning", "message": "50% see padding"}],
+BASE = {"name": "net", "slug": "net-32x32", "status": "ok", "output_shape": [1, 8, 8, 8], "arch_rf_size": [11, 11],
+        "arch_rf_fit": ["affine", "affine"], "in_input_rf_size": [11, 11], "stride": [4, 4], "padding": [4, 4],
+        "center_offset": [0.0, 0.0], "affine": True, "edge_fraction": 0.5, "unseen_pixels": 0, "global": False,
+        "wrapped": False, "min_fill": 1.0,
+        "findings": [{"code": "edge", "severity": "warning", "message": "50% see padding"}],
         "audit": [{"rule": "min_rf", "limit": 10, "value": [11, 11], "passed": True}]}
 
 
@@ -41,10 +43,10 @@ def test_float_noise_is_not_a_change():
 
 
 def test_geometry_changes_are_listed_field_by_field():
-    after = {**BASE, "rf_size": [15, 15], "stride": [8, 4], "edge_fraction": 0.25}
+    after = {**BASE, "arch_rf_size": [15, 15], "stride": [8, 4], "edge_fraction": 0.25}
     found = diff.compare(make_run(BASE), make_run(after))
     assert found.changes == (
-        diff.Change("net-32x32", "rf_size", [11, 11], [15, 15]),
+        diff.Change("net-32x32", "arch_rf_size", [11, 11], [15, 15]),
         diff.Change("net-32x32", "stride", [4, 4], [8, 4]),
         diff.Change("net-32x32", "edge_fraction", 0.5, 0.25),
     )
@@ -110,11 +112,11 @@ def test_audit_verdicts_per_rule():
 def test_values_have_labels_and_never_join_codes_with_the_axis_separator():
     """Finding codes are joined with commas; per-axis values with ×; fractions are percentages with pp deltas."""
     assert diff.value_text("findings", ["edge", "unseen"]) == "edge, unseen"
-    assert diff.value_text("rf_size", [11, 13]) == "11 × 13"
+    assert diff.value_text("arch_rf_size", [11, 13]) == "11 × 13"
     assert diff.value_text("edge_fraction", 0.25) == "25%"
     assert diff.delta_text("edge_fraction", 0.5, 0.25) == "-25 pp"
-    assert diff.delta_text("rf_size", [11, 11], [15, 13]) == "+4 × +2"
-    assert diff.label("center_rf_size") == "RF size at the centre"
+    assert diff.delta_text("arch_rf_size", [11, 11], [15, 13]) == "+4 × +2"
+    assert diff.label("in_input_rf_size") == "in-input RF at the centre"
     after = {**BASE, "findings": [{"code": "unseen", "severity": "warning", "message": "x"},
                                   {"code": "holes", "severity": "info", "message": "y"}]}
     rows = diff.text_rows(diff.compare(make_run(BASE), make_run(after)))
@@ -122,12 +124,12 @@ def test_values_have_labels_and_never_join_codes_with_the_axis_separator():
 
 
 def test_json_document():
-    after = {**BASE, "rf_size": [15, 15]}
+    after = {**BASE, "arch_rf_size": [15, 15]}
     document = diff.to_json(diff.compare(make_run(BASE), make_run(after, {**BASE, "slug": "b-1", "name": "b"})))
     assert document["counts"] == {"failed": 0, "fixed": 0, "added": 1, "removed": 0, "changed": 1, "unchanged": 0}
     first = document["models"][0]
     assert first["state"] == "changed" and first["changes"] == [
-        {"field": "rf_size", "label": "RF size (clear of the border)", "a": [11, 11], "b": [15, 15],
+        {"field": "arch_rf_size", "label": "architecture RF", "a": [11, 11], "b": [15, 15],
          "delta": "+4 × +4"}]
     assert json.loads(json.dumps(document)) == document
 
@@ -135,10 +137,10 @@ def test_json_document():
 def test_markdown_stays_comment_sized():
     """Forty changed models give a table and at most MARKDOWN_MODELS detailed sections."""
     before = [{**BASE, "slug": f"m{i}", "name": f"m{i}"} for i in range(40)]
-    after = [{**entry, "rf_size": [15, 15], "edge_fraction": 0.75} for entry in before]
+    after = [{**entry, "arch_rf_size": [15, 15], "edge_fraction": 0.75} for entry in before]
     text = diff.to_markdown(diff.compare(make_run(*before), make_run(*after)), "diff.html")
     assert text.count("\n**m") == diff.MARKDOWN_MODELS and "… and 28 more changed models." in text
-    assert "| m0 | changed | 11 × 11 | 50% → **75%** | pass |" in text
+    assert "| m0 | changed | 11 × 11 → **15 × 15** | 4 × 4 | 4 × 4 | no | 11 × 11 | pass |" in text
     assert len(text.splitlines()) < 120 and "`diff.html`" in text
     assert diff.to_markdown(diff.compare(make_run(BASE), make_run(BASE))).endswith("No model changed.\n")
 
@@ -178,7 +180,7 @@ def test_cli_json_and_markdown(tmp_path):
     markdown = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
     assert markdown.exit_code == 0 and "model" in markdown.stdout
     text = (tmp_path / "diff.md").read_text()
-    assert "| dilated-16x20 | changed | 13 × 13 → **15 × 15** | 90% → **95%** |" in text
+    assert "| dilated-16x20 | changed | 13 × 13 → **15 × 15** | 1 × 1 | 6 × 6 | no | 13 × 13 → **15 × 15** |" in text
     assert "- config keyword arguments: `width=4` → `width=8`" in text and "`diff.html`" in text
     both = invoke("diff", a, b, "--json", "-", "--markdown", "-")
     assert both.exit_code == 2
@@ -277,21 +279,24 @@ def test_pipeline_records_the_spec_of_every_job():
 
 # --- feature-pyramid levels ---------------------------------------------------------------------------------------
 
-C3 = {"level": "C3", "target": "output[1]", "output_shape": [1, 8, 8, 8], "stride": [4.0, 4.0], "rf_size": [11, 11],
-      "padding": [4.0, 4.0], "center_offset": [0.0, 0.0], "fit": "affine", "center_rf_size": [11, 11],
+C3 = {"level": "C3", "target": "output[1]", "output_shape": [1, 8, 8, 8], "stride": [4.0, 4.0],
+      "arch_rf_size": [11, 11],
+      "arch_rf_fit": ["affine", "affine"], "padding": [4.0, 4.0], "center_offset": [0.0, 0.0], "fit": "affine",
+      "in_input_rf_size": [11, 11],
       "edge_fraction": 0.5, "global": False, "local_rf_size": None, "min_fill": 1.0, "affine": True, "verified": 1,
       "violations": 0, "anchors": [[8, 8]], "anchor_basis": "rf", "anchor_rf": [11, 11], "anchors_fit": True,
       "anchor_min_share": 8 / 11}
 C4 = {**C3, "level": "C4", "target": "output[2]", "output_shape": [1, 16, 4, 4], "stride": [8.0, 8.0],
-      "rf_size": [27, 27], "padding": [12.0, 12.0], "center_rf_size": [27, 27], "edge_fraction": 1.0, "anchors": [],
+      "arch_rf_size": [27, 27], "padding": [12.0, 12.0], "in_input_rf_size": [27, 27], "edge_fraction": 1.0,
+      "anchors": [],
       "anchor_basis": None, "anchor_rf": None, "anchors_fit": None, "anchor_min_share": None}
 
 
 def pyramid_runs() -> tuple[dict, dict]:
     """Return entries before and after: C3 grows (the fit kind alone changes nothing else), C4 goes, P6 comes."""
     before = {**BASE, "levels": [C3, C4]}
-    grown = {**C3, "rf_size": [15, 15], "padding": [6.0, 6.0], "anchors": [[8, 8], [32, 16]], "fit": "composed"}
-    p6 = {**C4, "level": "P6", "stride": [16.0, 16.0], "rf_size": [43, 43], "global": True}
+    grown = {**C3, "arch_rf_size": [15, 15], "padding": [6.0, 6.0], "anchors": [[8, 8], [32, 16]], "fit": "composed"}
+    p6 = {**C4, "level": "P6", "stride": [16.0, 16.0], "arch_rf_size": [43, 43], "global": True}
     return before, {**BASE, "levels": [grown, p6]}
 
 
@@ -300,13 +305,13 @@ def test_levels_are_compared_by_name_field_by_field():
     (model,) = diff.compare(make_run(before), make_run(after)).models
     assert model.state == "changed" and model.changes == ()
     assert [(lv.level, lv.change) for lv in model.levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
-    assert model.levels[0].changes == (diff.Change("net-32x32", "rf_size", [11, 11], [15, 15]),
+    assert model.levels[0].changes == (diff.Change("net-32x32", "arch_rf_size", [11, 11], [15, 15]),
                                        diff.Change("net-32x32", "padding", [4.0, 4.0], [6.0, 6.0]),
                                        diff.Change("net-32x32", "anchors", [[8, 8]], [[8, 8], [32, 16]]))
     assert diff.compare(make_run(before), make_run({**before, "levels": [C3, {**C4, "fit": "enlarged"}]})
                         ).models[0].state == "unchanged"
     assert diff.level_rows(model) == [
-        ["net-32x32", "level C3: RF size (clear of the border)", "11 × 11", "15 × 15", "+4 × +4"],
+        ["net-32x32", "level C3: architecture RF", "11 × 11", "15 × 15", "+4 × +4"],
         ["net-32x32", "level C3: padding", "4 × 4", "6 × 6", "+2 × +2"],
         ["net-32x32", "level C3: anchors", "8 × 8", "8 × 8, 32 × 16", ""],
         ["net-32x32", "level C4", "present", "", "removed"],
@@ -337,15 +342,77 @@ def test_cli_diff_shows_levels_in_text_json_markdown_and_html(tmp_path):
     document = json.loads(invoke("diff", a, b, "--json", "-").stdout)
     levels = document["models"][0]["levels"]
     assert [(lv["level"], lv["change"]) for lv in levels] == [("C3", "changed"), ("C4", "removed"), ("P6", "added")]
-    assert [c["field"] for c in levels[0]["changes"]] == ["rf_size", "padding", "anchors"] and levels[2]["b"]["global"]
+    assert [c["field"] for c in levels[0]["changes"]] == ["arch_rf_size", "padding", "anchors"]
+    assert levels[2]["b"]["global"]
     assert document["models"][0]["state"] == "changed"
     done = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
     assert done.exit_code == 0, done.output
     markdown = (tmp_path / "diff.md").read_text()
-    assert "- level C3 RF size (clear of the border): 11 × 11 → 15 × 15 (+4 × +4)" in markdown
-    assert "- level C4 removed (stride 8 × 8, RF 27 × 27)" in markdown
-    assert "- level P6 added (stride 16 × 16, RF 43 × 43)" in markdown
+    assert "- level C3 architecture RF: 11 × 11 → 15 × 15 (+4 × +4)" in markdown
+    assert "- level C4 removed (stride 8 × 8, architecture RF 27 × 27)" in markdown
+    assert "- level P6 added (stride 16 × 16, architecture RF 43 × 43)" in markdown
     page = structure((tmp_path / "diff.html").read_text(encoding="utf-8"))
     assert "caption: Feature-pyramid levels" in page
     assert "tr: | C3: padding | 4 × 4 | 6 × 6 | +2 × +2" in page
-    assert "tr: | C4 | stride 8 × 8, RF 27 × 27 | — | removed" in page
+    assert "tr: | C4 | stride 8 × 8, architecture RF 27 × 27 | — | removed" in page
+
+
+# --- the headline: architecture RF, stride, padding, global context -----------------------------------------------
+
+def test_the_headline_is_compared_first_and_global_context_shows_an_unbounded_rf():
+    after = {**BASE, "global": True, "arch_rf_size": None, "edge_fraction": 0.75}
+    (model,) = diff.compare(make_run(BASE), make_run(after)).models
+    assert [c.field for c in model.changes] == ["arch_rf_size", "global", "edge_fraction"]
+    assert [c.field for c in model.headline] == ["arch_rf_size", "global"]
+    assert diff.text_rows(diff.compare(make_run(BASE), make_run(after)))[0] == [
+        "net-32x32", "architecture RF", "11 × 11", "unbounded", ""]
+
+
+def test_a_finding_code_is_listed_once_with_its_messages_joined():
+    """Two `estimated` findings (one per axis) are one change; the code and its messages go together."""
+    after = {**BASE, "findings": [*BASE["findings"], {"code": "estimated", "severity": "info", "message": "h: a."},
+                                  {"code": "estimated", "severity": "warning", "message": "w: b."}]}
+    found = diff.compare(make_run(BASE), make_run(after))
+    assert found.models[0].findings_added == (diff.FindingChange("estimated", "warning", "h: a. w: b."),)
+    assert [row[1] for row in diff.text_rows(found)] == ["finding: estimated"]
+
+
+@pytest.fixture(scope="module")
+def resnet_small_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Run rfreport.examples:resnet_small (layer `stages`, 32 x 32) with 2 and with 3 blocks per stage."""
+    tmp = tmp_path_factory.mktemp("resnet_small")
+    found = []
+    for blocks in (2, 3):
+        spec = ModelSpec(name="resnet_small", factory="rfreport.examples:resnet_small", input_shapes=((1, 3, 32, 32),),
+                         kwargs={"blocks": blocks, "width": 4}, layer="stages", positions="center",
+                         layers=("stages",), verify=False)
+        found.append(runfolder.write(tmp / f"blocks{blocks}", META, outputs([spec])).path)
+    return found[0], found[1]
+
+
+def test_a_deeper_resnet_is_changed_in_every_format_though_its_in_input_rf_is_not(resnet_small_runs, tmp_path):
+    """Blocks 2 -> 3 at 32 x 32: the in-input RF stays the whole 32 x 32 input, the architecture RF grows 53 -> 81.
+
+    The config is made the same in both runs (as after an edit of the factory's code), so only the headline
+    says that the model changed."""
+    a, b = resnet_small_runs
+    document = json.loads((b / "summary.json").read_text())
+    document["models"][0]["spec"] = json.loads((a / "summary.json").read_text())["models"][0]["spec"]
+    (b / "summary.json").write_text(json.dumps(document))
+    text = invoke("diff", a, b)
+    assert text.exit_code == 0, text.output
+    lines = [" ".join(line.split()) for line in text.stdout.splitlines()]
+    assert "resnet_small-32x32 architecture RF 53 × 53 81 × 81 +28 × +28" in lines
+    assert not any("in-input" in line for line in lines)
+    (model,) = json.loads(invoke("diff", a, b, "--json", "-").stdout)["models"]
+    assert model["state"] == "changed" and model["spec"]["changed"] == []
+    assert model["headline"] == ["arch_rf_size", "padding"] and model["changes"][0]["b"] == [81, 81]
+    done = invoke("diff", a, b, "--markdown", tmp_path / "diff.md", "--html", tmp_path / "diff.html")
+    assert done.exit_code == 0, done.output
+    assert ("| resnet\\_small-32x32 | changed | 53 × 53 → **81 × 81** | 4 × 4 | 26 × 26 → **40 × 40** | no | 32 × 32 |"
+            in (tmp_path / "diff.md").read_text())
+    page = structure((tmp_path / "diff.html").read_text(encoding="utf-8"))
+    assert ("tr: | resnet_small-32x32 | changed | ok | 53 × 53 → 81 × 81 (+28 × +28) | 4 × 4 | 26 × 26 → 40 × 40 "
+            "(+14 × +14) | no | 32 × 32 |") in page
+    failing = invoke("diff", a, b, "--fail-on-change")
+    assert failing.exit_code == 1 and "1 model(s) changed" in failing.stderr

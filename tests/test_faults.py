@@ -154,7 +154,8 @@ def test_a_second_writer_is_refused_naming_the_first_and_runs_once_it_is_done(tm
 
     def first() -> None:
         with runfolder.staged(path) as staging:
-            (staging / runfolder.SUMMARY).write_text(json.dumps({"format": 2, "run": {"seed": 1}, "models": []}))
+            summary = {"format": runfolder.FORMAT, "run": {"seed": 1}, "models": []}
+            (staging / runfolder.SUMMARY).write_text(json.dumps(summary))
             inside.set()
             release.wait(60)
 

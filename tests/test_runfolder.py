@@ -29,7 +29,7 @@ def model_output(name: str = "net", shape=(1, 3, 8, 6), seed: int = 0) -> runfol
     geometry = pd.DataFrame({"axis": ["h", "w"], "stride": [2, 2]})
     entry = {"name": name, "slug": slugify(name, shape), "input_shape": list(shape), "status": "ok",
              "output_shape": [1, 2, *shape[2:]],
-             **SUMMARY, "rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
+             **SUMMARY, "arch_rf_size": [5, 5], "ratio": float("nan"), "count": np.int64(3), "findings": []}
     arrays = {"coverage": rng.integers(0, 5, shape[2:]),
               "masks": {(1, 2): rng.random(shape[2:]) > 0.5, (0, 0): np.zeros(shape[2:], bool)},
               "erf_maps": {(1, 2): rng.random(shape[2:])}}

@@ -93,7 +93,7 @@ def test_an_undeclared_value_is_refused_when_built():
 
 def test_typed_fields():
     dilated = runfolder.load(GOLD_RUN).models[0].summary
-    assert dilated.rf_size == (13, 13) and dilated.stride == (1.0, 1.0) and dilated.global_context is False
+    assert dilated.arch_rf_size == (13, 13) and dilated.stride == (1.0, 1.0) and dilated.global_context is False
     assert dilated.valid_region == summary.ValidRegion(lo=(6, 6), hi=(9, 13))
     assert dilated.erf.distribution is Distribution.NORMAL and dilated.erf.rf_size == (13, 13)
     assert dilated.pyramid is None and dilated.exact
@@ -101,7 +101,7 @@ def test_typed_fields():
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda e: e.pop("min_fill"), "key 'min_fill' is missing"),
-    (lambda e: e.update(rf_size="13"), "key 'rf_size': expected a list, found '13'"),
+    (lambda e: e.update(arch_rf_size="13"), "key 'arch_rf_size': expected a list, found '13'"),
     (lambda e: e.update(positions=True), "key 'positions': expected integer, found True"),
     (lambda e: e.update(valid_region={"lo": [1]}), "key 'valid_region': expected an object {lo, hi}"),
     (lambda e: e.update(erf_distribution="gaussian"), "key 'erf_distribution': 'gaussian' is not a valid"),

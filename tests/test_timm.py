@@ -160,7 +160,7 @@ def test_cli_tokens_layout_reads_vit_blocks_and_reports_global_attention(vit_fil
                                     "patch_embed", "--layout", "tokens", "--json", "--quiet"])
     assert done.exit_code == 0, done.output
     record = json.loads(done.output)
-    assert record["output_shape"] == [1, 16, 4, 4] and record["geometry"]["size"] == [8, 8]
+    assert record["output_shape"] == [1, 16, 4, 4] and record["geometry"]["arch_rf_size"] == [8, 8]
     assert record["geometry"]["stride"] == [8, 8] and record["geometry"]["padding"] == [0, 0]
     assert record["attention"]["local"] == {"layer": "norm_pre", "rf_size": [8, 8], "block": "blocks.0"}
     assert record["attention"]["stages"][0]["tokens"] == 19   # a class token, two registers, 16 patches
@@ -174,7 +174,7 @@ def test_cli_nhwc_layout_with_levels_and_windowed_attention_finding(vit_file, tm
     assert done.exit_code == 0, done.output
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
     assert entry["status"] == "ok", entry["error"]
-    assert entry["levels"][0]["output_shape"] == [1, 8, 8, 8] and entry["levels"][0]["rf_size"][0] >= 16
+    assert entry["levels"][0]["output_shape"] == [1, 8, 8, 8] and entry["levels"][0]["arch_rf_size"][0] >= 16
     found = [f["message"] for f in entry["findings"] if f["code"] == "attention"]
     assert found == ["Attention is windowed: tokens attend only within groups (windows or grids) per image "
                      "(layers_0.blocks.0 to layers_0.blocks.1: 16 groups of 4 tokens). A centre token's RF after "

@@ -24,7 +24,6 @@ from rfreport.analysis.edges import (
 )
 from rfreport.analysis.findings import RULES, Finding, FindingContext
 from rfreport.analysis.geometry import (
-    EXACT_FITS,
     AxisFit,
     Boxes,
     center_sizes,
@@ -35,6 +34,7 @@ from rfreport.analysis.geometry import (
     with_composed,
     with_enlarged,
 )
+from rfreport.options import EXACT_FITS
 from rfreport.positions import axis_names
 from rfreport.results import GlobalOp
 from rfreport.summary import Summary, build
@@ -137,15 +137,18 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
     valid = None if geo["valid_lo"].isna().any() else {"lo": geo["valid_lo"].tolist(), "hi": geo["valid_hi"].tolist()}
     fill = edges.loc[edges["support"] > 0, "fill"]
     nonaffine = "; ".join(geo.loc[geo["fit"] == "nonaffine", "problem"])
+    context = _context_summary(result, geo, global_ops)
     summary = {
-        "rf_size": geo["size"].tolist(), "stride": geo["stride"].tolist(), "padding": geo["padding"].tolist(),
+        "arch_rf_size": None if context["global"] else geo["arch_rf_size"].tolist(),
+        "arch_rf_fit": geo["fit"].tolist(), "in_input_rf_size": geo["in_input_rf_size"].tolist(),
+        "stride": geo["stride"].tolist(), "padding": geo["padding"].tolist(),
         "center_offset": geo["center_offset"].tolist(), "affine": bool(geo["fit"].isin(EXACT_FITS).all()),
-        "nonaffine": nonaffine or None, "center_rf_size": geo["center_size"].tolist(),
-        "positions": positions, "edge_positions": edge, "edge_fraction": edge / positions if positions else 0.0,
+        "nonaffine": nonaffine or None, "positions": positions, "edge_positions": edge,
+        "edge_fraction": edge / positions if positions else 0.0,
         "valid_region": valid, "asymmetric_axes": geo.loc[geo["asymmetric"], "axis"].tolist(),
         "holes": bool((fill < 1).any()), "min_fill": float(fill.min()) if len(fill) else 1.0,
         "wrapped": bool(result.wrapped.any()), "padding_modes": modes,
-        **_context_summary(result, geo, global_ops),
+        **context,
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
         "border_layers_from": border_layers_from(layers),
         "no_border_resolution": no_border_resolution(layers, result.ndim),

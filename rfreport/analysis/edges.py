@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from rfreport.analysis.frames import POSITIONS, positions_frame
-from rfreport.analysis.geometry import EXACT_FITS, AxisFit
+from rfreport.analysis.geometry import AxisFit
+from rfreport.options import EXACT_FITS
 from rfreport.positions import axis_names
 from rfreport.schema import Column, Schema, register
 
@@ -100,5 +101,5 @@ def no_coverage_resolution(geo: pd.DataFrame, is_global_context: bool | None) ->
     """
     if is_global_context or not geo["fit"].isin((*EXACT_FITS, "nonaffine")).all():
         return None
-    return [int(size) + 1 for size in geo["size"]]
+    return [int(size) + 1 for size in geo["arch_rf_size"]]
 

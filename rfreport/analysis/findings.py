@@ -28,7 +28,8 @@ MIRRORING = ("reflect", "replicate")
 class Finding:
     """One plain-language observation about a model's receptive fields."""
 
-    code: str        # stable id, e.g. "edge", "unseen", "global", "covers", "wrap", "holes", "nonaffine", "border"
+    code: str        # stable id, e.g. "edge", "unseen", "global", "covers", "wrap", "holes", "nonaffine", "enlarged",
+    #                  "composed", "border"; one finding per code and topic (axes that agree share one)
     severity: str    # "info" | "warning"
     message: str     # a plain sentence for the report
 
@@ -62,13 +63,24 @@ def _geometry_findings(c: FindingContext) -> list[Finding]:
     found = [Finding("nonaffine", "warning", f"The RF geometry is not affine: {c.summary.nonaffine}.")
              ] if c.summary.nonaffine else []
     estimated = c.geo.loc[c.geo["fit"] == "estimated", "problem"]
-    enlarged = c.geo.loc[c.geo["fit"].isin(["enlarged", "composed"]), ["axis", "problem"]]
     ops = c.summary.size_dependent
     sized = [Finding("size_dependent", "info", f"The RF geometry depends on the input size ({', '.join(ops)}): "
                      f"it holds at {_axes_text(c.result.input_spatial)} only and was measured there.")] if ops else []
     return found + [Finding("estimated", "info", f"Geometry estimated: {p}.") for p in estimated] + [
-        Finding("enlarged", "info", f"Axis {axis}: {problem}.") for axis, problem in enlarged.itertuples(index=False)
+        Finding(fit, "info", f"{_axes_label(axes)}: {problem}.") for fit, problem, axes in _fits_beyond(c.geo)
     ] + sized
+
+
+def _fits_beyond(geo: pd.DataFrame) -> list[tuple[str, str, list[str]]]:
+    """Return (fit, problem, axes) of the axes made exact beyond this input (enlarged or composed), axes merged."""
+    rows = geo.loc[geo["fit"].isin(["enlarged", "composed"])]
+    return [(fit, problem, group["axis"].tolist()) for (fit, problem), group in rows.groupby(["fit", "problem"],
+                                                                                               sort=False)]
+
+
+def _axes_label(axes: Sequence[str]) -> str:
+    """Return `Axis h` or `Axes h, w`."""
+    return f"Axis {axes[0]}" if len(axes) == 1 else f"Axes {', '.join(axes)}"
 
 
 def _edge_findings(c: FindingContext) -> list[Finding]:

@@ -22,7 +22,8 @@ POSITIONS = register(Schema(
                "-1 when the support is empty)", group="bounds"),
         Column("{a}_hi", "int64", "input index", "last input index of the RF box (inclusive; >= n when wrapped)",
                group="bounds"),
-        Column("{a}_size", "int64", "input pixels", "extent of the RF box, hi - lo + 1 (0 when empty)"),
+        Column("{a}_size", "int64", "input pixels", "the in-input RF of this position on this axis: extent of "
+               "its RF box, hi - lo + 1 (clipped to the input, unrolled when it wraps; 0 when empty)"),
         Column("{a}_wrap", "bool", "flag", "the RF wraps round the input border on this axis (circular padding); "
                "lo/hi are unrolled and indices are taken modulo the input size"),
         Column("support", "int64", "input positions", "input positions (union over channels) whose value can "

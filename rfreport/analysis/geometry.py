@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from rfreport.results import SweepResult
 
 
-EXACT_FITS = ("affine", "enlarged", "composed")    # fits whose size, stride and padding are exact
-
-
 GEOMETRY = register(Schema(
     name="geometry",
     row="spatial axis of the analysed output (affine RF geometry, Araujo et al. 2019)",
@@ -40,16 +37,16 @@ GEOMETRY = register(Schema(
         Column("axis", "string", "", "axis letter"),
         Column("input_size", "int64", "input pixels", "input size on this axis"),
         Column("output_size", "int64", "output positions", "output size on this axis"),
-        Column("size", "int64", "input pixels", "RF size r of an output position clear of the border (a lower "
-               "bound when fit is `estimated`)"),
+        Column("arch_rf_size", "int64", "input pixels", "the architecture RF r: what an output position sees with "
+               "no border in the way (a lower bound when fit is `estimated`)"),
         Column("stride", "float64", "input pixels", "effective stride s: how far the RF moves per output step "
                "(NaN when it cannot be measured)"),
         Column("padding", "float64", "input pixels", "effective padding P: the unclipped RF of position p starts "
                "at -P + p * s"),
         Column("center_offset", "float64", "input pixels", "RF centre minus the nominal pixel p*s + (s-1)/2, i.e. "
                "(r - s)/2 - P"),
-        Column("center_size", "int64", "input pixels", "RF extent of the centre output position as swept "
-               "(clipped to the input)"),
+        Column("in_input_rf_size", "int64", "input pixels", "the in-input RF: extent of the centre output "
+               "position's RF as swept, clipped to this input"),
         Column("fit", "string", "", "affine (exact fit), enlarged (every RF is clipped at this input: fitted "
                "exactly on a larger input, see problem), composed (every RF is clipped at this input: composed "
                "exactly from per-layer windows at this size, see problem), nonaffine (see problem), estimated (no "
@@ -67,8 +64,10 @@ GEOMETRY = register(Schema(
         Column("edge_hi", "Int64", "output positions", "output positions whose RF leaves the input at the high side"),
         Column("valid_lo", "Int64", "output index", "first output position whose RF lies fully inside the input"),
         Column("valid_hi", "Int64", "output index", "last output position whose RF lies fully inside the input"),
-        Column("asymmetric", "bool", "flag", "the low and high borders are treated differently (border reach or "
-               "edge count differs)"),
+        Column("asymmetric", "bool", "flag", "the low and high borders are treated differently: a different number "
+               "of output positions sees padding at each (a reach that differs alone is (o*s - n) + 2 * centre "
+               "offset: the centre offset and an input not a multiple of the stride, which expose no more positions "
+               "to padding on one side)"),
         Column("local_size", "Int64", "input pixels", "RF size with global-context paths held constant (local "
                "sweep); null without one"),
         Column("local_stride", "float64", "input pixels", "effective stride of the local RF"),
@@ -307,11 +306,11 @@ def geometry_frame(fits: list[AxisFit], input_spatial, output_spatial, center_si
         border_lo = 0.0 - float(fit.start(np.array([0]))[0])
         border_hi = float(fit.start(np.array([out - 1]))[0]) + fit.size - 1 - (n - 1)
         valid_lo, valid_hi, edge_lo, edge_hi = span if span else (pd.NA,) * 4
-        asymmetric = bool(span is not None and (border_lo != border_hi or edge_lo != edge_hi))
+        asymmetric = bool(span is not None and edge_lo != edge_hi)
         rows.append({
-            "axis": axis_names(len(fits))[a], "input_size": n, "output_size": out, "size": fit.size,
+            "axis": axis_names(len(fits))[a], "input_size": n, "output_size": out, "arch_rf_size": fit.size,
             "stride": fit.stride, "padding": fit.padding, "center_offset": fit.center_offset,
-            "center_size": int(center_size[a]), "fit": fit.fit, "problem": fit.problem,
+            "in_input_rf_size": int(center_size[a]), "fit": fit.fit, "problem": fit.problem,
             "positions_used": fit.used, "border_lo": border_lo, "border_hi": border_hi,
             "edge_lo": edge_lo, "edge_hi": edge_hi,
             "valid_lo": valid_lo if span and valid_lo >= 0 else pd.NA,

@@ -37,7 +37,8 @@ LEVELS = register(Schema(
         Column("channels", "int64", "channels", "channels of the level's output"),
         Column("out_{a}", "int64", "output positions", "output size on this axis"),
         Column("{a}_stride", "float64", "input pixels", "effective stride (the level's reduction)"),
-        Column("{a}_rf", "int64", "input pixels", "RF size of a position clear of the border (geometry `size`)"),
+        Column("{a}_arch_rf", "Int64", "input pixels", "the architecture RF (summary `arch_rf_size`); null when "
+               "global context makes it unbounded"),
         Column("{a}_padding", "float64", "input pixels", "effective padding P"),
         Column("{a}_center_offset", "float64", "input pixels", "RF centre minus the nominal pixel"),
         Column("fit", "string", "", "how the geometry was found: affine, enlarged or composed (exact), estimated, "
@@ -68,7 +69,7 @@ def anchor_check(anchors: Sequence[Sequence[int]], summary: Mapping[str, Any], n
     if not anchors:
         return {"anchors": [], "anchor_basis": None, "anchor_rf": None, "anchors_fit": None, "anchor_min_share": None}
     local = summary.get("global") and summary.get("local_rf_size")
-    rf = list(summary["local_rf_size"] if local else summary["rf_size"])
+    rf = list(summary["local_rf_size"] if local else summary["arch_rf_size"] or summary["in_input_rf_size"])
     sizes = [_per_axis(a, ndim) for a in anchors]
     return {"anchors": [list(s) for s in sizes], "anchor_basis": "local" if local else "rf", "anchor_rf": rf,
             "anchors_fit": all(a <= r for s in sizes for a, r in zip(s, rf)),
@@ -81,9 +82,10 @@ def record(level: Level, analysed: Analysis, output_shape: Sequence[int], target
     fits = analysed.geometry["fit"].tolist()
     ndim = len(output_shape) - 2
     return {"level": level.name, "target": target, "output_shape": list(output_shape),
-            "stride": s["stride"], "rf_size": s["rf_size"], "padding": s["padding"],
-            "center_offset": s["center_offset"], "fit": min(fits, key=FIT_ORDER.index) if fits else "none",
-            "center_rf_size": s["center_rf_size"], "edge_fraction": s["edge_fraction"], "global": s["global"],
+            "stride": s["stride"], "arch_rf_size": s["arch_rf_size"], "arch_rf_fit": s["arch_rf_fit"],
+            "padding": s["padding"], "center_offset": s["center_offset"],
+            "fit": min(fits, key=FIT_ORDER.index) if fits else "none",
+            "in_input_rf_size": s["in_input_rf_size"], "edge_fraction": s["edge_fraction"], "global": s["global"],
             "local_rf_size": s["local_rf_size"], "min_fill": s["min_fill"], "affine": s["affine"],
             "verified": s["verified"], "violations": s["violations"],
             **anchor_check(level.anchors, s, ndim)}
@@ -106,7 +108,8 @@ def frame(records: Sequence[Mapping[str, Any]], ndim: int) -> pd.DataFrame:
         for i, a in enumerate(axis_names(ndim)):
             local = rec["local_rf_size"]
             row |= {f"out_{a}": rec["output_shape"][2 + i], f"{a}_stride": _float(rec["stride"][i]),
-                    f"{a}_rf": rec["rf_size"][i], f"{a}_padding": _float(rec["padding"][i]),
+                    f"{a}_arch_rf": rec["arch_rf_size"][i] if rec["arch_rf_size"] else pd.NA,
+                    f"{a}_padding": _float(rec["padding"][i]),
                     f"{a}_center_offset": _float(rec["center_offset"][i]),
                     f"{a}_local_rf": local[i] if local and rec["global"] else pd.NA}
         for name in data:

@@ -22,7 +22,8 @@ from rfreport.report import plots
 from rfreport.report import render as report
 from rfreport.runfolder import ModelRun, Run
 
-OVERVIEW = ("status", "center_rf_size", "stride", "padding", "edge_fraction", "unseen_pixels", "global", "audit")
+OVERVIEW = ("status", "arch_rf_size", "stride", "padding", "global", "in_input_rf_size", "edge_fraction",
+            "unseen_pixels", "audit")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def overview_cell(model: diff.ModelDiff, key: str) -> Cell:
         return Cell(before, after, "", before != after)
     if key == "status":
         return Cell(model.status("a"), model.status("b"), "", model.status("a") != model.status("b"))
-    b, a = old.get(key), new.get(key)
+    b, a = diff.view(old, key), diff.view(new, key)
     return Cell(diff.value_text(key, b), diff.value_text(key, a), diff.delta_text(key, b, a) if not diff.same(b, a)
                 else "", not diff.same(b, a))
 
@@ -158,14 +159,14 @@ def _model(run: Run, slug: str) -> ModelRun | None:
 
 
 def map_pairs(model: diff.ModelDiff, before: Run, after: Run) -> tuple[MapPair, ...]:
-    """Draw RF size per axis and clipped sides of a model in both runs on shared scales (2-D and 3-D only)."""
+    """Draw the in-input RF per axis and clipped sides of a model in both runs on shared scales (2-D and 3-D only)."""
     old, new = _model(before, model.slug), _model(after, model.slug)
     if old is None or new is None or "positions" not in old.frames or "positions" not in new.frames:
         return ()
     ndim = len(old.entry["input_shape"]) - 2
     if ndim < 2 or ndim != len(new.entry["input_shape"]) - 2:
         return ()
-    columns = [("positions", f"{a}_size", f"RF size {a}", "input pixels") for a in axis_names(ndim)]
+    columns = [("positions", f"{a}_size", f"in-input RF {a}", "input pixels") for a in axis_names(ndim)]
     if "edges" in old.frames and "edges" in new.frames:
         columns.append(("edges", "clipped", "clipped sides (edge effects)", "sides"))
     return tuple(pair for pair in (_pair(old, new, ndim, *c) for c in columns) if pair is not None)

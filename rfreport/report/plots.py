@@ -359,7 +359,7 @@ def _overlay_1d(signal: np.ndarray, frame: pd.DataFrame, masks: Mapping[tuple[in
 
 def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], input_size: Mapping[str, int],
                  border: Sequence[bool]) -> Figure:
-    """Plot the centre RF size per axis after each layer, the input size as dashed lines, border layers shaded."""
+    """Plot the centre's architecture RF per axis after each layer, the input size dashed, border layers shaded."""
     fig = Figure(figsize=(max(7.5, min(11.5, 0.18 * len(names) + 4)), 4.2), dpi=DPI, layout="tight")
     ax = fig.subplots()
     x = np.arange(len(names))
@@ -367,7 +367,7 @@ def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], inp
         ax.axvspan(i - 0.5, i + 0.5, color=BORDER, linewidth=0)
     for k, (letter, values) in enumerate(sizes.items()):
         colour = CMAP(0.15 + 0.6 * k / max(1, len(sizes) - 1))
-        ax.plot(x, values, marker="os^"[k], markersize=7 - 2 * k, color=colour, label=f"RF size {letter}")
+        ax.plot(x, values, marker="os^"[k], markersize=7 - 2 * k, color=colour, label=f"architecture RF {letter}")
         ax.axhline(input_size[letter], color=colour, linestyle="--", linewidth=1, label=f"input size {letter}")
     handles, _labels = ax.get_legend_handles_labels()
     if any(border):
@@ -376,7 +376,7 @@ def layer_growth(names: Sequence[str], sizes: Mapping[str, Sequence[float]], inp
     ax.set_xticks(x[::step], [names[i] for i in x[::step]], rotation=90, fontsize=7)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_xlabel("layer (forward order)")
-    ax.set_ylabel("RF size at the centre (input pixels)")
+    ax.set_ylabel("architecture RF at the centre (input pixels)")
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 

@@ -26,11 +26,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rfreport import audit
-from rfreport.analysis.geometry import EXACT_FITS
 from rfreport.analysis.layertable import LayerRow, layer_rows
 from rfreport.atomic import write_file
 from rfreport.diff import SPEC_LABELS, spec_text
-from rfreport.options import AuditVerdict
+from rfreport.options import EXACT_FITS, AuditVerdict
 from rfreport.positions import axis_names, resolve
 from rfreport.report import plots
 from rfreport.runfolder import ModelRun, Run
@@ -73,7 +72,7 @@ class Box:
 class Heatmap:
     """An array drawn straight through the colour map: one PNG pixel per cell, scaled up by the page."""
 
-    title: str = field(metadata={"doc": "panel title, e.g. RF size h"})
+    title: str = field(metadata={"doc": "panel title, e.g. in-input RF h"})
     image: Image = field(metadata={"doc": "the PNG (natural size: one pixel per cell) and its display size"})
     unit: str = field(metadata={"doc": "unit of the colour scale"})
     lo: str = field(metadata={"doc": "value at the scale's first colour, formatted"})
@@ -137,6 +136,8 @@ class AuditResult:
     limit: Any = field(metadata={"doc": "the configured limit"})
     value: Any = field(metadata={"doc": "the measured value"})
     passed: bool = field(metadata={"doc": "whether the rule holds"})
+    note: str = field(metadata={"doc": "why the value was not judged as is (estimated geometry, global context); "
+                                       "empty when nothing to say"})
 
 
 @dataclass(frozen=True)
@@ -375,9 +376,9 @@ def resolution(shape: Sequence[int]) -> str:
     return " × ".join(str(int(n)) for n in shape[2:])
 
 
-def arch_rf(summary: Summary) -> tuple:
+def arch_rf(summary: Summary) -> tuple | None:
     """Return the architecture RF per axis: the one place the report reads that summary key."""
-    return summary.rf_size
+    return summary.arch_rf_size
 
 
 VERDICT_ORDER = ("error", "fail", "pass", "none")   # failures first
@@ -575,11 +576,11 @@ def grid_note(model: ModelRun, frame: pd.DataFrame) -> str:
 
 
 def _rf_maps(model: ModelRun, assets: Assets) -> FigureBlock | None:
-    """RF size per axis and fill over the output grid; in 2-D with the input panel the explorer draws on."""
+    """In-input RF per axis and fill over the output grid; in 2-D with the input panel the explorer draws on."""
     frame = model.frames.get("positions")
     if frame is None:
         return None
-    columns = [(f"{a}_size", f"RF size {a}", "input pixels") for a in axis_names(_ndim(model))]
+    columns = [(f"{a}_size", f"in-input RF {a}", "input pixels") for a in axis_names(_ndim(model))]
     columns.append(("fill", "fill (support / box)", "ratio"))
     title, caption = ("Receptive field over the output grid",
                       "Each cell is one output position: the size of its RF box per axis, and the share of the box "
@@ -690,9 +691,9 @@ def _growth(model: ModelRun, assets: Assets) -> FigureBlock | None:
     fig = plots.layer_growth(layer_labels(frame), {a: frame[f"{a}_rf"].to_numpy() for a in letters},
                              dict(zip(letters, spatial)), frame["border"].to_numpy(dtype=bool))
     return _block(model, assets, "layers", "RF growth per layer",
-                  "Unclipped RF size at the centre of each layer's output, in forward order; dashed lines are the "
-                  "input size. Shaded layers are border layers: their RF already covers the whole input, so their "
-                  "depth adds no context at this resolution.", fig)
+                  "Architecture RF (unclipped) at the centre of each layer's output, in forward order; dashed lines "
+                  "are the input size. Shaded layers are border layers: their RF already covers the whole input, so "
+                  "their depth adds no context at this resolution.", fig)
 
 
 def _erf(model: ModelRun, assets: Assets) -> FigureBlock | None:
@@ -794,7 +795,7 @@ def model_section(run: Run, model: ModelRun, assets: Assets, page_dir: Path, exp
         nonaffine=(model.summary.nonaffine or "") if model.summary else "",
         status=model.status, verdict=verdict(model),
         error=str(entry.get("error") or ""), findings=findings(entry),
-        audit=tuple(AuditResult(**{k: r[k] for k in ("rule", "limit", "value", "passed")})
+        audit=tuple(AuditResult(r["rule"], r["limit"], r["value"], r["passed"], r.get("note") or "")
                     for r in entry.get("audit") or []),
         figures=model_figures(model, assets) if model.ok else (),
         tables=model_tables(run, model, page_dir, assets.embeds) if model.ok else (),

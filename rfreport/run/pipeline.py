@@ -30,7 +30,6 @@ from rfreport import __version__, audit, runfolder
 from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
 from rfreport.analysis.analyze import Analysis
-from rfreport.analysis.geometry import EXACT_FITS
 from rfreport.analysis.layertable import layer_rows
 from rfreport.compute import models
 from rfreport.compute.engine import Target, resolve_device
@@ -39,7 +38,7 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import Level, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
 from rfreport.layouts import parse_layout
-from rfreport.options import Status
+from rfreport.options import EXACT_FITS, Status
 from rfreport.results import SweepResult
 from rfreport.run import cache, limits, plan, progress
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
@@ -168,9 +167,11 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None, l
     analysed = measured.analyse()
     summary, main = analysed.summary, measured.main
     rows = position_records(analysed.positions, main)
-    geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
-                "center_offset": list(summary.center_offset), "affine": summary.affine,
-                "global": summary.global_context, **geometry_status(analysed.geometry, summary)}
+    geometry = {"arch_rf_size": list(summary.arch_rf_size) if summary.arch_rf_size is not None else None,
+                "in_input_rf_size": list(summary.in_input_rf_size), "stride": list(summary.stride),
+                "padding": list(summary.padding), "center_offset": list(summary.center_offset),
+                "affine": summary.affine, "global": summary.global_context,
+                **geometry_status(analysed.geometry, summary)}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
@@ -206,12 +207,12 @@ def position_records(frame: pd.DataFrame, main: SweepResult) -> list[dict]:
 
 
 def geometry_status(geo: pd.DataFrame, summary: Summary) -> dict:
-    """Return how exact an inspect geometry is: the fit kind per axis, the ops that make it depend on the input
-    size, and why it is estimated (axis: reason; None when every axis is exact)."""
+    """Return how exact an inspect geometry is: the fit kind per axis (of the architecture RF), the ops that make
+    it depend on the input size, and why it is estimated (axis: reason; None when every axis is exact)."""
     inexact = geo.loc[~geo["fit"].isin(EXACT_FITS)]
     reasons = "; ".join(f"{axis}: {problem}" for axis, problem in zip(inexact["axis"], inexact["problem"]))
     size_dependent = list(summary.size_dependent) if summary.size_dependent else None
-    return {"fit": geo["fit"].tolist(), "size_dependent": size_dependent, "estimated": reasons or None}
+    return {"arch_rf_fit": geo["fit"].tolist(), "size_dependent": size_dependent, "estimated": reasons or None}
 
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:

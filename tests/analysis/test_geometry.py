@@ -23,7 +23,8 @@ from tests.oracle import Layer, lengths
 from tests.support import hole_free_stacks, recurrence
 
 SUMMARY_KEYS = {
-    "rf_size", "stride", "padding", "center_offset", "affine", "nonaffine", "center_rf_size", "positions",
+    "arch_rf_size", "arch_rf_fit", "stride", "padding", "center_offset", "affine", "nonaffine", "in_input_rf_size",
+    "positions",
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
@@ -58,10 +59,10 @@ def test_affine_fit_matches_the_recurrences(case):
         r, s, p = recurrence(layers, axis)
         if unclipped_positions(layers, axis, shape[axis]) >= 2:
             assert row["fit"] == "affine", row["problem"]
-            assert (row["size"], row["stride"], row["padding"]) == (r, s, p)
+            assert (row["arch_rf_size"], row["stride"], row["padding"]) == (r, s, p)
             assert row["center_offset"] == (r - s) / 2 - p
         else:  # one clear box may be cut by intermediate padding: only the lower bound is certain
-            assert row["size"] <= r
+            assert row["arch_rf_size"] <= r
 
 
 class AlignedBranches(nn.Module):
@@ -96,7 +97,7 @@ class SimpleDiamond(nn.Module):
 ], ids=["aligned-branches", "non-square", "stacked-diamonds"])
 def test_known_graphs(model, spatial, expected):
     summary = analysed(model, spatial).summary.to_json()
-    assert (summary["rf_size"], summary["stride"], summary["padding"]) == tuple(list(v) for v in expected)
+    assert (summary["arch_rf_size"], summary["stride"], summary["padding"]) == tuple(list(v) for v in expected)
     assert summary["affine"] and summary["nonaffine"] is None
 
 
@@ -121,7 +122,7 @@ def test_circular_padding_wraps_and_fits_unrolled():
                           nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"))
     analysis = analysed(model, (12, 12))
     s = analysis.summary.to_json()
-    assert (s["rf_size"], s["stride"], s["padding"]) == ([7, 7], [2.0, 2.0], [3.0, 3.0])
+    assert (s["arch_rf_size"], s["stride"], s["padding"]) == ([7, 7], [2.0, 2.0], [3.0, 3.0])
     assert s["wrapped"] and s["padding_modes"] == ["circular"] and s["affine"]
     assert {"wrap", "edge"} <= {f.code for f in analysis.findings}
 
@@ -137,7 +138,7 @@ def test_sampled_sweeps_do_not_judge_coverage():
     analysis = analysed(nn.Conv2d(1, 1, 1, stride=2), (8, 8), positions="center")
     assert analysis.summary.to_json()["unseen_pixels"] is None
     assert "sampled" in {f.code for f in analysis.findings}
-    assert analysis.summary.to_json()["rf_size"] == [1, 1] and analysis.summary.to_json()["stride"] == [2.0, 2.0]
+    assert analysis.summary.to_json()["arch_rf_size"] == [1, 1] and analysis.summary.to_json()["stride"] == [2.0, 2.0]
 
 
 def test_strided_three_by_three_coverage_is_a_checkerboard():
@@ -149,7 +150,7 @@ def test_strided_three_by_three_coverage_is_a_checkerboard():
 def test_dilation_leaves_holes_with_their_fill_ratio():
     analysis = analysed(nn.Conv2d(1, 1, 3, padding=2, dilation=2), (10, 10))
     assert analysis.summary.to_json()["holes"] and analysis.summary.to_json()["min_fill"] == pytest.approx(9 / 25)
-    assert analysis.summary.to_json()["rf_size"] == [5, 5] and analysis.summary.to_json()["affine"]
+    assert analysis.summary.to_json()["arch_rf_size"] == [5, 5] and analysis.summary.to_json()["affine"]
 
 
 def test_reflect_padding_is_reported():
@@ -280,3 +281,25 @@ def test_in_input_share_of_each_rf_follows_the_exact_geometry():
     assert frame["in_input_share"].tolist() == pytest.approx(expected)
     assert frame["in_input_share"].min() == pytest.approx((4 / 7) ** 2)   # the corner (0, 0)
     assert (frame["h_out_lo"] == [max(0, 3 - 2 * h) for h in frame["pos_h"]]).all()
+
+
+def test_borders_reached_unequally_by_the_same_positions_are_not_asymmetric():
+    """A strided 'same' conv on an even input: its first RF reaches 2 pixels before the input, its last 1 past its end,
+    but one position sees padding at each border; the difference is the centre offset (-0.5) and the input size,
+    not a border treated differently, so no `asymmetric` warning (it fired on every ImageNet backbone)."""
+    stem = analysed(nn.Conv2d(1, 1, 5, stride=2, padding=2), (12, 12))
+    h = stem.geometry.iloc[0]
+    assert (h["border_lo"], h["border_hi"], h["edge_lo"], h["edge_hi"], h["center_offset"]) == (2, 1, 1, 1, -0.5)
+    assert stem.summary.asymmetric_axes == () and "asymmetric" not in [f.code for f in stem.findings]
+
+
+def test_axes_made_exact_beyond_this_input_share_one_finding_named_by_how():
+    """Geometry composed from per-layer windows is reported once, as `composed` (it was `enlarged`, once per axis)."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 5, padding=2), nn.Conv2d(1, 1, 5, padding=2))
+    torch.manual_seed(0)
+    main = sweep(model, (1, 1, 6, 6), "center")
+    found = analyze(main, composed=[(9, 1.0, 4.0), (9, 1.0, 4.0)], global_ops=())
+    assert found.summary.arch_rf_size == (9, 9) and found.summary.arch_rf_fit == ("composed", "composed")
+    assert found.summary.in_input_rf_size == (6, 6)
+    (composed,) = [f for f in found.findings if f.code in ("composed", "enlarged")]
+    assert composed.code == "composed" and composed.message.startswith("Axes h, w: every RF is clipped")

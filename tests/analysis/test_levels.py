@@ -119,7 +119,7 @@ def test_each_level_matches_the_hand_derived_geometry(pyramid_run):
     for record in entry["levels"]:
         out, stride, rf, padding, offset, edge = EXPECTED[record["level"]]
         assert record["output_shape"][2:] == out and record["fit"] == "affine"
-        assert (record["stride"], record["rf_size"], record["padding"]) == (stride, rf, padding)
+        assert (record["stride"], record["arch_rf_size"], record["padding"]) == (stride, rf, padding)
         assert record["center_offset"] == offset and record["edge_fraction"] == pytest.approx(edge)
         assert record["global"] is False
 
@@ -128,7 +128,8 @@ def test_the_levels_frame_has_its_schema(pyramid_run):
     frame = pyramid_run.models[0].frames["levels"]
     assert list(frame.columns) == levels.LEVELS.names(2)
     assert frame.dtypes.astype(str).to_dict() == levels.LEVELS.dtypes(2)
-    assert frame[["level", "target", "channels", "h_stride", "w_rf", "h_center_offset", "anchors"]].values.tolist() == [
+    shown = ["level", "target", "channels", "h_stride", "w_arch_rf", "h_center_offset", "anchors"]
+    assert frame[shown].values.tolist() == [
         ["p2", "output['p2']", 2, 4.0, 7, -1.5, "8"], ["p3", "output['p3']", 2, 8.0, 15, -3.5, "4, 8x12"]]
     assert frame["anchors_fit"].tolist() == [False, True]
     assert frame["anchor_min_share"].tolist() == pytest.approx([8 / 7, 4 / 15])
@@ -161,13 +162,13 @@ def test_inspect_json_lists_the_levels(ws):
     assert done.exit_code == 0, done.output
     record = json.loads(done.output)
     assert record["output_shape"] == [1, 2, 4, 4]   # the last level is the main target
-    assert [(lv["level"], lv["stride"], lv["rf_size"]) for lv in record["levels"]] == [
+    assert [(lv["level"], lv["stride"], lv["arch_rf_size"]) for lv in record["levels"]] == [
         ("p2", [4, 4], [7, 7]), ("p3", [8, 8], [15, 15])]
     assert "attention" not in record
 
 
 def test_levels_frame_of_a_global_level_compares_anchors_with_the_local_rf():
-    summary = {"rf_size": [32, 32], "global": True, "local_rf_size": [9, 9]}
+    summary = {"arch_rf_size": [32, 32], "global": True, "local_rf_size": [9, 9]}
     check = levels.anchor_check([(12,), (4, 9)], summary, 2)
     assert check == {"anchors": [[12, 12], [4, 9]], "anchor_basis": "local", "anchor_rf": [9, 9],
                      "anchors_fit": False, "anchor_min_share": pytest.approx(4 / 9)}
@@ -194,7 +195,7 @@ def test_clipped_levels_take_their_exact_geometry_from_the_layer_growth_rows(ws,
     done = CliRunner().invoke(cli, ["run", str(tmp_path / "small.toml"), "--out", str(tmp_path / "run"), "--quiet"])
     assert done.exit_code == 0, done.output
     entry = runfolder.load(tmp_path / "run").models[0].entry
-    found = {r["level"]: (r["fit"], r["stride"], r["rf_size"], r["padding"]) for r in entry["levels"]}
+    found = {r["level"]: (r["fit"], r["stride"], r["arch_rf_size"], r["padding"]) for r in entry["levels"]}
     assert found == {"p2": ("composed", [4, 4], [7, 7], [3, 3]), "p3": ("composed", [8, 8], [15, 15], [7, 7])}
     p2 = entry["levels"][0]
     assert (p2["verified"], p2["violations"]) == (1, 0)   # the level's own sweep checks its centre on the model

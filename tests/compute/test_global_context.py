@@ -13,6 +13,7 @@ from rfreport import audit, examples
 from rfreport.compute.engine import Target
 from rfreport.compute.global_context import global_ops
 from rfreport.config import AUDIT_RULES, ModelSpec, RunOptions
+from rfreport.options import EXACT_FITS
 from rfreport.positions import center
 from rfreport.results import GlobalOp
 from rfreport.run import jobs as jobs_mod
@@ -92,7 +93,7 @@ def test_saturation_is_not_called_global_context():
     assert s["global"] is False and s["global_from"] is None and s["covering_positions"] > 0
     assert "global" not in codes(analysis) and "covers" in codes(analysis)
     (covers,) = [f for f in analysis.findings if f.code == "covers"]
-    size = s["rf_size"]
+    size = s["arch_rf_size"]
     assert s["no_coverage_resolution"] == [n + 1 for n in size]
     assert f"from an input of {size[0] + 1} x {size[1] + 1} on, no RF can cover it" in covers.message
     assert "no global operation" in covers.message
@@ -145,10 +146,30 @@ def nets(draw):
     return nn.Sequential(*layers), gated, size
 
 
-LIMITS = {"min_rf": st.integers(1, 15), "max_rf": st.integers(1, 15), "max_edge_fraction": st.floats(0, 1),
+LIMITS = {"min_rf": st.integers(1, 15), "max_rf": st.integers(1, 15), "min_rf_in_input": st.integers(1, 15),
+          "max_rf_in_input": st.integers(1, 15), "min_stride": st.integers(1, 4), "max_stride": st.integers(1, 4),
+          "max_edge_fraction": st.floats(0, 1),
           "no_unseen": st.just(True), "no_global": st.just(True), "no_full_coverage": st.just(True),
           "max_covering_fraction": st.floats(0, 1), "max_center_offset": st.floats(0, 3),
           "min_fill": st.floats(0, 1)}
+
+
+def closed_form(model: nn.Module) -> tuple[int, int]:
+    """Return the architecture RF and the stride of a conv stack (the same on both axes), by the recurrence."""
+    rf, jump = 1, 1
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):   # a gate's 1x1 convs add nothing
+        rf += conv.dilation[0] * (conv.kernel_size[0] - 1) * jump
+        jump *= conv.stride[0]
+    return rf, jump
+
+
+def architecture(rule: str, limit, model: nn.Module, exact: bool, gated: bool) -> bool:
+    """Judge an architecture-RF or stride rule: unbounded under global context, never on an inexact fit."""
+    if gated and rule in ("min_rf", "max_rf"):
+        return rule == "min_rf"
+    rf, stride = closed_form(model)
+    value = rf if rule.endswith("_rf") else stride
+    return exact and (value >= limit if rule.startswith("min") else value <= limit)
 
 
 def direct(rule: str, limit, frame, coverage: np.ndarray, gated: bool, shape) -> bool:
@@ -162,8 +183,8 @@ def direct(rule: str, limit, frame, coverage: np.ndarray, gated: bool, shape) ->
     size = (mid[["h_hi", "w_hi"]].to_numpy() - mid[["h_lo", "w_lo"]].to_numpy() + 1)[0]
     fill = frame["support"].to_numpy()[seen] / np.prod(hi[seen] - lo[seen] + 1, axis=1)
     return {
-        "min_rf": lambda: bool((size >= limit).all()),
-        "max_rf": lambda: bool((size <= limit).all()),
+        "min_rf_in_input": lambda: bool((size >= limit).all()),
+        "max_rf_in_input": lambda: bool((size <= limit).all()),
         "max_edge_fraction": lambda: bool(frame["edge"].mean() <= limit),
         "no_unseen": lambda: bool((coverage == 0).sum() == 0),
         "no_global": lambda: not gated,
@@ -194,7 +215,13 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     (row,) = audit.evaluate({rule: limit}, entry)
     frame = analysis.positions
     pooled = gated and len(frame) > 1   # a global pool over a one-cell map pools nothing
-    assert row["passed"] == direct(rule, limit, frame, analysis.coverage, pooled, shape)
+    if rule in ("min_rf", "max_rf", "min_stride", "max_stride"):
+        exact = bool(analysis.geometry["fit"].isin(EXACT_FITS).all())
+        assert row["passed"] == architecture(rule, limit, model, exact, pooled), row
+        if exact and not pooled:
+            assert analysis.summary.arch_rf_size == (closed_form(model)[0],) * 2
+    else:
+        assert row["passed"] == direct(rule, limit, frame, analysis.coverage, pooled, shape)
 
 
 def test_max_center_offset_agrees_with_the_closed_form():

@@ -94,7 +94,7 @@ def test_geometry_is_never_fitted_on_a_larger_input_when_it_depends_on_the_size(
     assert result.status == "ok", result.error
     summary = result.summary.to_json()
     assert summary["size_dependent"] == ["adaptive_avg_pool2d"]
-    assert not summary["affine"] and summary["rf_size"] != [16, 16]
+    assert not summary["affine"] and summary["arch_rf_size"] != [16, 16]
     geometry = result.frames["geometry"]
     assert (geometry["fit"] == "estimated").all()
     assert geometry["problem"].str.contains("depends on the input size").all()

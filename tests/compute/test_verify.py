@@ -263,7 +263,7 @@ def test_an_engine_that_under_reports_is_caught_and_the_run_is_marked_not_exact(
     warning = next(f for f in done.findings if f.code == "not_exact")
     assert warning.severity == "warning" and warning.message.startswith(f"Not exact: {default_count(2)} of ")
     rows = audit.evaluate({}, {"status": "ok", **done.summary.to_json()})
-    assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False}]
+    assert rows == [{"rule": "exact", "limit": 0, "value": default_count(2), "passed": False, "note": None}]
 
 
 def test_honest_summary_has_no_finding_and_no_audit_row():
@@ -302,7 +302,7 @@ def test_the_report_shows_the_violation_as_a_warning(monkeypatch, tmp_path):
     assert done.exit_code == 0, done.output
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
     assert entry["verified"] == 4 == entry["violations"]
-    assert {"rule": "exact", "limit": 0, "value": 4, "passed": False} in entry["audit"]
+    assert {"rule": "exact", "limit": 0, "value": 4, "passed": False, "note": None} in entry["audit"]
     assert "Not exact: 4 of 4 verified positions changed" in (tmp_path / "run" / "index.html").read_text()
 
 

@@ -122,7 +122,7 @@ def test_overview_values_and_sections(rendered):
     for model in run.models:
         assert html.count(f'id="{report.anchor(model)}"') == 1
     dilated = run.models[0].entry
-    assert f"{dilated['rf_size'][0]} × {dilated['rf_size'][1]}" in html
+    assert f"{dilated['arch_rf_size'][0]} × {dilated['arch_rf_size'][1]}" in html
     assert report.percent_text(dilated["edge_fraction"]) in html
 
 

@@ -256,7 +256,7 @@ def test_a_changed_job_misses_and_gets_its_own_answer(nets, tmp_path):
     pipeline.run_job(file_job(nets, tmp_path / "c"))
     wider = pipeline.run_job(file_job(nets, tmp_path / "c", kwargs={"k": 5}))
     again = pipeline.run_job(file_job(nets, tmp_path / "c"))
-    assert not wider.cached and again.cached and wider.summary.rf_size != again.summary.rf_size
+    assert not wider.cached and again.cached and wider.summary.arch_rf_size != again.summary.arch_rf_size
 
 
 def test_no_cache_writes_nothing(nets, tmp_path):

@@ -63,10 +63,10 @@ def edit_entry(root: Path, change: Callable[[dict], None], *, resign: bool) -> N
 
 
 @pytest.mark.parametrize("change", [
-    lambda values: values["summary"].update(rf_size={"__tuple__": ["abc", 5]}),
+    lambda values: values["summary"].update(arch_rf_size={"__tuple__": ["abc", 5]}),
     lambda values: values.update(surplus=1),
     lambda values: values.update(status="failed"),
-], ids=["bad rf_size", "extra field", "failed status"])
+], ids=["bad arch_rf_size", "extra field", "failed status"])
 def test_an_entry_with_bad_values_is_discarded_and_recomputed(nets, tmp_path, log, change):
     job = file_job(nets, tmp_path / "c")
     first = pipeline.run_job(job)
@@ -80,11 +80,11 @@ def test_an_entry_with_bad_values_is_discarded_and_recomputed(nets, tmp_path, lo
 def test_an_edited_entry_fails_its_checksum_and_is_never_an_answer(nets, tmp_path, log):
     job = file_job(nets, tmp_path / "c")
     first = pipeline.run_job(job)
-    assert first.summary.center_rf_size == (5, 5)
-    edit_entry(tmp_path / "c", lambda values: values["summary"].update(center_rf_size={"__tuple__": [1, 1]}),
+    assert first.summary.in_input_rf_size == (5, 5)
+    edit_entry(tmp_path / "c", lambda values: values["summary"].update(in_input_rf_size={"__tuple__": [1, 1]}),
                resign=False)
     again = pipeline.run_job(job)
-    assert not again.cached and again.summary.center_rf_size == (5, 5)
+    assert not again.cached and again.summary.in_input_rf_size == (5, 5)
     assert "does not match its checksum" in log.text
 
 
@@ -102,7 +102,7 @@ def test_check_does_not_pass_an_audit_on_an_edited_entry(nets, tmp_path):
                       "[model.audit]\nmax_rf = 3\n")
     args = ["check", str(config), "--cache-dir", str(tmp_path / "c"), "--json"]
     assert CliRunner().invoke(cli, args).exit_code == 1
-    edit_entry(tmp_path / "c", lambda values: values["summary"].update(center_rf_size={"__tuple__": [1, 1]}),
+    edit_entry(tmp_path / "c", lambda values: values["summary"].update(in_input_rf_size={"__tuple__": [1, 1]}),
                resign=False)
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 1 and "discarding damaged cache entry" in done.stderr

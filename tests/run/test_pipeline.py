@@ -74,7 +74,7 @@ def test_a_job_matches_the_set_propagation_oracle(tiny_result):
 def test_a_job_result_has_every_stage_and_no_torch(tiny_result):
     assert set(tiny_result.frames) == {"positions", "edges", "geometry", "layers"}
     summary = tiny_result.summary.to_json()
-    assert (summary["rf_size"], summary["stride"], summary["padding"]) == ([13, 13], [2, 2], [5, 5])
+    assert (summary["arch_rf_size"], summary["stride"], summary["padding"]) == ([13, 13], [2, 2], [5, 5])
     assert all(set(f) == {"code", "severity", "message"} for f in tiny_result.findings)
     data = pickle.dumps(tiny_result)
     assert b"torch" not in data
@@ -170,7 +170,7 @@ def test_a_run_records_failed_models_and_completes_the_others(nets, tmp_path):
     assert [(m.slug, m.status) for m in run.models] == [("good-17x17", "ok"), ("broken-17x17", "failed"),
                                                         ("other-17x17", "ok")]
     good, broken = run.models[0].entry, run.models[1].entry
-    assert good["audit"] == [{"rule": "min_rf", "limit": 9, "value": [13, 13], "passed": True}]
+    assert good["audit"] == [{"rule": "min_rf", "limit": 9, "value": [13, 13], "passed": True, "note": None}]
     assert broken["audit"][0]["passed"] is False and "no model today" in broken["error"]
     assert run.meta["argv"] == ["rfreport", "run"] and run.meta["seed"] == 0
     assert (run.path / "index.html").is_file()
@@ -212,6 +212,6 @@ def test_clipped_geometry_equals_the_enlarged_fit(shape, fit):
     assert (done.geometry["fit"] == fit).all() and (reference.geometry["fit"] == "enlarged").all()
     # every window composed is finite: an RF covering the input is saturation, so no local sweep ran
     assert not reference.summary.global_context and measured.local is None
-    assert done.summary == replace(reference.summary, local_rf_size=None)
+    assert done.summary == replace(reference.summary, local_rf_size=None, arch_rf_fit=(fit, fit))
     same = [c for c in reference.geometry.columns if c not in ("fit", "problem", "positions_used", "local_size")]
     pd.testing.assert_frame_equal(done.geometry[same], reference.geometry[same])

@@ -131,7 +131,7 @@ def test_a_clipped_block_ending_in_a_reused_module_takes_its_own_growth_row(tmp_
     spec = ModelSpec(name="reused", factory=f"{tmp_path / 'reused.py'}:net", input_shapes=((1, 1, 8, 8),), layer="0")
     job = Job(spec, (1, 1, 8, 8), RunOptions())
     summary = plan.measure(models.build(spec), job).analyse().summary
-    assert (summary.rf_size, summary.stride, summary.padding) == ((7, 7), (4.0, 4.0), (3.0, 3.0))
+    assert (summary.arch_rf_size, summary.stride, summary.padding) == ((7, 7), (4.0, 4.0), (3.0, 3.0))
 
 
 @pytest.mark.parametrize(("spatial", "swept"), [((7, 7), 49), ((8, 8), 64), ((9, 9), 9), ((40,), 40), ((100,), 26)])
