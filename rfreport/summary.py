@@ -250,13 +250,24 @@ class Summary(JsonPart):
     """The headline numbers of one analysed model, as written to its summary.json entry."""
 
     rf_size: tuple[int | None, ...] = key("rf_size", AXES_INT, "RF size of a position clear of the border")
-    stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step")
+    stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step "
+                                           "(null on a nonaffine axis)")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
     center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel, "
                                                   "`(r - s)/2 - P`")
     affine: bool = key("affine", BOOL, "the fitted size, stride and padding hold for every position (false: "
                        "non-affine, e.g. transposed convolutions or U-Nets; the numbers are then a best fit)")
-    nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is")
+    nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is. "
+                                "A nonaffine axis has no stride, padding or centre offset (null): they depend on the "
+                                "position; see resolution_stride and position_rf_min/max")
+    resolution_stride: tuple[float | None, ...] = key("resolution_stride", AXES_FLOAT, "input size / output size "
+                                                      "per axis: the stride the output's resolution implies (exact)")
+    position_rf_min: tuple[int | None, ...] | None = key(
+        "position_rf_min", optional(AXES_INT), "per axis, the smallest RF extent over the swept positions clear of "
+        "the border (all swept positions when none is) on a nonaffine axis (null on an affine one); null when the "
+        "geometry is affine")
+    position_rf_max: tuple[int | None, ...] | None = key(
+        "position_rf_max", optional(AXES_INT), "per axis, the largest such RF extent; null when the geometry is affine")
     center_rf_size: tuple[int | None, ...] = key("center_rf_size", AXES_INT, "RF extent of the centre output "
                                                  "position (or the swept position nearest it), clipped to the input")
     positions: int = key("positions", INT, "output positions swept")
@@ -271,12 +282,14 @@ class Summary(JsonPart):
     min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio over the swept positions")
     wrapped: bool = key("wrapped", BOOL, "some RF wraps round the border (circular padding, roll)")
     padding_modes: tuple[str, ...] = key("padding_modes", STRINGS, "non-zero padding modes seen (gradient sweeps)")
-    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the "
+    global_context: bool | None = key("global", optional(BOOL), "a global operation (pooling over a whole "
+                                      "feature map, attention over every token, token mixing) lies on the path to the "
                                       "analysed output (null: not looked for)")
     global_from: str | None = key("global_from", optional(STR), "the layer (qualified module name; empty "
                                      "for the model's own forward) of the first such operation")
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
-                                   "`mean`, `group_norm`")
+                                   "`mean`, `group_norm` (pooling), `scaled_dot_product_attention`, "
+                                   "`multi_head_attention`, `softmax-attention` (attention), `token-mixing linear`")
     covers_input: bool = key("covers_input", BOOL, "every swept position's RF covers the whole input")
     covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the whole "
                                      "input")

@@ -31,10 +31,12 @@ from rfreport.analysis.geometry import (
     fit_geometry,
     geometry_frame,
     one_box,
+    position_sizes,
     sized,
     with_composed,
     with_enlarged,
 )
+from rfreport.options import ContextKind
 from rfreport.positions import axis_names
 from rfreport.results import GlobalOp
 from rfreport.summary import Summary, build
@@ -140,7 +142,10 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
     summary = {
         "rf_size": geo["size"].tolist(), "stride": geo["stride"].tolist(), "padding": geo["padding"].tolist(),
         "center_offset": geo["center_offset"].tolist(), "affine": bool(geo["fit"].isin(EXACT_FITS).all()),
-        "nonaffine": nonaffine or None, "center_rf_size": geo["center_size"].tolist(),
+        "nonaffine": nonaffine or None, "resolution_stride": geo["resolution_stride"].tolist(),
+        "position_rf_min": geo["size_min"].tolist() if nonaffine else None,
+        "position_rf_max": geo["size_max"].tolist() if nonaffine else None,
+        "center_rf_size": geo["center_size"].tolist(),
         "positions": positions, "edge_positions": edge, "edge_fraction": edge / positions if positions else 0.0,
         "valid_region": valid, "asymmetric_axes": geo.loc[geo["asymmetric"], "axis"].tolist(),
         "holes": bool((fill < 1).any()), "min_fill": float(fill.min()) if len(fill) else 1.0,
@@ -178,9 +183,10 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     fits = with_composed(fits, composed)
     fits = [sized(fit, result.size_dependent_ops) for fit in fits]
     local_fits = (fit_geometry(Boxes.of(local), result.input_spatial, result.output_spatial)
-                  if local is not None else None)
+                  if local is not None and holds_context(global_ops) else None)
     geo = geometry_frame(fits, result.input_spatial, result.output_spatial,
-                         center_sizes(boxes, result.output_spatial), local_fits)
+                         center_sizes(boxes, result.output_spatial), local_fits,
+                         position_sizes(boxes, result.input_spatial))
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
     values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
@@ -189,6 +195,12 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
                     summary=summary)
+
+
+def holds_context(global_ops: Sequence[GlobalOp] | None) -> bool:
+    """Tell whether a local sweep holds every global operation constant: it holds pooling, not attention or token
+    mixing, so its RF is no local RF under those."""
+    return all(op.kind == ContextKind.POOLING for op in global_ops or ())
 
 
 def verification_summary(result: SweepResult) -> dict:

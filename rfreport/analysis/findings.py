@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from rfreport.options import ContextKind
 from rfreport.positions import axis_names
+from rfreport.results import context_kind
 from rfreport.summary import Summary
 
 if TYPE_CHECKING:
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 
 
 MIRRORING = ("reflect", "replicate")
+CONTEXT_VERBS = {ContextKind.POOLING: "pools over a whole feature map",
+                 ContextKind.ATTENTION: "lets every token attend to every token",
+                 ContextKind.MIXING: "mixes every token in one dense map over the token axis"}
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,9 @@ def _context_findings(c: FindingContext) -> list[Finding]:
         where = f"layer {s.global_from}" if s.global_from else "the model's own forward"
         local = (f"; with global-context paths held constant the local RF is {_axes_text(s.local_rf_size)}"
                  if s.local_rf_size else "")
-        found.append(Finding("global", "warning", f"Global context: {s.global_op} in {where} pools over a whole "
-                             "feature map, so every output position depends on every input pixel at any input size"
-                             f"{local}."))
+        found.append(Finding("global", "warning", f"Global context: {s.global_op} in {where} "
+                             f"{CONTEXT_VERBS[context_kind(s.global_op or '')]}, so every output position depends "
+                             f"on every input pixel at any input size{local}."))
     elif s.covering_positions:
         found.append(_covers_finding(c, size))
     if s.border_layers_from:

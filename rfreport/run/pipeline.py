@@ -140,7 +140,8 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None) -
     rows = position_records(analysed.positions, main)
     geometry = {"size": list(summary.rf_size), "stride": list(summary.stride), "padding": list(summary.padding),
                 "center_offset": list(summary.center_offset), "affine": summary.affine,
-                "global": summary.global_context, **geometry_status(analysed.geometry, summary)}
+                "global": summary.global_context, "global_from": summary.global_from, "global_op": summary.global_op,
+                **geometry_status(analysed.geometry, summary)}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,

@@ -417,7 +417,7 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
     """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
     with timed(job, "attention"):
         try:
-            calls = attention.detect(model, job.input_shape)
+            calls = attention.detect(model, job.input_shape, Target(job.spec.layer, job.spec.output))
         except RfReportError:
             logger.debug("%s: no attention findings", job.slug, exc_info=True)
             return None
