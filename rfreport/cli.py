@@ -465,6 +465,9 @@ def parse_output(text: str | None) -> str | int | None:
     return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
+POSITION_DEPENDENT = ("stride", "padding", "center_offset")   # inspect geometry keys a nonaffine axis has none of
+
+
 def inspect_text(record: dict) -> str:
     """Render an inspect record as a readable table with the geometry below it."""
     rows = [[text(p["pos"]), text(p["lo"]), text(p["hi"]), text(p["size"]), p["support"], f"{p['fill']:.3f}",
@@ -473,7 +476,7 @@ def inspect_text(record: dict) -> str:
     lines = [f"{record['model']}: input {text(record['input_shape'])} -> output {text(record['output_shape'])} "
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
-    lines += [f"{key}: {text(value)}" for key, value in geometry.items()]
+    lines += [f"{key}: {geometry_text(key, value, geometry['fit'])}" for key, value in geometry.items()]
     if "verified" in record:
         lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
                      f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
@@ -484,6 +487,16 @@ def inspect_text(record: dict) -> str:
                 for lv in record["levels"]]
         lines += ["", table(["level", "output", "stride", "rf", "padding", "offset", "edge", "global"], rows)]
     return "\n".join(lines)
+
+
+def geometry_text(key: str, value: Any, fits: Sequence[str]) -> str:
+    """Format an inspect geometry value: per-axis values a nonaffine axis lacks read `position-dependent`, the
+    RF size range `lo-hi` per axis."""
+    if key == "rf_size_range":
+        return " x ".join(f"{lo}-{hi}" if lo is not None else "-" for lo, hi in value)
+    if key in POSITION_DEPENDENT and isinstance(value, list):
+        return " x ".join("position-dependent" if fit == "nonaffine" else text(v) for v, fit in zip(value, fits))
+    return text(value)
 
 
 def text(value: Any) -> str:

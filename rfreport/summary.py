@@ -300,11 +300,15 @@ class Summary(JsonPart):
         "when the RF size is only estimated")
     local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
                                                        "global-context paths held constant; null if not measured")
+    local_rf_clipped: bool | None = key("local_rf_clipped", optional(BOOL), "no local RF lies clear of the input "
+                                        "border on some axis, so local_rf_size is a lower bound there (the clipped "
+                                        "extent); null without a local sweep")
     border_layers_from: str | None = key("border_layers_from", optional(STR), "first layer from which every "
                                          "later layer's RF covers the input")
     no_border_resolution: tuple[int, ...] | None = key(
         "no_border_resolution", optional(AXES),
-        "smallest input size at which no layer's RF covers it; null without layer growth")
+        "smallest input size at which no layer's RF covers it; null without layer growth, or under global context "
+        "(the layers after a global operation cover the input at every size)")
     size_dependent: tuple[str, ...] | None = key("size_dependent", optional(STRINGS), "operations that make the "
                                                  "geometry depend on the input size; null when none")
     unseen_pixels: int | None = key("unseen_pixels", optional(INT), "input pixels no output position sees "

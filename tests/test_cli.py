@@ -453,3 +453,15 @@ def test_the_rank_guard_checks_only_the_first_spatial_layer_and_leaves_no_hook()
     with pytest.raises(SweepError, match=unbatched), rank_guard(model3d, (1, 1, 8, 8)):
         model3d(torch.zeros(1, 1, 8, 8))
     assert all(not m._forward_pre_hooks for m in [*model.modules(), *model3d.modules()])
+
+
+def test_inspect_says_position_dependent_where_the_geometry_is_not_affine():
+    args = ["inspect", "torch.nn:ConvTranspose1d", "--input-shape", "1,1,12", "--kwargs",
+            '{"in_channels": 1, "out_channels": 1, "kernel_size": 3, "stride": 2}', "--positions", "all", "--quiet"]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    lines = dict(line.split(": ", 1) for line in done.output.splitlines() if ": " in line)
+    assert lines["stride"] == lines["padding"] == lines["center_offset"] == "position-dependent"
+    assert lines["resolution_stride"] == "0.48" and lines["rf_size_range"] == "1-2"
+    record = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)["geometry"]
+    assert record["stride"] == [None] and record["rf_size_range"] == [[1, 2]]

@@ -152,8 +152,9 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
         "wrapped": bool(result.wrapped.any()), "padding_modes": modes,
         **_context_summary(result, geo, global_ops),
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
+        "local_rf_clipped": any(f.fit not in EXACT_FITS for f in local_fits) if local_fits else None,
         "border_layers_from": border_layers_from(layers),
-        "no_border_resolution": no_border_resolution(layers, result.ndim),
+        "no_border_resolution": None if global_ops else no_border_resolution(layers, result.ndim),
         "size_dependent": list(result.size_dependent_ops) or None,
     }
     coverage = _coverage_summary(result)

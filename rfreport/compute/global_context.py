@@ -110,12 +110,23 @@ class _Recorder(StructuralMode):
         elif (found := attention.recognise(name, args, kwargs, first, self.marked)) is not None:
             kind, tokens, batch = found
             op = GlobalOp(module, ATTENTION_NAMES.get(kind, kind))
-            groups = max(1, batch // self.input_shape[0]) if tokens > 1 else 0
+            groups = max(1, batch // self.input_shape[0]) if tokens > 1 and self._unmasked(name, args, kwargs) else 0
             self.candidates.append(_Candidate(order, op, owner, first, groups=groups))
         elif name == "linear" and self._over_tokens(args[0] if args else None):
             op = GlobalOp(module, "token-mixing linear")
             self.candidates.append(_Candidate(order, op, owner, first, summed=args[0]))
         return result
+
+    def _unmasked(self, name: str, args: Sequence[Any], kwargs: dict) -> bool:
+        """Tell whether an attention call lets every query attend to every key: no causal or blocking mask, and
+        hand-written attention weights without an exact zero."""
+        if name == "scaled_dot_product_attention":
+            bound = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)) | kwargs
+            return not bound.get("is_causal") and _allows_all(bound.get("attn_mask"))
+        if name == "multi_head_attention_forward":
+            return _allows_all(kwargs.get("attn_mask")) and _allows_all(kwargs.get("key_padding_mask"), block=True)
+        matrix = next((a for a in args if isinstance(a, torch.Tensor) and id(a) in self.marked), None)
+        return matrix is None or bool((matrix != 0).all())
 
     def _over_tokens(self, x: Any) -> bool:
         """Tell whether a linear map's input sums over an axis as long as the input grid's tokens at an integer
@@ -174,6 +185,16 @@ def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target |
     mixing = _first_global(x, candidates)
     found = pooled + ([(mixing.order, mixing.op)] if mixing else [])
     return tuple(op for _, op in sorted(found, key=lambda item: item[0]))
+
+
+def _allows_all(mask: Any, *, block: bool = False) -> bool:
+    """Tell whether an attention mask blocks nothing (a boolean mask blocks where False, or where True for a
+    key padding mask; a float mask where -inf)."""
+    if not isinstance(mask, torch.Tensor):
+        return True
+    if mask.dtype == torch.bool:
+        return bool((~mask).all()) if block else bool(mask.all())
+    return bool(torch.isfinite(mask).all())
 
 
 def _first_global(x: torch.Tensor, candidates: Sequence[_Candidate]) -> _Candidate | None:
