@@ -290,6 +290,9 @@ class Summary(JsonPart):
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
                                    "`mean`, `group_norm` (pooling), `scaled_dot_product_attention`, "
                                    "`multi_head_attention`, `softmax-attention` (attention), `token-mixing linear`")
+    global_before: dict | None = key("global_before", optional(RECORD), "for the audit rule `global_not_before`: "
+                                     "{layer, module, op}, the first global operation outside that layer its output "
+                                     "depends on (module and op null when none); null when the rule is not set")
     covers_input: bool = key("covers_input", BOOL, "every swept position's RF covers the whole input")
     covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the whole "
                                      "input")

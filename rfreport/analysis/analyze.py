@@ -166,7 +166,8 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
             gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
             enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None,
-            global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None) -> Analysis:
+            global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None,
+            global_before: dict | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
     `geometry` is an extra sweep of the fit's positions (merged into the fit; run.plan decides them),
@@ -177,7 +178,8 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
     `global_ops` the global operations the output depends on (`context.global_ops`; None: not
     looked for, so global context is unknown wherever some RF covers the input).
-    `attention` the record of run.plan.attention_record (attention modules and their reach).
+    `attention` the record of run.plan.attention_record (attention modules and their reach), `global_before`
+    that of run.plan.global_before (for the audit rule `global_not_before`).
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
@@ -191,7 +193,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
     values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
-    summary = build(Summary, values | {"attention": attention})
+    summary = build(Summary, values | {"attention": attention, "global_before": global_before})
     context = FindingContext(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,

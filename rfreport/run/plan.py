@@ -61,6 +61,7 @@ class Measurements:
     enlarged: SweepResult | None = None       # the fit's positions on a doubled input
     erf: erf.ErfResult | None = None
     attention: dict | None = None             # attention modules and their reach (attention_record)
+    global_before: dict | None = None         # the first global op outside the audit's global_not_before layer
 
     @property
     def composed_axes(self) -> list[tuple] | None:
@@ -74,7 +75,8 @@ class Measurements:
         """Analyse the measurements (once per job)."""
         return analyze(self.main, geometry=self.geometry, local=self.local, layers=self.growth,
                        enlarged=self.enlarged, composed=self.composed_axes, global_ops=self.global_ops,
-                       attention=attention.with_context(self.attention, self.global_ops))
+                       attention=attention.with_context(self.attention, self.global_ops),
+                       global_before=self.global_before)
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         measured = effective(model, job, main) if plan.erf else None
     logger.debug("%s: %s (as run)", job.slug, plan.describe())
     return Measurements(main, found_ops, geometry, local, found, grown, growth_frame, enlarged, measured,
-                        attention_found)
+                        attention_found, global_before(model, job))
 
 
 @contextmanager
@@ -392,6 +394,19 @@ def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[Globa
         return ()
     return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
                               device=job.options.device, seed=job.options.seed)
+
+
+def global_before(model: nn.Module, job: Job) -> dict | None:
+    """For the audit rule `global_not_before`, find the first global operation outside its layer that the layer's
+    output depends on: {layer, module, op} (module and op None when none); None when the rule is not set."""
+    layer = job.spec.audit.get("global_not_before")
+    if not layer:
+        return None
+    with timed(job, "global context before " + layer):
+        ops = context.global_ops(model, job.input_shape, target=Target(layer), device=job.options.device,
+                                 seed=job.options.seed)
+    outside = next((op for op in ops if op.layer != layer and not op.layer.startswith(layer + ".")), None)
+    return {"layer": layer, "module": outside.layer if outside else None, "op": outside.op if outside else None}
 
 
 def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:

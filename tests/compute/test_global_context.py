@@ -186,8 +186,10 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     except Exception:   # an input too small for the stack: nothing to judge
         return
     analysis = measured.analyse()
-    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/analysis/test_levels.py)
-    judged = [r for r in AUDIT_RULES if r not in ("max_center_offset", "anchors_fit", "min_anchor_share")]
+    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/analysis/test_levels.py);
+    # global_not_before names a layer (test_global_not_before_judges_where_global_context_starts)
+    judged = [r for r in AUDIT_RULES
+              if r not in ("max_center_offset", "anchors_fit", "min_anchor_share", "global_not_before")]
     rule = data.draw(st.sampled_from(judged))
     limit = data.draw(LIMITS[rule])
     entry = {"status": "ok", **analysis.summary.to_json()}
@@ -338,3 +340,18 @@ def test_a_clipped_local_rf_is_labelled_a_lower_bound():
     assert "the local RF is at least 4 x 4 (every local RF is clipped by the input border here" in found
     assert run("rfreport.examples:se_net", (1, 1, 16, 16), in_channels=1, width=4, depth=2).summary.to_json()[
         "local_rf_clipped"] is False
+
+
+@pytest.mark.parametrize("layer, first", [
+    ("0.embed", None),          # the patch embedding runs before any attention
+    ("0.mixer", None),          # global context starts in the named layer itself
+    ("1", "0.mixer"),           # a later layer reads the attention's output
+], ids=["before-attention", "in-the-layer", "after-attention"])
+def test_global_not_before_judges_where_global_context_starts(layer, first):
+    model = nn.Sequential(Tokens(Sdpa()), nn.Conv2d(4, 4, 1))
+    shape = (1, 1, 8, 8)
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=(shape,), audit={"global_not_before": layer})
+    s = plan.measure(model, jobs_mod.Job(spec, shape, RunOptions(device="cpu")), growth=False).analyse().summary
+    assert s.global_before == {"layer": layer, "module": first, "op": first and "scaled_dot_product_attention"}
+    (row,) = audit.evaluate(spec.audit, {"status": "ok", **s.to_json()})
+    assert row["passed"] is (first is None)
