@@ -35,6 +35,7 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
 from rfreport.errors import RfReportError, SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import ContextKind
 from rfreport.positions import PositionSpec, center
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import progress
@@ -100,9 +101,11 @@ class Plan:
         clipped = not main.size_dependent_ops and needs_larger_input(main)
         spans = covers(main, "corners") and is_global(Boxes.of(main), main.input_spatial)
         named_grid = spec.layer is not None and spec.output is None and spec.layout == "nchw"
-        return cls(local=spans or bool(global_ops), grown=clipped and spec.layout == "nchw",
-                   composed=clipped and named_grid, growth=growth, geometry=geometry_extra(main), enlarged=clipped,
-                   erf=spec.erf is not None)
+        pooled = pooling(global_ops)
+        mixed = bool(global_ops) and not pooled   # attention or token mixing: global at every size, no local sweep
+        return cls(local=spans or pooled, grown=clipped and spec.layout == "nchw" and not mixed,
+                   composed=clipped and named_grid and not mixed, growth=growth, geometry=geometry_extra(main),
+                   enlarged=clipped and not mixed, erf=spec.erf is not None, global_context=mixed)
 
     def after_local(self, local: SweepResult | None) -> Plan:
         """RFs that are global only through global context stay so at every size: no geometry helps."""
@@ -188,8 +191,8 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             plan = plan.after_composed(found, main)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
-        if local is None and not plan.local and not plan.saturated and (found_ops or is_global(
-                Boxes.of(main, geometry), main.input_spatial)):
+        if local is None and not plan.local and not plan.saturated and (pooling(found_ops) or (
+                not found_ops and is_global(Boxes.of(main, geometry), main.input_spatial))):
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)
         plan = plan.after_geometry(main, geometry)
@@ -382,6 +385,11 @@ def first_doubling(spatial: Sequence[int], growth: pd.DataFrame | None) -> int:
 def local_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult:
     """Sweep the geometry positions with global-context paths held constant."""
     return sweep(model, job.input_shape, geometry_positions(main.output_spatial), local=True, **sweep_options(job))
+
+
+def pooling(global_ops: Sequence[GlobalOp]) -> bool:
+    """Tell whether some global operation pools (the kind a local sweep holds constant)."""
+    return any(op.kind == ContextKind.POOLING for op in global_ops)
 
 
 def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[GlobalOp, ...]:

@@ -28,7 +28,7 @@ SUMMARY_KEYS = {
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
     "local_rf_size", "border_layers_from", "no_border_resolution", "verified", "violations", "size_dependent",
-    "attention",
+    "attention", "resolution_stride", "position_rf_min", "position_rf_max", "local_rf_clipped", "global_before",
 }
 
 
