@@ -166,8 +166,8 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
     assert record["mode"] == "structural"
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
     assert record["geometry"] == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                                  "affine": True, "global": False, "fit": ["affine", "affine"],
-                                  "size_dependent": None, "estimated": None}
+                                  "affine": True, "global": False, "global_from": None, "global_op": None,
+                                  "fit": ["affine", "affine"], "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
         assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
         assert entry["verified"] is True and entry["violations"] == 0
@@ -190,8 +190,8 @@ def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
     assert geometry == {"size": [13, 13], "stride": [2, 2], "padding": [5, 5], "center_offset": [0.5, 0.5],
-                        "affine": True, "global": False, "fit": ["enlarged", "enlarged"], "size_dependent": None,
-                        "estimated": None}
+                        "affine": True, "global": False, "global_from": None, "global_op": None,
+                        "fit": ["enlarged", "enlarged"], "size_dependent": None, "estimated": None}
 
 
 def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):

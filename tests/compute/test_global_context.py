@@ -310,7 +310,9 @@ def test_a_window_spanning_the_map_at_this_size_stays_windowed():
 def test_global_attention_in_the_summary_and_findings():
     spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 8, 8),))
     job = jobs_mod.Job(spec, (1, 1, 8, 8), RunOptions(device="cpu"))
-    analysis = plan.measure(Tokens(Sdpa()), job, growth=False).analyse()
+    measured = plan.measure(Tokens(Sdpa()), job, growth=False)
+    assert measured.enlarged is None and measured.composed is None   # global at every size: no larger input helps
+    analysis = measured.analyse()
     s = analysis.summary.to_json()
     assert (s["global"], s["global_from"], s["global_op"]) == (True, "mixer", "scaled_dot_product_attention")
     assert s["local_rf_size"] is None   # the local sweep holds pooling constant, not attention
