@@ -8,16 +8,17 @@ pixel at any input size. Three kinds are told apart (`ContextKind`):
 - *pooling*: global average or max pooling, a spatial mean as in squeeze-and-excitation, group or
   instance normalisation, a layer norm over space, recognised on tensors of the input's rank;
 - *attention*: softmax attention, `scaled_dot_product_attention` or `nn.MultiheadAttention` in which
-  every token attends to every token (ViT, DeiT, LeViT, PVT, bottleneck or lambda attention);
+  every token attends to every token (ViT, DeiT, LeViT, EfficientFormer, bottleneck attention);
 - *token mixing*: a dense map over the token axis (the token MLPs of Mixer, ResMLP and gMLP, a linear
   layer on a flattened feature map).
 
 :func:`global_ops` finds them by construction, not by RF size or model name: one forward pass of the
 structural surrogate records the pooling operations and every *mixing candidate*, and one backward pass
 from the analysed output says which of them it depends on. Attention calls are recognised as in
-`attention.recognise`; one is global when it attends over one group of tokens per image, windowed
-(Swin, MaxViT) when over several; an attention module whose class attended within windows before stays
-windowed where one window happens to span the whole map (a window spans it at this size only). A
+`attention.recognise`; one is global when it attends over one group of tokens per image with no
+blocking or causal mask, windowed (Swin, MaxViT) when over several; an attention module whose class
+attended within windows before stays windowed where one window happens to span the whole map (it
+spans it at this input size only). A
 linear map is a token-mixing candidate when the axis it sums over is as long as the input grid holds
 tokens at some integer stride; it is confirmed when the first and last elements along that axis depend
 on different input pixels (tokens, not channels).
@@ -80,7 +81,8 @@ class _Candidate:
     op: GlobalOp
     owner: str               # class of the innermost user module running it (not a torch.nn building block)
     result: torch.Tensor
-    groups: int = 0          # attention: token groups per image (1: global); 0 for a linear map
+    groups: int = 0          # attention: token groups per image (1: one group spans the image); 0 for a linear map
+    masked: bool = False     # attention with a causal or blocking mask: some query does not see every key
     summed: torch.Tensor | None = None   # a linear map: its input, summed over the last axis
 
 
@@ -110,8 +112,9 @@ class _Recorder(StructuralMode):
         elif (found := attention.recognise(name, args, kwargs, first, self.marked)) is not None:
             kind, tokens, batch = found
             op = GlobalOp(module, ATTENTION_NAMES.get(kind, kind))
-            groups = max(1, batch // self.input_shape[0]) if tokens > 1 and self._unmasked(name, args, kwargs) else 0
-            self.candidates.append(_Candidate(order, op, owner, first, groups=groups))
+            groups = max(1, batch // self.input_shape[0]) if tokens > 1 else 0
+            self.candidates.append(_Candidate(order, op, owner, first, groups=groups,
+                                              masked=not self._unmasked(name, args, kwargs)))
         elif name == "linear" and self._over_tokens(args[0] if args else None):
             op = GlobalOp(module, "token-mixing linear")
             self.candidates.append(_Candidate(order, op, owner, first, summed=args[0]))
@@ -207,7 +210,7 @@ def _first_global(x: torch.Tensor, candidates: Sequence[_Candidate]) -> _Candida
                 return candidate
         elif candidate.groups > 1:
             windowed.add(candidate.owner)
-        elif candidate.groups == 1 and candidate.owner not in windowed:
+        elif candidate.groups == 1 and not candidate.masked and candidate.owner not in windowed:
             return candidate
     return None
 
