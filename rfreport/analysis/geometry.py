@@ -206,7 +206,7 @@ def _odd_sizes(fit: AxisFit, pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n:
     if set(sizes.tolist()) == {fit.size}:
         first = int(np.flatnonzero(odd)[0])
         return (f"the RF on axis {axis} does not move by a constant stride (output position {int(pos[first])} "
-                f"starts at {int(lo[first])}, not {start[first]:g})")
+                f"starts at {int(lo[first])}, off the constant-stride line of the other positions)")
     return (f"the RF size on axis {axis} varies between interior positions ({_list(sizes)} besides {fit.size}; "
             f"e.g. output position {int(pos[odd][0])})")
 
