@@ -63,6 +63,8 @@ CHECKS: dict[str, Check] = {
     "max_edge_fraction": Check("edge_fraction", lambda lim, v: v <= lim),
     "no_unseen": Check("unseen_pixels", lambda lim, v: v == 0),
     "no_global": Check("global", lambda lim, v: v is False),
+    "global_not_before": Check("global_before", lambda lim, v: isinstance(v, Mapping) and v.get("layer") == lim
+                               and v.get("module") is None),
     "no_full_coverage": Check("covering_positions", lambda lim, v: v == 0),
     "max_covering_fraction": Check("covering_fraction", lambda lim, v: v <= lim),
     "max_center_offset": Check("center_offset", _per_axis(lambda v, lim: abs(v) <= lim), "centre offset"),

@@ -543,6 +543,10 @@ def parse_output(text: str | None) -> str | int | None:
     return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
+# inspect geometry keys a nonaffine axis has none of
+POSITION_DEPENDENT = ("arch_rf_size", "stride", "padding", "center_offset")
+
+
 def inspect_text(record: dict) -> str:
     """Render an inspect record as a readable table with the geometry below it."""
     rows = [[text(p["pos"]), text(p["lo"]), text(p["hi"]), text(p["size"]), p["support"], f"{p['fill']:.3f}",
@@ -552,7 +556,7 @@ def inspect_text(record: dict) -> str:
              f"output {text(record['output_shape'])} "
              f"({record['mode']}{', from the cache' if record.get('cached') else ''})", "",
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
-    lines += [f"{key}: {geometry_text(key, value)}" for key, value in geometry.items()]
+    lines += [f"{key}: {geometry_text(key, value, geometry['arch_rf_fit'])}" for key, value in geometry.items()]
     if "verified" in record:
         lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
                      f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
@@ -586,10 +590,15 @@ def layers_text(rows: Sequence[dict]) -> list[str]:
     return lines + [f"({number}) {reason}" for number, reason in enumerate(reasons, 1)]
 
 
-def geometry_text(key: str, value: Any) -> str:
-    """Format a geometry value of an inspect record: per-axis lists as `a x b`, other lists as `a, b`."""
+def geometry_text(key: str, value: Any, fits: Sequence[str] = ()) -> str:
+    """Format an inspect geometry value: per-axis lists as `a x b` (a nonaffine axis's fitted values read
+    `position-dependent`), the RF size range `lo-hi` per axis, other lists as `a, b`."""
     if key == "arch_rf_size" and value is None:
         return "unbounded (global context)"
+    if key == "rf_size_range":
+        return " x ".join(f"{lo}-{hi}" if lo is not None else "-" for lo, hi in value)
+    if key in POSITION_DEPENDENT and isinstance(value, list):
+        return " x ".join("position-dependent" if fit == "nonaffine" else text(v) for v, fit in zip(value, fits))
     if isinstance(value, list) and not per_axis(key):
         return ", ".join(map(text, value)) or "-"
     return text(value)

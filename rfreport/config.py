@@ -41,7 +41,7 @@ class AuditRule:
 
     name: str
     kind: str   # "size": int or per-axis list; "stride": number > 0 or per-axis list; "fraction": 0..1;
-    #             "pixels": number >= 0; "flag": bool
+    #             "pixels": number >= 0; "flag": bool; "layer": a name
     help: str
 
 
@@ -58,6 +58,9 @@ AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
     AuditRule("no_unseen", "flag", "when true, every input pixel is seen by some output position"),
     AuditRule("no_global", "flag", "when true, no global operation (global pooling, squeeze-and-excitation, "
               "spatial normalisation) lies on the path to the analysed output"),
+    AuditRule("global_not_before", "layer", "global context (pooling over a whole feature map, attention over "
+              "every token, token mixing) starts in this layer or later: its output depends on no global operation "
+              "outside it"),
     AuditRule("no_full_coverage", "flag", "when true, no swept output position has an RF covering the whole input"),
     AuditRule("max_covering_fraction", "fraction", "at most this fraction of the swept positions have an RF "
               "covering the whole input"),
@@ -68,7 +71,8 @@ AUDIT_RULES: dict[str, AuditRule] = {rule.name: rule for rule in (
     AuditRule("min_anchor_share", "fraction", "every anchor is at least this fraction of the RF of its level on "
               "every axis"),
 )}
-LEVEL_AUDIT_RULES = tuple(name for name in AUDIT_RULES if name != "no_unseen")   # levels sweep a few positions
+# levels sweep a few positions; where global context starts is a property of the model's layers, not of a level
+LEVEL_AUDIT_RULES = tuple(name for name in AUDIT_RULES if name not in ("no_unseen", "global_not_before"))
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,10 @@ def _audit_limit(rule: AuditRule, value: Any, where: _Where, prefix: str = "audi
     key = f"{prefix}.{rule.name}"
     if rule.kind == "flag":
         return _expect(value, (bool,), "true or false", where, key)
+    if rule.kind == "layer":
+        if not _expect(value, (str,), "a layer name (a qualified submodule name, e.g. \"blocks.6\")", where, key):
+            raise where.error(key, "must name a layer, not an empty string")
+        return value
     if rule.kind == "size":
         sizes = value if isinstance(value, list) else [value]
         sizes = [_expect(v, (int,), "a positive integer or a list of them (one per axis)", where, key)

@@ -44,6 +44,14 @@ class Distribution(StrEnum):
     IMAGES = "images"           # files of the `images` folder
 
 
+class ContextKind(StrEnum):
+    """How an operation gives every output position the whole input: global context."""
+
+    POOLING = "pooling"         # a reduction or normalisation over a whole feature map (GAP, SE, group norm)
+    ATTENTION = "attention"     # every token attends to every token (one group spanning the image)
+    MIXING = "token mixing"     # a dense map over the token axis (MLP-Mixer, ResMLP, gMLP, a linear on flattened maps)
+
+
 class Status(StrEnum):
     """How a job ended."""
 

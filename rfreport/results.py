@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rfreport.options import ContextKind
+
 
 @dataclass(frozen=True)
 class Verification:
@@ -186,7 +188,21 @@ def chunks(rows: np.ndarray, size: int) -> Iterable[np.ndarray]:
 
 @dataclass(frozen=True)
 class GlobalOp:
-    """An operation that pools over a whole feature map (global context), and the layer it runs in."""
+    """An operation that gives every output position the whole input (global context), and the layer it runs in."""
 
     layer: str       # qualified module name ("" when it runs in the model's own forward)
-    op: str          # torch function, e.g. adaptive_avg_pool2d, mean, group_norm
+    op: str          # torch function, e.g. adaptive_avg_pool2d, mean, group_norm, or a MIXING_OPS name
+
+    @property
+    def kind(self) -> ContextKind:
+        """Return how the operation reaches the whole input."""
+        return context_kind(self.op)
+
+
+MIXING_OPS = {"scaled_dot_product_attention": ContextKind.ATTENTION, "multi_head_attention": ContextKind.ATTENTION,
+              "softmax-attention": ContextKind.ATTENTION, "token-mixing linear": ContextKind.MIXING}
+
+
+def context_kind(op: str) -> ContextKind:
+    """Return the kind of global context a global operation (`GlobalOp.op`, summary `global_op`) gives."""
+    return MIXING_OPS.get(op, ContextKind.POOLING)

@@ -265,13 +265,24 @@ class Summary(JsonPart):
     in_input_rf_size: tuple[int | None, ...] = key("in_input_rf_size", AXES_INT, "the in-input RF: the extent of "
                                                    "the centre output position's RF (or the swept position nearest "
                                                    "it) clipped to this input")
-    stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step")
+    stride: tuple[float | None, ...] = key("stride", AXES_FLOAT, "effective stride, input pixels per output step "
+                                           "(null on a nonaffine axis)")
     padding: tuple[float | None, ...] = key("padding", AXES_FLOAT, "effective padding P")
     center_offset: tuple[float | None, ...] = key("center_offset", AXES_FLOAT, "RF centre minus the nominal pixel, "
                                                   "`(r - s)/2 - P`")
     affine: bool = key("affine", BOOL, "the fitted size, stride and padding hold for every position (false: "
                        "non-affine, e.g. transposed convolutions or U-Nets; the numbers are then a best fit)")
-    nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is")
+    nonaffine: str | None = key("nonaffine", optional(STR), "why the geometry is not affine; null when it is. "
+                                "A nonaffine axis has no stride, padding or centre offset (null): they depend on the "
+                                "position; see resolution_stride and position_rf_min/max")
+    resolution_stride: tuple[float | None, ...] = key("resolution_stride", AXES_FLOAT, "input size / output size "
+                                                      "per axis: the stride the output's resolution implies (exact)")
+    position_rf_min: tuple[int | None, ...] | None = key(
+        "position_rf_min", optional(AXES_INT), "per axis, the smallest RF extent over the swept positions clear of "
+        "the border (all swept positions when none is) on a nonaffine axis (null on an affine one); null when the "
+        "geometry is affine")
+    position_rf_max: tuple[int | None, ...] | None = key(
+        "position_rf_max", optional(AXES_INT), "per axis, the largest such RF extent; null when the geometry is affine")
     positions: int = key("positions", INT, "output positions swept")
     edge_positions: int = key("edge_positions", INT, "swept positions whose RF reaches padding")
     edge_fraction: float = key("edge_fraction", FLOAT, "share of output positions whose RF reaches past "
@@ -284,12 +295,17 @@ class Summary(JsonPart):
     min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio over the swept positions")
     wrapped: bool = key("wrapped", BOOL, "some RF wraps round the border (circular padding, roll)")
     padding_modes: tuple[str, ...] = key("padding_modes", STRINGS, "non-zero padding modes seen (gradient sweeps)")
-    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the "
+    global_context: bool | None = key("global", optional(BOOL), "a global operation (pooling over a whole "
+                                      "feature map, attention over every token, token mixing) lies on the path to the "
                                       "analysed output (null: not looked for)")
     global_from: str | None = key("global_from", optional(STR), "the layer (qualified module name; empty "
                                      "for the model's own forward) of the first such operation")
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
-                                   "`mean`, `group_norm`")
+                                   "`mean`, `group_norm` (pooling), `scaled_dot_product_attention`, "
+                                   "`multi_head_attention`, `softmax-attention` (attention), `token-mixing linear`")
+    global_before: dict | None = key("global_before", optional(RECORD), "for the audit rule `global_not_before`: "
+                                     "{layer, module, op}, the first global operation outside that layer its output "
+                                     "depends on (module and op null when none); null when the rule is not set")
     covers_input: bool = key("covers_input", BOOL, "every swept position's RF covers the whole input")
     covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the whole "
                                      "input")
@@ -300,11 +316,15 @@ class Summary(JsonPart):
         "when the RF size is only estimated")
     local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
                                                        "global-context paths held constant; null if not measured")
+    local_rf_clipped: bool | None = key("local_rf_clipped", optional(BOOL), "no local RF lies clear of the input "
+                                        "border on some axis, so local_rf_size is a lower bound there (the clipped "
+                                        "extent); null without a local sweep")
     border_layers_from: str | None = key("border_layers_from", optional(STR), "first layer from which every "
                                          "later layer's RF covers the input")
     no_border_resolution: tuple[int, ...] | None = key(
         "no_border_resolution", optional(AXES),
-        "smallest input size at which no layer's RF covers it; null without layer growth")
+        "smallest input size at which no layer's RF covers it; null without layer growth, or under global context "
+        "(the layers after a global operation cover the input at every size)")
     size_dependent: tuple[str, ...] | None = key("size_dependent", optional(STRINGS), "operations that make the "
                                                  "geometry depend on the input size; null when none")
     unseen_pixels: int | None = key("unseen_pixels", optional(INT), "input pixels no output position sees "

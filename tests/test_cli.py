@@ -167,7 +167,8 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
     assert [p["pos"] for p in record["positions"]] == [[0, 0], [0, 7], [3, 3], [7, 0], [7, 7]]
     assert record["geometry"] == {"arch_rf_size": [13, 13], "in_input_rf_size": [13, 13], "stride": [2, 2],
                                   "padding": [5, 5], "center_offset": [0.5, 0.5],
-                                  "affine": True, "global": False, "arch_rf_fit": ["affine", "affine"],
+                                  "affine": True, "global": False,
+                                  "global_from": None, "global_op": None, "arch_rf_fit": ["affine", "affine"],
                                   "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
         assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
@@ -191,8 +192,8 @@ def test_inspect_geometry_is_exact_when_every_rf_is_clipped(ws):
     assert done.exit_code == 0, done.output
     geometry = json.loads(done.stdout)["geometry"]
     assert geometry == {"arch_rf_size": [13, 13], "in_input_rf_size": [4, 4], "stride": [2, 2], "padding": [5, 5],
-                        "center_offset": [0.5, 0.5], "affine": True, "global": False,
-                        "arch_rf_fit": ["enlarged", "enlarged"], "size_dependent": None,
+                        "center_offset": [0.5, 0.5], "affine": True, "global": False, "global_from": None,
+                        "global_op": None, "arch_rf_fit": ["enlarged", "enlarged"], "size_dependent": None,
                         "estimated": None}
 
 
@@ -555,3 +556,13 @@ def test_inspect_help_mentions_no_config():
     shown = invoke("inspect", "--help")
     assert "(default: auto)" in shown.stdout and "config" not in shown.stdout
     assert "(default: the config's, else auto)" in " ".join(invoke("run", "--help").stdout.split())
+def test_inspect_says_position_dependent_where_the_geometry_is_not_affine():
+    args = ["inspect", "torch.nn:ConvTranspose1d", "--input-shape", "1,1,12", "--kwargs",
+            '{"in_channels": 1, "out_channels": 1, "kernel_size": 3, "stride": 2}', "--positions", "all", "--quiet"]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    lines = dict(line.split(": ", 1) for line in done.output.splitlines() if ": " in line)
+    assert lines["stride"] == lines["padding"] == lines["center_offset"] == "position-dependent"
+    assert lines["resolution_stride"] == "0.48" and lines["rf_size_range"] == "1-2"
+    record = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)["geometry"]
+    assert record["stride"] == [None] and record["rf_size_range"] == [[1, 2]]

@@ -185,6 +185,10 @@ ERRORS = [
     ("audit = { min_fill = 1.5 }", MODEL, "key 'audit.min_fill': must be between 0 and 1, not 1.5"),
     ('audit = { no_global = "yes" }', MODEL, "key 'audit.no_global': must be true or false, not string 'yes'"),
     ("audit = { max_center_offset = -1 }", MODEL, "key 'audit.max_center_offset': must be >= 0, not -1"),
+    ("audit = { global_not_before = 6 }", MODEL, "key 'audit.global_not_before': must be a layer name (a qualified "
+                                                 "submodule name, e.g. \"blocks.6\"), not integer 6"),
+    ('audit = { global_not_before = "" }', MODEL, "key 'audit.global_not_before': must name a layer, not an empty "
+                                                  "string"),
     ("erf = { sample = 3 }", MODEL, "key 'erf.sample': unknown ERF option (did you mean 'erf.samples'?)"),
     ("erf = { samples = 0 }", MODEL, "key 'erf.samples': must be a positive integer, not 0"),
     ('erf = { distribution = "images" }', MODEL, "key 'erf.distribution': 'images' needs an images folder "

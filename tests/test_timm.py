@@ -155,15 +155,26 @@ def vit_file(tmp_path_factory):
     return path
 
 
-def test_cli_tokens_layout_reads_vit_blocks_and_reports_global_attention(vit_file):
-    done = CliRunner().invoke(cli, ["inspect", f"{vit_file}:vit_registers", "--input-shape", "1,3,32,32", "--layer",
-                                    "patch_embed", "--layout", "tokens", "--json", "--quiet"])
+def inspect_json(factory: str, layer: str, layout: str = "tokens") -> dict:
+    """Run `rfreport inspect --json` on the 32x32 input and return its record."""
+    done = CliRunner().invoke(cli, ["inspect", factory, "--input-shape", "1,3,32,32", "--layer", layer, "--layout",
+                                    layout, "--json", "--quiet"])
     assert done.exit_code == 0, done.output
-    record = json.loads(done.output)
+    return json.loads(done.output)
+
+
+def test_cli_tokens_layout_reads_vit_blocks_and_reports_global_attention(vit_file):
+    record = inspect_json(f"{vit_file}:vit_registers", "patch_embed")
     assert record["output_shape"] == [1, 16, 4, 4] and record["geometry"]["arch_rf_size"] == [8, 8]
     assert record["geometry"]["stride"] == [8, 8] and record["geometry"]["padding"] == [0, 0]
+    assert record["geometry"]["global"] is False and "attention" not in record   # the blocks come after it
+    record = inspect_json(f"{vit_file}:vit_registers", "blocks.0")
+    geometry = record["geometry"]
+    assert (geometry["global"], geometry["global_from"], geometry["global_op"]) == (
+        True, "blocks.0.attn", "scaled_dot_product_attention")
     assert record["attention"]["local"] == {"layer": "norm_pre", "rf_size": [8, 8], "block": "blocks.0"}
     assert record["attention"]["stages"][0]["tokens"] == 19   # a class token, two registers, 16 patches
+    assert [m["module"] for m in record["attention"]["modules"]] == ["blocks.0.attn"]   # not blocks.1 after it
 
 
 def test_cli_nhwc_layout_with_levels_and_windowed_attention_finding(vit_file, tmp_path):

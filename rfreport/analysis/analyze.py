@@ -30,11 +30,12 @@ from rfreport.analysis.geometry import (
     fit_geometry,
     geometry_frame,
     one_box,
+    position_sizes,
     sized,
     with_composed,
     with_enlarged,
 )
-from rfreport.options import EXACT_FITS
+from rfreport.options import EXACT_FITS, ContextKind
 from rfreport.positions import axis_names
 from rfreport.results import GlobalOp
 from rfreport.summary import Summary, build
@@ -139,19 +140,23 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
     nonaffine = "; ".join(geo.loc[geo["fit"] == "nonaffine", "problem"])
     context = _context_summary(result, geo, global_ops)
     summary = {
-        "arch_rf_size": None if context["global"] else geo["arch_rf_size"].tolist(),
+        "arch_rf_size": None if context["global"] else [
+            None if fit == "nonaffine" else size for size, fit in zip(geo["arch_rf_size"], geo["fit"])],
         "arch_rf_fit": geo["fit"].tolist(), "in_input_rf_size": geo["in_input_rf_size"].tolist(),
         "stride": geo["stride"].tolist(), "padding": geo["padding"].tolist(),
         "center_offset": geo["center_offset"].tolist(), "affine": bool(geo["fit"].isin(EXACT_FITS).all()),
-        "nonaffine": nonaffine or None, "positions": positions, "edge_positions": edge,
-        "edge_fraction": edge / positions if positions else 0.0,
+        "nonaffine": nonaffine or None, "resolution_stride": geo["resolution_stride"].tolist(),
+        "position_rf_min": geo["size_min"].tolist() if nonaffine else None,
+        "position_rf_max": geo["size_max"].tolist() if nonaffine else None,
+        "positions": positions, "edge_positions": edge, "edge_fraction": edge / positions if positions else 0.0,
         "valid_region": valid, "asymmetric_axes": geo.loc[geo["asymmetric"], "axis"].tolist(),
         "holes": bool((fill < 1).any()), "min_fill": float(fill.min()) if len(fill) else 1.0,
         "wrapped": bool(result.wrapped.any()), "padding_modes": modes,
         **context,
         "local_rf_size": [f.size for f in local_fits] if local_fits else None,
+        "local_rf_clipped": any(f.fit not in EXACT_FITS for f in local_fits) if local_fits else None,
         "border_layers_from": border_layers_from(layers),
-        "no_border_resolution": no_border_resolution(layers, result.ndim),
+        "no_border_resolution": None if global_ops else no_border_resolution(layers, result.ndim),
         "size_dependent": list(result.size_dependent_ops) or None,
     }
     coverage = _coverage_summary(result)
@@ -163,7 +168,8 @@ def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_
 def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: SweepResult | None = None,
             gradient: SweepResult | None = None, layers: pd.DataFrame | None = None,
             enlarged: SweepResult | None = None, composed: Sequence[tuple] | None = None,
-            global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None) -> Analysis:
+            global_ops: Sequence[GlobalOp] | None = None, attention: dict | None = None,
+            global_before: dict | None = None) -> Analysis:
     """Analyse a sweep: affine geometry, edge effects, coverage, holes, wrap-around, global context, layers.
 
     `geometry` is an extra sweep of the fit's positions (merged into the fit; run.plan decides them),
@@ -174,24 +180,32 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
     (padding modes, data-dependent support), `layers` the frame of `layers.layer_growth` and
     `global_ops` the global operations the output depends on (`context.global_ops`; None: not
     looked for, so global context is unknown wherever some RF covers the input).
-    `attention` the record of run.plan.attention_record (attention modules and their reach).
+    `attention` the record of run.plan.attention_record (attention modules and their reach), `global_before`
+    that of run.plan.global_before (for the audit rule `global_not_before`).
     """
     boxes = Boxes.of(result, geometry)
     fits = with_enlarged(fit_geometry(boxes, result.input_spatial, result.output_spatial), enlarged)
     fits = with_composed(fits, composed)
     fits = [sized(fit, result.size_dependent_ops) for fit in fits]
     local_fits = (fit_geometry(Boxes.of(local), result.input_spatial, result.output_spatial)
-                  if local is not None else None)
+                  if local is not None and holds_context(global_ops) else None)
     geo = geometry_frame(fits, result.input_spatial, result.output_spatial,
-                         center_sizes(boxes, result.output_spatial), local_fits)
+                         center_sizes(boxes, result.output_spatial), local_fits,
+                         position_sizes(boxes, result.input_spatial))
     edges = edges_frame(result, fits)
     modes = sorted({m for r in (result, geometry, gradient) if r is not None for m in r.padding_modes})
     values, coverage = _summary(result, geo, edges, local_fits, modes, layers, global_ops)
-    summary = build(Summary, values | {"attention": attention})
+    summary = build(Summary, values | {"attention": attention, "global_before": global_before})
     context = FindingContext(result, geo, summary, coverage, gradient, layers)
     findings = tuple(f for rule in RULES for f in rule(context))
     return Analysis(geometry=geo, positions=edges, coverage=result.coverage, layers=layers, findings=findings,
                     summary=summary)
+
+
+def holds_context(global_ops: Sequence[GlobalOp] | None) -> bool:
+    """Tell whether a local sweep holds every global operation constant: it holds pooling, not attention or token
+    mixing, so its RF is no local RF under those."""
+    return all(op.kind == ContextKind.POOLING for op in global_ops or ())
 
 
 def verification_summary(result: SweepResult) -> dict:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from rfreport.options import ContextKind
 from rfreport.positions import axis_names
+from rfreport.results import context_kind
 from rfreport.summary import Summary
 
 if TYPE_CHECKING:
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 
 
 MIRRORING = ("reflect", "replicate")
+CONTEXT_VERBS = {ContextKind.POOLING: "pools over a whole feature map",
+                 ContextKind.ATTENTION: "lets every token attend to every token",
+                 ContextKind.MIXING: "mixes every token in one dense map over the token axis"}
 
 
 @dataclass(frozen=True)
@@ -150,18 +155,23 @@ def _context_findings(c: FindingContext) -> list[Finding]:
     s = c.summary
     found = []
     size = _axes_text(c.result.input_spatial)
+    where = f"layer {s.global_from}" if s.global_from else "the model's own forward"
     if s.global_context:
-        where = f"layer {s.global_from}" if s.global_from else "the model's own forward"
-        local = (f"; with global-context paths held constant the local RF is {_axes_text(s.local_rf_size)}"
-                 if s.local_rf_size else "")
-        found.append(Finding("global", "warning", f"Global context: {s.global_op} in {where} pools over a whole "
-                             "feature map, so every output position depends on every input pixel at any input size"
-                             f"{local}."))
+        bound = (" at least", " (every local RF is clipped by the input border here: a lower bound)"
+                 ) if s.local_rf_clipped else ("", "")
+        local = (f"; with global-context paths held constant the local RF is{bound[0]} {_axes_text(s.local_rf_size)}"
+                 f"{bound[1]}" if s.local_rf_size else "")
+        found.append(Finding("global", "warning", f"Global context: {s.global_op} in {where} "
+                             f"{CONTEXT_VERBS[context_kind(s.global_op or '')]}, so every output position depends "
+                             f"on every input pixel at any input size{local}."))
     elif s.covering_positions:
         found.append(_covers_finding(c, size))
     if s.border_layers_from:
         fix = (f"; no layer would be a border layer from an input of {_axes_text(s.no_border_resolution)} on"
                if s.no_border_resolution else "")
+        if s.global_context:
+            fix = (f"; global context ({s.global_op} in {where}) makes every layer after it cover the input at any "
+                   "input size, so no larger input ends the border layers")
         found.append(Finding("border", "info", f"From layer {s.border_layers_from} on, every layer's RF covers "
                              f"the whole {size} input (border layers: their depth adds no context here){fix}."))
     return found

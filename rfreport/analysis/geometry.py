@@ -40,7 +40,7 @@ GEOMETRY = register(Schema(
         Column("arch_rf_size", "int64", "input pixels", "the architecture RF r: what an output position sees with "
                "no border in the way (a lower bound when fit is `estimated`)"),
         Column("stride", "float64", "input pixels", "effective stride s: how far the RF moves per output step "
-               "(NaN when it cannot be measured)"),
+               "(NaN when it cannot be measured, or the fit is nonaffine: position-dependent, see resolution_stride)"),
         Column("padding", "float64", "input pixels", "effective padding P: the unclipped RF of position p starts "
                "at -P + p * s"),
         Column("center_offset", "float64", "input pixels", "RF centre minus the nominal pixel p*s + (s-1)/2, i.e. "
@@ -68,6 +68,12 @@ GEOMETRY = register(Schema(
                "of output positions sees padding at each (a reach that differs alone is (o*s - n) + 2 * centre "
                "offset: the centre offset and an input not a multiple of the stride, which expose no more positions "
                "to padding on one side)"),
+        Column("resolution_stride", "float64", "input pixels", "input size / output size: the stride the output's "
+               "resolution implies (exact; the stride itself where the geometry is affine and keeps the borders)"),
+        Column("size_min", "Int64", "input pixels", "where the fit is nonaffine, the smallest RF extent over the swept "
+               "positions clear of the border (all swept positions when none is); null otherwise"),
+        Column("size_max", "Int64", "input pixels", "where the fit is nonaffine, the largest such RF extent; null "
+               "otherwise"),
         Column("local_size", "Int64", "input pixels", "RF size with global-context paths held constant (local "
                "sweep); null without one"),
         Column("local_stride", "float64", "input pixels", "effective stride of the local RF"),
@@ -199,7 +205,7 @@ def _odd_sizes(fit: AxisFit, pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n:
     if set(sizes.tolist()) == {fit.size}:
         first = int(np.flatnonzero(odd)[0])
         return (f"the RF on axis {axis} does not move by a constant stride (output position {int(pos[first])} "
-                f"starts at {int(lo[first])}, not {start[first]:g})")
+                f"starts at {int(lo[first])}, off the constant-stride line of the other positions)")
     return (f"the RF size on axis {axis} varies between interior positions ({_list(sizes)} besides {fit.size}; "
             f"e.g. output position {int(pos[odd][0])})")
 
@@ -298,27 +304,56 @@ def _valid_range(fit: AxisFit, n: int, out: int) -> tuple[int, int, int, int] | 
 
 
 def geometry_frame(fits: list[AxisFit], input_spatial, output_spatial, center_size,
-                   local: list[AxisFit] | None = None) -> pd.DataFrame:
-    """Build the geometry frame, one row per axis, with borders, valid range and asymmetry."""
+                   local: list[AxisFit] | None = None, sizes: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
+    """Build the geometry frame, one row per axis, with borders, valid range and asymmetry.
+
+    A nonaffine axis has no stride, padding or centre offset (a best fit would print digits no position
+    has): it gets its resolution's stride and the range of RF extents over positions (`sizes`) instead.
+    """
     rows = []
     for a, (fit, n, out) in enumerate(zip(fits, input_spatial, output_spatial)):
-        span = _valid_range(fit, n, out)
-        border_lo = 0.0 - float(fit.start(np.array([0]))[0])
-        border_hi = float(fit.start(np.array([out - 1]))[0]) + fit.size - 1 - (n - 1)
-        valid_lo, valid_hi, edge_lo, edge_hi = span if span else (pd.NA,) * 4
-        asymmetric = bool(span is not None and edge_lo != edge_hi)
-        rows.append({
+        row = _axis_row(fit, n, out) if fit.fit != "nonaffine" else _position_dependent_row(fit)
+        low, high = sizes[a] if sizes is not None and fit.fit == "nonaffine" else (pd.NA, pd.NA)
+        rows.append(row | {
             "axis": axis_names(len(fits))[a], "input_size": n, "output_size": out, "arch_rf_size": fit.size,
-            "stride": fit.stride, "padding": fit.padding, "center_offset": fit.center_offset,
-            "in_input_rf_size": int(center_size[a]), "fit": fit.fit, "problem": fit.problem,
-            "positions_used": fit.used, "border_lo": border_lo, "border_hi": border_hi,
-            "edge_lo": edge_lo, "edge_hi": edge_hi,
-            "valid_lo": valid_lo if span and valid_lo >= 0 else pd.NA,
-            "valid_hi": valid_hi if span and valid_hi >= 0 else pd.NA, "asymmetric": asymmetric,
+            "in_input_rf_size": int(center_size[a]), "fit": fit.fit, "problem": fit.problem, "positions_used": fit.used,
+            "resolution_stride": n / out if out else math.nan, "size_min": low, "size_max": high,
             "local_size": local[a].size if local else pd.NA, "local_stride": local[a].stride if local else math.nan,
             "local_padding": local[a].padding if local else math.nan,
         })
     return GEOMETRY.frame({k: [row[k] for row in rows] for k in GEOMETRY.names(1)}, 1)
+
+
+def _axis_row(fit: AxisFit, n: int, out: int) -> dict:
+    """Return an axis's fitted stride, padding, centre offset, borders, valid range and asymmetry."""
+    span = _valid_range(fit, n, out)
+    border_lo = 0.0 - float(fit.start(np.array([0]))[0])
+    border_hi = float(fit.start(np.array([out - 1]))[0]) + fit.size - 1 - (n - 1)
+    valid_lo, valid_hi, edge_lo, edge_hi = span if span else (pd.NA,) * 4
+    return {"stride": fit.stride, "padding": fit.padding, "center_offset": fit.center_offset,
+            "border_lo": border_lo, "border_hi": border_hi, "edge_lo": edge_lo, "edge_hi": edge_hi,
+            "valid_lo": valid_lo if span and valid_lo >= 0 else pd.NA,
+            "valid_hi": valid_hi if span and valid_hi >= 0 else pd.NA,
+            "asymmetric": bool(span is not None and edge_lo != edge_hi)}
+
+
+def _position_dependent_row(fit: AxisFit) -> dict:
+    """Return a nonaffine axis's row values: nothing the best fit would predict."""
+    return {"stride": math.nan, "padding": math.nan, "center_offset": math.nan, "border_lo": math.nan,
+            "border_hi": math.nan, "edge_lo": pd.NA, "edge_hi": pd.NA, "valid_lo": pd.NA, "valid_hi": pd.NA,
+            "asymmetric": False}
+
+
+def position_sizes(boxes: Boxes, input_spatial: Sequence[int]) -> list[tuple[int, int]]:
+    """Return per axis the smallest and largest RF extent over the positions clear of the border on that axis
+    (over every position when none is clear)."""
+    sizes = boxes.hi - boxes.lo + 1
+    ranges = []
+    for a, n in enumerate(input_spatial):
+        clear = boxes.wrapped[:, a] | ((boxes.lo[:, a] > 0) & (boxes.hi[:, a] < n - 1))
+        chosen = sizes[clear, a] if clear.any() else sizes[:, a]
+        ranges.append((int(chosen.min()), int(chosen.max())) if len(chosen) else (0, 0))
+    return ranges
 
 
 def center_sizes(boxes: Boxes, output_spatial: Sequence[int]) -> np.ndarray:

@@ -3,10 +3,12 @@
 Attention is found by the operations a forward pass calls, not by model names:
 ``scaled_dot_product_attention``, ``multi_head_attention_forward`` (``nn.MultiheadAttention``) and
 a softmax over a square token-by-token matrix whose result feeds a matmul (hand-written attention).
-Each call is attributed to the innermost module running it (the attention module; its parent is the
-*block*). From the call's shapes come the tokens attended over together and the number of such
-groups per image: one group is global attention (every token attends to every other), several
-are windows (Swin) or grids (MaxViT) whose reach the sweeps then measure.
+Only the calls the analysed tensor depends on count (the pass stops at the analysed layer, and a
+backward pass from it drops other branches). Each call is attributed to the innermost module
+running it (the attention module; its parent is the *block*). From the call's shapes come the
+tokens attended over together and the number of such groups per image: one group is global
+attention (every token attends to every other), several are windows (Swin) or grids (MaxViT)
+whose reach the sweeps then measure.
 
 :func:`reach` sweeps the centre of chosen blocks (the job's own sweep, so exact) to say how far a
 token's RF reaches after them. Global pooling (squeeze-and-excitation, ASPP image pooling) is not
@@ -25,9 +27,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.engine import preserved
-from rfreport.compute.surrogate import base_name
+from rfreport.compute.engine import Target, forward_target, preserved
+from rfreport.compute.surrogate import base_name, tensors_of
 from rfreport.errors import RfReportError
+from rfreport.options import ContextKind
 from rfreport.results import GlobalOp
 
 PASS_THROUGH = frozenset({"dropout", "contiguous", "to", "type_as", "clone"})   # keep marking an attention matrix
@@ -54,30 +57,40 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, stack: list[str]):
         super().__init__()
         self.stack = stack
-        self.calls: list[tuple[str, str, int, int]] = []   # (module, kind, tokens, batch dimension)
+        self.calls: list[tuple[str, str, int, int, Any]] = []   # (module, kind, tokens, batch dimension, result)
         self.marked: dict[int, torch.Tensor] = {}          # softmax outputs over square token matrices
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = base_name(func)
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        if name == "scaled_dot_product_attention":
-            self._add("scaled_dot_product_attention", first.shape[-2], first.shape[0] if first.dim() > 2 else 1)
-        elif name == "multi_head_attention_forward":
-            self._add("multi_head_attention", first.shape[0], first.shape[1] if first.dim() == 3 else 1)
-        elif (name in ("softmax", "log_softmax") and _square(out)) or (
-                name in PASS_THROUGH and isinstance(first, torch.Tensor) and id(first) in self.marked):
-            self.marked[id(out)] = out   # an attention matrix, or one passed through dropout or a copy
-        elif name in ("matmul", "bmm", "einsum"):
-            matrix = next((a for a in args if isinstance(a, torch.Tensor) and id(a) in self.marked), None)
-            if matrix is not None:
-                self._add("softmax-matmul", matrix.shape[-1], matrix.shape[0] if matrix.dim() > 2 else 1)
+        found = recognise(base_name(func), args, kwargs, out, self.marked)
+        if found is not None:
+            kind, tokens, batch = found
+            first = out[0] if isinstance(out, tuple) else out
+            self.calls.append((self.stack[-1] if self.stack else "", kind, int(tokens), int(batch), first))
         return out
 
-    def _add(self, kind: str, tokens: int, batch: int) -> None:
-        """Record a call by the innermost running module."""
-        self.calls.append((self.stack[-1] if self.stack else "", kind, int(tokens), int(batch)))
+
+def recognise(name: str, args: Sequence[Any], kwargs: dict, out: Any,
+              marked: dict[int, torch.Tensor]) -> tuple[str, int, int] | None:
+    """Return (kind, tokens per group, batch dimension) when a torch function call runs attention, else None.
+
+    A softmax over square token-by-token matrices (or one passed through dropout or a copy) is remembered in
+    `marked`; the matmul that reads it is the attention call.
+    """
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if name == "scaled_dot_product_attention":
+        return name, first.shape[-2], first.shape[0] if first.dim() > 2 else 1
+    if name == "multi_head_attention_forward":
+        return "multi_head_attention", first.shape[0], first.shape[1] if first.dim() == 3 else 1
+    if (name in ("softmax", "log_softmax") and _square(out)) or (
+            name in PASS_THROUGH and isinstance(first, torch.Tensor) and id(first) in marked):
+        marked[id(out)] = out
+    elif name in ("matmul", "bmm", "einsum"):
+        matrix = next((a for a in args if isinstance(a, torch.Tensor) and id(a) in marked), None)
+        if matrix is not None:
+            return "softmax-matmul", matrix.shape[-1], matrix.shape[0] if matrix.dim() > 2 else 1
+    return None
 
 
 def _square(value: Any) -> bool:
@@ -90,8 +103,9 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def detect(model: nn.Module, input_shape: Sequence[int]) -> tuple[AttentionCall, ...]:
-    """Run the model once on one random input and return its attention modules in forward order."""
+def detect(model: nn.Module, input_shape: Sequence[int], target: Target | None = None) -> tuple[AttentionCall, ...]:
+    """Run the model once on one random input and return, in forward order, its attention modules that the
+    analysed tensor (`target`: a layer or output; every output by default) depends on."""
     stack: list[str] = []
     events: list[tuple[str, str, tuple]] = []   # (module, "start"/"end", input/output shape)
     handles = []
@@ -112,20 +126,33 @@ def detect(model: nn.Module, input_shape: Sequence[int]) -> tuple[AttentionCall,
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.randn((1, *input_shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     recorder = _Recorder(stack)
-    with preserved(model), torch.no_grad():
+    with preserved(model), torch.enable_grad():
         model.eval()
         try:
             for name, module in model.named_modules():
                 if name:
                     handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
             with recorder:
-                model(x)
+                x.requires_grad_(True)
+                y = model(x) if target is None else forward_target(model, x, target, tuple(input_shape),
+                                                                   read_layout=False)
         except Exception as exc:  # the user's model (or a scripted one refusing hooks) may raise anything
             raise RfReportError(f"attention detection failed ({type(exc).__name__}: {exc})") from exc
         finally:
             for handle in handles:
                 handle.remove()
-    return _calls(recorder.calls, events)
+    return _calls(_depended_on(recorder.calls, y), events)
+
+
+def _depended_on(calls: list[tuple[str, str, int, int, Any]], y: Any) -> list[tuple[str, str, int, int]]:
+    """Keep the calls whose result the analysed tensors reach through the autograd graph."""
+    results = [out for *_, out in calls if isinstance(out, torch.Tensor) and out.requires_grad]
+    ends = [t for t in tensors_of(y) if t.requires_grad]
+    if not ends or not results:
+        return []
+    grads = iter(torch.autograd.grad(sum(t.sum() for t in ends), results, allow_unused=True))
+    return [tuple(call) for *call, out in calls
+            if isinstance(out, torch.Tensor) and out.requires_grad and next(grads) is not None]
 
 
 def _calls(raw: list[tuple[str, str, int, int]], events: list[tuple[str, str, tuple]]) -> tuple[AttentionCall, ...]:
@@ -228,9 +255,10 @@ def _chosen_blocks(calls: Sequence[AttentionCall]) -> list[AttentionCall]:
 
 
 def with_context(record: dict | None, global_ops: Sequence[GlobalOp]) -> dict | None:
-    """Return the attention record with the global operations the output depends on (`context.global_ops`) as
-    its `pooling` list of {module, op} (empty without one); None when there is neither attention nor a global
-    operation."""
-    if record is None and not global_ops:
+    """Return the attention record with the global pooling operations the output depends on (of
+    `context.global_ops`) as its `pooling` list of {module, op} (empty without one); None when there is neither
+    attention nor global pooling."""
+    pooling = [{"module": op.layer, "op": op.op} for op in global_ops if op.kind == ContextKind.POOLING]
+    if record is None and not pooling:
         return None
-    return (record or {}) | {"pooling": [{"module": op.layer, "op": op.op} for op in global_ops]}
+    return (record or {}) | {"pooling": pooling}

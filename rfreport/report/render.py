@@ -403,9 +403,12 @@ def by_verdict(models: Sequence[ModelRun]) -> list[ModelRun]:
 
 
 def stride_note(summary: Summary) -> str:
-    """Say why a stride reads as it does: a fit that does not hold, or no fit under global context."""
+    """Say why a stride reads as it does: position-dependent (with the stride the resolution implies and the
+    range of RF sizes over positions), or no fit under global context."""
     if summary.nonaffine:
-        return "fit does not hold"
+        sizes = " × ".join(f"{lo}–{hi}" for lo, hi in zip(summary.position_rf_min or (), summary.position_rf_max or ()))
+        return (f"position-dependent: resolution stride {axes_text(summary.resolution_stride)}"
+                + (f", RF sizes {sizes}" if sizes else ""))
     if summary.global_context and any(missing(value) for value in summary.stride):
         return "global context: no fit"
     return ""

@@ -171,7 +171,12 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None, l
                 "in_input_rf_size": list(summary.in_input_rf_size), "stride": list(summary.stride),
                 "padding": list(summary.padding), "center_offset": list(summary.center_offset),
                 "affine": summary.affine, "global": summary.global_context,
+                "global_from": summary.global_from, "global_op": summary.global_op,
                 **geometry_status(analysed.geometry, summary)}
+    if summary.nonaffine:
+        geometry |= {"resolution_stride": list(summary.resolution_stride),
+                     "rf_size_range": [list(pair) for pair in zip(summary.position_rf_min or (),
+                                                                  summary.position_rf_max or ())]}
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,

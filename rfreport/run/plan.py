@@ -35,6 +35,7 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
 from rfreport.errors import RfReportError, SweepError
 from rfreport.layouts import parse_layout
+from rfreport.options import ContextKind
 from rfreport.positions import PositionSpec, center
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import limits, progress
@@ -62,6 +63,7 @@ class Measurements:
     enlarged: SweepResult | None = None       # the fit's positions on a doubled input
     erf: erf.ErfResult | None = None
     attention: dict | None = None             # attention modules and their reach (attention_record)
+    global_before: dict | None = None         # the first global op outside the audit's global_not_before layer
 
     @property
     def composed_axes(self) -> list[tuple] | None:
@@ -75,7 +77,8 @@ class Measurements:
         """Analyse the measurements (once per job)."""
         return analyze(self.main, geometry=self.geometry, local=self.local, layers=self.growth,
                        enlarged=self.enlarged, composed=self.composed_axes, global_ops=self.global_ops,
-                       attention=attention.with_context(self.attention, self.global_ops))
+                       attention=attention.with_context(self.attention, self.global_ops),
+                       global_before=self.global_before)
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,11 @@ class Plan:
         clipped = not main.size_dependent_ops and needs_larger_input(main)
         spans = covers(main, "corners") and is_global(Boxes.of(main), main.input_spatial)
         named_grid = spec.layer is not None and spec.output is None and spec.layout == "nchw"
-        return cls(local=spans or bool(global_ops), grown=clipped and spec.layout == "nchw",
-                   composed=clipped and named_grid, growth=growth, geometry=geometry_extra(main), enlarged=clipped,
-                   erf=spec.erf is not None)
+        pooled = pooling(global_ops)
+        mixed = bool(global_ops) and not pooled   # attention or token mixing: global at every size, no local sweep
+        return cls(local=spans or pooled, grown=clipped and spec.layout == "nchw" and not mixed,
+                   composed=clipped and named_grid and not mixed, growth=growth, geometry=geometry_extra(main),
+                   enlarged=clipped and not mixed, erf=spec.erf is not None, global_context=mixed)
 
     def after_local(self, local: SweepResult | None) -> Plan:
         """RFs that are global only through global context stay so at every size: no geometry helps."""
@@ -187,8 +192,8 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
             plan = plan.after_composed(found, main)
     with timed(job, "geometry and local sweeps"):
         geometry = geometry_sweep(model, job, main, plan.geometry)
-        if local is None and not plan.local and not plan.saturated and (found_ops or is_global(
-                Boxes.of(main, geometry), main.input_spatial)):
+        if local is None and not plan.local and not plan.saturated and (pooling(found_ops) or (
+                not found_ops and is_global(Boxes.of(main, geometry), main.input_spatial))):
             local = local_sweep(model, job, main)
             plan = plan.after_local(local)
         plan = plan.after_geometry(main, geometry)
@@ -201,7 +206,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         measured = effective(model, job, main) if plan.erf else None
     logger.debug("%s: %s (as run)", job.slug, plan.describe())
     return Measurements(main, found_ops, geometry, local, found, grown, growth_frame, enlarged, measured,
-                        attention_found)
+                        attention_found, global_before(model, job))
 
 
 @contextmanager
@@ -396,6 +401,11 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult:
     return sweep(model, job.input_shape, geometry_positions(main.output_spatial), local=True, **sweep_options(job))
 
 
+def pooling(global_ops: Sequence[GlobalOp]) -> bool:
+    """Tell whether some global operation pools (the kind a local sweep holds constant)."""
+    return any(op.kind == ContextKind.POOLING for op in global_ops)
+
+
 def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[GlobalOp, ...]:
     """Find the global operations the analysed output depends on (one forward and backward pass).
 
@@ -406,6 +416,19 @@ def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[Globa
         return ()
     return context.global_ops(model, job.input_shape, target=Target(job.spec.layer, job.spec.output),
                               device=job.options.device, seed=job.options.seed)
+
+
+def global_before(model: nn.Module, job: Job) -> dict | None:
+    """For the audit rule `global_not_before`, find the first global operation outside its layer that the layer's
+    output depends on: {layer, module, op} (module and op None when none); None when the rule is not set."""
+    layer = job.spec.audit.get("global_not_before")
+    if not layer:
+        return None
+    with timed(job, "global context before " + layer):
+        ops = context.global_ops(model, job.input_shape, target=Target(layer), device=job.options.device,
+                                 seed=job.options.seed)
+    outside = next((op for op in ops if op.layer != layer and not op.layer.startswith(layer + ".")), None)
+    return {"layer": layer, "module": outside.layer if outside else None, "op": outside.op if outside else None}
 
 
 def layer_frame(model: nn.Module, job: Job, global_context: bool = False) -> pd.DataFrame:
@@ -431,7 +454,7 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
     """Find the model's attention modules and sweep how far RFs reach around them; None without attention."""
     with timed(job, "attention search"):
         try:
-            calls = attention.detect(model, job.input_shape)
+            calls = attention.detect(model, job.input_shape, Target(job.spec.layer, job.spec.output))
         except RfReportError:
             logger.debug("%s: no attention findings", job.slug, exc_info=True)
             return None
@@ -439,8 +462,10 @@ def attention_record(model: nn.Module, job: Job) -> dict | None:
             return None
 
         def rf_of(layer: str, layout: str) -> tuple[list[int], bool] | None:
+            # structural sweeps are exact by construction; the run-time check on the model (float64 forward
+            # passes, most of this stage's time) is left to the job's own sweeps of the same engine
             try:
-                found = sweep(model, job.input_shape, "center", **(sweep_options(job) | {
+                found = sweep(model, job.input_shape, "center", verify=False, **(sweep_options(job) | {
                     "layer": layer, "output": None, "layout": layout}))
             except RfReportError:
                 logger.debug("%s: no RF for attention block %s", job.slug, layer, exc_info=True)

@@ -29,7 +29,7 @@ SUMMARY_KEYS = {
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
     "local_rf_size", "border_layers_from", "no_border_resolution", "verified", "violations", "size_dependent",
-    "attention",
+    "attention", "resolution_stride", "position_rf_min", "position_rf_max", "local_rf_clipped", "global_before",
 }
 
 
@@ -163,6 +163,19 @@ def test_transposed_convolution_is_not_affine():
     analysis = analysed(nn.ConvTranspose1d(1, 1, 3, stride=2), (12,))
     assert not analysis.summary.to_json()["affine"]
     assert "varies" in analysis.summary.to_json()["nonaffine"]
+
+
+def test_a_nonaffine_axis_prints_no_fitted_digits_but_its_resolution_stride_and_rf_range():
+    analysis = analysed(nn.ConvTranspose1d(1, 1, 3, stride=2), (12,))   # 25 outputs, each sees 1 or 2 pixels
+    s = analysis.summary.to_json()
+    assert (s["stride"], s["padding"], s["center_offset"]) == ([None], [None], [None])
+    assert s["resolution_stride"] == [12 / 25] and (s["position_rf_min"], s["position_rf_max"]) == ([1], [2])
+    row = analysis.geometry.iloc[0]
+    assert math.isnan(row["stride"]) and math.isnan(row["padding"]) and math.isnan(row["center_offset"])
+    assert (row["size_min"], row["size_max"]) == (1, 2)
+    affine = analysed(nn.Conv2d(1, 1, 3, stride=2), (9, 9)).summary.to_json()
+    assert affine["stride"] == [2, 2] and affine["resolution_stride"] == [9 / 4, 9 / 4]
+    assert affine["position_rf_min"] is None and affine["position_rf_max"] is None
 
 
 class SqueezeExcite(nn.Module):

@@ -207,8 +207,10 @@ def test_every_rule_agrees_with_a_direct_computation(drawn, data):
     except Exception:   # an input too small for the stack: nothing to judge
         return
     analysis = measured.analyse()
-    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/analysis/test_levels.py)
-    judged = [r for r in AUDIT_RULES if r not in ("max_center_offset", "anchors_fit", "min_anchor_share")]
+    # max_center_offset has its closed form below; the anchor rules need pyramid levels (tests/analysis/test_levels.py);
+    # global_not_before names a layer (test_global_not_before_judges_where_global_context_starts)
+    judged = [r for r in AUDIT_RULES
+              if r not in ("max_center_offset", "anchors_fit", "min_anchor_share", "global_not_before")]
     rule = data.draw(st.sampled_from(judged))
     limit = data.draw(LIMITS[rule])
     entry = {"status": "ok", **analysis.summary.to_json()}
@@ -232,3 +234,153 @@ def test_max_center_offset_agrees_with_the_closed_form():
         for limit in (abs(offset), abs(offset) - 0.25):
             (row,) = audit.evaluate({"max_center_offset": limit}, {"status": "ok", **analysis.summary.to_json()})
             assert row["passed"] == (limit >= abs(offset)) and row["value"] == [offset, offset]
+
+
+# --- global context by attention and token mixing ---------------------------------------------------------------
+
+class Tokens(nn.Module):
+    """A 2x2-pixel patch embedding, a token mixer over the (N, L, C) tokens, read back as a grid."""
+
+    def __init__(self, mixer: nn.Module, channels: int = 4):
+        super().__init__()
+        self.embed, self.mixer = nn.Conv2d(1, channels, 2, stride=2), mixer
+
+    def forward(self, x):
+        t = self.embed(x)
+        tokens = self.mixer(t.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(t.shape)
+
+
+class Sdpa(nn.Module):
+    """F.scaled_dot_product_attention over every token, or within windows of `window` consecutive tokens."""
+
+    def __init__(self, window: int = 0, causal: bool = False):
+        super().__init__()
+        self.window, self.causal = window, causal
+
+    def forward(self, t):
+        n, length, c = t.shape
+        grouped = t.reshape(n * length // self.window, self.window, c) if self.window else t
+        out = nn.functional.scaled_dot_product_attention(grouped, grouped, grouped, is_causal=self.causal)
+        return out.reshape(n, length, c)
+
+
+class SoftmaxAttention(nn.Module):
+    """Hand-written attention: softmax(t t^T) t."""
+
+    def forward(self, t):
+        return (t @ t.transpose(1, 2)).softmax(dim=-1) @ t
+
+
+class Mha(nn.Module):
+    """nn.MultiheadAttention over the tokens."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(channels, 1, batch_first=True)
+
+    def forward(self, t):
+        return self.attn(t, t, t, need_weights=False)[0]
+
+
+class TokenMixing(nn.Module):
+    """The MLP-Mixer token mix: a linear map over the token axis (or over channels, `over_tokens=False`)."""
+
+    def __init__(self, length: int, over_tokens: bool = True):
+        super().__init__()
+        self.over_tokens, self.mix = over_tokens, nn.Linear(length, length)
+
+    def forward(self, t):
+        return self.mix(t.transpose(1, 2)).transpose(1, 2) if self.over_tokens else self.mix(t)
+
+
+@pytest.mark.parametrize("mixer, expected", [
+    (Sdpa(), GlobalOp("mixer", "scaled_dot_product_attention")),
+    (SoftmaxAttention(), GlobalOp("mixer", "softmax-attention")),
+    (Mha(), GlobalOp("mixer.attn", "multi_head_attention")),
+    (TokenMixing(16), GlobalOp("mixer.mix", "token-mixing linear")),
+], ids=["sdpa", "softmax", "multihead", "token-linear"])
+def test_attention_and_token_mixing_over_every_token_are_global_context(mixer, expected):
+    found = global_ops(Tokens(mixer, channels=16 if isinstance(mixer, TokenMixing) else 4), (1, 1, 8, 8))
+    assert found == (expected,) and found[0].kind == ("token mixing" if "linear" in expected.op else "attention")
+
+
+@pytest.mark.parametrize("mixer", [Sdpa(window=4), Sdpa(causal=True), TokenMixing(16, over_tokens=False)],
+                         ids=["windows", "causal", "channel-linear"])
+def test_windowed_causal_or_channel_mixing_is_not_global(mixer):
+    assert global_ops(Tokens(mixer, channels=16), (1, 1, 8, 8)) == ()   # 16 channels like the 16 tokens
+
+
+class Stages(nn.Module):
+    """Windowed attention over 4x4 tokens, a 2x downsample, the same attention class over the 2x2 map (one window
+    that spans it at this size only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.down = nn.Conv2d(1, 4, 2, stride=2), nn.Conv2d(4, 4, 2, stride=2)
+        self.first, self.second = Sdpa(window=4), Sdpa(window=4)
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = self.first(t.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(t.shape)
+        t = self.down(t)
+        return self.second(t.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(t.shape)
+
+
+def test_a_window_spanning_the_map_at_this_size_stays_windowed():
+    assert global_ops(Stages(), (1, 1, 8, 8)) == ()
+    model = Stages()
+    model.second = SoftmaxAttention()   # another class attending over the whole 2x2 map: global attention
+    assert global_ops(model, (1, 1, 8, 8)) == (GlobalOp("second", "softmax-attention"),)
+
+
+def test_global_attention_in_the_summary_and_findings():
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 8, 8),))
+    job = jobs_mod.Job(spec, (1, 1, 8, 8), RunOptions(device="cpu"))
+    measured = plan.measure(Tokens(Sdpa()), job, growth=False)
+    assert measured.enlarged is None and measured.composed is None   # global at every size: no larger input helps
+    analysis = measured.analyse()
+    s = analysis.summary.to_json()
+    assert (s["global"], s["global_from"], s["global_op"]) == (True, "mixer", "scaled_dot_product_attention")
+    assert s["local_rf_size"] is None   # the local sweep holds pooling constant, not attention
+    (found,) = [f.message for f in analysis.findings if f.code == "global"]
+    assert "scaled_dot_product_attention in layer mixer lets every token attend to every token" in found
+
+
+def test_layers_after_global_context_stay_border_layers_at_every_size():
+    shape = (1, 1, 16, 16)
+    spec = ModelSpec(name="m", factory="rfreport.examples:se_net", input_shapes=(shape,),
+                     kwargs={"in_channels": 1, "width": 4, "depth": 2})
+    from rfreport.compute import models
+
+    analysis = plan.measure(models.build(spec), jobs_mod.Job(spec, shape, RunOptions(device="cpu"))).analyse()
+    s = analysis.summary.to_json()
+    assert s["border_layers_from"] == "2.gate.0" and s["no_border_resolution"] is None
+    (border,) = [f.message for f in analysis.findings if f.code == "border"]
+    assert "would be a border layer" not in border
+    assert "global context (adaptive_avg_pool2d in layer 2.gate.0) makes every layer after it cover" in border
+
+
+def test_a_clipped_local_rf_is_labelled_a_lower_bound():
+    analysis = run("rfreport.examples:se_net", (1, 1, 4, 4), in_channels=1, width=4, depth=2)   # local RF 5 > 4
+    s = analysis.summary.to_json()
+    assert s["local_rf_size"] == [4, 4] and s["local_rf_clipped"] is True
+    (found,) = [f.message for f in analysis.findings if f.code == "global"]
+    assert "the local RF is at least 4 x 4 (every local RF is clipped by the input border here" in found
+    assert run("rfreport.examples:se_net", (1, 1, 16, 16), in_channels=1, width=4, depth=2).summary.to_json()[
+        "local_rf_clipped"] is False
+
+
+@pytest.mark.parametrize("layer, first", [
+    ("0.embed", None),          # the patch embedding runs before any attention
+    ("0.mixer", None),          # global context starts in the named layer itself
+    ("1", "0.mixer"),           # a later layer reads the attention's output
+], ids=["before-attention", "in-the-layer", "after-attention"])
+def test_global_not_before_judges_where_global_context_starts(layer, first):
+    model = nn.Sequential(Tokens(Sdpa()), nn.Conv2d(4, 4, 1))
+    shape = (1, 1, 8, 8)
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=(shape,), audit={"global_not_before": layer})
+    s = plan.measure(model, jobs_mod.Job(spec, shape, RunOptions(device="cpu")), growth=False).analyse().summary
+    assert s.global_before == {"layer": layer, "module": first, "op": first and "scaled_dot_product_attention"}
+    (row,) = audit.evaluate(spec.audit, {"status": "ok", **s.to_json()})
+    assert row["passed"] is (first is None)

@@ -283,7 +283,8 @@ def test_a_non_affine_model_gets_the_banner_with_its_reason(tmp_path):
     reason = "the RF box moves in steps of 4 every 4 positions"
     html = report.render(edited_gold(tmp_path, lambda e: e.update(affine=False, nonaffine=reason))).read_text(
         encoding="utf-8")
-    assert f"<strong>Non-affine geometry:</strong> {reason}." in html and "(fit does not hold)" in html
+    assert f"<strong>Non-affine geometry:</strong> {reason}." in html
+    assert "(position-dependent: resolution stride " in html and "(fit does not hold)" not in html
 
 
 def test_the_rf_share_inside_the_input_is_drawn(rendered):

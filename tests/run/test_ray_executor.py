@@ -281,7 +281,8 @@ def test_ray_seconds_cover_the_same_stages_as_in_process(cluster, chunk_position
     job = jobs_mod.Job(spec, (1, 1, 8, 8), config.RunOptions(cache=False))
     [local] = LocalExecutor().map([job])
     [on_ray] = RayExecutor(chunk_positions=chunk_positions).map([job])
-    assert local.status == on_ray.status == "ok" and local.seconds > BUILD_S + 0.1   # building and a sweep of 36 positions
+    # building and a sweep of 36 positions
+    assert local.status == on_ray.status == "ok" and local.seconds > BUILD_S + 0.1
     # the model building and the main sweep count on Ray too (the tasks build the model more than once)
     assert on_ray.seconds >= local.seconds - 0.2, (on_ray.seconds, local.seconds)
 
