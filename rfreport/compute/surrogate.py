@@ -42,8 +42,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rfreport.compute import replacements as rep
+from rfreport.compute import sampling, taint
 from rfreport.compute.replacements import bind
 from rfreport.compute.sizedep import size_dependent
+from rfreport.compute.taint import second_is_tensor, tensors_of
 from rfreport.errors import SweepError
 
 IDENTITY_FUNCTIONS = frozenset({
@@ -114,18 +116,6 @@ def is_differentiable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def tensors_of(values: Any) -> Iterator[torch.Tensor]:
-    """Yield every tensor in a nest of tuples, lists and dicts."""
-    if isinstance(values, torch.Tensor):
-        yield values
-    elif isinstance(values, (list, tuple)):
-        for value in values:
-            yield from tensors_of(value)
-    elif isinstance(values, dict):
-        for value in values.values():
-            yield from tensors_of(value)
-
-
 def _is_tainted(value: Any) -> bool:
     """Tell an integer or boolean tensor computed from the input (an argmax, a mask, a sort order)."""
     return isinstance(value, torch.Tensor) and getattr(value, "_rfreport_from_input", False)
@@ -191,6 +181,28 @@ class _Gate(torch.autograd.Function):
         return u * (grad != 0), None, None
 
 
+class _Held(torch.autograd.Function):
+    """Non-finite elements become constant zeros: forward replaces them, backward passes no gradient there."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(torch.isfinite(inputs[0]))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None
+        (finite,) = ctx.saved_tensors
+        return torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
 class StructuralMode(TorchFunctionMode):
     """Swap zero-gradient operations for linear ones of the same reach, gate every result, observe the pass.
 
@@ -210,22 +222,26 @@ class StructuralMode(TorchFunctionMode):
         self.nonlocal_ops: set[str] = set()
         self.ops_seen: set[str] = set()
         self.size_dependent_ops: set[str] = set()  # ops that make the geometry depend on the input size
+        self.nonfinite_ops: set[str] = set()  # ops whose results held non-finite values (see _held_if_nonfinite)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = base_name(func)
         inputs = list(tensors_of((args, kwargs)))
         differentiable = any(is_differentiable(t) for t in inputs)
+        carrying = self.linearise and taint.shadowed(inputs)
         if differentiable:
             self._observe(name, args, kwargs)
         result = NotImplemented
-        if self.linearise and differentiable:
-            result = self._linearised(func, name, args, kwargs)
+        if self.linearise and (differentiable or carrying):
+            result = self._linearised(func, name, args, kwargs, carrying)
         if result is NotImplemented:
             result = func(*args, **kwargs)
         if differentiable or any(map(_is_tainted, inputs)):
             _taint(result)
-        if not differentiable:
+        if self.linearise and (differentiable or carrying):
+            result = self._held_if_nonfinite(func, name, self._carried(func, name, args, kwargs, result, carrying))
+        if not (differentiable or any(is_differentiable(t) for t in tensors_of(result))):
             return result
         if any(True for _ in tensors_of(result)):  # metadata queries (dim, size, shape) move nothing
             self._judge_locality(name, args, kwargs, result)
@@ -233,6 +249,48 @@ class StructuralMode(TorchFunctionMode):
         if size_dependent(name, args, kwargs, result, self.input_rank):
             self.size_dependent_ops.add(name)
         return self._gated(func, result, inputs) if self._gates(name) else result
+
+    def _carried(self, func: Callable, name: str, args, kwargs, result: Any, carrying: bool) -> Any:
+        """Give integer and boolean results their shadows, and floating results computed from shadowed
+        arguments the dependency those carry (see taint.py)."""
+        outputs = list(tensors_of(result))
+        ints = [t for t in outputs if not t.is_floating_point() and not t.is_complex()]
+        for out, dep in zip(ints, taint.carried(func, name, args, kwargs, ints, floats=True)):
+            if dep is not None:
+                setattr(out, taint.SHADOW, dep)
+        floats = [t for t in outputs if t.is_floating_point()]
+        if not (carrying and floats):
+            return result
+        deps = dict(zip(map(id, floats), taint.carried(func, name, args, kwargs, floats, floats=False)))
+        return _map_tensors(result, lambda t: self._with_dependency(t, deps.get(id(t)), _in_place(func)))
+
+    def _with_dependency(self, value: torch.Tensor, dep: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+        """Add to a floating value a term that is zero in the forward pass and whose backward sends a fresh
+        positive cotangent to `dep` wherever the value's own cotangent is non-zero."""
+        if dep is None or not dep.requires_grad:
+            return value
+        dep = torch.broadcast_to(dep.to(value.dtype), value.shape)
+        u = positive_noise(dep.shape, self.generator, dep.dtype, dep.device)
+        gated = _Gate.apply(dep, u, torch.ones((), dtype=dep.dtype, device=dep.device))
+        term = gated - gated.detach()
+        return value.add_(term) if in_place else value + term
+
+    def _held_if_nonfinite(self, func: Callable, name: str, result: Any) -> Any:
+        """Hold the non-finite elements of floating results constant (finite zeros that pass no gradient).
+
+        A `-inf` mask or a `nan` constant makes those elements non-finite in the model whatever the input:
+        they depend on nothing, and as values they would spread to positions that never read them (0 * nan
+        in a backward pass). Elsewhere they change nothing.
+        """
+        def hold(value: torch.Tensor) -> torch.Tensor:
+            if not is_differentiable(value) or bool(torch.isfinite(value).all()):
+                return value
+            self.nonfinite_ops.add(name)
+            if not _in_place(func):
+                return _Held.apply(value)
+            return value.copy_(_Held.apply(value.clone()))
+
+        return _map_tensors(result, hold)
 
     def _gates(self, name: str) -> bool:
         """Tell whether an op's result is gated: every op that sums over elements, so no dependency cancels or
@@ -265,11 +323,19 @@ class StructuralMode(TorchFunctionMode):
             return True
         return any(_has_negative(v) for v in values)
 
-    def _linearised(self, func, name: str, args, kwargs):
+    def _linearised(self, func, name: str, args, kwargs, carrying: bool = False):
         """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
         tainted = any(_is_tainted(t) for t in tensors_of((args[1:], kwargs)))
         if tainted and name in rep.SCATTERING:
             rep.refuse_scatter(name)
+        if sampling.samples_from_input(name, args, kwargs):
+            real = func(*args, **kwargs)
+            value = sampling.sampled(name, args, kwargs, real, self.local)
+            return self._with_dependency(value, sampling.sampler_dependency(name, args, kwargs, value))
+        if carrying:
+            replaced = self._gated_by_values(func, name, args, kwargs)
+            if replaced is not NotImplemented:
+                return replaced
         first = args[0] if args else next(iter(kwargs.values()), None)
         if not is_differentiable(first):
             return NotImplemented
@@ -291,7 +357,7 @@ class StructuralMode(TorchFunctionMode):
             return rep.max_unpool(func, name, args, kwargs)
         if name in rep.ROUTED_ALONG_DIM:
             return rep.routed(func, name, args, kwargs)
-        if name in ("amax", "amin") or (name in ("max", "min") and not _second_is_tensor(args, kwargs)):
+        if name in ("amax", "amin") or (name in ("max", "min") and not second_is_tensor(args, kwargs)):
             return _mean_reduction(func, args, kwargs)
         if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
             other = args[1] if len(args) > 1 else kwargs["other"]
@@ -299,6 +365,45 @@ class StructuralMode(TorchFunctionMode):
         if tainted and name in rep.INDEXED:
             return rep.indexed(func, name, args, kwargs)
         return NotImplemented
+
+    def _gated_by_values(self, func, name: str, args, kwargs):
+        """Replace a floating op whose integer or boolean operands come from the input by one of the same reach.
+
+        Those operands gate or scale what they meet (`where`, `masked_fill`, `x * mask`): where they are zero
+        the other operands' derivative is zero although, for another input, the value would read them. So
+        `where` becomes the mean of its two branches, `masked_fill` its input, `embedding` the mean of its rows,
+        and any other elementwise op sees positive noise in place of those operands; their own dependency is
+        carried by their shadows (see _carried).
+        """
+        if name not in taint.ELEMENTWISE and name != "embedding":
+            return NotImplemented
+        if _in_place(func):   # the mutated tensor says the result's dtype; computing it first would mutate it
+            if not args[0].is_floating_point():
+                return NotImplemented
+            if name == "masked_fill":
+                return args[0]
+            dtype = args[0].dtype
+        else:
+            real = func(*args, **kwargs)
+            if not isinstance(real, torch.Tensor) or not real.is_floating_point():
+                return real
+            dtype = real.dtype
+            if name == "where" and taint.shadowed(args[:1]):
+                bound = bind(("condition", "input", "other"), args, kwargs)
+                mean = (bound["input"] + bound["other"]) / 2
+                return torch.broadcast_to(torch.as_tensor(mean, dtype=dtype, device=real.device), real.shape)
+            if name == "masked_fill" and taint.shadowed((args[1:], kwargs)):
+                return args[0].clone()
+            if name == "embedding":
+                weight = bind(("input", "weight"), args, kwargs)["weight"]
+                return weight.mean(0).expand(real.shape) if is_differentiable(weight) else real
+
+        def noise(value):
+            if isinstance(value, torch.Tensor) and not value.is_floating_point() and taint.shadow(value) is not None:
+                return positive_noise(value.shape, self.generator, dtype, value.device)
+            return value
+
+        return func(*[noise(a) for a in args], **{k: noise(v) for k, v in kwargs.items()})
 
     def _judge_locality(self, name: str, args, kwargs, result) -> None:
         """Mark the pass non-local when an op can move spatial positions (see LOCAL_OPS)."""
@@ -459,12 +564,6 @@ def _has_negative(value: Any) -> bool:
         return value.is_floating_point() and not value.requires_grad and value.numel() > 0 and bool(
             (value < 0).any())
     return isinstance(value, float) and value < 0
-
-
-def _second_is_tensor(args, kwargs) -> bool:
-    """Tell max(a, b) (elementwise) from max(a) / max(a, dim)."""
-    other = args[1] if len(args) > 1 else kwargs.get("other")
-    return isinstance(other, torch.Tensor)
 
 
 def _pools_to_one_cell(result) -> bool:
