@@ -4,7 +4,9 @@ An RF can cover the whole input for two different reasons. *Saturation*: stacked
 windows grew larger than the input, which stops at a larger input. *Global context*: an
 operation reads a whole feature map at once (global average or max pooling, a spatial mean
 as in squeeze-and-excitation, group or instance normalisation, a layer norm over space), so
-every output position depends on every input pixel at any input size.
+every output position depends on every input pixel at any input size. Data-dependent sampling
+(`grid_sample`, `deform_conv2d`, the RoI ops with a grid, offsets or boxes computed from the input:
+see sampling.py) is global context too: its sampling can reach any pixel.
 
 :func:`global_ops` tells them apart by construction, not by RF size: one forward pass of the
 structural surrogate records, per module, each such operation's result, and one backward pass
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rfreport.compute import sampling
 from rfreport.compute.engine import Target, check_input_shape, forward_target, resolve_device
 from rfreport.compute.surrogate import (
     REDUCTIONS,
@@ -41,7 +44,11 @@ TRAILING_NORMS = frozenset({"layer_norm", "rms_norm"})       # over space when t
 def is_global_op(name: str, args: Sequence[Any], kwargs: dict, result: Any, input_rank: int) -> bool:
     """Tell whether a torch function call pools over every spatial position of an (N, C, *spatial) tensor."""
     x = args[0] if args else None
-    if not is_differentiable(x) or x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
+    if not is_differentiable(x):
+        return False
+    if name in sampling.SAMPLERS:
+        return sampling.samples_from_input(name, args, kwargs)
+    if x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
         return False
     if name in SPATIAL_NORMS:
         return True

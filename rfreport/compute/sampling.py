@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rfreport.compute.replacements import bind
 from rfreport.compute.taint import source
 
 # Per op, the positions of the arguments that say where the input is read.
@@ -74,3 +75,12 @@ def sampler_dependency(name: str, args: tuple, kwargs: dict, out: torch.Tensor) 
             parts.append(dep.sum(-1).reshape(-1, *([1] * (out.dim() - 1))))
     present = [torch.broadcast_to(p, out.shape) for p in parts]
     return sum(present[1:], present[0]) if present else None
+
+
+def fixed_grid_sample(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run `grid_sample` with a constant grid in float64: a tap whose bilinear weight is ~1e-7 in float64 (a
+    coordinate a hair off a pixel centre) rounds to an exact zero in float32, and the model still reads it."""
+    bound = bind(("input", "grid"), args, kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("input", "grid")}
+    x = bound["input"]
+    return func(x.double(), bound["grid"].double(), *args[2:], **rest).to(x.dtype)

@@ -255,14 +255,19 @@ class StructuralMode(TorchFunctionMode):
         arguments the dependency those carry (see taint.py)."""
         outputs = list(tensors_of(result))
         ints = [t for t in outputs if not t.is_floating_point() and not t.is_complex()]
-        for out, dep in zip(ints, taint.carried(func, name, args, kwargs, ints, floats=True)):
+        values = outputs[0] if len(outputs) == 2 and is_differentiable(outputs[0]) else None
+        if values is not None and ints and values.shape == ints[0].shape:   # (values, indices): the same reads
+            deps: list = [values]
+        else:
+            deps = taint.carried(func, name, args, kwargs, ints, floats=True)
+        for out, dep in zip(ints, deps):
             if dep is not None:
                 setattr(out, taint.SHADOW, dep)
         floats = [t for t in outputs if t.is_floating_point()]
         if not (carrying and floats):
             return result
-        deps = dict(zip(map(id, floats), taint.carried(func, name, args, kwargs, floats, floats=False)))
-        return _map_tensors(result, lambda t: self._with_dependency(t, deps.get(id(t)), _in_place(func)))
+        carried = dict(zip(map(id, floats), taint.carried(func, name, args, kwargs, floats, floats=False)))
+        return _map_tensors(result, lambda t: self._with_dependency(t, carried.get(id(t)), _in_place(func)))
 
     def _with_dependency(self, value: torch.Tensor, dep: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
         """Add to a floating value a term that is zero in the forward pass and whose backward sends a fresh
@@ -332,6 +337,8 @@ class StructuralMode(TorchFunctionMode):
             real = func(*args, **kwargs)
             value = sampling.sampled(name, args, kwargs, real, self.local)
             return self._with_dependency(value, sampling.sampler_dependency(name, args, kwargs, value))
+        if name == "grid_sample":
+            return sampling.fixed_grid_sample(func, args, kwargs)
         if carrying:
             replaced = self._gated_by_values(func, name, args, kwargs)
             if replaced is not NotImplemented:

@@ -117,6 +117,11 @@ def _mapped(func, name: str, args: tuple, kwargs: dict, outputs: list[torch.Tens
         return [None if dep is None else _reduced(name, args, kwargs, dep, o) for o in outputs]
     if name in LOOKUPS:
         return [_looked_up(func, name, args, kwargs, outputs[0], floats)]
+    if name.startswith("max_unpool"):   # each cell lands anywhere in its window: spread the index's shadow there
+        bound = bind(("input", "indices"), args, kwargs)
+        dep = source(bound["indices"], floats)
+        spread = None if dep is None else rep.max_unpool(func, name, (dep, *args[1:]), kwargs)
+        return [_broadcast_sum([spread], outputs[0])]
     return None
 
 
