@@ -182,13 +182,13 @@ class _Gate(torch.autograd.Function):
 
 
 class _Held(torch.autograd.Function):
-    """Non-finite elements become constant zeros: forward replaces them, backward passes no gradient there."""
+    """Identity in the forward pass; backward passes no gradient to the non-finite elements (nan included)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -201,6 +201,34 @@ class _Held(torch.autograd.Function):
             return None
         (finite,) = ctx.saved_tensors
         return torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+class _Cleaned(torch.autograd.Function):
+    """Identity in the forward pass; backward turns nan cotangents into zeros.
+
+    The inputs of an op that meets a non-finite value get one: its backward multiplies zero cotangents
+    (held elements) by infinite partial derivatives (`x * inf`, a matmul with a `-inf` entry), and
+    0 * inf is nan, which would spread to positions that never read the non-finite value.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None
+        return torch.where(torch.isnan(grad), torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+
+
+NONFINITE = "_rfreport_nonfinite"   # marks a surrogate activation holding nan or inf
 
 
 class StructuralMode(TorchFunctionMode):
@@ -232,6 +260,8 @@ class StructuralMode(TorchFunctionMode):
         carrying = self.linearise and taint.shadowed(inputs)
         if differentiable:
             self._observe(name, args, kwargs)
+        if self.linearise and differentiable and _meets_nonfinite(args, kwargs):
+            args, kwargs = _cleaned(args), _cleaned(kwargs)
         result = NotImplemented
         if self.linearise and (differentiable or carrying):
             result = self._linearised(func, name, args, kwargs, carrying)
@@ -281,19 +311,19 @@ class StructuralMode(TorchFunctionMode):
         return value.add_(term) if in_place else value + term
 
     def _held_if_nonfinite(self, func: Callable, name: str, result: Any) -> Any:
-        """Hold the non-finite elements of floating results constant (finite zeros that pass no gradient).
+        """Hold the non-finite elements of floating results constant: no gradient passes through them.
 
         A `-inf` mask or a `nan` constant makes those elements non-finite in the model whatever the input:
-        they depend on nothing, and as values they would spread to positions that never read them (0 * nan
-        in a backward pass). Elsewhere they change nothing.
+        they depend on nothing. Their values are kept (a softmax over a partly `-inf` row must still ignore
+        those entries), and the ops reading them clean the nan their backward makes (see _Cleaned).
         """
         def hold(value: torch.Tensor) -> torch.Tensor:
             if not is_differentiable(value) or bool(torch.isfinite(value).all()):
                 return value
             self.nonfinite_ops.add(name)
-            if not _in_place(func):
-                return _Held.apply(value)
-            return value.copy_(_Held.apply(value.clone()))
+            held = _Held.apply(value) if not _in_place(func) else value.copy_(_Held.apply(value.clone()))
+            setattr(held, NONFINITE, True)
+            return held
 
         return _map_tensors(result, hold)
 
@@ -466,9 +496,13 @@ class StructuralMode(TorchFunctionMode):
                     value._base is not None and id(value._base) in owners):
                 return value
             u = positive_noise(value.shape, self.generator, value.dtype, value.device)
-            low, high = torch.aminmax(value.detach())
+            nonfinite = _marked(value)
+            low, high = torch.aminmax(value.detach().nan_to_num(0.0, 0.0, 0.0) if nonfinite else value.detach())
             scale = torch.maximum(high, -low)
-            return _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
+            gated = _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
+            if nonfinite:
+                setattr(gated, NONFINITE, True)
+            return gated
 
         return _map_tensors(result, gate)
 
@@ -490,6 +524,35 @@ def _taint(result: Any) -> None:
     for tensor in tensors_of(result):
         if not tensor.is_floating_point() and not tensor.is_complex():
             tensor._rfreport_from_input = True
+
+
+def _marked(value: Any) -> bool:
+    """Tell a surrogate activation (or a view of one) marked as holding nan or inf."""
+    return isinstance(value, torch.Tensor) and (getattr(value, NONFINITE, False) or (
+        value._base is not None and getattr(value._base, NONFINITE, False)))
+
+
+def _meets_nonfinite(args, kwargs) -> bool:
+    """Tell an op whose operands hold nan or inf: a marked activation, a constant tensor or a Python number."""
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return True
+        for tensor in tensors_of(value):
+            if _marked(tensor) or (tensor.is_floating_point() and not tensor.requires_grad and not isinstance(
+                    tensor, nn.Parameter) and tensor.numel() and not bool(torch.isfinite(tensor).all())):
+                return True
+    return False
+
+
+def _cleaned(values: Any) -> Any:
+    """Pass every differentiable tensor of a nest of arguments through _Cleaned."""
+    if is_differentiable(values):
+        return _Cleaned.apply(values)
+    if isinstance(values, (list, tuple)) and not hasattr(values, "_fields"):
+        return type(values)(_cleaned(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _cleaned(v) for k, v in values.items()}
+    return values
 
 
 def _map_tensors(result: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
