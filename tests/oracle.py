@@ -238,7 +238,7 @@ class Block(nn.Module):
     def _by_value(self, x):
         """The kinds that gate or select through integers and booleans computed from the input."""
         kind, h = self.kind, self.conv(x)
-        column = F.avg_pool2d(x.mean(1, keepdim=True), (5, 1), 1, (2, 0))[:, 0]
+        column = F.avg_pool2d(x[:, :1], (5, 1), 1, (2, 0))[:, 0]   # not a channel mean: softmax sums to 1
         mask = (column > 0.5)[:, None]
         if kind == "where":
             return torch.where(mask, h, 2 * h)
