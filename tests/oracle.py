@@ -199,7 +199,7 @@ class Block(nn.Module):
         self.register_buffer("codes", torch.randn(5, 8))
         self.register_buffer("table", torch.randn(5, 2))
         self.register_buffer("bounds", torch.tensor([-0.5, 0.0, 0.5, 1.0]))
-        self.register_buffer("theta", torch.tensor([[[0.9, 0.2, 0.1], [-0.2, 0.9, 0.05]]]))
+        self.register_buffer("theta", torch.tensor([[[0.83, 0.21, 0.137], [-0.19, 0.87, 0.071]]]))   # off pixel centres
         self.size = size
 
     def extra_repr(self) -> str:

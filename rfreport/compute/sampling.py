@@ -7,13 +7,14 @@ some weights and inputs, any pixel of their input: structurally every output dep
 whole input, plus whatever the grid, offsets or boxes were computed from at that output. The
 replacement is a mean over the whole input (per channel for `grid_sample`) broadcast to the op's
 output, and the sampler's own dependency is carried alongside. A grid, offsets and mask that
-are constants (fixed buffers or parameters) leave the op as it is: its taps are then exact.
+are constants (fixed buffers or parameters) keep the op's own taps (see fixed_grid_sample).
 
 global_context.py labels these ops like global pooling (summary `global_op`, `global_from`).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from rfreport.compute.taint import source
 # Per op, the positions of the arguments that say where the input is read.
 SAMPLERS = {"grid_sample": (1,), "deform_conv2d": (2, 3), "roi_align": (1,), "roi_pool": (1,),
             "ps_roi_align": (1,), "ps_roi_pool": (1,)}
+TAP_TOLERANCE = 1e-4   # pixels: a sampling point this near a pixel centre also reads the neighbours across it
 SAMPLER_NAMES = {"grid_sample": ("input", "grid"), "deform_conv2d": ("input", "weight", "offset", "mask")}
 
 
@@ -78,9 +80,17 @@ def sampler_dependency(name: str, args: tuple, kwargs: dict, out: torch.Tensor) 
 
 
 def fixed_grid_sample(func, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run `grid_sample` with a constant grid in float64: a tap whose bilinear weight is ~1e-7 in float64 (a
-    coordinate a hair off a pixel centre) rounds to an exact zero in float32, and the model still reads it."""
+    """Run `grid_sample` with a constant grid as the mean over the grid shifted by +-TAP_TOLERANCE pixels per axis.
+
+    A sampling point on a pixel centre gives its neighbour a bilinear weight of exactly zero, yet the same
+    model in another precision puts it a hair off the centre (a float32 `theta` read in float64) and reads
+    the neighbour: within the tolerance both are taps. Elsewhere the taps are exactly the op's own.
+    """
     bound = bind(("input", "grid"), args, kwargs)
+    x, grid = bound["input"], bound["grid"]
     rest = {k: v for k, v in kwargs.items() if k not in ("input", "grid")}
-    x = bound["input"]
-    return func(x.double(), bound["grid"].double(), *args[2:], **rest).to(x.dtype)
+    axes = grid.shape[-1]
+    step = grid.new_tensor([2 * TAP_TOLERANCE / x.shape[-1 - axis] for axis in range(axes)])
+    shifted = [func(x, grid + step * grid.new_tensor(signs), *args[2:], **rest)
+               for signs in itertools.product((-1.0, 1.0), repeat=axes)]
+    return sum(shifted[1:], shifted[0]) / len(shifted)

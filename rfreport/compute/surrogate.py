@@ -260,11 +260,14 @@ class StructuralMode(TorchFunctionMode):
         carrying = self.linearise and taint.shadowed(inputs)
         if differentiable:
             self._observe(name, args, kwargs)
-        if self.linearise and differentiable and _meets_nonfinite(args, kwargs):
+        nonfinite = self.linearise and differentiable and _meets_nonfinite(args, kwargs)
+        if nonfinite:
             args, kwargs = _cleaned(args), _cleaned(kwargs)
         result = NotImplemented
         if self.linearise and (differentiable or carrying):
-            result = self._linearised(func, name, args, kwargs, carrying)
+            # a replacement averages what it reads: one -inf there would make the whole window -inf
+            replaced = (_finite_only(args), _finite_only(kwargs)) if nonfinite else (args, kwargs)
+            result = self._linearised(func, name, *replaced, carrying)
         if result is NotImplemented:
             result = func(*args, **kwargs)
         if differentiable or any(map(_is_tainted, inputs)):
@@ -552,6 +555,17 @@ def _cleaned(values: Any) -> Any:
         return type(values)(_cleaned(v) for v in values)
     if isinstance(values, dict):
         return {k: _cleaned(v) for k, v in values.items()}
+    return values
+
+
+def _finite_only(values: Any) -> Any:
+    """Replace the nan and inf of every marked activation in a nest of arguments by zeros that pass no gradient."""
+    if _marked(values):
+        return torch.where(torch.isfinite(values), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if isinstance(values, (list, tuple)) and not hasattr(values, "_fields"):
+        return type(values)(_finite_only(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _finite_only(v) for k, v in values.items()}
     return values
 
 

@@ -88,6 +88,7 @@ def test_random_graphs_equal_forward_perturbation(case):
 def test_random_graphs_through_values_sampling_and_infinities_equal_forward_perturbation(case):
     """Positions a nan reaches are refused; past an input-derived grid every position reads all the grid reads."""
     model, shape = case
+    assume(not {"nan", "warp"} <= {block.kind for block in model})   # where nan lands would change with the input
     truth, reached = perturbation_masks(model, shape, big=1e6), nonfinite_positions(model, shape)
     if reached:
         with pytest.raises(SweepError, match="nan or inf at"):
