@@ -321,7 +321,7 @@ class StructuralMode(TorchFunctionMode):
         those entries), and the ops reading them clean the nan their backward makes (see _Cleaned).
         """
         def hold(value: torch.Tensor) -> torch.Tensor:
-            if not is_differentiable(value) or bool(torch.isfinite(value).all()):
+            if not is_differentiable(value) or _all_finite(value):
                 return value
             self.nonfinite_ops.add(name)
             held = _Held.apply(value) if not _in_place(func) else value.copy_(_Held.apply(value.clone()))
@@ -529,6 +529,11 @@ def _taint(result: Any) -> None:
             tensor._rfreport_from_input = True
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """Tell a tensor free of nan and inf: its sum is finite (one pass, no mask), or else every element is."""
+    return bool(torch.isfinite(value.detach().sum())) or bool(torch.isfinite(value).all())
+
+
 def _marked(value: Any) -> bool:
     """Tell a surrogate activation (or a view of one) marked as holding nan or inf."""
     return isinstance(value, torch.Tensor) and (getattr(value, NONFINITE, False) or (
@@ -542,7 +547,7 @@ def _meets_nonfinite(args, kwargs) -> bool:
             return True
         for tensor in tensors_of(value):
             if _marked(tensor) or (tensor.is_floating_point() and not tensor.requires_grad and not isinstance(
-                    tensor, nn.Parameter) and tensor.numel() and not bool(torch.isfinite(tensor).all())):
+                    tensor, nn.Parameter) and tensor.numel() and not _all_finite(tensor)):
                 return True
     return False
 

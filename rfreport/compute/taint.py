@@ -17,7 +17,8 @@ the op's own dependency structure:
   element carries its index element's shadow, plus whatever it could read from the table;
 * `bucketize` and `searchsorted`: the value elementwise plus everything in the boundaries.
 
-Any other op reading a shadowed tensor makes each element of its result depend on everything
+Factories (`zeros_like`, `new_ones`...) carry nothing: their values do not depend on their arguments'
+values. Any other op reading a shadowed tensor makes each element of its result depend on everything
 its shadowed arguments depend on: an over-estimate, never an under-estimate. Pure functions of
 torch tensors, called by :class:`rfreport.compute.surrogate.StructuralMode` with the mode off.
 """
@@ -61,6 +62,10 @@ CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 LOOKUPS = frozenset({"one_hot", "embedding", "getitem", "index", "gather", "take_along_dim", "take",
                      "index_select"})
 SEARCHES = frozenset({"bucketize", "searchsorted"})
+# Ops whose values do not depend on their arguments' values (only on shapes, dtypes, devices).
+FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like",
+                       "full_like", "empty_like", "rand_like", "randn_like", "randint_like", "size", "numel", "dim",
+                       "shape", "stride", "element_size", "nelement"})
 DIM_SIGNATURES = {"sort": ("input", "dim"), "argsort": ("input", "dim"), "topk": ("input", "k", "dim"),
                   "kthvalue": ("input", "k", "dim", "keepdim")}
 
@@ -90,7 +95,7 @@ def carried(func: Callable, name: str, args: tuple, kwargs: dict, outputs: list[
     """Return, per output, a floating tensor of its shape carrying what each element depends on through the
     arguments' shadows (and, with `floats`, their differentiable floating values); None where nothing."""
     deps = [d for d in (source(t, floats) for t in tensors_of((args, kwargs))) if d is not None]
-    if not deps:
+    if not deps or name in FACTORIES:
         return [None] * len(outputs)
     try:
         mapped = _mapped(func, name, args, kwargs, outputs, floats)
