@@ -251,6 +251,7 @@ class StructuralMode(TorchFunctionMode):
         self.ops_seen: set[str] = set()
         self.size_dependent_ops: set[str] = set()  # ops that make the geometry depend on the input size
         self.nonfinite_ops: set[str] = set()  # ops whose results held non-finite values (see _held_if_nonfinite)
+        self.unexplained_nonfinite: set[str] = set()  # such ops whose operands were all finite
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -273,7 +274,8 @@ class StructuralMode(TorchFunctionMode):
         if differentiable or any(map(_is_tainted, inputs)):
             _taint(result)
         if self.linearise and (differentiable or carrying):
-            result = self._held_if_nonfinite(func, name, self._carried(func, name, args, kwargs, result, carrying))
+            result = self._held_if_nonfinite(func, name, self._carried(func, name, args, kwargs, result, carrying),
+                                             nonfinite)
         if not (differentiable or any(is_differentiable(t) for t in tensors_of(result))):
             return result
         if any(True for _ in tensors_of(result)):  # metadata queries (dim, size, shape) move nothing
@@ -313,17 +315,19 @@ class StructuralMode(TorchFunctionMode):
         term = gated - gated.detach()
         return value.add_(term) if in_place else value + term
 
-    def _held_if_nonfinite(self, func: Callable, name: str, result: Any) -> Any:
+    def _held_if_nonfinite(self, func: Callable, name: str, result: Any, met: bool) -> Any:
         """Hold the non-finite elements of floating results constant: no gradient passes through them.
 
         A `-inf` mask or a `nan` constant makes those elements non-finite in the model whatever the input:
         they depend on nothing. Their values are kept (a softmax over a partly `-inf` row must still ignore
-        those entries), and the ops reading them clean the nan their backward makes (see _Cleaned).
+        those entries), and the ops reading them clean the nan their backward makes (see _Cleaned). `met`
+        tells whether the op read a non-finite operand; one made from finite values alone (an overflow, the
+        square root of a value negative only in the surrogate) is recorded in `unexplained_nonfinite`.
         """
         def hold(value: torch.Tensor) -> torch.Tensor:
             if not is_differentiable(value) or _all_finite(value):
                 return value
-            self.nonfinite_ops.add(name)
+            (self.nonfinite_ops if met else self.unexplained_nonfinite).add(name)
             held = _Held.apply(value) if not _in_place(func) else value.copy_(_Held.apply(value.clone()))
             setattr(held, NONFINITE, True)
             return held
@@ -430,7 +434,7 @@ class StructuralMode(TorchFunctionMode):
             dtype = real.dtype
             if name == "where" and taint.shadowed(args[:1]):
                 bound = bind(("condition", "input", "other"), args, kwargs)
-                mean = (bound["input"] + bound["other"]) / 2
+                mean = (_zero_if_nonfinite(bound["input"]) + _zero_if_nonfinite(bound["other"])) / 2
                 return torch.broadcast_to(torch.as_tensor(mean, dtype=dtype, device=real.device), real.shape)
             if name == "masked_fill" and taint.shadowed((args[1:], kwargs)):
                 return args[0].clone()
@@ -527,6 +531,13 @@ def _taint(result: Any) -> None:
     for tensor in tensors_of(result):
         if not tensor.is_floating_point() and not tensor.is_complex():
             tensor._rfreport_from_input = True
+
+
+def _zero_if_nonfinite(value: Any) -> Any:
+    """Return a number or tensor with nan and inf replaced by zeros (a `where` branch that is `-inf` reads nothing)."""
+    if isinstance(value, torch.Tensor):
+        return torch.where(torch.isfinite(value), value, torch.zeros((), dtype=value.dtype, device=value.device))
+    return value if math.isfinite(value) else 0.0
 
 
 def _all_finite(value: torch.Tensor) -> bool:

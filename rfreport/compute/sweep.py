@@ -89,8 +89,14 @@ def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, tar
     """Refuse swept positions the model computes as nan or inf: no input pixel changes them, so no RF is defined.
 
     The surrogate holds non-finite values constant where they arise, which keeps every other position exact;
-    when it met one, a forward pass of the model itself says which output positions it reaches.
+    when it met one, a forward pass of the model itself says which output positions it reaches. A non-finite
+    value the surrogate made from finite operands alone is refused: the model may not have it.
     """
+    if engine.unexplained_nonfinite:
+        raise SweepError(f"the structural pass of {target.describe()} made nan or inf from finite values at "
+                         f"{', '.join(engine.unexplained_nonfinite)} (an overflow, or a square root or log of a value "
+                         "negative only in the surrogate): the dependencies through it cannot be followed; use "
+                         "mode='gradient'")
     if not engine.nonfinite_ops:
         return
     found = verify_mod.nonfinite_positions(model, engine.input_shape, target, seed=seed, device=engine.device)

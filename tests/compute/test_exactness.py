@@ -429,3 +429,16 @@ def test_a_mask_on_some_channels_stays_exact_everywhere():
     torch.manual_seed(0)
     model = MaskedPosition(slice(0, 2))
     assert_equals_oracle(model, (1, 2, 8, 8), perturbation_masks(MaskedPosition(slice(0, 2)), (1, 2, 8, 8)))
+
+
+def test_nan_made_by_the_surrogate_from_finite_values_is_refused():
+    class RootOfDifference(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return torch.sqrt(self.conv(x) - 2 * x)   # negative in the surrogate: weights average to one
+
+    with pytest.raises(SweepError, match=r"made nan or inf from finite values at sqrt.*mode='gradient'"):
+        sweep(RootOfDifference(), (1, 1, 8, 8), "center")

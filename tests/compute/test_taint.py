@@ -80,3 +80,18 @@ def test_a_mask_reduced_over_channels_reads_every_channel_and_nothing_more():
     torch.manual_seed(0)
     result = sweep(ChannelVote(), SHAPE, "center", keep_masks=True)
     assert result.support.tolist() == [3] and result.lo.tolist() == [[4, 3]] and result.hi.tolist() == [[4, 5]]
+
+
+def test_a_where_with_an_infinite_branch_keeps_the_finite_one():
+    class MaskedScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            keep = F.avg_pool2d(x[:, :1], (5, 1), 1, (2, 0)) > 0.5
+            return torch.softmax(torch.where(keep, self.conv(x), float("-inf")), 1).nan_to_num()
+
+    torch.manual_seed(0)
+    result = sweep(MaskedScores(), SHAPE, "center", keep_masks=True)
+    assert result.support.tolist() == [11] and result.lo.tolist() == [[2, 3]] and result.hi.tolist() == [[6, 5]]
