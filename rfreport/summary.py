@@ -276,7 +276,8 @@ class Summary(JsonPart):
     global_from: str | None = key("global_from", optional(STR), "the layer (qualified module name; empty "
                                      "for the model's own forward) of the first such operation")
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
-                                   "`mean`, `group_norm`")
+                                   "`mean`, `group_norm`, or a sampler reading where the input says "
+                                   "(`grid_sample`, `deform_conv2d`, `roi_align`)")
     covers_input: bool = key("covers_input", BOOL, "every swept position's RF covers the whole input")
     covering_positions: int = key("covering_positions", INT, "swept positions whose RF covers the whole "
                                      "input")
