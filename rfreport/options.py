@@ -50,6 +50,12 @@ class ContextKind(StrEnum):
     POOLING = "pooling"         # a reduction or normalisation over a whole feature map (GAP, SE, group norm)
     ATTENTION = "attention"     # every token attends to every token (one group spanning the image)
     MIXING = "token mixing"     # a dense map over the token axis (MLP-Mixer, ResMLP, gMLP, a linear on flattened maps)
+    SAMPLING = "sampling"       # sampling at positions computed from the input (grid_sample, deform_conv2d, RoI ops)
+
+    @property
+    def held_by_local_sweep(self) -> bool:
+        """Tell whether a local sweep holds this kind constant (pooling and sampling; not attention or mixing)."""
+        return self in (ContextKind.POOLING, ContextKind.SAMPLING)
 
 
 class Status(StrEnum):

@@ -200,7 +200,9 @@ class GlobalOp:
 
 
 MIXING_OPS = {"scaled_dot_product_attention": ContextKind.ATTENTION, "multi_head_attention": ContextKind.ATTENTION,
-              "softmax-attention": ContextKind.ATTENTION, "token-mixing linear": ContextKind.MIXING}
+              "softmax-attention": ContextKind.ATTENTION, "token-mixing linear": ContextKind.MIXING,
+              **dict.fromkeys(("grid_sample", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool"),
+                              ContextKind.SAMPLING)}
 
 
 def context_kind(op: str) -> ContextKind:

@@ -302,7 +302,9 @@ class Summary(JsonPart):
                                      "for the model's own forward) of the first such operation")
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "
                                    "`mean`, `group_norm` (pooling), `scaled_dot_product_attention`, "
-                                   "`multi_head_attention`, `softmax-attention` (attention), `token-mixing linear`")
+                                   "`multi_head_attention`, `softmax-attention` (attention), `token-mixing linear` "
+                                   "(token mixing), or a sampler reading where the input says: `grid_sample`, "
+                                   "`deform_conv2d`, `roi_align` (sampling)")
     global_before: dict | None = key("global_before", optional(RECORD), "for the audit rule `global_not_before`: "
                                      "{layer, module, op}, the first global operation outside that layer its output "
                                      "depends on (module and op null when none); null when the rule is not set")

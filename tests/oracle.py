@@ -1,4 +1,4 @@
-"""An independent oracle: exact receptive fields of separable stacks by set propagation.
+"""Independent oracles: exact receptive fields of separable stacks by set propagation, and forward perturbation.
 
 No autograd: each layer maps an output index o on one axis to the input indices it reads, and a
 stack composes these maps. Windowed layers (conv, max/avg pooling, a median filter) read
@@ -6,6 +6,9 @@ stack composes these maps. Windowed layers (conv, max/avg pooling, a median filt
 `unpool` (MaxPool(s) then MaxUnpool(s)) reads the whole pooling window of o; `sort` (sorting
 along the last axis) reads the whole last axis. For layers connecting every channel the support
 of an output position is the Cartesian product of its per-axis index sets.
+
+Forward perturbation (:func:`perturbation_masks`) pushes single input pixels far away on the model
+itself, without autograd; :class:`Block` is the vocabulary of the random graphs it judges.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -132,3 +137,142 @@ def support_mask(layers: list[Layer], shape: tuple[int, ...], pos: tuple[int, ..
     for index in itertools.product(*per_axis):
         mask[index] = True
     return mask
+
+
+BIG = 1e3
+
+
+def perturbation_masks(model: nn.Module, input_shape: tuple[int, ...], big: float = BIG) -> dict[tuple[int, ...],
+                                                                                           np.ndarray]:
+    """Return, per output position, the input pixels whose perturbation changes any of its channels.
+
+    Each pixel (all channels at once) is pushed far along a random positive direction and its opposite in
+    turn, on a float64 copy of the model, one batch of forward passes; an output changes when it moves
+    beyond rounding noise. A threshold (a mask, an argmax) read through small weights needs a larger push
+    `big` to be crossed.
+    """
+    model = model.double().eval()
+    torch.manual_seed(1)
+    base = torch.rand(input_shape, dtype=torch.float64)
+    spatial = input_shape[2:]
+    pixels = list(np.ndindex(*spatial))
+    batch = base.repeat(2 * len(pixels), *([1] * (len(input_shape) - 1)))
+    for i, pixel in enumerate(pixels):
+        push = big * (1 + torch.rand(input_shape[1], dtype=torch.float64))
+        for sign, row in ((1, 2 * i), (-1, 2 * i + 1)):   # one direction, both ways: a threshold is crossed
+            batch[(row, slice(None), *pixel)] = sign * push
+    with torch.no_grad():
+        y0, y = model(base), model(batch)
+    changed = ((y - y0).abs() > 1e-9 * (1 + y0.abs())).reshape(len(pixels), 2, *y.shape[1:]).any(dim=(1, 2))
+    masks = {}
+    for pos in np.ndindex(*y.shape[2:]):
+        masks[pos] = changed[(slice(None), *pos)].numpy().reshape(spatial)
+    return masks
+
+
+def nonfinite_positions(model: nn.Module, input_shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Return the output positions where a float64 copy of the model is nan or inf on a random input."""
+    model = model.double().eval()
+    with torch.no_grad():
+        y = model(torch.rand(input_shape, dtype=torch.float64))
+    return {tuple(p) for p in np.argwhere(~torch.isfinite(y).flatten(0, 1).all(0).numpy()).tolist()}
+
+
+class Block(nn.Module):
+    """One random-graph block on a 2-channel 2-D tensor.
+
+    The value kinds (where, masked_fill, mask_mul, onehot, codebook, bucket, floor) gate or select
+    through integers and booleans computed from a window that reaches beyond the 3x3 conv they gate
+    (a 5x1 column or a 1x5 row); grid samples at a fixed affine grid, warp at a grid computed from
+    the input; neginf adds -inf to one channel at one position before a softmax over channels, nan
+    to every channel at the last position (nan there).
+    """
+
+    def __init__(self, kind: str, size: int):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.wide = nn.Conv2d(2, 8, 1)
+        self.mix = nn.Conv2d(4, 2, 1)
+        self.mix8 = nn.Conv2d(8, 2, 1)
+        self.flow = nn.Conv2d(2, 2, 3, padding=1)
+        self.register_buffer("codes", torch.randn(5, 8))
+        self.register_buffer("table", torch.randn(5, 2))
+        self.register_buffer("bounds", torch.tensor([-0.5, 0.0, 0.5, 1.0]))
+        self.register_buffer("theta", torch.tensor([[[0.83, 0.21, 0.137], [-0.19, 0.87, 0.071]]]))   # off pixel centres
+        self.size = size
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+    def forward(self, x):
+        kind = self.kind
+        if kind == "conv":
+            return self.conv(x)
+        if kind == "strided":
+            return F.conv2d(x, self.conv.weight, stride=2)
+        if kind == "upsample":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if kind == "bilinear":
+            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        if kind == "shuffle":
+            return F.pixel_shuffle(self.wide(x), 2)[:, :2]
+        if kind == "groupnorm":
+            return F.group_norm(x, 1)
+        if kind == "softmax":
+            return torch.softmax(x, 1)
+        if kind == "attention":
+            n, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)
+            return F.scaled_dot_product_attention(tokens, tokens, tokens).transpose(1, 2).reshape(n, c, h, w)
+        if kind == "shift":
+            far = F.pad(x[..., :1, :], (0, 0, x.shape[-2] - 1, 0))
+            return self.conv(x) + far
+        if kind == "residual":
+            return x + self.conv(x)
+        if kind == "crelu":
+            h = self.conv(x)
+            return self.mix(torch.cat([F.relu(h), F.relu(-h)], 1))
+        return self._by_value(x) if kind in VALUE_KINDS else self._sampled_or_masked(x)
+
+    def _by_value(self, x):
+        """The kinds that gate or select through integers and booleans computed from the input."""
+        kind, h = self.kind, self.conv(x)
+        column = F.avg_pool2d(x[:, :1], (5, 1), 1, (2, 0))[:, 0]   # not a channel mean: softmax sums to 1
+        mask = (column > 0.5)[:, None]
+        if kind == "where":
+            return torch.where(mask, h, 2 * h)
+        if kind == "masked_fill":
+            return h.masked_fill(mask, 0.0) + h
+        if kind == "mask_mul":
+            return h * mask.float() + h
+        if kind == "onehot":
+            index = F.avg_pool2d(self.wide(x), (1, 5), 1, (0, 2)).argmax(1)
+            return self.mix8(F.one_hot(index, 8).permute(0, 3, 1, 2).to(x.dtype))
+        if kind == "codebook":
+            z = F.avg_pool2d(self.wide(x), (5, 1), 1, (2, 0)).permute(0, 2, 3, 1)
+            index = ((z[..., None, :] - self.codes) ** 2).sum(-1).argmin(-1)
+            return F.embedding(index, self.table).permute(0, 3, 1, 2)
+        if kind == "bucket":
+            return self.table[torch.bucketize(column, self.bounds)].permute(0, 3, 1, 2)
+        index = (torch.sigmoid(column) * 5).floor().long().clamp(0, 4)
+        return self.table[:, 0][index][:, None] + self.table[:, 1][index][:, None] * h
+
+    def _sampled_or_masked(self, x):
+        """The kinds that sample at a grid (fixed or computed from the input) or meet -inf."""
+        kind = self.kind
+        if kind == "grid":
+            grid = F.affine_grid(self.theta.expand(x.shape[0], -1, -1), list(x.shape), align_corners=False)
+            return F.grid_sample(x, grid, align_corners=False)
+        if kind == "warp":
+            return F.grid_sample(x, torch.tanh(self.flow(x)).permute(0, 2, 3, 1), align_corners=False)
+        h = self.conv(x)
+        mask = torch.zeros_like(h[:1])
+        if kind == "neginf":
+            mask[0, 0, 0, 0] = float("-inf")
+        else:
+            mask[0, :, -1, -1] = float("-inf")
+        return torch.softmax(h + mask, 1)
+
+
+VALUE_KINDS = ("where", "masked_fill", "mask_mul", "onehot", "codebook", "bucket", "floor")

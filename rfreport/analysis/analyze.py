@@ -35,7 +35,7 @@ from rfreport.analysis.geometry import (
     with_composed,
     with_enlarged,
 )
-from rfreport.options import EXACT_FITS, ContextKind
+from rfreport.options import EXACT_FITS
 from rfreport.positions import axis_names
 from rfreport.results import GlobalOp
 from rfreport.summary import Summary, build
@@ -205,7 +205,7 @@ def analyze(result: SweepResult, *, geometry: SweepResult | None = None, local: 
 def holds_context(global_ops: Sequence[GlobalOp] | None) -> bool:
     """Tell whether a local sweep holds every global operation constant: it holds pooling, not attention or token
     mixing, so its RF is no local RF under those."""
-    return all(op.kind == ContextKind.POOLING for op in global_ops or ())
+    return all(op.kind.held_by_local_sweep for op in global_ops or ())
 
 
 def verification_summary(result: SweepResult) -> dict:

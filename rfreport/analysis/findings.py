@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 MIRRORING = ("reflect", "replicate")
 CONTEXT_VERBS = {ContextKind.POOLING: "pools over a whole feature map",
                  ContextKind.ATTENTION: "lets every token attend to every token",
-                 ContextKind.MIXING: "mixes every token in one dense map over the token axis"}
+                 ContextKind.MIXING: "mixes every token in one dense map over the token axis",
+                 ContextKind.SAMPLING: "samples at positions computed from the input, which can reach any pixel"}
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,16 @@ class Engine:
         return tuple(sorted(self.function_mode.size_dependent_ops))
 
     @property
+    def nonfinite_ops(self) -> tuple[str, ...]:
+        """Ops of the structural pass whose results held nan or inf (held constant there: see surrogate.py)."""
+        return tuple(sorted(self.function_mode.nonfinite_ops | self.function_mode.unexplained_nonfinite))
+
+    @property
+    def unexplained_nonfinite(self) -> tuple[str, ...]:
+        """Ops of the structural pass that made nan or inf from finite operands alone."""
+        return tuple(sorted(self.function_mode.unexplained_nonfinite))
+
+    @property
     def padding_modes(self) -> tuple[str, ...]:
         """Non-zero padding modes (circular, reflect, replicate) seen during the forward pass."""
         return tuple(sorted(self.function_mode.padding_modes))

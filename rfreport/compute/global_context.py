@@ -3,14 +3,16 @@
 An RF can cover the whole input for two different reasons. *Saturation*: stacked local
 windows grew larger than the input, which stops at a larger input. *Global context*: an
 operation reads a whole feature map at once, so every output position depends on every input
-pixel at any input size. Three kinds are told apart (`ContextKind`):
+pixel at any input size. Four kinds are told apart (`ContextKind`):
 
 - *pooling*: global average or max pooling, a spatial mean as in squeeze-and-excitation, group or
   instance normalisation, a layer norm over space, recognised on tensors of the input's rank;
 - *attention*: softmax attention, `scaled_dot_product_attention` or `nn.MultiheadAttention` in which
   every token attends to every token (ViT, DeiT, LeViT, EfficientFormer, bottleneck attention);
 - *token mixing*: a dense map over the token axis (the token MLPs of Mixer, ResMLP and gMLP, a linear
-  layer on a flattened feature map).
+  layer on a flattened feature map);
+- *sampling*: data-dependent sampling (`grid_sample`, `deform_conv2d`, the RoI ops with a grid, offsets
+  or boxes computed from the input: see sampling.py), whose sampling can reach any pixel.
 
 :func:`global_ops` finds them by construction, not by RF size or model name: one forward pass of the
 structural surrogate records the pooling operations and every *mixing candidate*, and one backward pass
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfreport.compute import attention
+from rfreport.compute import attention, sampling
 from rfreport.compute.engine import Target, check_input_shape, forward_target, resolve_device
 from rfreport.compute.surrogate import (
     REDUCTIONS,
@@ -57,7 +59,11 @@ EXTRA_TOKENS = 8   # class, distillation and register tokens a token axis may ho
 def is_global_op(name: str, args: Sequence[Any], kwargs: dict, result: Any, input_rank: int) -> bool:
     """Tell whether a torch function call pools over every spatial position of an (N, C, *spatial) tensor."""
     x = args[0] if args else None
-    if not is_differentiable(x) or x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
+    if not is_differentiable(x):
+        return False
+    if name in sampling.SAMPLERS:
+        return sampling.samples_from_input(name, args, kwargs)
+    if x.dim() != input_rank or math.prod(x.shape[2:]) <= 1:
         return False
     if name in SPATIAL_NORMS:
         return True

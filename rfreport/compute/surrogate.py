@@ -42,8 +42,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rfreport.compute import replacements as rep
+from rfreport.compute import sampling, taint
 from rfreport.compute.replacements import bind
 from rfreport.compute.sizedep import size_dependent
+from rfreport.compute.taint import second_is_tensor, tensors_of
 from rfreport.errors import SweepError
 
 IDENTITY_FUNCTIONS = frozenset({
@@ -114,18 +116,6 @@ def is_differentiable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def tensors_of(values: Any) -> Iterator[torch.Tensor]:
-    """Yield every tensor in a nest of tuples, lists and dicts."""
-    if isinstance(values, torch.Tensor):
-        yield values
-    elif isinstance(values, (list, tuple)):
-        for value in values:
-            yield from tensors_of(value)
-    elif isinstance(values, dict):
-        for value in values.values():
-            yield from tensors_of(value)
-
-
 def _is_tainted(value: Any) -> bool:
     """Tell an integer or boolean tensor computed from the input (an argmax, a mask, a sort order)."""
     return isinstance(value, torch.Tensor) and getattr(value, "_rfreport_from_input", False)
@@ -191,6 +181,56 @@ class _Gate(torch.autograd.Function):
         return u * (grad != 0), None, None
 
 
+class _Held(torch.autograd.Function):
+    """Identity in the forward pass; backward passes no gradient to the non-finite elements (nan included)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(torch.isfinite(inputs[0]))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None
+        (finite,) = ctx.saved_tensors
+        return torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+class _Cleaned(torch.autograd.Function):
+    """Identity in the forward pass; backward turns nan cotangents into zeros.
+
+    The inputs of an op that meets a non-finite value get one: its backward multiplies zero cotangents
+    (held elements) by infinite partial derivatives (`x * inf`, a matmul with a `-inf` entry), and
+    0 * inf is nan, which would spread to positions that never read the non-finite value.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None):
+        if grad is None:
+            return None
+        return torch.where(torch.isnan(grad), torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+
+
+NONFINITE = "_rfreport_nonfinite"   # marks a surrogate activation holding nan or inf
+
+
 class StructuralMode(TorchFunctionMode):
     """Swap zero-gradient operations for linear ones of the same reach, gate every result, observe the pass.
 
@@ -210,22 +250,33 @@ class StructuralMode(TorchFunctionMode):
         self.nonlocal_ops: set[str] = set()
         self.ops_seen: set[str] = set()
         self.size_dependent_ops: set[str] = set()  # ops that make the geometry depend on the input size
+        self.nonfinite_ops: set[str] = set()  # ops whose results held non-finite values (see _held_if_nonfinite)
+        self.unexplained_nonfinite: set[str] = set()  # such ops whose operands were all finite
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = base_name(func)
         inputs = list(tensors_of((args, kwargs)))
         differentiable = any(is_differentiable(t) for t in inputs)
+        carrying = self.linearise and taint.shadowed(inputs)
         if differentiable:
             self._observe(name, args, kwargs)
+        nonfinite = self.linearise and differentiable and _meets_nonfinite(args, kwargs)
+        if nonfinite:
+            args, kwargs = _cleaned(args), _cleaned(kwargs)
         result = NotImplemented
-        if self.linearise and differentiable:
-            result = self._linearised(func, name, args, kwargs)
+        if self.linearise and (differentiable or carrying):
+            # a replacement averages what it reads: one -inf there would make the whole window -inf
+            replaced = (_finite_only(args), _finite_only(kwargs)) if nonfinite else (args, kwargs)
+            result = self._linearised(func, name, *replaced, carrying)
         if result is NotImplemented:
             result = func(*args, **kwargs)
         if differentiable or any(map(_is_tainted, inputs)):
             _taint(result)
-        if not differentiable:
+        if self.linearise and (differentiable or carrying):
+            result = self._held_if_nonfinite(func, name, self._carried(func, name, args, kwargs, result, carrying),
+                                             nonfinite)
+        if not (differentiable or any(is_differentiable(t) for t in tensors_of(result))):
             return result
         if any(True for _ in tensors_of(result)):  # metadata queries (dim, size, shape) move nothing
             self._judge_locality(name, args, kwargs, result)
@@ -233,6 +284,55 @@ class StructuralMode(TorchFunctionMode):
         if size_dependent(name, args, kwargs, result, self.input_rank):
             self.size_dependent_ops.add(name)
         return self._gated(func, result, inputs) if self._gates(name) else result
+
+    def _carried(self, func: Callable, name: str, args, kwargs, result: Any, carrying: bool) -> Any:
+        """Give integer and boolean results their shadows, and floating results computed from shadowed
+        arguments the dependency those carry (see taint.py)."""
+        outputs = list(tensors_of(result))
+        ints = [t for t in outputs if not t.is_floating_point() and not t.is_complex()]
+        values = outputs[0] if len(outputs) == 2 and is_differentiable(outputs[0]) else None
+        if values is not None and ints and values.shape == ints[0].shape:   # (values, indices): the same reads
+            deps: list = [values]
+        else:
+            deps = taint.carried(func, name, args, kwargs, ints, floats=True)
+        for out, dep in zip(ints, deps):
+            if dep is not None:
+                setattr(out, taint.SHADOW, dep)
+        floats = [t for t in outputs if t.is_floating_point()]
+        if not (carrying and floats):
+            return result
+        carried = dict(zip(map(id, floats), taint.carried(func, name, args, kwargs, floats, floats=False)))
+        return _map_tensors(result, lambda t: self._with_dependency(t, carried.get(id(t)), _in_place(func)))
+
+    def _with_dependency(self, value: torch.Tensor, dep: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+        """Add to a floating value a term that is zero in the forward pass and whose backward sends a fresh
+        positive cotangent to `dep` wherever the value's own cotangent is non-zero."""
+        if dep is None or not dep.requires_grad:
+            return value
+        dep = torch.broadcast_to(dep.to(value.dtype), value.shape)
+        u = positive_noise(dep.shape, self.generator, dep.dtype, dep.device)
+        gated = _Gate.apply(dep, u, torch.ones((), dtype=dep.dtype, device=dep.device))
+        term = gated - gated.detach()
+        return value.add_(term) if in_place else value + term
+
+    def _held_if_nonfinite(self, func: Callable, name: str, result: Any, met: bool) -> Any:
+        """Hold the non-finite elements of floating results constant: no gradient passes through them.
+
+        A `-inf` mask or a `nan` constant makes those elements non-finite in the model whatever the input:
+        they depend on nothing. Their values are kept (a softmax over a partly `-inf` row must still ignore
+        those entries), and the ops reading them clean the nan their backward makes (see _Cleaned). `met`
+        tells whether the op read a non-finite operand; one made from finite values alone (an overflow, the
+        square root of a value negative only in the surrogate) is recorded in `unexplained_nonfinite`.
+        """
+        def hold(value: torch.Tensor) -> torch.Tensor:
+            if not is_differentiable(value) or _all_finite(value):
+                return value
+            (self.nonfinite_ops if met else self.unexplained_nonfinite).add(name)
+            held = _Held.apply(value) if not _in_place(func) else value.copy_(_Held.apply(value.clone()))
+            setattr(held, NONFINITE, True)
+            return held
+
+        return _map_tensors(result, hold)
 
     def _gates(self, name: str) -> bool:
         """Tell whether an op's result is gated: every op that sums over elements, so no dependency cancels or
@@ -265,11 +365,21 @@ class StructuralMode(TorchFunctionMode):
             return True
         return any(_has_negative(v) for v in values)
 
-    def _linearised(self, func, name: str, args, kwargs):
+    def _linearised(self, func, name: str, args, kwargs, carrying: bool = False):
         """Return the linear same-reach replacement of a zero-gradient op, or NotImplemented."""
         tainted = any(_is_tainted(t) for t in tensors_of((args[1:], kwargs)))
         if tainted and name in rep.SCATTERING:
             rep.refuse_scatter(name)
+        if sampling.samples_from_input(name, args, kwargs):
+            real = func(*args, **kwargs)
+            value = sampling.sampled(name, args, kwargs, real, self.local)
+            return self._with_dependency(value, sampling.sampler_dependency(name, args, kwargs, value))
+        if name == "grid_sample":
+            return sampling.fixed_grid_sample(func, args, kwargs)
+        if carrying:
+            replaced = self._gated_by_values(func, name, args, kwargs)
+            if replaced is not NotImplemented:
+                return replaced
         first = args[0] if args else next(iter(kwargs.values()), None)
         if not is_differentiable(first):
             return NotImplemented
@@ -291,7 +401,7 @@ class StructuralMode(TorchFunctionMode):
             return rep.max_unpool(func, name, args, kwargs)
         if name in rep.ROUTED_ALONG_DIM:
             return rep.routed(func, name, args, kwargs)
-        if name in ("amax", "amin") or (name in ("max", "min") and not _second_is_tensor(args, kwargs)):
+        if name in ("amax", "amin") or (name in ("max", "min") and not second_is_tensor(args, kwargs)):
             return _mean_reduction(func, args, kwargs)
         if name in ("max", "min", "maximum", "minimum", "fmax", "fmin"):
             other = args[1] if len(args) > 1 else kwargs["other"]
@@ -299,6 +409,45 @@ class StructuralMode(TorchFunctionMode):
         if tainted and name in rep.INDEXED:
             return rep.indexed(func, name, args, kwargs)
         return NotImplemented
+
+    def _gated_by_values(self, func, name: str, args, kwargs):
+        """Replace a floating op whose integer or boolean operands come from the input by one of the same reach.
+
+        Those operands gate or scale what they meet (`where`, `masked_fill`, `x * mask`): where they are zero
+        the other operands' derivative is zero although, for another input, the value would read them. So
+        `where` becomes the mean of its two branches, `masked_fill` its input, `embedding` the mean of its rows,
+        and any other elementwise op sees positive noise in place of those operands; their own dependency is
+        carried by their shadows (see _carried).
+        """
+        if name not in taint.ELEMENTWISE and name != "embedding":
+            return NotImplemented
+        if _in_place(func):   # the mutated tensor says the result's dtype; computing it first would mutate it
+            if not args[0].is_floating_point():
+                return NotImplemented
+            if name == "masked_fill":
+                return args[0]
+            dtype = args[0].dtype
+        else:
+            real = func(*args, **kwargs)
+            if not isinstance(real, torch.Tensor) or not real.is_floating_point():
+                return real
+            dtype = real.dtype
+            if name == "where" and taint.shadowed(args[:1]):
+                bound = bind(("condition", "input", "other"), args, kwargs)
+                mean = (_zero_if_nonfinite(bound["input"]) + _zero_if_nonfinite(bound["other"])) / 2
+                return torch.broadcast_to(torch.as_tensor(mean, dtype=dtype, device=real.device), real.shape)
+            if name == "masked_fill" and taint.shadowed((args[1:], kwargs)):
+                return args[0].clone()
+            if name == "embedding":
+                weight = bind(("input", "weight"), args, kwargs)["weight"]
+                return weight.mean(0).expand(real.shape) if is_differentiable(weight) else real
+
+        def noise(value):
+            if isinstance(value, torch.Tensor) and not value.is_floating_point() and taint.shadow(value) is not None:
+                return positive_noise(value.shape, self.generator, dtype, value.device)
+            return value
+
+        return func(*[noise(a) for a in args], **{k: noise(v) for k, v in kwargs.items()})
 
     def _judge_locality(self, name: str, args, kwargs, result) -> None:
         """Mark the pass non-local when an op can move spatial positions (see LOCAL_OPS)."""
@@ -354,9 +503,13 @@ class StructuralMode(TorchFunctionMode):
                     value._base is not None and id(value._base) in owners):
                 return value
             u = positive_noise(value.shape, self.generator, value.dtype, value.device)
-            low, high = torch.aminmax(value.detach())
+            nonfinite = _marked(value)
+            low, high = torch.aminmax(value.detach().nan_to_num(0.0, 0.0, 0.0) if nonfinite else value.detach())
             scale = torch.maximum(high, -low)
-            return _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
+            gated = _Gate.apply(value, u, torch.where(scale > 0, scale, torch.ones_like(scale)))
+            if nonfinite:
+                setattr(gated, NONFINITE, True)
+            return gated
 
         return _map_tensors(result, gate)
 
@@ -378,6 +531,58 @@ def _taint(result: Any) -> None:
     for tensor in tensors_of(result):
         if not tensor.is_floating_point() and not tensor.is_complex():
             tensor._rfreport_from_input = True
+
+
+def _zero_if_nonfinite(value: Any) -> Any:
+    """Return a number or tensor with nan and inf replaced by zeros (a `where` branch that is `-inf` reads nothing)."""
+    if isinstance(value, torch.Tensor):
+        return torch.where(torch.isfinite(value), value, torch.zeros((), dtype=value.dtype, device=value.device))
+    return value if math.isfinite(value) else 0.0
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Tell a tensor free of nan and inf: its sum is finite (one pass, no mask), or else every element is."""
+    return bool(torch.isfinite(value.detach().sum())) or bool(torch.isfinite(value).all())
+
+
+def _marked(value: Any) -> bool:
+    """Tell a surrogate activation (or a view of one) marked as holding nan or inf."""
+    return isinstance(value, torch.Tensor) and (getattr(value, NONFINITE, False) or (
+        value._base is not None and getattr(value._base, NONFINITE, False)))
+
+
+def _meets_nonfinite(args, kwargs) -> bool:
+    """Tell an op whose operands hold nan or inf: a marked activation, a constant tensor or a Python number."""
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return True
+        for tensor in tensors_of(value):
+            if _marked(tensor) or (tensor.is_floating_point() and not tensor.requires_grad and not isinstance(
+                    tensor, nn.Parameter) and tensor.numel() and not _all_finite(tensor)):
+                return True
+    return False
+
+
+def _cleaned(values: Any) -> Any:
+    """Pass every differentiable tensor of a nest of arguments through _Cleaned."""
+    if is_differentiable(values):
+        return _Cleaned.apply(values)
+    if isinstance(values, (list, tuple)) and not hasattr(values, "_fields"):
+        return type(values)(_cleaned(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _cleaned(v) for k, v in values.items()}
+    return values
+
+
+def _finite_only(values: Any) -> Any:
+    """Replace the nan and inf of every marked activation in a nest of arguments by zeros that pass no gradient."""
+    if _marked(values):
+        return torch.where(torch.isfinite(values), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if isinstance(values, (list, tuple)) and not hasattr(values, "_fields"):
+        return type(values)(_finite_only(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _finite_only(v) for k, v in values.items()}
+    return values
 
 
 def _map_tensors(result: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -459,12 +664,6 @@ def _has_negative(value: Any) -> bool:
         return value.is_floating_point() and not value.requires_grad and value.numel() > 0 and bool(
             (value < 0).any())
     return isinstance(value, float) and value < 0
-
-
-def _second_is_tensor(args, kwargs) -> bool:
-    """Tell max(a, b) (elementwise) from max(a) / max(a, dim)."""
-    other = args[1] if len(args) > 1 else kwargs.get("other")
-    return isinstance(other, torch.Tensor)
 
 
 def _pools_to_one_cell(result) -> bool:

@@ -68,6 +68,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
         selected = positions_mod.resolve(spec, engine.output_spatial)
         keep = selected if keep_masks is True else (
             positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0)))
+        refuse_nonfinite(engine, model, selected, target, seed)
         checks = verify_mod.plan(verify, selected, engine.output_spatial, mode=mode, local=local, seed=seed)
         acc = Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())) | set(map(tuple, checks.tolist())),
                            wrap="circular" in engine.padding_modes)
@@ -82,6 +83,30 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
     kept = set(map(tuple, keep.tolist()))
     return with_verification(result, model, target, checks, kept, seed=seed, started=started)
+
+
+def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, target: Target, seed: int) -> None:
+    """Refuse swept positions the model computes as nan or inf: no input pixel changes them, so no RF is defined.
+
+    The surrogate holds non-finite values constant where they arise, which keeps every other position exact;
+    when it met one, a forward pass of the model itself says which output positions it reaches. A non-finite
+    value the surrogate made from finite operands alone is refused: the model may not have it.
+    """
+    if engine.unexplained_nonfinite:
+        raise SweepError(f"the structural pass of {target.describe()} made nan or inf from finite values at "
+                         f"{', '.join(engine.unexplained_nonfinite)} (an overflow, or a square root or log of a value "
+                         "negative only in the surrogate): the dependencies through it cannot be followed; use "
+                         "mode='gradient'")
+    if not engine.nonfinite_ops:
+        return
+    found = verify_mod.nonfinite_positions(model, engine.input_shape, target, seed=seed, device=engine.device)
+    reached = {tuple(p) for p in found.tolist()}
+    hit = [tuple(p) for p in selected.tolist() if tuple(p) in reached]
+    if hit:
+        raise SweepError(f"{target.describe()} is nan or inf at {len(hit)} of {len(selected)} swept positions "
+                         f"(first {hit[0]}) on a random input: a non-finite value (from "
+                         f"{', '.join(engine.nonfinite_ops)}) reaches them, and no input pixel changes them; "
+                         "sweep other positions or analyse an earlier layer")
 
 
 def with_verification(result: SweepResult, model: nn.Module, target: Target, checks: np.ndarray,

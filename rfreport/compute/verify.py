@@ -151,6 +151,22 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     return _result(positions, violations, deviation, samples, started)
 
 
+def nonfinite_positions(model: nn.Module, input_shape: Sequence[int], target: Target, *, seed: int = 0,
+                        device: str | torch.device = "auto") -> np.ndarray:
+    """Return the output positions (P, d) where the model as given is non-finite (nan or inf, in any batch
+    element or channel) on a random input: one float64 forward pass."""
+    shape = tuple(int(n) for n in input_shape)
+    try:
+        runner = _Runner(float64_copy(model, resolve_device(device), shape, target), shape, target)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        with torch.no_grad(), deterministic(), eager_forward():
+            y = runner.output(x.to(runner.device))
+    except Exception as exc:  # the model may raise anything; the caller cannot then tell the positions apart
+        raise SweepError(f"{target.describe()} meets non-finite values (nan or inf) and the float64 copy of the "
+                         f"model that would locate them did not run ({type(exc).__name__})") from exc
+    return np.argwhere(~torch.isfinite(y).flatten(0, 1).all(0).cpu().numpy())
+
+
 def _result(positions, violations, deviation, samples, started, note: str = "") -> Verification:
     """Assemble a Verification (an empty one, with its note, when nothing could be checked)."""
     if note:

@@ -35,7 +35,6 @@ from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
 from rfreport.errors import RfReportError, SweepError
 from rfreport.layouts import parse_layout
-from rfreport.options import ContextKind
 from rfreport.positions import PositionSpec, center
 from rfreport.results import GlobalOp, SweepResult
 from rfreport.run import limits, progress
@@ -402,8 +401,8 @@ def local_sweep(model: nn.Module, job: Job, main: SweepResult) -> SweepResult:
 
 
 def pooling(global_ops: Sequence[GlobalOp]) -> bool:
-    """Tell whether some global operation pools (the kind a local sweep holds constant)."""
-    return any(op.kind == ContextKind.POOLING for op in global_ops)
+    """Tell whether some global operation is of a kind a local sweep holds constant (pooling, sampling)."""
+    return any(op.kind.held_by_local_sweep for op in global_ops)
 
 
 def global_context(model: nn.Module, job: Job, main: SweepResult) -> tuple[GlobalOp, ...]:

@@ -23,93 +23,43 @@ from torch.utils.checkpoint import checkpoint
 from rfreport.cli import cli
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
-from tests.oracle import Layer, Median, Sort, Unpool, lengths, support_mask
-
-BIG = 1e3
-
-
-def perturbation_masks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[tuple[int, ...], np.ndarray]:
-    """Return, per output position, the input pixels whose perturbation changes any of its channels.
-
-    Each pixel (all channels at once) is pushed to +BIG and to -BIG in turn, on a float64 copy of the
-    model, one batch of forward passes; an output changes when it moves beyond rounding noise.
-    """
-    model = model.double().eval()
-    torch.manual_seed(1)
-    base = torch.rand(input_shape, dtype=torch.float64)
-    spatial = input_shape[2:]
-    pixels = list(np.ndindex(*spatial))
-    batch = base.repeat(2 * len(pixels), *([1] * (len(input_shape) - 1)))
-    for i, pixel in enumerate(pixels):
-        for sign, row in ((1, 2 * i), (-1, 2 * i + 1)):
-            batch[(row, slice(None), *pixel)] = sign * BIG * (1 + torch.rand(input_shape[1], dtype=torch.float64))
-    with torch.no_grad():
-        y0, y = model(base), model(batch)
-    changed = ((y - y0).abs() > 1e-9 * (1 + y0.abs())).reshape(len(pixels), 2, *y.shape[1:]).any(dim=(1, 2))
-    masks = {}
-    for pos in np.ndindex(*y.shape[2:]):
-        masks[pos] = changed[(slice(None), *pos)].numpy().reshape(spatial)
-    return masks
-
-
-class Block(nn.Module):
-    """One random-graph block on a 2-channel 2-D tensor."""
-
-    def __init__(self, kind: str, size: int):
-        super().__init__()
-        self.kind = kind
-        self.conv = nn.Conv2d(2, 2, 3, padding=1)
-        self.wide = nn.Conv2d(2, 8, 1)
-        self.mix = nn.Conv2d(4, 2, 1)
-        self.size = size
-
-    def extra_repr(self) -> str:
-        return self.kind
-
-    def forward(self, x):
-        kind = self.kind
-        if kind == "conv":
-            return self.conv(x)
-        if kind == "strided":
-            return F.conv2d(x, self.conv.weight, stride=2)
-        if kind == "upsample":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        if kind == "bilinear":
-            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        if kind == "shuffle":
-            return F.pixel_shuffle(self.wide(x), 2)[:, :2]
-        if kind == "groupnorm":
-            return F.group_norm(x, 1)
-        if kind == "softmax":
-            return torch.softmax(x, 1)
-        if kind == "attention":
-            n, c, h, w = x.shape
-            tokens = x.flatten(2).transpose(1, 2)
-            return F.scaled_dot_product_attention(tokens, tokens, tokens).transpose(1, 2).reshape(n, c, h, w)
-        if kind == "shift":
-            far = F.pad(x[..., :1, :], (0, 0, x.shape[-2] - 1, 0))
-            return self.conv(x) + far
-        if kind == "residual":
-            return x + self.conv(x)
-        if kind == "crelu":
-            h = self.conv(x)
-            return self.mix(torch.cat([F.relu(h), F.relu(-h)], 1))
-        raise AssertionError(kind)
-
+from tests.oracle import (
+    VALUE_KINDS,
+    Block,
+    Layer,
+    Median,
+    Sort,
+    Unpool,
+    lengths,
+    nonfinite_positions,
+    perturbation_masks,
+    support_mask,
+)
 
 # Unpooling, medians and sorts are left to the set-propagation test (test_new_op_families_...), whose
 # oracle is exact by construction: whether moving one pixel changes an unpooled output or an order
 # statistic of a window with repeated values depends on the base input, which one perturbation from
 # one base cannot show. They appear here once each, alone, where it can.
+# Value kinds, sampling and -inf masks join them; `warp` samples at an input-derived grid, where forward
+# perturbation is only a lower bound of the structural RF (the whole input), and `nan` makes positions nan.
 KINDS = ["conv", "strided", "upsample", "bilinear", "shuffle", "groupnorm", "softmax", "attention", "shift",
          "residual", "crelu"]
+EXTRA_KINDS = [*VALUE_KINDS, "grid", "warp", "neginf", "nan"]
+LINEAR_KINDS = ("conv", "strided", "upsample")
 
 
 @st.composite
-def random_graphs(draw):
-    """Draw 1-3 blocks and an input size that every block accepts (even sizes for unpooling)."""
+def random_graphs(draw, kinds: list[str] = KINDS):
+    """Draw 1-3 blocks and an input size that every block accepts.
+
+    At most one block thresholds (a value kind), after linear blocks only: forward perturbation crosses a
+    threshold by pushing a pixel far, which a bounded block before it (a softmax) or the O(1) change of
+    another flipped threshold need not do, and would then miss what the threshold reads.
+    """
     size = draw(st.integers(4, 9))
-    kinds = draw(st.lists(st.sampled_from(KINDS), min_size=1, max_size=3))
+    kinds = draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3))
+    thresholds = [i for i, kind in enumerate(kinds) if kind in VALUE_KINDS]
+    assume(len(thresholds) <= 1 and all(kind in LINEAR_KINDS for kind in kinds[:thresholds[0] if thresholds else 0]))
     n = size
     for kind in kinds:
         n = {"strided": (n - 3) // 2 + 1, "upsample": 2 * n, "bilinear": 2 * n, "shuffle": 2 * n}.get(kind, n)
@@ -119,8 +69,8 @@ def random_graphs(draw):
 
 
 def assert_equals_oracle(model: nn.Module, shape: tuple[int, ...], truth: dict, **options) -> None:
-    """Sweep every position densely and compare its support mask with the oracle's."""
-    result = sweep(model, shape, "all", keep_masks="all", method="dense", **options)
+    """Sweep the oracle's positions densely and compare their support masks with the oracle's."""
+    result = sweep(model, shape, sorted(truth), keep_masks="all", method="dense", **options)
     for pos in map(tuple, result.positions.tolist()):
         np.testing.assert_array_equal(result.masks[pos], truth[pos], err_msg=f"position {pos}")
 
@@ -130,6 +80,30 @@ def assert_equals_oracle(model: nn.Module, shape: tuple[int, ...], truth: dict, 
 def test_random_graphs_equal_forward_perturbation(case):
     model, shape = case
     truth = perturbation_masks(model, shape)
+    assert_equals_oracle(model, shape, truth)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(random_graphs([*LINEAR_KINDS, *EXTRA_KINDS]))
+def test_random_graphs_through_values_sampling_and_infinities_equal_forward_perturbation(case):
+    """Positions a nan reaches are refused; past an input-derived grid every position that is not constant reads
+    everything the grid reads."""
+    model, shape = case
+    assume(not {"nan", "warp"} <= {block.kind for block in model})   # where nan lands would change with the input
+    truth, reached = perturbation_masks(model, shape, big=1e6), nonfinite_positions(model, shape)
+    if reached:
+        with pytest.raises(SweepError, match="nan or inf at"):
+            sweep(model, shape, "all", method="dense")
+    truth = {pos: mask for pos, mask in truth.items() if pos not in reached}
+    if not truth:
+        return
+    if any(block.kind == "warp" for block in model):
+        result = sweep(model, shape, sorted(truth), keep_masks="all", method="dense")
+        masks = {pos: result.masks[pos] for pos in truth if result.masks[pos].any()}   # empty: a constant output
+        assert all(pos in masks for pos in truth if truth[pos].any())
+        reads = np.logical_or.reduce(list(truth.values()))
+        assert all((mask == next(iter(masks.values()))).all() and (mask >= reads).all() for mask in masks.values())
+        return
     assert_equals_oracle(model, shape, truth)
 
 
@@ -413,3 +387,58 @@ def test_metadata_queries_do_not_stop_compression():
 
     result = sweep(Queries(), (1, 2, 48, 48), "all", method="compressed")
     assert result.method_note == "" and "compressed" in set(result.path)
+
+
+class MaskedPosition(nn.Module):
+    """A conv whose output gets an additive -inf mask at one position (on every channel, or one), then a softmax
+    over channels: nan at that position when every channel is masked."""
+
+    def __init__(self, channels: slice = slice(None)):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        mask = torch.zeros(1, 3, 6, 6)
+        mask[0, channels, 4, 4] = float("-inf")
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return torch.softmax(self.conv(x) + self.mask, 1)
+
+
+def test_a_nan_position_spreads_to_no_other_and_is_refused_in_one_line():
+    torch.manual_seed(0)
+    shape = (1, 2, 8, 8)
+    result = sweep(MaskedPosition(), shape, [(2, 2)])
+    assert result.lo.tolist() == [[2, 2]] and result.hi.tolist() == [[4, 4]] and result.support.tolist() == [9]
+    truth = perturbation_masks(MaskedPosition(), shape)
+    assert_equals_oracle(MaskedPosition(), shape, {pos: mask for pos, mask in truth.items() if pos != (4, 4)})
+    with pytest.raises(SweepError, match=r"nan or inf at 1 of 36 swept positions \(first \(4, 4\)\)"):
+        sweep(MaskedPosition(), shape, "all")
+
+
+def test_a_nan_constant_is_refused_in_one_line_in_the_cli(tmp_path):
+    path = tmp_path / "nan.py"
+    path.write_text("from torch import nn\n\nclass Nan(nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.conv = nn.Conv2d(1, 1, 3)\n"
+                    "    def forward(self, x):\n        return self.conv(x) * float('nan')\n")
+    done = CliRunner().invoke(cli, ["inspect", f"{path}:Nan", "--input-shape", "1,1,8,8"])
+    assert done.exit_code == 1, done.output
+    assert "model output is nan or inf at 1 of 1 swept positions" in done.output and "Traceback" not in done.output
+
+
+def test_a_mask_on_some_channels_stays_exact_everywhere():
+    torch.manual_seed(0)
+    model = MaskedPosition(slice(0, 2))
+    assert_equals_oracle(model, (1, 2, 8, 8), perturbation_masks(MaskedPosition(slice(0, 2)), (1, 2, 8, 8)))
+
+
+def test_nan_made_by_the_surrogate_from_finite_values_is_refused():
+    class RootOfDifference(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return torch.sqrt(self.conv(x) - 2 * x)   # negative in the surrogate: weights average to one
+
+    with pytest.raises(SweepError, match=r"made nan or inf from finite values at sqrt.*mode='gradient'"):
+        sweep(RootOfDifference(), (1, 1, 8, 8), "center")
