@@ -265,3 +265,13 @@ def test_a_channels_last_grid_must_resample_the_input_by_one_stride(grid, spatia
     from rfreport.compute.engine import uniform_stride
 
     assert uniform_stride(grid, spatial) is uniform
+
+
+def test_dinov2_registers_at_a_two_by_two_patch_grid_read_the_patch_grid_not_nine_tokens():
+    # 1 class + 4 register tokens + a 2x2 patch grid = 9 tokens, itself a 3x3 grid of the input's aspect
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28).eval()
+    result = sweep(model, (1, 3, 28, 28), "all", layer="blocks.0", layout="tokens")
+    assert result.output_spatial == (2, 2)
+    assert result.verified.any() and not result.violations.any()
+    patches = sweep(model, (1, 3, 28, 28), "all", layer="patch_embed", layout="tokens", method="dense")
+    assert patches.lo.tolist() == (patches.positions * 14).tolist()
