@@ -198,7 +198,7 @@ def test_a_channels_first_output_whose_channels_equal_a_spatial_size_stays_nchw(
     result = sweep(model, (1, 3, *spatial), "all", method="dense")
     assert result.output_shape == (1, spatial[1], *spatial)
     assert ((result.hi - result.lo) <= 2).all() and result.verified.any() and not result.violations.any()
-    with pytest.raises(LayoutError, match="axis 3, which layout nhwc reads as channels.*--layout nchw"):
+    with pytest.raises(LayoutError, match=r"axis 3, which layout nhwc reads as channels.*--layout nchw"):
         sweep(model, (1, 3, *spatial), "center", layout="nhwc")
 
 
@@ -232,9 +232,9 @@ def test_prefix_and_patch_tokens_that_form_a_grid_themselves_read_the_patch_grid
 
 
 def test_an_ambiguous_token_count_without_a_grid_in_the_pass_is_refused(zoo):
-    path, models = zoo
+    _path, models = zoo
     model = models["UnfoldedPatches"](registers=4)
-    with pytest.raises(LayoutError, match="model output as tokens has shape .*give the grid as tokens:HxW"):
+    with pytest.raises(LayoutError, match=r"model output as tokens has shape .*give the grid as tokens:HxW"):
         sweep(model, (1, 3, 8, 8), "center", layout="tokens")
     result = sweep(model, (1, 3, 8, 8), "all", layout="tokens:2x2", method="dense")
     assert [(lo, hi) for lo, hi in zip(result.lo.tolist(), result.hi.tolist())] == \
