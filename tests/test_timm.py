@@ -275,3 +275,15 @@ def test_dinov2_registers_at_a_two_by_two_patch_grid_read_the_patch_grid_not_nin
     assert result.verified.any() and not result.violations.any()
     patches = sweep(model, (1, 3, 28, 28), "all", layer="patch_embed", layout="tokens", method="dense")
     assert patches.lo.tolist() == (patches.positions * 14).tolist()
+
+
+def test_cli_json_flags_the_swin_tokens_whose_box_wraps_through_the_shifted_windows_roll(vit_file):
+    done = CliRunner().invoke(cli, ["inspect", f"{vit_file}:swin_small", "--input-shape", "1,3,32,32", "--output",
+                                    "0", "--layout", "nhwc", "--positions", "corners", "--pos", "3,3", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = {tuple(p["pos"]): p for p in json.loads(done.output)["positions"]}
+    # tokens 0 and 7 share the shifted window {7, 0} rolled round: pixels 24..31 and 0..7, unrolled as -8..7
+    for corner in [(0, 0), (0, 7), (7, 0), (7, 7)]:
+        assert (rows[corner]["lo"], rows[corner]["hi"], rows[corner]["wrap"]) == ([-8, -8], [7, 7], [True, True])
+    assert (rows[3, 3]["lo"], rows[3, 3]["hi"], rows[3, 3]["wrap"]) == ([8, 8], [23, 23], [False, False])
+    assert swin_box(3) == (8, 23)
