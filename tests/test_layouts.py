@@ -63,6 +63,18 @@ class UnfoldedPatches(Patches):
         tokens = self.embed(nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
         return self.mix(torch.cat([self.extra.expand(x.shape[0], -1, -1), tokens], 1))
 
+class FixedSize(nn.Module):
+    """Runs at one input size only (like a ViT or Swin built for its img_size); channels-last or not."""
+    def __init__(self, size, last=True, channels=5):
+        super().__init__()
+        self.size, self.last = tuple(size), last
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"input size {tuple(x.shape[2:])} is not {self.size}")
+        y = self.conv(x)
+        return y.permute(0, 2, 3, 1) if self.last else y
+
 def channels_last():
     return ChannelsLast()
 
@@ -200,6 +212,17 @@ def test_a_channels_first_output_whose_channels_equal_a_spatial_size_stays_nchw(
     assert ((result.hi - result.lo) <= 2).all() and result.verified.any() and not result.violations.any()
     with pytest.raises(LayoutError, match=r"axis 3, which layout nhwc reads as channels.*--layout nchw"):
         sweep(model, (1, 3, *spatial), "center", layout="nhwc")
+
+
+@pytest.mark.parametrize(("spatial", "channels"), [((16, 20), 5), ((16, 5), 5), ((8, 8), 3), ((1, 1), 768)])
+def test_a_model_of_one_input_size_is_judged_by_the_grid_each_layout_reads(zoo, spatial, channels):
+    _path, models = zoo
+    last = models["FixedSize"](spatial, last=True, channels=channels)
+    with pytest.raises(LayoutError, match=r"runs at this input size only.*--layout nhwc"):
+        sweep(last, (1, 3, *spatial), "center")
+    first = models["FixedSize"](spatial, last=False, channels=channels)
+    assert sweep(first, (1, 3, *spatial), "center").output_shape == (1, channels, *spatial)
+    assert sweep(last, (1, 3, *spatial), "center", layout="nhwc").output_shape == (1, channels, *spatial)
 
 
 def test_cli_refuses_a_channels_last_output_without_its_layout_in_one_line(zoo):

@@ -18,6 +18,7 @@ from rfreport.compute import attention
 from rfreport.compute import global_context as context
 from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec, RunOptions
+from rfreport.errors import LayoutError
 from rfreport.run import jobs as jobs_mod
 from rfreport.run import plan
 
@@ -262,7 +263,7 @@ def test_swin_leaf_growth_reads_no_nchw_convolution_as_nhwc():
     ((8, 8), (32, 32), True), ((12, 8), (32, 32), False), ((15, 33), (60, 130), True), ((64, 64), (32, 32), True),
     ((1, 1), (224, 224), True), ((7, 2), (224, 224), False), ((4,), (17,), True), ((2, 4, 4), (16, 16, 16), False)])
 def test_a_channels_last_grid_must_resample_the_input_by_one_stride(grid, spatial, uniform):
-    from rfreport.compute.engine import uniform_stride
+    from rfreport.compute.shapes import uniform_stride
 
     assert uniform_stride(grid, spatial) is uniform
 
@@ -287,3 +288,11 @@ def test_cli_json_flags_the_swin_tokens_whose_box_wraps_through_the_shifted_wind
         assert (rows[corner]["lo"], rows[corner]["hi"], rows[corner]["wrap"]) == ([-8, -8], [7, 7], [True, True])
     assert (rows[3, 3]["lo"], rows[3, 3]["hi"], rows[3, 3]["wrap"]) == ([8, 8], [23, 23], [False, False])
     assert swin_box(3) == (8, 23)
+
+
+def test_swin_stages_built_for_one_size_are_refused_as_nchw_naming_nhwc():
+    model = timm.create_model(**{**SWIN, "embed_dim": 12}).eval()   # 12 channels on an 8x8 token grid
+    with pytest.raises(LayoutError, match=r"\(1, 8, 8, 12\) at input 32x32 \(the model runs at this input size only\)"
+                                          r".*--layout nhwc"):
+        sweep(model, SHAPE, "center", output=0)
+    assert sweep(model, SHAPE, "center", output=0, layout="nhwc").output_spatial == (8, 8)

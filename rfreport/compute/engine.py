@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from rfreport.compute.shapes import judge_layout
+from rfreport.compute.shapes import judge_layout, uniform_stride
 from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
 from rfreport.errors import LayoutError, SweepError, first_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, token_grid
@@ -683,12 +683,6 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
         return None
     return view
-
-
-def uniform_stride(grid: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
-    """Tell whether a grid is the input resampled by one stride on every axis, up to rounding (one cell)."""
-    stride = max(n / g for n, g in zip(input_spatial, grid))
-    return all(abs(n / stride - g) <= 1 for n, g in zip(input_spatial, grid))
 
 
 def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:

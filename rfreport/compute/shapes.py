@@ -8,9 +8,8 @@ a forward pass keeps stays out of the user's model) tell them apart from shapes 
   return channels-last tensors (ConvNeXt's norms and linear layers between permutes, a Swin block);
 * the analysed tensor itself is judged the same way: the axis its layout reads as channels must keep
   its size (`judge_layout`), else the layout misreads it and the analysis is refused, naming the
-  layout that reads it.
-
-A pass the model refuses (a model built for one input size only) shows nothing, and nothing is judged.
+  layout that reads it. A model built for one input size only refuses the doubled pass; its tensor
+  is judged by the grid each layout reads (one stride from the input, or not).
 """
 
 from __future__ import annotations
@@ -56,31 +55,77 @@ def meta_pass(shadow: nn.Module, input_shape: tuple[int, ...], select: Select | 
 
 def judge_layout(model: nn.Module, input_shape: tuple[int, ...], layout: Layout, select: Select,
                  where: str) -> None:
-    """Raise LayoutError when the axis `layout` reads as channels changes with the input size.
+    """Raise LayoutError when `layout` misreads the analysed tensor, naming the layout that reads it.
 
-    Only the channels-first and channels-last layouts are judged (a token layout's grid is checked
-    where it is read). A tensor of another rank, or a model that does not run at both sizes, is left
-    to the reading itself.
+    Judged by growth where the model runs at the input doubled: the axis read as channels must keep
+    its size where the other layout's does (a grid flattened into channels, read by no layout as a
+    grid, is read as given: its positions' RFs are the union over those channels). A model built for
+    one input size only is judged by its grid instead: the layout must read a grid that is the input
+    resampled by one stride when the other layout reads one and it does not. Only the channels-first
+    and channels-last layouts are judged (a token layout's grid is checked where it is read); a
+    tensor of another rank, or a model the shape-only pass cannot run, is left to the reading itself.
     """
     if layout.kind is LayoutKind.TOKENS:
         return
     shadow = on_meta(model)
-    shapes = [meta_pass(shadow, scaled(input_shape, scale), select) for scale in (1, 2)]
-    if any(s is None or s.dim() != len(input_shape) for s in shapes):
+    given, doubled = (meta_pass(shadow, scaled(input_shape, scale), select) for scale in (1, 2))
+    rank = len(input_shape)
+    if given is None or given.dim() != rank:
         return
-    given, doubled = (tuple(s.shape) for s in shapes)
-    channels = 1 if layout.kind is LayoutKind.NCHW else len(given) - 1
+    if doubled is not None and doubled.dim() == rank:
+        problem = _growing_channels(tuple(given.shape), tuple(doubled.shape), layout, input_shape)
+    else:
+        problem = _strided_grid(tuple(given.shape), layout, input_shape)
+    if problem:
+        raise LayoutError(f"{where} has shape {tuple(given.shape)} at input {_text(input_shape[2:])}{problem}")
+
+
+def _growing_channels(given: tuple[int, ...], doubled: tuple[int, ...], layout: Layout,
+                      input_shape: tuple[int, ...]) -> str | None:
+    """Return why the layout misreads a tensor whose shape at the doubled input is `doubled`, or None."""
+    channels = _channels_axis(layout, len(given))
     if given[channels] == doubled[channels]:
-        return
+        return None
     fixed = [axis for axis in range(1, len(given)) if given[axis] == doubled[axis]]
     fits = {1: "nchw", len(given) - 1: "nhwc"}.get(fixed[0]) if len(fixed) == 1 else None
-    hint = (f"analyse it with --layout {fits} (config: layout = \"{fits}\")" if fits
-            else "no channels axis keeps its size, so no layout reads it as a grid")
-    raise LayoutError(f"{where} has shape {given} at input {_grid(input_shape)} and {doubled} at "
-                      f"{_grid(scaled(input_shape, 2))}: its axis {channels}, which layout {layout} reads as "
-                      f"channels, grows with the input; {hint}")
+    if fits is None:   # no other layout reads a grid either (a grid flattened into channels): read as given
+        return None
+    return (f" and {doubled} at {_text(scaled(input_shape, 2)[2:])}: its axis {channels}, which layout {layout} "
+            f"reads as channels, grows with the input; {_hint(fits)}")
 
 
-def _grid(input_shape: tuple[int, ...]) -> str:
-    """Return an input's spatial size as `HxW`."""
-    return "x".join(map(str, input_shape[2:]))
+def _strided_grid(given: tuple[int, ...], layout: Layout, input_shape: tuple[int, ...]) -> str | None:
+    """Return why the layout misreads a tensor of a model that runs at one input size, or None."""
+    other = Layout(LayoutKind.NHWC if layout.kind is LayoutKind.NCHW else LayoutKind.NCHW)
+    grids = {kind: _grid_of(given, kind) for kind in (layout, other)}
+    spatial = tuple(input_shape[2:])
+    if uniform_stride(grids[layout], spatial) or not uniform_stride(grids[other], spatial):
+        return None
+    return (f" (the model runs at this input size only): layout {layout} reads a {_text(grids[layout])} grid, "
+            f"not the input resampled by one stride, and {other} a {_text(grids[other])} grid; {_hint(str(other))}")
+
+
+def _channels_axis(layout: Layout, rank: int) -> int:
+    """Return the axis a channels-first or channels-last layout reads as channels."""
+    return 1 if layout.kind is LayoutKind.NCHW else rank - 1
+
+
+def _grid_of(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    """Return the grid a channels-first or channels-last layout reads from a shape."""
+    return shape[2:] if layout.kind is LayoutKind.NCHW else shape[1:-1]
+
+
+def _hint(layout: str) -> str:
+    """Return the one-line advice to analyse with another layout."""
+    return f"analyse it with --layout {layout} (config: layout = \"{layout}\")"
+
+
+def uniform_stride(grid: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
+    """Tell whether a grid is the input resampled by one stride on every axis, up to rounding (one cell)."""
+    stride = max(n / g for n, g in zip(input_spatial, grid))
+    return all(abs(n / stride - g) <= 1 for n, g in zip(input_spatial, grid))
+
+
+def _text(sizes: tuple[int, ...]) -> str:
+    """Return sizes as `HxW`."""
+    return "x".join(map(str, sizes))
