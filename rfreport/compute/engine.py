@@ -337,7 +337,7 @@ class Engine:
                 self._forward(working)
 
     def _judge_layout(self) -> None:
-        """Refuse a layout that reads an axis growing with the input as channels (shape-only passes, shapes.py)."""
+        """Refuse a layout that misreads the analysed tensor (shape-only passes on the meta device, shapes.py)."""
         plain = Target(self.target.layer, self.target.output)
         judge_layout(self.model, self.input_shape, self.target.layout,
                      lambda model, x: forward_target(model, x, plain, read_layout=False), self.target.describe())
