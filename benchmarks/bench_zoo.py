@@ -50,7 +50,7 @@ ZOO = [
     Entry("swinv2_tiny_window8_256", "nhwc"), Entry("swinv2_cr_tiny_ns_224"), Entry("maxvit_pico_rw_256"),
     Entry("coatnet_pico_rw_224"), Entry("halonet26t"), Entry("lambda_resnet26t"), Entry("botnet26t_256"),
     Entry("volo_d1_224"), Entry("xcit_nano_12_p16_224"), Entry("mixer_s32_224"), Entry("resmlp_12_224"),
-    Entry("gmlp_ti16_224"), Entry("sequencer2d_s"), Entry("crossvit_tiny_240"), Entry("pvt_v2_b0"),
+    Entry("gmlp_ti16_224"), Entry("sequencer2d_s", "nhwc"), Entry("crossvit_tiny_240"), Entry("pvt_v2_b0"),
     Entry("twins_pcpvt_small"), Entry("twins_svt_small"), Entry("nest_tiny"), Entry("hrnet_w18_small"),
     Entry("dla46_c"), Entry("cs3darknet_s"), Entry("ese_vovnet19b_slim_dw"), Entry("inception_next_atto"),
     Entry("edgenext_xx_small"), Entry("focalnet_tiny_srf"), Entry("davit_tiny"), Entry("tiny_vit_5m_224"),
