@@ -237,6 +237,7 @@ class Engine:
         self._stack = None
         self._handles: list[RemovableHandle] = []   # hooks this engine put on the working model
         self._grids: list[tuple[int, ...]] = []      # spatial sizes of the grid tensors the pass showed so far
+        self._raw_shape: tuple[int, ...] = ()        # the analysed tensor's shape as the model returns it
 
     def __enter__(self) -> Engine:
         self._stack = preserved(self.model)
@@ -324,10 +325,10 @@ class Engine:
         stacked along the batch axis so the union of their supports is exact; a model that
         cannot take the larger batch (a hard-coded view, say) keeps the single probe.
         """
-        self._judge_layout()
         working = self._working_model()
         wanted, self.probes = self.probes, 1
         self._forward(working)
+        self._judge_layout()
         if wanted > 1 and self.function_mode.signed and self._inputs is None:
             try:
                 self.probes = wanted
@@ -339,7 +340,7 @@ class Engine:
     def _judge_layout(self) -> None:
         """Refuse a layout that misreads the analysed tensor (shape-only passes on the meta device, shapes.py)."""
         plain = Target(self.target.layer, self.target.output)
-        judge_layout(self.model, self.input_shape, self.target.layout,
+        judge_layout(self.model, self.input_shape, self._raw_shape, self.target.layout,
                      lambda model, x: forward_target(model, x, plain, read_layout=False), self.target.describe())
 
     def _forward(self, working: nn.Module) -> None:
@@ -364,7 +365,7 @@ class Engine:
         with torch.enable_grad(), eager_forward(), function_mode, \
                 torch.autograd.graph.saved_tensors_hooks(count, _same):
             raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
-        where = self.target.describe()
+        where, self._raw_shape = self.target.describe(), (self.input_shape[0], *raw.shape[1:])
         try:
             layout = resolved(self.target.layout, tuple(raw.shape), self.input_spatial, self._grids)
         except LayoutError as exc:

@@ -53,9 +53,10 @@ def meta_pass(shadow: nn.Module, input_shape: tuple[int, ...], select: Select | 
     return None
 
 
-def judge_layout(model: nn.Module, input_shape: tuple[int, ...], layout: Layout, select: Select,
-                 where: str) -> None:
-    """Raise LayoutError when `layout` misreads the analysed tensor, naming the layout that reads it.
+def judge_layout(model: nn.Module, input_shape: tuple[int, ...], given: tuple[int, ...], layout: Layout,
+                 select: Select, where: str) -> None:
+    """Raise LayoutError when `layout` misreads the analysed tensor, of shape `given` at the input, naming
+    the layout that reads it.
 
     Judged by growth where the model runs at the input doubled: the axis read as channels must keep
     its size where the other layout's does (a grid flattened into channels, read by no layout as a
@@ -65,19 +66,16 @@ def judge_layout(model: nn.Module, input_shape: tuple[int, ...], layout: Layout,
     and channels-last layouts are judged (a token layout's grid is checked where it is read); a
     tensor of another rank, or a model the shape-only pass cannot run, is left to the reading itself.
     """
-    if layout.kind is LayoutKind.TOKENS:
-        return
-    shadow = on_meta(model)
-    given, doubled = (meta_pass(shadow, scaled(input_shape, scale), select) for scale in (1, 2))
     rank = len(input_shape)
-    if given is None or given.dim() != rank:
+    if layout.kind is LayoutKind.TOKENS or len(given) != rank:
         return
+    doubled = meta_pass(on_meta(model), scaled(input_shape, 2), select)
     if doubled is not None and doubled.dim() == rank:
-        problem = _growing_channels(tuple(given.shape), tuple(doubled.shape), layout, input_shape)
+        problem = _growing_channels(given, tuple(doubled.shape), layout, input_shape)
     else:
-        problem = _strided_grid(tuple(given.shape), layout, input_shape)
+        problem = _strided_grid(given, layout, input_shape)
     if problem:
-        raise LayoutError(f"{where} has shape {tuple(given.shape)} at input {_text(input_shape[2:])}{problem}")
+        raise LayoutError(f"{where} has shape {given} at input {_text(input_shape[2:])}{problem}")
 
 
 def _growing_channels(given: tuple[int, ...], doubled: tuple[int, ...], layout: Layout,
