@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench bench-full bench-ray bench-verify lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray bench-verify bench-zoo lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench-ray: install  ## wall time of the example audit in-process and on a local 
 
 bench-verify: install  ## share of a sweep spent on run-time verification (forward perturbation; a minute or two)
 	$(PY) benchmarks/bench_verify.py
+
+bench-zoo: install  ## sweep the smallest variant of ~45 timm families at small sizes: answered / refused / crashed (an hour on 2 CPUs)
+	$(PY) benchmarks/bench_zoo.py --log reports/bench_zoo.log
 
 docs: install browser  ## regenerate docs/columns.md, docs/summary.md and the README's pictures (docs/img, from a real run)
 	$(PY) -m rfreport.schema > docs/columns.md

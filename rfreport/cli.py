@@ -383,7 +383,9 @@ def verdict_text(entry: Mapping[str, Any]) -> str:
 
 def arch_rf_text(entry: Mapping[str, Any]) -> str:
     """Return a model's architecture RF per axis (unbounded under global context), or `-` for a failed job."""
-    return geometry_text("arch_rf_size", entry.get("arch_rf_size")) if entry.get("status") == "ok" else "-"
+    if entry.get("status") != "ok":
+        return "-"
+    return geometry_text("arch_rf_size", entry.get("arch_rf_size"), entry.get("arch_rf_fit") or ())
 
 
 def global_text(entry: Mapping[str, Any]) -> str:
@@ -597,7 +599,7 @@ def geometry_text(key: str, value: Any, fits: Sequence[str] = ()) -> str:
         return "unbounded (global context)"
     if key == "rf_size_range":
         return " x ".join(f"{lo}-{hi}" if lo is not None else "-" for lo, hi in value)
-    if key in POSITION_DEPENDENT and isinstance(value, list):
+    if key in POSITION_DEPENDENT and isinstance(value, list) and fits:
         return " x ".join("position-dependent" if fit == "nonaffine" else text(v) for v, fit in zip(value, fits))
     if isinstance(value, list) and not per_axis(key):
         return ", ".join(map(text, value)) or "-"

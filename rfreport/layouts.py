@@ -8,7 +8,8 @@ or register tokens) are read through a layout instead of being misread as NCHW:
 * ``nhwc``: ``(N, *spatial, C)``;
 * ``tokens``: ``(N, L, C)`` whose last tokens form a grid with the input's aspect (the leading
   extra tokens, class and register, are dropped); the grid is inferred from the input's spatial
-  shape and the token count;
+  shape and the token count, and where several grids fit, from the grids the forward pass shows
+  (see token_grid);
 * ``tokens:HxW`` (``tokens:L``, ``tokens:DxHxW``): the same with an explicit grid.
 
 Pure Python: the config validates layouts without importing torch.
@@ -17,6 +18,7 @@ Pure Python: the config validates layouts without importing torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -72,11 +74,16 @@ def parse_layout(text: str | Layout | None) -> Layout:
     return Layout(parsed, tuple(int(s) for s in sizes))
 
 
-def token_grid(tokens: int, input_spatial: tuple[int, ...], layout: Layout) -> tuple[int, tuple[int, ...]]:
+def token_grid(tokens: int, input_spatial: tuple[int, ...], layout: Layout,
+               seen: Collection[tuple[int, ...]] = ()) -> tuple[int, tuple[int, ...]]:
     """Return (leading extra tokens, grid) of a token sequence of length `tokens`.
 
-    An explicit grid must fit within the sequence; an inferred one is the grid with the input's
-    aspect (every axis the same patch size) that leaves the fewest leading tokens.
+    An explicit grid must fit within the sequence. An inferred one is a grid with the input's aspect
+    (every axis the same patch size) after 0 to MAX_EXTRA_TOKENS leading tokens. Small sequences fit
+    several (9 tokens at a square input: a 3x3 grid, or 5 leading tokens and a 2x2 grid, or 8 and a
+    1x1 grid); then the grid is the one among them that the forward pass shows as the spatial size of a
+    grid tensor (`seen`: a patch embedding's convolution output), and without exactly one such grid the
+    layout is refused, asking for an explicit grid.
     """
     if layout.grid is not None:
         if len(layout.grid) != len(input_spatial):
@@ -85,12 +92,33 @@ def token_grid(tokens: int, input_spatial: tuple[int, ...], layout: Layout) -> t
         if not 0 <= extra <= MAX_EXTRA_TOKENS:
             raise LayoutError(f"layout {layout} needs {math.prod(layout.grid)} grid tokens; the output has {tokens}")
         return extra, layout.grid
-    for extra in range(min(tokens, MAX_EXTRA_TOKENS + 1)):
-        grid = _aspect_grid(tokens - extra, input_spatial)
-        if grid is not None:
-            return extra, grid
-    raise LayoutError(f"{tokens} tokens form no grid with the input's aspect {'x'.join(map(str, input_spatial))} "
-                     f"after up to {MAX_EXTRA_TOKENS} leading tokens; give the grid as tokens:HxW")
+    options = [(extra, grid) for extra in range(min(tokens, MAX_EXTRA_TOKENS + 1))
+               if (grid := _aspect_grid(tokens - extra, input_spatial)) is not None]
+    shown = [option for option in options if option[1] in set(seen)]
+    if len(options) == 1 or len(shown) == 1:
+        return options[0] if len(options) == 1 else shown[0]
+    aspect = "x".join(map(str, input_spatial))
+    if not options:
+        raise LayoutError(f"{tokens} tokens form no grid with the input's aspect {aspect} after up to "
+                          f"{MAX_EXTRA_TOKENS} leading tokens; give the grid as tokens:HxW")
+    fits = ", ".join(f"{_text(grid)} after {extra} leading tokens" for extra, grid in options)
+    found = "several of them" if shown else "none of them"
+    raise LayoutError(f"{tokens} tokens fit several grids with the input's aspect {aspect} ({fits}) and the "
+                      f"forward pass shows {found} as a grid; give the grid as tokens:HxW")
+
+
+def resolved(layout: Layout, shape: tuple[int, ...], input_spatial: tuple[int, ...],
+             seen: Collection[tuple[int, ...]] = ()) -> Layout:
+    """Return the layout with an inferred token grid made explicit for a tensor of `shape` (see token_grid);
+    other layouts, and tensors of another rank, as they are."""
+    if layout.kind is not LayoutKind.TOKENS or layout.grid is not None or len(shape) != 3:
+        return layout
+    return Layout(LayoutKind.TOKENS, token_grid(shape[1], input_spatial, layout, seen)[1])
+
+
+def _text(grid: tuple[int, ...]) -> str:
+    """Return a grid as `HxW`."""
+    return "x".join(map(str, grid))
 
 
 def _aspect_grid(count: int, input_spatial: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -171,7 +171,9 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
                                   "global_from": None, "global_op": None, "arch_rf_fit": ["affine", "affine"],
                                   "size_dependent": None, "estimated": None}
     for entry in record["positions"]:
-        assert list(entry) == ["pos", "lo", "hi", "size", "support", "fill", "edge", "verified", "violations"]
+        assert list(entry) == ["pos", "lo", "hi", "wrap", "size", "support", "fill", "edge", "verified",
+                               "violations"]
+        assert entry["wrap"] == [False, False]
         assert entry["verified"] is True and entry["violations"] == 0
         mask = support_mask(TINY, (17, 17), tuple(entry["pos"]))
         hs, ws_ = np.nonzero(mask)
@@ -179,6 +181,16 @@ def test_inspect_json_has_exactly_the_documented_schema(ws):
         assert entry["size"] == [hs.max() - hs.min() + 1, ws_.max() - ws_.min() + 1]
         assert entry["support"] == mask.sum() and entry["fill"] == 1.0
     assert [p["edge"] for p in record["positions"]] == [True, True, False, True, True]
+
+
+def test_inspect_json_flags_per_axis_a_box_unrolled_round_the_border():
+    done = invoke("inspect", "rfreport.examples:circular_net", "--input-shape", "1,3,32,24", "--json",
+                  "--positions", "corners", "--pos", "4,3")
+    assert done.exit_code == 0, done.output
+    for entry in json.loads(done.output)["positions"]:
+        lo, hi, wrap = np.array(entry["lo"]), np.array(entry["hi"]), entry["wrap"]
+        assert wrap == ((lo < 0) | (hi >= [32, 24])).tolist()
+        assert any(wrap) == (entry["pos"] != [4, 3])
 
 
 def test_inspect_geometry_is_filled_for_a_single_position(ws):

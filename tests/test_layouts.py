@@ -14,6 +14,8 @@ from rfreport.compute.sweep import sweep
 from rfreport.errors import LayoutError, SweepError
 from rfreport.layouts import Layout, LayoutKind, parse_layout, token_grid
 
+TOKENS = Layout(LayoutKind.TOKENS)
+
 MODELS = '''
 import torch
 from torch import nn
@@ -43,6 +45,35 @@ class TokenChain(Patches):
         self.head = nn.Linear(8, 8)
     def forward(self, x):
         return self.head(super().forward(x))
+
+class Anisotropic(nn.Module):
+    """A channels-first conv whose channel count equals the input width it is tested at."""
+    def __init__(self, channels=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+    def forward(self, x):
+        return self.conv(x)
+
+class UnfoldedPatches(Patches):
+    """Patch tokens cut by unfold and a linear (no grid tensor in the pass), after class and register tokens."""
+    def __init__(self, registers=0):
+        super().__init__(registers)
+        self.embed = nn.Linear(3 * 16, 8)
+    def forward(self, x):
+        tokens = self.embed(nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
+        return self.mix(torch.cat([self.extra.expand(x.shape[0], -1, -1), tokens], 1))
+
+class FixedSize(nn.Module):
+    """Runs at one input size only (like a ViT or Swin built for its img_size); channels-last or not."""
+    def __init__(self, size, last=True, channels=5):
+        super().__init__()
+        self.size, self.last = tuple(size), last
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"input size {tuple(x.shape[2:])} is not {self.size}")
+        y = self.conv(x)
+        return y.permute(0, 2, 3, 1) if self.last else y
 
 def channels_last():
     return ChannelsLast()
@@ -162,6 +193,75 @@ def test_cli_refuses_an_impossible_layout(zoo):
     assert "layout nhwc expects" in done.output and "Traceback" not in done.output
     done = CliRunner().invoke(cli, ["inspect", f"{path}:patches", "--input-shape", "1,3,16,24", "--layout", "tiles"])
     assert done.exit_code == 2 and "unknown layout" in done.output
+
+
+@pytest.mark.parametrize("spatial", [(16, 20), (16, 8), (9, 9)])
+def test_a_channels_last_output_read_as_nchw_is_refused_naming_nhwc(zoo, spatial):
+    _path, models = zoo
+    with pytest.raises(LayoutError, match=r"axis 1, which layout nchw reads as channels, grows with the input; "
+                                          r"analyse it with --layout nhwc"):
+        sweep(models["channels_last"](), (1, 3, *spatial), "center")
+
+
+@pytest.mark.parametrize("spatial", [(16, 5), (5, 16), (8, 8)])
+def test_a_channels_first_output_whose_channels_equal_a_spatial_size_stays_nchw(zoo, spatial):
+    _path, models = zoo
+    model = models["Anisotropic"](channels=spatial[1])
+    result = sweep(model, (1, 3, *spatial), "all", method="dense")
+    assert result.output_shape == (1, spatial[1], *spatial)
+    assert ((result.hi - result.lo) <= 2).all() and result.verified.any() and not result.violations.any()
+    with pytest.raises(LayoutError, match=r"axis 3, which layout nhwc reads as channels.*--layout nchw"):
+        sweep(model, (1, 3, *spatial), "center", layout="nhwc")
+
+
+@pytest.mark.parametrize(("spatial", "channels"), [((16, 20), 5), ((16, 5), 5), ((8, 8), 3), ((1, 1), 768)])
+def test_a_model_of_one_input_size_is_judged_by_the_grid_each_layout_reads(zoo, spatial, channels):
+    _path, models = zoo
+    last = models["FixedSize"](spatial, last=True, channels=channels)
+    with pytest.raises(LayoutError, match=r"runs at this input size only.*--layout nhwc"):
+        sweep(last, (1, 3, *spatial), "center")
+    first = models["FixedSize"](spatial, last=False, channels=channels)
+    assert sweep(first, (1, 3, *spatial), "center").output_shape == (1, channels, *spatial)
+    assert sweep(last, (1, 3, *spatial), "center", layout="nhwc").output_shape == (1, channels, *spatial)
+
+
+def test_cli_refuses_a_channels_last_output_without_its_layout_in_one_line(zoo):
+    path, _models = zoo
+    done = CliRunner().invoke(cli, ["inspect", f"{path}:channels_last", "--input-shape", "1,3,16,20"])
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    assert done.output.count("\n") == 1 and "(1, 16, 20, 8) at input 16x20" in done.output
+    assert '--layout nhwc (config: layout = "nhwc")' in done.output
+
+
+def test_ambiguous_token_counts_take_the_grid_the_pass_shows_or_are_refused():
+    with pytest.raises(LayoutError, match=r"9 tokens fit several grids .*\(3x3 after 0 leading tokens, 2x2 after 5 "
+                                          r"leading tokens, 1x1 after 8 leading tokens\).*none of them.*tokens:HxW"):
+        token_grid(9, (28, 28), TOKENS)
+    assert token_grid(9, (28, 28), TOKENS, seen=[(14, 14), (2, 2)]) == (5, (2, 2))
+    with pytest.raises(LayoutError, match="shows several of them"):
+        token_grid(9, (28, 28), TOKENS, seen=[(2, 2), (1, 1)])
+    assert token_grid(197, (224, 224), TOKENS, seen=[(7, 7)]) == (1, (14, 14))   # one grid fits: no evidence needed
+
+
+def test_prefix_and_patch_tokens_that_form_a_grid_themselves_read_the_patch_grid(zoo):
+    _path, models = zoo
+    model = models["patches"](registers=4)    # 1 class + 4 register + 2x2 patch tokens = 9 = 3x3
+    result = sweep(model, (1, 3, 8, 8), "all", layout="tokens", method="dense")
+    assert result.output_shape == (1, 8, 2, 2)
+    for pos, lo, hi in zip(result.positions.tolist(), result.lo.tolist(), result.hi.tolist()):
+        assert (lo, hi) == patch_box(tuple(pos))
+    frame = layer_growth(model, (1, 3, 8, 8), layout="tokens")
+    assert frame[["layer", "out_h", "out_w", "h_rf", "h_stride"]].values.tolist() == [["mix", 2, 2, 4, 4.0]]
+
+
+def test_an_ambiguous_token_count_without_a_grid_in_the_pass_is_refused(zoo):
+    _path, models = zoo
+    model = models["UnfoldedPatches"](registers=4)
+    with pytest.raises(LayoutError, match=r"model output as tokens has shape .*give the grid as tokens:HxW"):
+        sweep(model, (1, 3, 8, 8), "center", layout="tokens")
+    result = sweep(model, (1, 3, 8, 8), "all", layout="tokens:2x2", method="dense")
+    assert [(lo, hi) for lo, hi in zip(result.lo.tolist(), result.hi.tolist())] == \
+        [patch_box(tuple(p)) for p in result.positions.tolist()]
 
 
 def test_config_validates_layout(tmp_path):

@@ -18,6 +18,7 @@ from rfreport.compute import attention
 from rfreport.compute import global_context as context
 from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec, RunOptions
+from rfreport.errors import LayoutError
 from rfreport.run import jobs as jobs_mod
 from rfreport.run import plan
 
@@ -185,7 +186,10 @@ def test_cli_nhwc_layout_with_levels_and_windowed_attention_finding(vit_file, tm
     assert done.exit_code == 0, done.output
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["models"][0]
     assert entry["status"] == "ok", entry["error"]
-    assert entry["levels"][0]["output_shape"] == [1, 8, 8, 8] and entry["levels"][0]["arch_rf_size"][0] >= 16
+    level = entry["levels"][0]
+    assert level["output_shape"] == [1, 8, 8, 8] and level["in_input_rf_size"][0] >= 16
+    # windowed attention with a roll: no architecture RF is fitted on a position-dependent axis
+    assert level["arch_rf_fit"] == ["nonaffine", "nonaffine"] and level["arch_rf_size"] == [None, None]
     found = [f["message"] for f in entry["findings"] if f["code"] == "attention"]
     assert found == ["Attention is windowed: tokens attend only within groups (windows or grids) per image "
                      "(layers_0.blocks.0 to layers_0.blocks.1: 16 groups of 4 tokens). A centre token's RF after "
@@ -273,6 +277,36 @@ def test_swin_leaf_growth_reads_no_nchw_convolution_as_nhwc():
     ((8, 8), (32, 32), True), ((12, 8), (32, 32), False), ((15, 33), (60, 130), True), ((64, 64), (32, 32), True),
     ((1, 1), (224, 224), True), ((7, 2), (224, 224), False), ((4,), (17,), True), ((2, 4, 4), (16, 16, 16), False)])
 def test_a_channels_last_grid_must_resample_the_input_by_one_stride(grid, spatial, uniform):
-    from rfreport.compute.engine import uniform_stride
+    from rfreport.compute.shapes import uniform_stride
 
     assert uniform_stride(grid, spatial) is uniform
+
+
+def test_dinov2_registers_at_a_two_by_two_patch_grid_read_the_patch_grid_not_nine_tokens():
+    # 1 class + 4 register tokens + a 2x2 patch grid = 9 tokens, itself a 3x3 grid of the input's aspect
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28).eval()
+    result = sweep(model, (1, 3, 28, 28), "all", layer="blocks.0", layout="tokens")
+    assert result.output_spatial == (2, 2)
+    assert result.verified.any() and not result.violations.any()
+    patches = sweep(model, (1, 3, 28, 28), "all", layer="patch_embed", layout="tokens", method="dense")
+    assert patches.lo.tolist() == (patches.positions * 14).tolist()
+
+
+def test_cli_json_flags_the_swin_tokens_whose_box_wraps_through_the_shifted_windows_roll(vit_file):
+    done = CliRunner().invoke(cli, ["inspect", f"{vit_file}:swin_small", "--input-shape", "1,3,32,32", "--output",
+                                    "0", "--layout", "nhwc", "--positions", "corners", "--pos", "3,3", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = {tuple(p["pos"]): p for p in json.loads(done.output)["positions"]}
+    # tokens 0 and 7 share the shifted window {7, 0} rolled round: pixels 24..31 and 0..7, unrolled as -8..7
+    for corner in [(0, 0), (0, 7), (7, 0), (7, 7)]:
+        assert (rows[corner]["lo"], rows[corner]["hi"], rows[corner]["wrap"]) == ([-8, -8], [7, 7], [True, True])
+    assert (rows[3, 3]["lo"], rows[3, 3]["hi"], rows[3, 3]["wrap"]) == ([8, 8], [23, 23], [False, False])
+    assert swin_box(3) == (8, 23)
+
+
+def test_swin_stages_built_for_one_size_are_refused_as_nchw_naming_nhwc():
+    model = timm.create_model(**{**SWIN, "embed_dim": 12}).eval()   # 12 channels on an 8x8 token grid
+    with pytest.raises(LayoutError, match=r"\(1, 8, 8, 12\) at input 32x32 \(the model runs at this input size only\)"
+                                          r".*--layout nhwc"):
+        sweep(model, SHAPE, "center", output=0)
+    assert sweep(model, SHAPE, "center", output=0, layout="nhwc").output_spatial == (8, 8)

@@ -14,16 +14,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from rfreport.compute.shapes import judge_layout, uniform_stride
 from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
-from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line
-from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, token_grid
+from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line, one_line
+from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, token_grid
 from rfreport.options import Mode, values
 
 OutputKey = str | int | None
@@ -47,7 +48,7 @@ class Target:
             parts.append(f"output[{self.output!r}]")
         if self.layout != NCHW:
             parts.append(f"as {self.layout}")
-        return " ".join(parts) or "model output"
+        return " ".join(parts if self.layer or self.output is not None else ["model output", *parts])
 
 
 class _Captured(Exception):
@@ -166,8 +167,8 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
         raise
     except BaseException as exc:  # the user's model may raise anything, sys.exit() included; say where it happened
         shape = shown_shape or tuple(x.shape)
-        raise SweepError(f"the model raised {type(exc).__name__} on input shape {shape}: "
-                         f"{first_line(exc)}") from exc
+        detail = one_line(exc) if isinstance(exc, SystemExit) else first_line(exc)   # sys.exit(0): say so, not "0"
+        raise SweepError(f"the model raised {type(exc).__name__} on input shape {shape}: {detail}") from exc
     finally:
         if handle is not None:
             handle.remove()
@@ -237,6 +238,8 @@ class Engine:
         self._batched = True
         self._stack = None
         self._handles: list[RemovableHandle] = []   # hooks this engine put on the working model
+        self._grids: list[tuple[int, ...]] = []      # spatial sizes of the grid tensors the pass showed so far
+        self._raw_shape: tuple[int, ...] = ()        # the analysed tensor's shape as the model returns it
 
     def __enter__(self) -> Engine:
         self._stack = preserved(self.model)
@@ -275,16 +278,34 @@ class Engine:
         """Spatial shape of the output grid."""
         return tuple(self._y.shape[2:])
 
+    @property
+    def read_layout(self) -> Layout:
+        """Return the layout this engine reads its analysed tensors with."""
+        return self.target.layout
+
     def _working_model(self) -> nn.Module:
-        """Return the module to differentiate: the surrogate, or the model itself (copied across devices)."""
+        """Return the module to differentiate: the surrogate, or the model itself (copied across devices).
+
+        Under a token layout whose grid is inferred, every leaf module reports the spatial size of the
+        grid tensors it returns: they tell an ambiguous token count's grid (see layouts.token_grid).
+        """
         if self.mode == "structural":
-            return build_surrogate(self.model, self.seed, self.dtype).to(self.device)
-        params = list(self.model.parameters()) + list(self.model.buffers())
-        on_device = all(t.device == self.device for t in params)
-        working = self.model if on_device else _copy_to(self.model, self.device)
-        for param in working.parameters():
-            param.requires_grad_(False)
+            working = build_surrogate(self.model, self.seed, self.dtype).to(self.device)
+        else:
+            params = list(self.model.parameters()) + list(self.model.buffers())
+            on_device = all(t.device == self.device for t in params)
+            working = self.model if on_device else _copy_to(self.model, self.device)
+            for param in working.parameters():
+                param.requires_grad_(False)
+        if self.read_layout.kind is LayoutKind.TOKENS and self.read_layout.grid is None:
+            self._handles += [m.register_forward_hook(self._see_grid) for m in working.modules()
+                              if not list(m.children())]
         return working
+
+    def _see_grid(self, _module, _inputs, out) -> None:
+        """Record the spatial size of a leaf's (N, C, *grid) output."""
+        if isinstance(out, torch.Tensor) and out.dim() == len(self.input_shape):
+            self._grids.append(tuple(out.shape[2:]))
 
     def _make_input(self, dtype: torch.dtype) -> torch.Tensor:
         """Draw the probe input: positive uniform for the surrogate, standard normal otherwise."""
@@ -309,6 +330,7 @@ class Engine:
         working = self._working_model()
         wanted, self.probes = self.probes, 1
         self._forward(working)
+        self._judge_layout()
         if wanted > 1 and self.function_mode.signed and self._inputs is None:
             try:
                 self.probes = wanted
@@ -317,9 +339,19 @@ class Engine:
                 self.probes = 1
                 self._forward(working)
 
+    def _judge_layout(self) -> None:
+        """Refuse a layout that misreads the analysed tensor (shape-only passes on the meta device, shapes.py)."""
+        plain = Target(self.target.layer, self.target.output)
+        judge_layout(self.model, self.input_shape, self._raw_shape, self.target.layout,
+                     lambda model, x: forward_target(model, x, plain, read_layout=False), self.target.describe())
+
     def _forward(self, working: nn.Module) -> None:
-        """Run one forward pass on a fresh probe input, keeping the graph."""
+        """Run one forward pass on a fresh probe input, keeping the graph.
+
+        An inferred token grid is made explicit in `target` from what the pass showed (see _working_model).
+        """
         self._scales.clear()  # keyed by tensor id: a new pass makes new tensors
+        self._grids.clear()
         dtype = self.dtype if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
         gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
@@ -335,7 +367,13 @@ class Engine:
         with torch.enable_grad(), eager_forward(), function_mode, \
                 torch.autograd.graph.saved_tensors_hooks(count, _same):
             raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
-        y = channels_first(raw, self.target.layout, self.input_spatial, self.target.describe())
+        where, self._raw_shape = self.target.describe(), (self.input_shape[0], *raw.shape[1:])
+        try:
+            layout = resolved(self.target.layout, tuple(raw.shape), self.input_spatial, self._grids)
+        except LayoutError as exc:
+            raise LayoutError(f"{where} has shape {tuple(raw.shape)}: {exc}") from None
+        y = channels_first(raw, layout, self.input_spatial, where)
+        self.target = replace(self.target, layout=layout)
         self._check_output(y)
         self._x, self._y, self.function_mode = x, y, function_mode
         self.saved_bytes, self.largest_saved = saved
@@ -475,6 +513,7 @@ class CapturedLayer:
     type: str
     value: torch.Tensor
     edge: Any
+    layout: Layout    # how the raw output reads as (N, C, *grid), an inferred token grid made explicit
 
 
 class LayerEngine(Engine):
@@ -490,6 +529,14 @@ class LayerEngine(Engine):
         self.skip = frozenset(skip)
         self.layers: dict[str, CapturedLayer] = {}
         self._vjp_start = _VjpStart()
+
+    @property
+    def read_layout(self) -> Layout:
+        """Return the layout every captured layer output is read with."""
+        return self.layout
+
+    def _judge_layout(self) -> None:
+        """Judge nothing here: layers whose channels grow with the input are skipped by name (`skip`)."""
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
@@ -521,13 +568,14 @@ class LayerEngine(Engine):
             batch = self.input_shape[0] * self.probes
             ours = (not skipped and name not in self.layers and isinstance(out, torch.Tensor) and out.dim()
                     and out.shape[0] == batch)
-            value = _spatial_view(out, self.layout, self.input_spatial) if ours else None
-            if value is None:
+            layout = _resolved(out, self.layout, self.input_spatial, self._grids) if ours else None
+            value = _spatial_view(out, layout, self.input_spatial) if layout else None
+            if value is None or layout is None:
                 return
             edge = torch.autograd.graph.get_gradient_edge(out)
             if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
                 edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
-            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge)
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout)
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
@@ -592,13 +640,13 @@ class LayerEngine(Engine):
             grads = _local_vjp(value, edges, cotangents)
         finally:
             self._vjp_start.edge = None
-        grids = [g if s is None else self._as_grid(g) for s, g in zip(sources, grads)]
+        grids = [g if s is None else self._as_grid(g, self.layers[s].layout) for s, g in zip(sources, grads)]
         return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
 
-    def _as_grid(self, grad: torch.Tensor) -> torch.Tensor:
+    def _as_grid(self, grad: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Read a batch of gradients on a captured layer's raw output (B, *raw) as (B, N, C, *grid)."""
         rows, batch = grad.shape[:2]
-        flat = channels_first(grad.reshape(rows * batch, *grad.shape[2:]), self.layout, self.input_spatial)
+        flat = channels_first(grad.reshape(rows * batch, *grad.shape[2:]), layout, self.input_spatial)
         return flat.reshape(rows, batch, *flat.shape[1:])
 
 
@@ -622,6 +670,16 @@ def _cut(start: _VjpStart, node: int, nr: int):
     return hook
 
 
+def _resolved(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...],
+              seen: list[tuple[int, ...]]) -> Layout | None:
+    """Return the layout a captured output reads with (an inferred token grid made explicit), or None when its
+    token count fits no single grid."""
+    try:
+        return resolved(layout, tuple(value.shape), input_spatial, seen)
+    except LayoutError:
+        return None
+
+
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
     """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one.
 
@@ -638,12 +696,6 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
         return None
     return view
-
-
-def uniform_stride(grid: tuple[int, ...], input_spatial: tuple[int, ...]) -> bool:
-    """Tell whether a grid is the input resampled by one stride on every axis, up to rounding (one cell)."""
-    stride = max(n / g for n, g in zip(input_spatial, grid))
-    return all(abs(n / stride - g) <= 1 for n, g in zip(input_spatial, grid))
 
 
 def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:

@@ -172,8 +172,8 @@ def effective_rf(model: nn.Module, input_shape: Sequence[int], positions: positi
         with Engine(model, (1, *shape[1:]), mode="gradient", target=target, device=device, inputs=x[:1]) as probe:
             selected = positions_mod.resolve(positions, probe.output_spatial)
             per_pass, per_forward = _chunk_sizes(probe, batch_size, len(x))
-            output_shape, used = probe.output_shape, probe.device
-        sums = _gradient_sums(model, x, selected, target, used, per_pass, per_forward)
+            output_shape, used, read = probe.output_shape, probe.device, probe.target
+        sums = _gradient_sums(model, x, selected, read, used, per_pass, per_forward)
     theory = theoretical or sweep(model, shape, selected.tolist(), mode="structural", layer=layer, output=output,
                                   batch_size=batch_size, device=device, seed=seed, layout=layout)
     maps = {tuple(pos): total / len(x) for pos, total in zip(selected.tolist(), sums)}

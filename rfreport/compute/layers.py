@@ -31,8 +31,6 @@ centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import weakref
 from dataclasses import dataclass, replace
@@ -44,7 +42,7 @@ from torch import nn
 
 from rfreport.compute.dense import one_hot_weights
 from rfreport.compute.engine import LayerEngine, Target, check_input_shape, forward_target, preserved
-from rfreport.compute.surrogate import eager_forward, unwrap_compiled
+from rfreport.compute.shapes import meta_pass, on_meta, scaled
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.results import mask_bounds
@@ -633,7 +631,7 @@ def channels_last_outputs(model: nn.Module, input_shape: tuple[int, ...],
     weight copied, no value computed, and state a forward pass keeps stays out of the user's model). A module
     is compared call by call; one that either pass does not reach is kept (the window checks decide).
     """
-    shadow = _on_meta(model)
+    shadow = on_meta(model)
     modules = dict(shadow.named_modules())
     wanted = names or [n for n, m in modules.items() if n and not list(m.children())]
     calls: dict[str, list[list[int]]] = {name: [[], []] for name in wanted if name in modules}
@@ -646,24 +644,11 @@ def channels_last_outputs(model: nn.Module, input_shape: tuple[int, ...],
 
     for size, scale in enumerate((1, 2)):
         handles = [modules[name].register_forward_hook(record(name, size)) for name in calls]
-        x = torch.empty((*input_shape[:2], *(n * scale for n in input_shape[2:])), device="meta")
-        with torch.no_grad(), eager_forward(), contextlib.suppress(Exception):   # a model error ends the pass
-            shadow(x)
+        meta_pass(shadow, scaled(input_shape, scale))
         for handle in handles:
             handle.remove()
     return frozenset(name for name, (given, doubled) in calls.items()
                      if any(a != b for a, b in zip(given, doubled)))
-
-
-def _on_meta(model: nn.Module) -> nn.Module:
-    """Return an eval-mode copy of the model (compiled modules unwrapped) with meta parameters and buffers."""
-    source = getattr(model, "_orig_mod", model)
-    memo: dict[int, torch.Tensor] = {}
-    for tensor in [*source.parameters(), *source.buffers()]:
-        stand_in = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(stand_in, requires_grad=False) if isinstance(tensor, nn.Parameter) \
-            else stand_in
-    return unwrap_compiled(copy.deepcopy(source, memo)).eval()
 
 
 def output_layers(model: nn.Module, input_shape, target: Target) -> tuple[str, ...]:

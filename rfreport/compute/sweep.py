@@ -81,8 +81,9 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
             size_dependent_ops=engine.size_dependent_ops,
             target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
+        read = engine.target   # an inferred token grid made explicit by the pass
     kept = set(map(tuple, keep.tolist()))
-    return with_verification(result, model, target, checks, kept, seed=seed, started=started)
+    return with_verification(result, model, read, checks, kept, seed=seed, started=started)
 
 
 def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, target: Target, seed: int) -> None:

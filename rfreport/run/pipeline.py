@@ -201,13 +201,14 @@ def position_records(frame: pd.DataFrame, main: SweepResult) -> list[dict]:
 
     checked = {tuple(pos): (bool(flag), int(count)) for pos, flag, count
                in zip(main.positions.tolist(), main.verified, main.violations)}
+    wraps = frame[[f"{a}_wrap" for a in letters]].to_numpy(dtype=bool).tolist()
     records = []
-    for pos, lo, hi, size, support, fill, edge in zip(axes("pos_{}"), axes("{}_lo"), axes("{}_hi"), axes("{}_size"),
-                                                      frame["support"].tolist(), frame["fill"].tolist(),
-                                                      frame["edge"].tolist()):
+    for pos, lo, hi, wrap, size, support, fill, edge in zip(
+            axes("pos_{}"), axes("{}_lo"), axes("{}_hi"), wraps, axes("{}_size"), frame["support"].tolist(),
+            frame["fill"].tolist(), frame["edge"].tolist()):
         verified, violations = checked[tuple(pos)]
-        records.append({"pos": pos, "lo": lo, "hi": hi, "size": size, "support": int(support), "fill": float(fill),
-                        "edge": bool(edge), "verified": verified, "violations": violations})
+        records.append({"pos": pos, "lo": lo, "hi": hi, "wrap": wrap, "size": size, "support": int(support),
+                        "fill": float(fill), "edge": bool(edge), "verified": verified, "violations": violations})
     return records
 
 
