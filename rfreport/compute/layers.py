@@ -16,7 +16,9 @@ tensors, not grids (ConvNeXt's norms and linear layers between permutes): two sh
 the meta device find them, and they are composed through rather than read as layers.
 
 Composition is exact for affine layers whose local window stays clear of the predecessor's grid
-border. Where the border cuts a window (deep grids of one or two cells at small inputs) the
+border. A window counts as cut where it meets the border, where a cell past the border lies within the
+widest gap between the cells it reads (a dilated kernel's taps), or where another probe row's window is
+wider than the centre's. Where the border cuts a window (deep grids of one or two cells at small inputs) the
 unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
 input doubled along that axis (the other axes shrunk to an eighth: windows along one axis do not
 depend on the others) when the model accepts one and the pass shows no op that makes the
@@ -166,8 +168,9 @@ def probe_rows(shape: tuple[int, ...], axis: int | None = None, corner: bool = T
 class _Windows:
     """What one capture pass saw of a layer: its grid and its local windows on its predecessors.
 
-    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count) per probe row;
-    `direct`, set for layers measured by a backward to the input, holds those (lo, hi, count).
+    `windows` maps each nearest predecessor (None for the input) to (lo, hi, count, gap) per probe row (gap:
+    the widest run of unread cells between read ones per axis, as between a dilated kernel's taps); `direct`,
+    set for layers measured by a backward to the input, holds (lo, hi, count).
     """
 
     name: str
@@ -213,7 +216,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             unique, back = np.unique(rows, axis=0, return_inverse=True)
             masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
-                                 {source: tuple(v[back.ravel()] for v in mask_bounds(mask)[:3])
+                                 {source: tuple(v[back.ravel()] for v in (*mask_bounds(mask)[:3], _gaps(mask)))
                                   for source, mask in masks.items()}, rows))
         # a channels-last or token layout reshapes on purpose: there the window checks alone decide
         resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
@@ -294,6 +297,20 @@ def _reads_through_resizing(engine: LayerEngine, name: str) -> bool:
     return False
 
 
+def _gaps(masks: torch.Tensor) -> np.ndarray:
+    """Return the widest run of unread cells between read ones per axis of each boolean mask (B, *grid)."""
+    masks = np.asarray(masks)
+    ndim = masks.ndim - 1
+    gaps = np.zeros((len(masks), ndim), dtype=np.int64)
+    for axis in range(ndim):
+        read = masks.any(axis=tuple(d + 1 for d in range(ndim) if d != axis)) if ndim > 1 else masks
+        cells = np.arange(read.shape[1])
+        last = np.maximum.accumulate(np.where(read, cells, -1), axis=1)   # the last read cell up to each cell
+        before = np.concatenate([np.full((len(read), 1), -1), last[:, :-1]], axis=1)
+        gaps[:, axis] = np.where(read & (before >= 0), cells - before - 1, 0).max(axis=1, initial=0)
+    return gaps
+
+
 def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizing: set[str]) -> set[str]:
     """Return the layers whose window map is not affine at their centre or that read through a resizing
     op, and every layer reading from one."""
@@ -307,20 +324,26 @@ def _not_composable(seen: list[_Windows], input_spatial: tuple[int, ...], resizi
     return found
 
 
-def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray,
+def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray, gap: np.ndarray,
                   grid: np.ndarray) -> tuple[np.ndarray, bool]:
     """Return (clipped per axis, nonaffine) for a layer's windows on one predecessor grid.
 
-    Clipped: the centre window meets the grid border, or a next neighbour's window differs in size
-    from the centre's where one of them meets it (a border may have cut it). Not affine: a neighbour's
-    window differs from the centre's in size, or on another axis, with no border to explain it, or
-    the previous and next neighbours' windows move by different steps, or a neighbour's window does not
-    move with no border to pin it (upsampling, transposed convolutions).
+    Clipped: the centre window meets the grid border, or another probe row's window is wider than the
+    centre's on that axis, or a next neighbour's window differs in size from the centre's where one of them
+    meets it (a border may have cut it); a window meets the border where a cell past it lies within the widest
+    gap between read cells. Not affine: a neighbour's window differs from the centre's in size, or on another
+    axis, with no border to explain it, or the previous and next neighbours' windows move by different steps
+    with no border to explain it (a border that cuts them explains it: then the axis is clipped), or a
+    neighbour's window does not move with no border to pin it (upsampling, transposed convolutions).
     """
     ndim, hit = len(grid), count > 0
-    touch = (lo == 0) | (hi == grid - 1)
+    # a window meets the border when a cell past it could be read: within the widest gap between read cells
+    reach = np.where(hit[:, None], gap, 0).max(axis=0)
+    touch = (lo <= reach) | (hi >= grid - 1 - reach)
     size = hi - lo + 1
-    clipped = touch[0] & hit[0]
+    # clipping only shrinks the translates of one window: one wider than the centre's shows the centre cut, even
+    # where the cut leaves it clear of the border (a dilated kernel's taps beyond it)
+    clipped = (touch[0] | ((size > size[0]) & hit[:, None]).any(axis=0)) & hit[0]
     nonaffine = bool(hit[1:-1].any() and not hit[0])
     for axis in range(ndim):
         sides = [r for r in (1 + axis, 1 + ndim + axis) if rows[r, axis] != rows[0, axis] and hit[r] and hit[0]]
@@ -334,7 +357,10 @@ def _window_flags(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.nd
                 clipped[axis] = True
         if len(sides) == 2 and all((size[r] == size[0]).all() for r in sides):
             after, before = lo[sides[0], axis] - lo[0, axis], lo[0, axis] - lo[sides[1], axis]
-            nonaffine = nonaffine or after != before
+            if after != before and touch[[0, *sides], axis].any():
+                clipped[axis] = True   # a border cut one of them to the same size (a dilated kernel's taps)
+            else:
+                nonaffine = nonaffine or after != before
     return clipped, nonaffine
 
 
@@ -347,13 +373,13 @@ def _compose(windows: dict, done: dict, rows: np.ndarray, single: bool) -> tuple
     per axis, or a layer depending on one (global pooling: no larger input would make it exact).
     """
     lows, highs, exact, pooled = [], [], np.ones(rows.shape[1], dtype=bool), False
-    for source, (lo, hi, count) in windows.items():
+    for source, (lo, hi, count, gap) in windows.items():
         hit = count > 0
         first, last = done[source].affine.box(lo, hi)
         lows.append(np.where(hit[:, None], first, np.inf))
         highs.append(np.where(hit[:, None], last, -np.inf))
         grid = np.array(done[source].out)
-        clipped, _ = _window_flags(rows, lo, hi, count, grid)
+        clipped, _ = _window_flags(rows, lo, hi, count, gap, grid)
         exact = exact & done[source].affine.exact & ~clipped
         pooled = pooled or bool(hit.any() and done[source].pooled) or bool(
             single and hit[0] and (grid >= POOLED_GRID).all() and (lo[0] == 0).all() and (hi[0] == grid - 1).all())
@@ -389,7 +415,7 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
         return _direct_layer(seen, rows, n)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
     blind = np.isnan(lo[0]) | np.isnan(hi[0])  # the centre sees nothing, or reads through an unknown layer
-    unknown = bool(blind.any() and any(count[0] > 0 for _lo, _hi, count in seen.windows.values()))
+    unknown = bool(blind.any() and any(window[2][0] > 0 for window in seen.windows.values()))
     if blind.all():
         nothing = _Affine(np.zeros(len(n)), np.full(len(n), np.nan), np.zeros(len(n)), np.full(len(n), np.nan),
                           np.zeros(len(n), dtype=bool))

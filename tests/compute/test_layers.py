@@ -17,7 +17,7 @@ from rfreport.compute.layers import layer_growth, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
-from tests.support import hole_free_stacks, recurrence
+from tests.support import conv_stack, hole_free_stacks, recurrence
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -384,6 +384,40 @@ def test_an_upsampling_whose_windows_a_small_grid_clips_is_never_exact():
     assert not row["rf_exact"] and np.isnan(row["h_stride"])
     direct = sweep(model, (1, 1, 8, 8), "center", layer="mods.2")
     assert row["h_size"] == direct.hi[0, 0] - direct.lo[0, 0] + 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 6, 8, 8), (1, 1, 6, 8)], ids=["3-D", "2-D"])
+def test_a_dilated_convolution_on_a_tiny_grid_is_exact(shape):
+    """Stride-2 conv (RF 3, padding 1), then a dilation-2 conv on its 3 x 4 (x 4) grid: RF 3 + 2 * 2 * 2 = 11,
+    stride 2, padding 1 + 2 * 2 = 5. The border cuts the taps of the centre and both neighbours to windows of one
+    size moving by unequal steps: clipped (a larger input settles it), not 'not affine'."""
+    model = conv_stack(len(shape) - 2)
+    row = layer_growth(model, shape).set_index("layer").loc["2"]
+    direct = sweep(model, shape, "center", layer="2")
+    assert row["rf_exact"] and row["estimated"] == ""
+    for axis, a in enumerate("dhw"[-(len(shape) - 2):]):
+        assert (row[f"{a}_rf"], row[f"{a}_stride"], row[f"{a}_padding"]) == (11, 2.0, 5.0)
+        assert row[f"{a}_size"] == direct.hi[0, axis] - direct.lo[0, axis] + 1
+
+
+@pytest.mark.parametrize(("kernel", "dilation", "n"), [(3, 2, 4), (3, 3, 4), (3, 5, 6), (5, 5, 8)])
+def test_a_dilated_kernel_whose_taps_a_border_cuts_is_never_read_as_unclipped(kernel, dilation, n):
+    """Taps beyond the border leave the centre's window clear of it (one cell at n = 4, dilation 3): a wider window
+    elsewhere, or a cell past the border within the widest gap between taps, shows the cut."""
+    reach = dilation * (kernel - 1)
+    model = nn.Sequential(nn.Conv1d(1, 1, kernel, padding=reach // 2, dilation=dilation))
+    row = layer_growth(model, (1, 1, n)).iloc[0]
+    assert row["rf_exact"]
+    assert (row["l_rf"], row["l_stride"], row["l_padding"]) == (reach + 1, 1.0, reach // 2)
+
+
+@pytest.mark.xfail(strict=True, reason="every window on this grid is one cell (the kernel's other taps lie past the "
+                                       "border at every position), as a 1 x 1 kernel's are: only a larger input "
+                                       "tells them apart, and an exact-looking layer is not rerun")
+def test_a_dilation_past_the_whole_grid_reads_like_a_pointwise_kernel():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=4, dilation=4))
+    row = layer_growth(model, (1, 1, 4)).iloc[0]
+    assert not row["rf_exact"] or row["l_rf"] == 9
 
 
 @pytest.mark.parametrize("mode", ["structural", "gradient"])

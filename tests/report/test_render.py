@@ -233,6 +233,10 @@ def test_the_per_layer_table_highlights_the_analysed_layer_and_marks_border_laye
     frame = pd.read_parquet(path)
     frame.loc[5:, "border"] = True   # as if the input were smaller: the last two layers already cover it
     frame.to_parquet(path)
+    volume_path = run.path / "models" / "volume-6x8x8" / "layers.parquet"
+    volume = pd.read_parquet(volume_path)
+    volume.loc[2, ["rf_exact", "estimated"]] = [False, "a grid border cuts a local window on axis d"]
+    volume.to_parquet(volume_path)
     html = report.render(runfolder.load(run.path)).read_text(encoding="utf-8")
     table = html[html.index('<details class="layers">'):]
     table = table[:table.index("</details>")]
@@ -242,8 +246,9 @@ def test_the_per_layer_table_highlights_the_analysed_layer_and_marks_border_laye
         (" border", "2.1"), ("target border", "3")]
     last = rows[-1][2]
     assert "analysed</span>" in last and "<td>13 × 13</td>" in last and "<td>border layer</td>" in last
-    volume = html[html.index('id="model-volume-6x8x8"'):]
-    assert "estimated: not affine at its centre" in volume[volume.index('<details class="layers">'):]
+    section = html[html.index('id="model-volume-6x8x8"'):]
+    table = section[section.index('<details class="layers">'):]
+    assert "estimated: a grid border cuts a local window on axis d" in table
     assert html.count('<details class="layers">') == 3   # one per completed model; none for the failed one
 
 
