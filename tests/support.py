@@ -223,3 +223,21 @@ def build(layers: list[Layer], channels: int = 2) -> nn.Module:
     """Build the PyTorch stack of an oracle description."""
     torch.manual_seed(0)
     return nn.Sequential(*(layer.module(channels) for layer in layers))
+
+
+class ReusedReLU(nn.Module):
+    """Two strided convs sharing one ReLU module: the block's output is the ReLU's second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+def reused_relu_net() -> nn.Module:
+    """A model whose only block ends in a ReLU module called twice (for `layer="0"`)."""
+    return nn.Sequential(ReusedReLU())

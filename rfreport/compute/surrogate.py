@@ -181,14 +181,18 @@ class _Gate(torch.autograd.Function):
         return u * (grad != 0), None, None
 
 
-class _Held(torch.autograd.Function):
-    """Identity in the forward pass; backward passes no gradient to the non-finite elements (nan included)."""
+class _Identity(torch.autograd.Function):
+    """Identity in the forward pass (a copy); subclasses say what the backward does with the cotangent."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
         return x.clone()
+
+
+class _Held(_Identity):
+    """Backward passes no gradient to the non-finite elements (nan included)."""
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -203,19 +207,13 @@ class _Held(torch.autograd.Function):
         return torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
-class _Cleaned(torch.autograd.Function):
-    """Identity in the forward pass; backward turns nan cotangents into zeros.
+class _Cleaned(_Identity):
+    """Backward turns nan cotangents into zeros.
 
     The inputs of an op that meets a non-finite value get one: its backward multiplies zero cotangents
     (held elements) by infinite partial derivatives (`x * inf`, a matmul with a `-inf` entry), and
     0 * inf is nan, which would spread to positions that never read the non-finite value.
     """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

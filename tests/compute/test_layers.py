@@ -17,7 +17,7 @@ from rfreport.compute.layers import layer_growth, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
-from tests.support import conv_stack, hole_free_stacks, recurrence
+from tests.support import ReusedReLU, conv_stack, hole_free_stacks, recurrence
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -487,19 +487,6 @@ def test_the_shape_passes_leave_the_model_as_it_was():
     assert layer_growth(model, (1, 1, 16, 16))["rf_exact"].all()
     assert model.mask is mask and model.training
     assert model(torch.rand(1, 1, 16, 16)).device.type == "cpu"
-
-
-class ReusedReLU(nn.Module):
-    """Two strided convs sharing one ReLU module: the block's output is the ReLU's second call."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.conv2(self.relu(self.conv1(x))))
 
 
 def test_a_reused_modules_later_call_is_named_as_the_growth_captures_it():

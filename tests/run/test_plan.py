@@ -105,30 +105,12 @@ def test_a_shared_surrogate_gives_the_same_answers_and_keeps_no_hooks():
     pd.testing.assert_frame_equal(shared[1], shared[2])   # the first growth left no hooks behind
 
 
-REUSED = """from torch import nn
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(1, 1, 3, stride=2, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.conv2(self.relu(self.conv1(x))))
-
-
-def net():
-    return nn.Sequential(Block())
-"""
-
-
-def test_a_clipped_block_ending_in_a_reused_module_takes_its_own_growth_row(tmp_path):
+def test_a_clipped_block_ending_in_a_reused_module_takes_its_own_growth_row():
     """Every RF of block `0` is clipped at 8x8; its geometry comes from its own growth row (RF 7, stride 4,
     padding 3), not from the row of its shared ReLU's first call (RF 3, stride 2, padding 1)."""
-    (tmp_path / "reused.py").write_text(REUSED)
-    spec = ModelSpec(name="reused", factory=f"{tmp_path / 'reused.py'}:net", input_shapes=((1, 1, 8, 8),), layer="0")
+    spec = ModelSpec(name="reused", factory="tests.support:reused_relu_net", input_shapes=((1, 1, 8, 8),), layer="0")
     job = Job(spec, (1, 1, 8, 8), RunOptions())
     summary = plan.measure(models.build(spec), job).analyse().summary
     assert (summary.arch_rf_size, summary.stride, summary.padding) == ((7, 7), (4.0, 4.0), (3.0, 3.0))
