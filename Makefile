@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench bench-full bench-ray bench-verify bench-threads bench-gpu lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray bench-verify bench-threads bench-growth bench-gpu lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-verify: install  ## share of a sweep spent on run-time verification (forwa
 
 bench-threads: install  ## rfreport's thread choice against fixed thread counts, alone and beside 1 and 2 busy neighbours
 	$(PY) benchmarks/bench_threads.py
+
+bench-growth: install  ## a 3-D U-Net with every position swept and a segmentation head on grid:8, each at two sizes
+	$(PY) benchmarks/bench_growth.py
 
 bench-gpu: install  ## on a CUDA machine: CUDA tests, CUDA == CPU answers on the shipped configs, benchmarks (< 5 min)
 	$(PY) benchmarks/bench_gpu.py
