@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -505,11 +506,25 @@ def eager_forward() -> Iterator[None]:
     import torch.utils.checkpoint as checkpointing
 
     with ExitStack() as stack:
-        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if dynamo_loaded():
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        else:   # nothing is compiled yet (torch.compile loads dynamo); what the pass compiles runs eagerly
+            stack.callback(setattr, torch, "compile", torch.compile)
+            torch.compile = _eager_compile
         original = checkpointing._checkpoint_impl
         checkpointing._checkpoint_impl = lambda function, args, kwargs, **_options: function(*args, **kwargs)
         stack.callback(setattr, checkpointing, "_checkpoint_impl", original)
         yield
+
+
+def dynamo_loaded() -> bool:
+    """Tell whether torch.compile's machinery is loaded (importing it costs as much CPU as importing torch)."""
+    return "torch._dynamo" in sys.modules
+
+
+def _eager_compile(model: Any = None, **_options: Any) -> Any:
+    """Stand in for torch.compile under force_eager: the function or module itself (as a decorator too)."""
+    return model if model is not None else (lambda function: function)
 
 
 def _write_surrogate_parameter(name: str, param: torch.Tensor, transposed: bool, generator: torch.Generator) -> None:

@@ -9,6 +9,8 @@ and padding, unpooling, medians and sorts.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -413,3 +415,25 @@ def test_metadata_queries_do_not_stop_compression():
 
     result = sweep(Queries(), (1, 2, 48, 48), "all", method="compressed")
     assert result.method_note == "" and "compressed" in set(result.path)
+
+
+def test_a_function_compiled_during_the_pass_runs_eagerly_before_dynamo_loads(monkeypatch):
+    """Without torch.compile's machinery loaded, what the forward pass compiles runs as plain calls."""
+    from rfreport.compute import surrogate
+
+    class CompilesInForward(nn.Module):
+        def forward(self, x):
+            return torch.compile(max_pool_chain())(x)
+
+    monkeypatch.setattr(surrogate, "dynamo_loaded", lambda: False)
+    original = torch.compile
+    assert sweep(CompilesInForward(), (1, 1, 16, 16), "center").support.tolist() == [64]
+    assert torch.compile is original
+
+
+def test_a_sweep_does_not_load_torch_compile(tmp_path):
+    """Loading torch.compile's machinery costs as much as importing torch: a sweep of a plain model spares it."""
+    code = ("import sys; from torch import nn; from rfreport.compute.sweep import sweep; "
+            "sweep(nn.Conv2d(1, 1, 3), (1, 1, 8, 8), 'center'); print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=tmp_path).stdout.strip() == "False"
