@@ -165,6 +165,15 @@ def _noise_pool(dtype: torch.dtype, device: torch.device, size: int) -> torch.Te
     return pool
 
 
+def _nonzero(grad: torch.Tensor) -> torch.Tensor:
+    """Return 1.0 where `grad` is non-zero (NaN included), else 0.0, in grad's dtype.
+
+    The same values as `(grad != 0)`, at a third of the CPU time: a comparison writing booleans and
+    a multiplication promoting them cost more than nan_to_num, sign and abs in place together.
+    """
+    return grad.nan_to_num(nan=1.0).sign_().abs_()   # sign(NaN) is 0 on a CPU: NaN becomes 1 first
+
+
 class _Gate(torch.autograd.Function):
     """Identity up to a positive scale in the forward pass; backward sends `(g != 0) * u` on.
 
@@ -189,7 +198,7 @@ class _Gate(torch.autograd.Function):
         if grad is None:
             return None, None, None
         (u,) = ctx.saved_tensors
-        return u * (grad != 0), None, None
+        return u * _nonzero(grad), None, None
 
 
 class StructuralMode(TorchFunctionMode):

@@ -437,3 +437,15 @@ def test_a_sweep_does_not_load_torch_compile(tmp_path):
             "sweep(nn.Conv2d(1, 1, 3), (1, 1, 8, 8), 'center'); print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=tmp_path).stdout.strip() == "False"
+
+
+@given(st.lists(st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 2.5, -3.0, float("inf"), -float("inf"), float("nan")]),
+                min_size=1, max_size=40), st.sampled_from([torch.float32, torch.float64]))
+def test_the_gates_mark_exactly_the_non_zero_gradients(values, dtype):
+    """The gates' backward marks the entries `grad != 0` marks (NaN and subnormals included), in the grad's dtype."""
+    from rfreport.compute.surrogate import _nonzero
+
+    grad = torch.tensor(values, dtype=dtype)
+    marked = _nonzero(grad.clone())
+    assert marked.dtype == dtype
+    assert torch.equal(marked, (grad != 0).to(dtype))
