@@ -9,9 +9,12 @@ output shows how the cost grows when the input doubles:
     concatenation; 8 channels) at SIZE^3 with `--positions all`;
 (b) a 2-D segmentation head (rfreport.examples:unet, full-resolution output) at SIZE^2 on `grid:8`.
 
-Peak memory is bounded by the batch sizing: a backward pass holds at most 1 GiB of cotangents on a
-CPU (`engine.CPU_BATCH_BYTES`; half the free memory on a GPU) on top of the model's forward
-activations, whatever the number of positions. `make bench-growth` runs the default sizes
+Peak memory is bounded by the batch sizing, whatever the number of positions: on a CPU a batch has at
+most `engine.CPU_TENSOR_BYTES` (4 MiB) / (largest activation of one row) rows, within the estimate
+against `engine.CPU_BATCH_BYTES`; a backward pass holds a few times its largest gradient per row on
+top of the forward activations (3-D convolutions: their column buffers, about 8 MB a row for the
+U-Net at 16^3; docs/benchmarks.md). On a GPU, the estimate against half the free memory.
+`make bench-growth` runs the default sizes
 (a: 32 and 64, b: 512 and 1024).
 """
 
