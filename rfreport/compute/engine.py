@@ -575,7 +575,11 @@ class LayerEngine(Engine):
     def local_support(self, name: str, weights: torch.Tensor,
                       sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:
         """Return, per nearest predecessor (or per given source; None is the input), the boolean support
-        (B, *its spatial) of rows of weights on a layer."""
+        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass."""
+        size = self.auto_batch_size()
+        if len(weights) > size:
+            parts = [self.local_support(name, chunk, sources) for chunk in weights.split(size)]
+            return {source: torch.cat([part[source] for part in parts]) for source in parts[0]}
         value = self.layers[name].value
         cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name) if sources is None else sources

@@ -453,3 +453,12 @@ def test_the_shape_passes_leave_the_model_as_it_was():
     assert layer_growth(model, (1, 1, 16, 16))["rf_exact"].all()
     assert model.mask is mask and model.training
     assert model(torch.rand(1, 1, 16, 16)).device.type == "cpu"
+
+
+def test_layer_windows_are_the_same_one_row_per_backward_pass(monkeypatch):
+    """Layer probes run in chunks of the engine's batch size: one row per pass gives the same frame."""
+    from rfreport.compute import engine
+
+    whole = layer_growth(TinyResNet(), (1, 1, 12, 12))
+    monkeypatch.setattr(engine, "CPU_TENSOR_BYTES", 1)
+    pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)
