@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= reports/latest
 CONFIGS = configs/examples.toml $(shell $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is None)" 2>/dev/null && echo configs/torchvision.toml)
 
-.PHONY: help install browser test report bench bench-full bench-ray bench-verify bench-zoo lint docs gold-update clean
+.PHONY: help install browser test report bench bench-full bench-ray bench-verify bench-zoo bench-threads bench-growth bench-gpu lint docs gold-update clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,15 @@ bench-verify: install  ## share of a sweep spent on run-time verification (forwa
 
 bench-zoo: install  ## sweep the smallest variant of ~45 timm families at small sizes: answered / refused / crashed (an hour on 2 CPUs)
 	$(PY) benchmarks/bench_zoo.py --log reports/bench_zoo.log
+
+bench-threads: install  ## rfreport's thread choice against fixed thread counts, alone and beside 1 and 2 busy neighbours
+	$(PY) benchmarks/bench_threads.py
+
+bench-growth: install  ## a 3-D U-Net with every position swept and a segmentation head on grid:8, each at two sizes
+	$(PY) benchmarks/bench_growth.py
+
+bench-gpu: install  ## on a CUDA machine: CUDA tests, CUDA == CPU answers on the shipped configs, benchmarks (< 5 min)
+	$(PY) benchmarks/bench_gpu.py
 
 docs: install browser  ## regenerate docs/columns.md, docs/summary.md and the README's pictures (docs/img, from a real run)
 	$(PY) -m rfreport.schema > docs/columns.md

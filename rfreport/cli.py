@@ -499,6 +499,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     from rfreport.config import Level, ModelSpec, RunOptions
     from rfreport.run import jobs as jobs_mod
     from rfreport.run import pipeline
+    from rfreport.run.threads import apply_choice
 
     configure_logging(verbose, quiet)
     if layer is not None and output is not None:
@@ -516,6 +517,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     job = jobs_mod.Job(spec, input_shape, RunOptions(**{k: v for k, v in given.items() if v is not None}))
     progress = make_progress(quiet, starts=False)
     progress.start(job, 0, 1)
+    apply_choice()
     record = pipeline.inspect(job, progress.advance, layers=with_layers)
     progress.finish()
     click.echo(json.dumps(record) if as_json else inspect_text(record))
@@ -624,5 +626,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def main() -> None:
-    """Run the rfreport command line."""
+    """Run the rfreport command line (OpenMP threads wait passively: set before torch loads)."""
+    from rfreport.run.threads import prefer_passive_waits
+
+    prefer_passive_waits()
     cli(prog_name="rfreport")

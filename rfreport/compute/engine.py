@@ -29,6 +29,7 @@ from rfreport.options import Mode, values
 
 OutputKey = str | int | None
 CPU_BATCH_BYTES = 1 << 30
+CPU_TENSOR_BYTES = 4 << 20   # on a CPU, a batch's largest gradient stays under this (see auto_batch_size)
 MAX_BATCH = 4096
 LIVE_GRADIENTS = 6   # activation-sized gradients a batched backward holds per row at its peak
 
@@ -413,19 +414,24 @@ class Engine:
         return tuple(sorted(self.function_mode.padding_modes))
 
     def auto_batch_size(self) -> int:
-        """Return the largest cotangent batch whose backward fits the memory budget.
+        """Return the cotangent batch: within the memory budget, and on a CPU within the allocator's reuse.
 
         A batched backward holds, per row, the gradients of the few activations alive at one time
         (a residual block's branches), not of every saved tensor: a few times the largest one.
+        On a CPU a larger batch also costs more per row: every gradient tensor above glibc's mmap
+        threshold (32 MiB at most) is fresh memory from the kernel, zeroed page by page, and falls
+        out of the caches (the FCN of benchmarks/bench_inspect.py at 256x256: 100 ms of CPU per
+        row at 32 rows a batch, half of it in the kernel; 45 ms at one row). So a CPU batch keeps
+        its largest gradient under CPU_TENSOR_BYTES, and small passes still share one call.
         """
         ends = (self._x.numel() + self._y.numel()) * self._x.element_size()
         per_row = LIVE_GRADIENTS * self.largest_saved + 2 * ends
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
-            budget = free // 2
-        else:
-            budget = CPU_BATCH_BYTES
-        return int(max(1, min(MAX_BATCH, budget // max(per_row, 1))))
+            return int(max(1, min(MAX_BATCH, free // 2 // max(per_row, 1))))
+        largest = max(self.largest_saved, self._x.numel() * self._x.element_size(),
+                      self._y.numel() * self._y.element_size())
+        return int(max(1, min(MAX_BATCH, CPU_BATCH_BYTES // max(per_row, 1), CPU_TENSOR_BYTES // max(largest, 1))))
 
     def input_grads(self, weights: torch.Tensor) -> torch.Tensor:
         """Return |d(sum_p w_p y_p)/dx| summed over batch and channels, one row per row of `weights`.
@@ -629,7 +635,11 @@ class LayerEngine(Engine):
     def local_support(self, name: str, weights: torch.Tensor,
                       sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:
         """Return, per nearest predecessor (or per given source; None is the input), the boolean support
-        (B, *its spatial) of rows of weights on a layer."""
+        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass."""
+        size = self.auto_batch_size()
+        if len(weights) > size:
+            parts = [self.local_support(name, chunk, sources) for chunk in weights.split(size)]
+            return {source: torch.cat([part[source] for part in parts]) for source in parts[0]}
         value = self.layers[name].value
         cotangents = self.cotangents(weights, value)
         sources = self.predecessors(name) if sources is None else sources

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -154,6 +155,15 @@ def _noise_pool(dtype: torch.dtype, device: torch.device, size: int) -> torch.Te
     return pool
 
 
+def _nonzero(grad: torch.Tensor) -> torch.Tensor:
+    """Return 1.0 where `grad` is non-zero (NaN included), else 0.0, in grad's dtype.
+
+    The same values as `(grad != 0)`, at a third of the CPU time: a comparison writing booleans and
+    a multiplication promoting them cost more than nan_to_num, sign and abs in place together.
+    """
+    return grad.nan_to_num(nan=1.0).sign_().abs_()   # sign(NaN) is 0 on a CPU: NaN becomes 1 first
+
+
 class _Gate(torch.autograd.Function):
     """Identity up to a positive scale in the forward pass; backward sends `(g != 0) * u` on.
 
@@ -178,7 +188,7 @@ class _Gate(torch.autograd.Function):
         if grad is None:
             return None, None, None
         (u,) = ctx.saved_tensors
-        return u * (grad != 0), None, None
+        return u * _nonzero(grad), None, None
 
 
 class _Identity(torch.autograd.Function):
@@ -702,11 +712,25 @@ def eager_forward() -> Iterator[None]:
     import torch.utils.checkpoint as checkpointing
 
     with ExitStack() as stack:
-        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if dynamo_loaded():
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        else:   # nothing is compiled yet (torch.compile loads dynamo); what the pass compiles runs eagerly
+            stack.callback(setattr, torch, "compile", torch.compile)
+            torch.compile = _eager_compile
         original = checkpointing._checkpoint_impl
         checkpointing._checkpoint_impl = lambda function, args, kwargs, **_options: function(*args, **kwargs)
         stack.callback(setattr, checkpointing, "_checkpoint_impl", original)
         yield
+
+
+def dynamo_loaded() -> bool:
+    """Tell whether torch.compile's machinery is loaded (importing it costs as much CPU as importing torch)."""
+    return "torch._dynamo" in sys.modules
+
+
+def _eager_compile(model: Any = None, **_options: Any) -> Any:
+    """Stand in for torch.compile under force_eager: the function or module itself (as a decorator too)."""
+    return model if model is not None else (lambda function: function)
 
 
 def _write_surrogate_parameter(name: str, param: torch.Tensor, transposed: bool, generator: torch.Generator) -> None:

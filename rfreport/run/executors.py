@@ -19,6 +19,7 @@ from rfreport.results import SweepResult, join
 from rfreport.run.jobs import Advance, Job, JobResult, Progress, Silent
 from rfreport.run.pipeline import run_job
 from rfreport.run.plan import main_sweep, selected_positions
+from rfreport.run.threads import apply_choice
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class LocalExecutor:
         """Run every job in order, reporting progress, and yield its result."""
         for index, job in enumerate(jobs):
             self.progress.start(job, index, len(jobs))
+            apply_choice()
             result = run_job(job, self.progress.advance)
             self.progress.finish(result)
             yield result

@@ -152,3 +152,16 @@ def test_gradient_mode_uses_the_model_weights_as_given():
         conv.weight[0, 0, 1, 1] = 1.0
     assert sweep(conv, (1, 1, 5, 5), "center", mode="gradient").support.tolist() == [1]
     assert sweep(conv, (1, 1, 5, 5), "center").support.tolist() == [9]
+
+
+@pytest.mark.parametrize(("size", "rows"), [(8, None), (128, 4), (256, 1)])
+def test_cpu_batches_keep_their_largest_gradient_in_reused_memory(size, rows):
+    """On a CPU a batch's largest gradient stays under CPU_TENSOR_BYTES; a small pass still batches many rows."""
+    from rfreport.compute.engine import CPU_TENSOR_BYTES, Engine
+
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 1, 3, padding=1))
+    with Engine(model, (1, 1, size, size), device="cpu") as engine:
+        batch = engine.auto_batch_size()
+        largest = 16 * size * size * 4   # the hidden activation, float32
+        assert batch == (rows or CPU_TENSOR_BYTES // largest)
+        assert batch * largest <= max(CPU_TENSOR_BYTES, largest)

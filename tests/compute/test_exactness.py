@@ -9,6 +9,8 @@ and padding, unpooling, medians and sorts.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -442,3 +444,37 @@ def test_nan_made_by_the_surrogate_from_finite_values_is_refused():
 
     with pytest.raises(SweepError, match=r"made nan or inf from finite values at sqrt.*mode='gradient'"):
         sweep(RootOfDifference(), (1, 1, 8, 8), "center")
+
+
+def test_a_function_compiled_during_the_pass_runs_eagerly_before_dynamo_loads(monkeypatch):
+    """Without torch.compile's machinery loaded, what the forward pass compiles runs as plain calls."""
+    from rfreport.compute import surrogate
+
+    class CompilesInForward(nn.Module):
+        def forward(self, x):
+            return torch.compile(max_pool_chain())(x)
+
+    monkeypatch.setattr(surrogate, "dynamo_loaded", lambda: False)
+    original = torch.compile
+    assert sweep(CompilesInForward(), (1, 1, 16, 16), "center").support.tolist() == [64]
+    assert torch.compile is original
+
+
+def test_a_sweep_does_not_load_torch_compile(tmp_path):
+    """Loading torch.compile's machinery costs as much as importing torch: a sweep of a plain model spares it."""
+    code = ("import sys; from torch import nn; from rfreport.compute.sweep import sweep; "
+            "sweep(nn.Conv2d(1, 1, 3), (1, 1, 8, 8), 'center'); print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=tmp_path).stdout.strip() == "False"
+
+
+@given(st.lists(st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 2.5, -3.0, float("inf"), -float("inf"), float("nan")]),
+                min_size=1, max_size=40), st.sampled_from([torch.float32, torch.float64]))
+def test_the_gates_mark_exactly_the_non_zero_gradients(values, dtype):
+    """The gates' backward marks the entries `grad != 0` marks (NaN and subnormals included), in the grad's dtype."""
+    from rfreport.compute.surrogate import _nonzero
+
+    grad = torch.tensor(values, dtype=dtype)
+    marked = _nonzero(grad.clone())
+    assert marked.dtype == dtype
+    assert torch.equal(marked, (grad != 0).to(dtype))

@@ -514,3 +514,12 @@ def test_a_row_says_why_it_is_estimated():
     row = layer_growth(upsampled, (1, 1, 8, 8)).set_index("layer").loc["mods.2"]
     assert row["estimated"] == ("a grid border cuts a local window on axes h, w (here or upstream) and no larger "
                                 "input tried gave exact values: the RF is a lower bound")
+
+
+def test_layer_windows_are_the_same_one_row_per_backward_pass(monkeypatch):
+    """Layer probes run in chunks of the engine's batch size: one row per pass gives the same frame."""
+    from rfreport.compute import engine
+
+    whole = layer_growth(TinyResNet(), (1, 1, 12, 12))
+    monkeypatch.setattr(engine, "CPU_TENSOR_BYTES", 1)
+    pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)

@@ -1,0 +1,110 @@
+"""Intra-op threads chosen from the CPUs this process can really get, job by job.
+
+torch starts one intra-op thread per core it sees, and OpenMP threads spin while they wait for work.
+On a machine shared with other processes (CI runners, review machines) those threads fight the
+neighbours for cores: a small model's sweep that takes 6 s alone took 17 s beside one busy torch
+process with the default threads, 9 s with one thread. So before each job rfreport counts the CPUs
+it may use (affinity and the cgroup's CPU quota), samples how many of them are idle right now
+(`/proc/stat`, 50 ms), and runs the job with that many threads (at least one). OpenMP waits
+passively (`OMP_WAIT_POLICY=PASSIVE`, set before torch loads) so idle threads yield their core.
+
+An explicit `OMP_NUM_THREADS` (or `torch.set_num_threads` by a caller of the library API) is the
+user's choice and is left alone: the choice is made only by the command line and the executors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SECONDS = 0.05
+BUSY_SHARE = 0.5    # a CPU counts as free when at least half of it was idle during the sample
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many intra-op threads a job gets, and what the choice was made from."""
+
+    threads: int
+    usable: int          # CPUs this process may run on (affinity, cgroup quota)
+    idle: float          # of those, how many were idle during the sample
+
+
+def prefer_passive_waits() -> None:
+    """Make OpenMP threads sleep rather than spin while they wait (only before torch is imported)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def user_chose_threads() -> bool:
+    """Tell whether the environment already fixes the thread count."""
+    return bool(os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"))
+
+
+def usable_cpus() -> int:
+    """Count the CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, cgroup_quota() or cpus))
+
+
+def cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Read a cgroup v2 CPU quota as whole CPUs (rounded up); None when unlimited or unreadable."""
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+
+
+def cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """Read (idle, total) jiffies of each listed CPU from /proc/stat; empty where it cannot be read."""
+    times = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]]
+            times[int(name[3:])] = (values[3] + values[4], sum(values))   # idle + iowait, all
+    return times
+
+
+def idle_cpus(cpus: set[int], seconds: float = SAMPLE_SECONDS) -> float | None:
+    """Count how many of `cpus` were idle during a short sample (None without /proc/stat)."""
+    before = cpu_times(cpus)
+    time.sleep(seconds)
+    after = cpu_times(cpus)
+    shares = [(after[c][0] - before[c][0]) / (after[c][1] - before[c][1])
+              for c in before if c in after and after[c][1] > before[c][1]]
+    return sum(shares) if shares else None
+
+
+def choose_threads() -> ThreadChoice:
+    """Choose a job's intra-op threads: the usable CPUs that are idle now, at least one."""
+    usable = usable_cpus()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(usable))
+    idle = idle_cpus(cpus)
+    if idle is None:
+        return ThreadChoice(usable, usable, float(usable))
+    free = math.floor(idle + 1 - BUSY_SHARE)   # a CPU at least BUSY_SHARE idle counts as free
+    return ThreadChoice(max(1, min(usable, free)), usable, idle)
+
+
+def apply_choice() -> ThreadChoice | None:
+    """Set torch's intra-op threads for the next job, unless the user fixed them; return the choice made."""
+    if user_chose_threads():
+        return None
+    import torch
+
+    choice = choose_threads()
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
+    logger.debug("threads: %d (usable CPUs %d, idle %.1f)", choice.threads, choice.usable, choice.idle)
+    return choice
