@@ -14,5 +14,6 @@ HIDDEN = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\x00-\x08\x0b-
 
 
 def visible(text: str) -> str:
-    """Return `text` with bidi controls and control characters (tab and newline kept) written as `\\u` and four hex digits."""
+    """Return `text` with bidi controls and control characters (tab and newline kept) written as `\\u` and four
+    hex digits."""
     return HIDDEN.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
