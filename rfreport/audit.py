@@ -12,7 +12,6 @@ does one whose run-time verification found violations (an implicit `exact` row).
 
 from __future__ import annotations
 
-import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 from rfreport.config import AUDIT_RULES
 from rfreport.options import EXACT_FITS, AuditVerdict
 from rfreport.positions import axis_names
+from rfreport.summary import finite
 
 ANSI_CODE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")          # a terminal control sequence (colours, cursor moves)
 FORBIDDEN_IN_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")   # XML 1.0's Char
@@ -140,17 +140,6 @@ def verdicts_json(entries: Sequence[Mapping[str, Any]]) -> dict:
     models = [{"name": e.get("name"), "slug": e.get("slug"), "status": e.get("status"), "error": e.get("error"),
                "passed": passed(e.get("audit") or []), "audit": list(e.get("audit") or [])} for e in entries]
     return finite({"passed": all(m["passed"] for m in models), "models": models})
-
-
-def finite(value: Any) -> Any:
-    """Return JSON data with every NaN or infinity replaced by null: standard JSON, which strict readers take."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def junit_xml(entries: Sequence[Mapping[str, Any]], name: str = "rfreport check") -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -39,7 +38,7 @@ from rfreport import atomic
 from rfreport.errors import OutputError, RunFolderError, one_line, reason
 from rfreport.positions import axis_names
 from rfreport.slugs import is_safe
-from rfreport.summary import FORMAT, Summary
+from rfreport.summary import FORMAT, Summary, finite
 
 logger = logging.getLogger("rfreport")
 
@@ -194,17 +193,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN and infinities by None, recursively, so summary.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_model(staging: Path, output: ModelOutput) -> dict:
     """Write one model's frames (Parquet and CSV) and arrays; return its entry with `files` filled in."""
     rel_dir = Path(MODELS) / output.entry["slug"]
@@ -231,7 +219,7 @@ def _write_array(folder: Path, name: str, value: Any) -> str:
 
 def write_summary(staging: Path, meta: dict, entries: Sequence[dict]) -> None:
     """Write summary.json, the file whose presence marks a run folder as complete."""
-    document = _finite(json.loads(json.dumps({"format": FORMAT, "run": meta, "models": list(entries)},
+    document = finite(json.loads(json.dumps({"format": FORMAT, "run": meta, "models": list(entries)},
                                              default=_json_default)))
     text = json.dumps(document, indent=2, allow_nan=False)
     (staging / SUMMARY).write_text(text + "\n", encoding="utf-8")

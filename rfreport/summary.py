@@ -26,6 +26,17 @@ FORMAT = 3
 T = TypeVar("T")
 
 
+
+def finite(value: Any) -> Any:
+    """Return JSON data with every NaN or infinity replaced by null: standard JSON, which strict readers take."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
 @dataclass(frozen=True)
 class Kind:
     """How one JSON value is read and written, and how docs/summary.md names its type."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rfreport import audit, runfolder
+from rfreport import audit, runfolder, summary
 from rfreport.cli import cli
 from tests.support import parse_junit
 
@@ -267,5 +267,5 @@ def test_check_json_prints_standard_json_for_non_finite_values(ws):
 
 
 def test_finite_replaces_nan_and_infinity_only():
-    assert audit.finite({"a": [math.nan, 1.5, -math.inf], "b": (2, "x", None)}) == {"a": [None, 1.5, None],
-                                                                                  "b": [2, "x", None]}
+    assert summary.finite({"a": [math.nan, 1.5, -math.inf], "b": (2, "x", None)}) == {"a": [None, 1.5, None],
+                                                                                    "b": [2, "x", None]}
