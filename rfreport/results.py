@@ -78,6 +78,7 @@ class SweepResult:
     masks: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     padding_modes: tuple[str, ...] = ()
     size_dependent_ops: tuple[str, ...] = ()   # ops that make the geometry depend on the input size
+    past_grid: tuple[int, ...] = ()   # axes where a kernel reads taps past its grid at the centre: RFs look narrower
     target: str = "model output"
     local: bool = False
     seconds: float = 0.0

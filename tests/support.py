@@ -241,3 +241,9 @@ class ReusedReLU(nn.Module):
 def reused_relu_net() -> nn.Module:
     """A model whose only block ends in a ReLU module called twice (for `layer="0"`)."""
     return nn.Sequential(ReusedReLU())
+
+
+def aspp_branch(dilation: int = 6) -> nn.Module:
+    """A 3x3 convolution, then an ASPP-like 3x3 branch of a large dilation: on a grid of at most `dilation` cells
+    its outer taps lie in padding at every position, so every window looks like a 1 x 1 kernel's."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=dilation, dilation=dilation))

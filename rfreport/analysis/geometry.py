@@ -112,6 +112,7 @@ class Boxes:
     lo: np.ndarray
     hi: np.ndarray
     wrapped: np.ndarray
+    cut: frozenset[int] = frozenset()   # axes where a kernel's taps lie past its grid at the centre (SweepResult)
 
     @classmethod
     def of(cls, *results: SweepResult | None) -> Boxes:
@@ -122,7 +123,8 @@ class Boxes:
         _, first = np.unique(pos, axis=0, return_index=True)
         rows = np.intersect1d(first, np.flatnonzero(keep))
         stack = {name: np.concatenate([getattr(r, name) for r in parts])[rows] for name in ("lo", "hi", "wrapped")}
-        return cls(pos[rows], stack["lo"], stack["hi"], stack["wrapped"])
+        cut = frozenset().union(*(r.past_grid for r in parts))
+        return cls(pos[rows], stack["lo"], stack["hi"], stack["wrapped"], cut)
 
 
 def _mode(values: np.ndarray) -> int:
@@ -281,6 +283,10 @@ def sized(fit: AxisFit, ops: Sequence[str]) -> AxisFit:
                    "larger input cannot stand in for this one")
 
 
+TAPS_PAST_GRID = ("a kernel on the way has taps past its grid at the centre at this input size (a dilation at least "
+                  "as large as the grid it reads): every RF looks narrower than it is, so the size is a lower bound")
+
+
 def fit_geometry(boxes: Boxes, input_spatial: Sequence[int], output_spatial: Sequence[int]) -> list[AxisFit]:
     """Fit every axis of a sweep's boxes, lining wrapped boxes up with their neighbours first."""
     names = axis_names(len(input_spatial))
@@ -288,7 +294,9 @@ def fit_geometry(boxes: Boxes, input_spatial: Sequence[int], output_spatial: Seq
     for a, (n, out) in enumerate(zip(input_spatial, output_spatial)):
         pos, lo, hi, wrapped = boxes.positions[:, a], boxes.lo[:, a], boxes.hi[:, a], boxes.wrapped[:, a]
         shift = unwrap_shift(pos, lo, hi, wrapped, n, out)
-        fits.append(fit_axis(pos, lo + shift, hi + shift, wrapped, n, names[a]))
+        fit = fit_axis(pos, lo + shift, hi + shift, wrapped, n, names[a])
+        fits.append(replace(fit, fit="estimated", problem=TAPS_PAST_GRID) if a in boxes.cut and fit.fit == "affine"
+                    else fit)
     return fits
 
 

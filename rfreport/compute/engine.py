@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rfreport.compute.shapes import judge_layout, uniform_stride
-from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward
+from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward, past_grid
 from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line, one_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, token_grid
 from rfreport.options import Mode, values
@@ -378,6 +378,7 @@ class Engine:
         self._check_output(y)
         self._x, self._y, self.function_mode = x, y, function_mode
         self.saved_bytes, self.largest_saved = saved
+        self.past_grid = tuple(sorted(past_grid(raw)))
 
     def _check_output(self, y: torch.Tensor) -> None:
         """Require an output that depends on the input (forward_target already read it as (N, C, *spatial))."""
@@ -520,6 +521,7 @@ class CapturedLayer:
     value: torch.Tensor
     edge: Any
     layout: Layout    # how the raw output reads as (N, C, *grid), an inferred token grid made explicit
+    past_grid: frozenset[int] = frozenset()   # spatial axes read through kernel taps past the grid (see surrogate)
 
 
 class LayerEngine(Engine):
@@ -581,7 +583,7 @@ class LayerEngine(Engine):
             edge = torch.autograd.graph.get_gradient_edge(out)
             if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
                 edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
-            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout)
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout, past_grid(out))
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 

@@ -181,6 +181,7 @@ class _Windows:
     windows: dict
     rows: np.ndarray
     direct: tuple | None = None
+    past_grid: frozenset[int] = frozenset()   # axes where a kernel upstream has taps past the grid everywhere
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
                                  {source: tuple(v[back.ravel()] for v in (*mask_bounds(mask)[:3], _gaps(mask)))
-                                  for source, mask in masks.items()}, rows))
+                                  for source, mask in masks.items()}, rows, past_grid=captured.past_grid))
         # a channels-last or token layout reshapes on purpose: there the window checks alone decide
         resizing = {w.name for w in seen if engine.size_dependent_ops and str(layout) == "nchw"
                     and _reads_through_resizing(engine, w.name)}
@@ -421,7 +422,8 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
                           np.zeros(len(n), dtype=bool))
         return _Layer(seen.name, seen.type, seen.channels, seen.out, np.zeros(len(n), dtype=np.int64),
                       known.get(seen.name, nothing), False, False, pooled, unknown=unknown)
-    affine = _with_known(_measure(rows, lo, hi, exact & ~blind), known.get(seen.name))
+    past = np.isin(np.arange(len(n)), list(seen.past_grid))   # windows narrower than their kernels there
+    affine = _with_known(_measure(rows, lo, hi, exact & ~blind & ~past), known.get(seen.name))
     covers = (lo <= 0) & (hi >= n - 1)
     size = np.nan_to_num(np.minimum(hi[0], n - 1) - np.maximum(lo[0], 0) + 1).astype(np.int64)
     return _Layer(seen.name, seen.type, seen.channels, seen.out, size, affine, bool(covers[0].all()),

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +51,50 @@ def pool_output_length(length: int, k: int, s: int, p: int, d: int, ceil_mode: b
     if ceil_mode and (out - 1) * s >= length + p:
         out -= 1
     return out
+
+
+WINDOW_ARGS = {
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "max_pool": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg_pool": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+}
+
+
+def taps_past_grid(name: str, args: tuple, kwargs: dict, result: Any) -> frozenset[int]:
+    """Return the spatial axes on which a convolution or pool hides a cut window at the centre of its output or
+    next to it: some kernel tap lies past the input grid (in padding) and at most one tap, away from the grid's
+    border cells, reads the grid.
+
+    Such a window looks like a 1-tap kernel's: a 3-tap kernel dilated by 4 on a grid of 4 cells reads one cell
+    at every position, so no window seen at this input size tells its extent. A cut window that reads two taps
+    or a border cell shows the cut itself (a cell past the border within its widest gap) and is not reported
+    here. Empty for other ops.
+    """
+    family = next((f for f in WINDOW_ARGS if name.startswith(f) and name[-2:] in ("1d", "2d", "3d")), None)
+    out = result[0] if isinstance(result, tuple) and result else result   # a max-pool's (values, indices)
+    if family is None or name.startswith("conv_transpose") or not isinstance(out, torch.Tensor):
+        return frozenset()
+    bound = bind(WINDOW_ARGS[family], args, kwargs)
+    rank = int(name[-2])
+    kernel = tuple(bound["weight"].shape[2:]) if family == "conv" else ntuple(bound["kernel_size"], rank)
+    s = ntuple(bound.get("stride") or (1 if family == "conv" else kernel), rank)
+    d = ntuple(bound.get("dilation", 1), rank)
+    padding = bound.get("padding", 0)
+    if isinstance(padding, str):   # a convolution's "valid" or "same"
+        padding = [di * (k - 1) // 2 if padding == "same" else 0 for k, di in zip(kernel, d)]
+    axes = zip(bound["input"].shape[-rank:], out.shape[-rank:], kernel, s, ntuple(padding, rank), d)
+    return frozenset(axis for axis, geometry in enumerate(axes) if _hides_cut(*geometry))
+
+
+def _hides_cut(n: int, out: int, k: int, s: int, p: int, d: int) -> bool:
+    """Tell whether a window at the centre of an axis's output or next to it has a tap past the grid of n cells
+    while reading at most one cell, away from the border (see taps_past_grid)."""
+    middle = np.arange(max((out - 1) // 2 - 1, 0), min((out - 1) // 2 + 2, out))
+    taps = middle[:, None] * s - p + np.arange(k)[None, :] * d
+    inside = (taps >= 0) & (taps < n)
+    inner = inside & (taps > 0) & (taps < n - 1)
+    reads = inside.sum(axis=1)
+    return k > 1 and bool(((~inside).any(axis=1) & (reads <= 1) & (inner.sum(axis=1) == reads)).any())
 
 
 def _depthwise_conv(rank: int) -> Callable:

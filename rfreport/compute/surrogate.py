@@ -237,6 +237,23 @@ class _Cleaned(_Identity):
 
 
 NONFINITE = "_rfreport_nonfinite"   # marks a surrogate activation holding nan or inf
+PAST_GRID = "_rfreport_past_grid"   # the spatial axes on which a value reads through a kernel tap past the grid
+
+
+def past_grid(value: Any) -> frozenset[int]:
+    """Return the spatial axes on which a value of the pass was computed through a kernel whose taps lie past
+    the grid at every position (see replacements.taps_past_grid), here or upstream: its windows at this input
+    size are narrower than its kernels there."""
+    return getattr(value, PAST_GRID, frozenset())
+
+
+def _mark_past_grid(result: Any, axes: frozenset[int], inputs: list[torch.Tensor]) -> Any:
+    """Mark every tensor of a result with the past-grid axes of the op and of its inputs."""
+    axes = axes.union(*map(past_grid, inputs))
+    if axes:
+        for tensor in tensors_of(result):
+            setattr(tensor, PAST_GRID, axes)
+    return result
 
 
 class StructuralMode(TorchFunctionMode):
@@ -291,7 +308,8 @@ class StructuralMode(TorchFunctionMode):
         result = self._held_if_global(name, args, kwargs, result)
         if size_dependent(name, args, kwargs, result, self.input_rank):
             self.size_dependent_ops.add(name)
-        return self._gated(func, result, inputs) if self._gates(name) else result
+        result = self._gated(func, result, inputs) if self._gates(name) else result
+        return _mark_past_grid(result, rep.taps_past_grid(name, args, kwargs, result), inputs)
 
     def _carried(self, func: Callable, name: str, args, kwargs, result: Any, carrying: bool) -> Any:
         """Give integer and boolean results their shadows, and floating results computed from shadowed

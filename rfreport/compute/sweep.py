@@ -79,7 +79,7 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             input_shape=engine.input_shape, output_shape=engine.output_shape, mode=mode,
             device=str(engine.device), positions=pos, lo=lo, hi=hi, support=support, wrapped=wrapped,
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
-            size_dependent_ops=engine.size_dependent_ops,
+            size_dependent_ops=engine.size_dependent_ops, past_grid=engine.past_grid,
             target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
         read = engine.target   # an inferred token grid made explicit by the pass
     kept = set(map(tuple, keep.tolist()))

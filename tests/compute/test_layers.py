@@ -411,13 +411,27 @@ def test_a_dilated_kernel_whose_taps_a_border_cuts_is_never_read_as_unclipped(ke
     assert (row["l_rf"], row["l_stride"], row["l_padding"]) == (reach + 1, 1.0, reach // 2)
 
 
-@pytest.mark.xfail(strict=True, reason="every window on this grid is one cell (the kernel's other taps lie past the "
-                                       "border at every position), as a 1 x 1 kernel's are: only a larger input "
-                                       "tells them apart, and an exact-looking layer is not rerun")
-def test_a_dilation_past_the_whole_grid_reads_like_a_pointwise_kernel():
+def test_a_dilation_past_the_whole_grid_is_measured_on_a_larger_input():
+    # every window on a 4-cell grid is one cell (the other taps lie past the border at every position), as a 1 x 1
+    # kernel's are: the op itself says so, and the stretched reruns give the kernel's extent
     model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=4, dilation=4))
     row = layer_growth(model, (1, 1, 4)).iloc[0]
-    assert not row["rf_exact"] or row["l_rf"] == 9
+    assert (row["l_rf"], row["rf_exact"], row["l_size"]) == (9, True, 1)
+
+
+@pytest.mark.parametrize("dilation, size", [(6, 4), (12, 8), (3, 2)])
+def test_an_aspp_branch_past_a_small_grid_keeps_its_dilated_extent(dilation, size):
+    # an ASPP-like branch: its outer taps lie in padding at every position of a small grid, on both axes
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=dilation, dilation=dilation))
+    row = layer_growth(model, (1, 1, size, size)).iloc[-1]
+    assert (row["h_rf"], row["w_rf"], bool(row["rf_exact"])) == (3 + 2 * dilation, 3 + 2 * dilation, True)
+    assert (row["h_padding"], row["w_padding"]) == (1 + dilation, 1 + dilation)
+
+
+def test_a_pool_wider_than_its_grid_keeps_its_extent():
+    model = nn.Sequential(nn.AvgPool1d(7, stride=1, padding=3))
+    row = layer_growth(model, (1, 1, 3)).iloc[0]
+    assert (row["l_rf"], bool(row["rf_exact"])) == (7, True)
 
 
 @pytest.mark.parametrize("mode", ["structural", "gradient"])

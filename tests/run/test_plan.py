@@ -116,6 +116,18 @@ def test_a_clipped_block_ending_in_a_reused_module_takes_its_own_growth_row():
     assert (summary.arch_rf_size, summary.stride, summary.padding) == ((7, 7), (4.0, 4.0), (3.0, 3.0))
 
 
+@pytest.mark.parametrize(("dilation", "size"), [(6, 4), (6, 6), (12, 8)])
+def test_a_dilation_past_a_small_grid_gives_the_kernels_architecture_rf(dilation, size):
+    """Every RF of the branch at this size looks like a 3x3 stack's (3 pixels, clear of the border): the fit
+    must not take that for the architecture RF, 3 + 2 x dilation."""
+    spec = ModelSpec(name="aspp", factory="tests.support:aspp_branch", kwargs={"dilation": dilation},
+                     input_shapes=((1, 1, size, size),))
+    analysed = plan.measure(models.build(spec), Job(spec, (1, 1, size, size), RunOptions())).analyse()
+    assert analysed.summary.arch_rf_size == (3 + 2 * dilation,) * 2
+    assert analysed.summary.in_input_rf_size == (3, 3)
+    assert set(analysed.geometry["fit"]) <= {"enlarged", "composed"}
+
+
 @pytest.mark.parametrize(("spatial", "swept"), [((7, 7), 49), ((8, 8), 64), ((9, 9), 9), ((40,), 40), ((100,), 26)])
 def test_a_sampled_grid_on_a_small_output_sweeps_all_of_it(spatial, swept):
     """grid:K widens to every position up to FULL_GRID output positions; larger outputs keep the sampled grid."""
