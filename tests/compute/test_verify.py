@@ -19,7 +19,7 @@ from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
 from rfreport.compute.sweep import sweep
-from rfreport.compute.verify import RTOL, choose, default_count, float64_copy, verify
+from rfreport.compute.verify import RTOL, choose, default_count, float64_copy, reads, verify
 from rfreport.errors import ConfigError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
@@ -415,9 +415,9 @@ class TiedHead(nn.Module):
 
 def test_the_float64_copy_leaves_out_what_the_pass_to_the_target_never_reads():
     model = TiedHead().eval()
-    copied = dict(float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target()).named_parameters())
+    copied = dict(float64_copy(model, torch.device("cpu"), reads(model, (1, 1, 8, 8), Target())).named_parameters())
     assert copied["head.weight"].numel() == 4 * 8 * 8 * 1000   # the model output reads the head
-    body_only = float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target(layer="body"))
+    body_only = float64_copy(model, torch.device("cpu"), reads(model, (1, 1, 8, 8), Target(layer="body")))
     kept = {name: p.numel() for name, p in body_only.named_parameters()}
     assert kept["head.weight"] == kept["shared.weight"] == 0 and kept["body.weight"] == 36
     assert all(p.dtype == torch.float64 for p in body_only.parameters())
