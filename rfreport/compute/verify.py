@@ -56,7 +56,7 @@ RANDOM_POSITIONS = 3         # random positions checked besides the centre and t
 SCALES = (1.0, 8.0, 0.125)   # perturbation magnitudes mixed per input entry (saturation, thresholds)
 ROWS_PER_PASS = 2            # the sweep's backward rows that buy one float64 pass of a budgeted check
 FREE_FLOPS = 2 * 10 ** 9     # float64 work a budgeted check may always spend (about 0.3 s of one CPU core)
-CPU_BATCH_BYTES = 256 << 20
+CPU_BATCH_BYTES = 32 << 20    # inputs stacked in one CPU pass: float64 im2col buffers grow with the stack
 MAX_STACK = 32
 
 def default_count(ndim: int) -> int:

@@ -430,3 +430,96 @@ def test_a_layer_reading_another_modules_weight_is_still_verified():
 
     result = sweep(Target4().eval(), (1, 1, 8, 8), "all", verify=4)
     assert result.verification.note == "" and result.verification.checked == 4 and result.violations.sum() == 0
+
+
+class Threshold(nn.Module):
+    """A 3x3 convolution, plus a wide one that only sees input entries beyond 4 in magnitude (a hard threshold)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.near = nn.Conv2d(1, 1, 3, padding=1)
+        self.far = nn.Conv2d(1, 1, 9, padding=4)
+
+    def forward(self, x):
+        return self.near(x) + self.far(x * (x.abs() > 4))
+
+
+def test_a_dependency_only_large_perturbations_reveal_is_caught_in_a_single_trial():
+    model = Threshold()
+    near = sweep(model.near, (1, 1, 24, 24), [(12, 12), (0, 0), (5, 17)], keep_masks="all", verify=False)
+    masks = np.stack([near.masks[tuple(p)] for p in near.positions.tolist()])   # the far path left out: a lie
+    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    float64 = model.double()
+    with torch.no_grad():    # perturbations of the base's own scale leave every output as it was: the lie hides
+        unit = float64(torch.where(torch.as_tensor(masks[0]), x, r)) - float64(x)
+    assert unit[0, 0, 12, 12] == 0
+    caught = verify(Threshold(), (1, 1, 24, 24), Target(), near.positions, masks, samples=1)
+    assert caught.violations.tolist() == [1, 1, 1]
+
+
+def expensive(monkeypatch) -> None:
+    """Make every float64 pass count against the sweep's rows: no free work."""
+    monkeypatch.setattr("rfreport.compute.verify.FREE_FLOPS", 0)
+
+
+def test_a_sweep_of_few_rows_checks_its_centre_and_corners_once(monkeypatch):
+    expensive(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), ["center", "corners"])
+    assert result.verified.sum() == 5 == result.verification.checked and result.verification.samples == 1
+    assert not result.violations.any()
+    assert analyze(result).summary.to_json()["verify_trials"] == 1
+
+
+def test_a_sweep_of_many_rows_checks_every_planned_position_three_times(monkeypatch):
+    expensive(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), "all", method="dense")    # 400 rows buy 200 passes
+    assert result.verified.sum() == default_count(2) and result.verification.samples == 3
+
+
+def test_random_positions_join_when_one_trial_of_all_fits_and_trials_when_all_fit_again(monkeypatch):
+    expensive(monkeypatch)
+    some = sweep(large_kernels(), (1, 2, 20, 20), "grid:4", method="dense")    # 36 rows buy 18 passes: 2 x (1 + 8)
+    assert some.verified.sum() == default_count(2) and some.verification.samples == 2
+    more = sweep(large_kernels(), (1, 2, 20, 20), "grid:2", method="dense")    # 121 rows, 60 passes
+    assert more.verified.sum() == default_count(2) and more.verification.samples == 3
+
+
+def test_the_smallest_budget_still_catches_an_under_reporting_engine(monkeypatch):
+    expensive(monkeypatch)
+    erase_first_column(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), ["center", "corners"], method="dense")
+    assert result.verified.sum() == 5 and (result.violations[result.verified] == 1).all()
+    assert analyze(result).summary.to_json()["violations"] == 5
+
+
+def test_two_runs_check_the_same_positions_the_same_way(monkeypatch):
+    expensive(monkeypatch)
+    first, second = (sweep(large_kernels(), (1, 2, 20, 20), "grid:4").verification for _ in range(2))
+    np.testing.assert_array_equal(first.positions, second.positions)
+    np.testing.assert_array_equal(first.deviation, second.deviation)
+    assert first.samples == second.samples
+
+
+class Tied(TiedHead):
+    """A body, then a convolution with another module's weight; the head after them is never read."""
+
+    def forward(self, x):
+        return F.conv2d(self.body(x), self.shared.weight, padding=1)
+
+
+class ValueBranch(TiedHead):
+    """The same pass, branching on a value: it does not run on meta tensors."""
+
+    def forward(self, x):
+        y = self.body(x)
+        return y if bool((y > 1e9).any()) else F.conv2d(y, self.shared.weight, padding=1)
+
+
+def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given():
+    for model in (Tied().eval(), ValueBranch().eval()):
+        found = reads(model, (1, 1, 8, 8), Target())
+        assert {name for name, p in model.named_parameters() if id(p) in found.ids} == {
+            "body.weight", "body.bias", "shared.weight"}
+        assert found.flops == 2 * 64 * (4 * 9 + 4 * 4 * 9)       # multiply-adds of the two convolutions
