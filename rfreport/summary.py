@@ -346,7 +346,8 @@ class Summary(JsonPart):
     coverage_nonuniform: bool = key("coverage_nonuniform", BOOL, "coverage is strongly non-uniform inside the "
                                     "input (checkerboard)")
     verified: int = key("verified", INT, "swept positions checked on the model itself by forward perturbation "
-                        "(setting `verify`)")
+                        "(setting `verify`; by default the centre and the corners, and three random positions where "
+                        "the sweep's work affords them)")
     violations: int = key("violations", INT, "verified positions whose output changed when input outside their "
                           "reported RF was perturbed: above 0 the RF is not exact there (finding `not_exact`, implicit "
                           "audit row `exact`)")

@@ -20,11 +20,26 @@ Choices, and why:
   trial counts as a violation only when the position moves by more than ``RTOL`` (1e-9, about
   4.5e6 ulps) of the largest magnitude of the base or perturbed output. A real dependency moves
   it by its weight times the perturbation, O(1) relative for any weight that is not negligible.
+* **mixed scales**: the replacement values of a trial are random normals times a scale drawn per
+  input entry from SCALES (1, 8, 1/8), and each entry's scale moves on to the next one from trial
+  to trial: one trial already perturbs any region of a few entries at every magnitude (a threshold
+  only large values cross, a saturation only small ones leave), and three trials give every entry
+  every magnitude.
+* **budget**: a trial of k positions costs 1 + k float64 passes. Under the default `verify`
+  (`auto`), the sweep's own work pays for them (afford): one pass per ROWS_PER_PASS backward rows
+  it ran, or FREE_FLOPS of float64 work where that buys more. The centre and the corners always get
+  one trial; the random positions join when one trial of all fits; up to SAMPLES trials run while
+  whole trials fit. An explicit request (`all`, a count, positions) gets SAMPLES trials everywhere.
+  The decision uses counts only, never a clock: two runs check the same positions the same way.
+* **reads**: parameters and buffers the pass up to the target never reads are not copied; they
+  and the pass's flops come from one pass of a meta copy of the model (shapes only, no value
+  computed), or of the model itself where it does not run on meta.
 * **batching**: the perturbed inputs of several positions are stacked along the batch axis
-  (each one a whole input of the user's batch size N); a model that refuses the larger batch or
-  returns another batch size is run one position at a time. A violation seen in a stacked pass
-  is confirmed by an unstacked pass, so a model that couples batch elements cannot raise a
-  false alarm.
+  (each one a whole input of the user's batch size N; on a CPU only up to CPU_BATCH_BYTES of
+  inputs, as a float64 convolution's im2col buffer grows with the stack); a model that refuses the
+  larger batch or returns another batch size is run one position at a time. A violation seen in
+  a stacked pass is confirmed by an unstacked pass, so a model that couples batch elements cannot
+  raise a false alarm.
 """
 
 from __future__ import annotations
