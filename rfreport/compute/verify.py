@@ -92,7 +92,7 @@ class Plan:
     budgeted: bool
 
 
-Chooser = Callable[[tuple[int, ...]], "np.ndarray | Plan"]   # output grid -> positions to check
+Chooser = Callable[[tuple[int, ...]], np.ndarray | Plan]   # output grid -> positions to check
 Checks = int | bool | str | Sequence[Sequence[int]] | Chooser
 
 
@@ -131,9 +131,9 @@ def afford(checks: Plan, perturbed: np.ndarray, rows: int, flops: int | None,
            samples: int = SAMPLES) -> tuple[np.ndarray, int]:
     """Return which planned positions to check and how many trials each gets, within the sweep's budget.
 
-    A trial of k positions costs 1 + k float64 forward passes of `flops` each (a base input, then
-    one perturbed input per position; `perturbed` marks the positions with input outside their
-    support, the others cost nothing). A budgeted plan may spend one pass per ROWS_PER_PASS backward
+    A trial of k positions costs 1 + k float64 forward passes of `flops` each (None: unknown): a
+    base input, then one perturbed input per position (`perturbed` marks the positions with input
+    outside their support; the others cost nothing). A budgeted plan may spend one pass per ROWS_PER_PASS backward
     rows the sweep ran, or FREE_FLOPS in all where that buys more: its required positions get one
     trial whatever the budget, its other positions join when one trial of all fits, and further
     trials (fresh base input and perturbations) run while whole trials fit, up to `samples`.
@@ -142,7 +142,7 @@ def afford(checks: Plan, perturbed: np.ndarray, rows: int, flops: int | None,
     keep = np.ones(len(checks.positions), dtype=bool)
     if not checks.budgeted:
         return keep, samples
-    budget = max(rows // ROWS_PER_PASS, FREE_FLOPS // flops if flops else 0)
+    budget = max(rows // ROWS_PER_PASS, 0 if flops is None else FREE_FLOPS // max(flops, 1))
     if 1 + int(perturbed.sum()) > budget:
         keep = checks.required.copy()
     cost = 1 + int(perturbed[keep].sum())

@@ -19,7 +19,18 @@ from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
 from rfreport.compute.sweep import sweep
-from rfreport.compute.verify import RTOL, choose, default_count, float64_copy, reads, verify
+from rfreport.compute.verify import (
+    FREE_FLOPS,
+    RTOL,
+    SAMPLES,
+    Plan,
+    afford,
+    choose,
+    default_count,
+    float64_copy,
+    reads,
+    verify,
+)
 from rfreport.errors import ConfigError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
@@ -523,3 +534,21 @@ def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given():
         assert {name for name, p in model.named_parameters() if id(p) in found.ids} == {
             "body.weight", "body.bias", "shared.weight"}
         assert found.flops == 2 * 64 * (4 * 9 + 4 * 4 * 9)       # multiply-adds of the two convolutions
+
+
+def test_the_budget_counts_passes_of_the_sweeps_rows_or_of_free_flops():
+    positions = np.array([(4, 4), (0, 0), (0, 8), (8, 0), (8, 8), (2, 5), (6, 1), (3, 7)])
+    plan = Plan(positions, np.arange(8) < 5, budgeted=True)
+    costly, perturbed = 10 ** 12, np.ones(8, bool)
+
+    def kept(rows: int, flops: int | None, perturbed: np.ndarray = perturbed) -> tuple[int, int]:
+        keep, trials = afford(plan, perturbed, rows, flops)
+        assert keep[:5].all()                                # the centre and the corners, always
+        return int(keep.sum()), trials
+
+    assert kept(0, None) == kept(10, costly) == (5, 1)       # 5 passes buy less than 1 + 5: still one trial
+    assert kept(18, costly) == (8, 1) and kept(36, costly) == (8, 2) and kept(10 ** 6, costly) == (8, 3)
+    assert kept(0, 0) == (8, 3) and kept(0, FREE_FLOPS // 27) == (8, 3) and kept(0, FREE_FLOPS // 26) == (8, 2)
+    assert kept(10, costly, np.arange(8) < 1) == (8, 2)      # only the centre needs perturbing: 2 passes a trial
+    keep, trials = afford(Plan(positions, np.ones(8, bool), budgeted=False), perturbed, 0, costly)
+    assert keep.all() and trials == SAMPLES
