@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
 from rfreport.compute.shapes import on_meta
@@ -288,16 +287,40 @@ def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = No
 
 
 class _Reads(TorchFunctionMode):
-    """Record the ids of every tensor an op receives."""
+    """Record the ids of every tensor an op receives, and count the pass's floating-point operations.
+
+    Convolutions and matrix products count two per multiply-add; every other op one per output
+    entry. Counted at the level of torch functions, which needs no dispatch mode (entering one
+    loads torch.compile's machinery).
+    """
 
     def __init__(self):
         super().__init__()
         self.ids: set[int] = set()
+        self.flops = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ids.update(id(t) for t in tensors_of((args, kwargs)))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.flops += _flops(getattr(func, "__name__", ""), args, out)
+        return out
+
+
+def _flops(name: str, args: tuple, out: Any) -> int:
+    """Return the floating-point operations of one op from its name, its operands and its output."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    first, second = [*args, None, None][:2]
+    if name.startswith("conv_transpose") and isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return 2 * first.numel() * math.prod(second.shape[1:])      # weight (C_in, C_out / groups, *kernel)
+    if name.startswith("conv") and isinstance(second, torch.Tensor) and second.dim() > 2:
+        return 2 * out.numel() * math.prod(second.shape[1:])        # weight (C_out, C_in / groups, *kernel)
+    if name == "linear" and isinstance(second, torch.Tensor):
+        return 2 * out.numel() * second.shape[-1]
+    if name in ("matmul", "mm", "bmm", "__matmul__") and isinstance(first, torch.Tensor) and first.dim():
+        return 2 * out.numel() * first.shape[-1]
+    return out.numel()
 
 
 def reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
@@ -340,13 +363,13 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def _reads_of(model: nn.Module, x: torch.Tensor, target: Target, input_shape: tuple[int, ...]) -> Reads | None:
     """Run one pass up to the target recording the tensors read and counting flops; None when it raises."""
-    recorder, counter = _Reads(), FlopCounterMode(display=False)
+    recorder = _Reads()
     try:
-        with torch.no_grad(), eager_forward(), recorder, counter:
+        with torch.no_grad(), eager_forward(), recorder:
             forward_target(model, x, target, input_shape)
     except Exception:  # the model may raise anything; the caller falls back
         return None
-    return Reads(frozenset(recorder.ids), int(counter.get_total_flops()))
+    return Reads(frozenset(recorder.ids), recorder.flops)
 
 
 @contextmanager
