@@ -1,10 +1,11 @@
 """Benchmark: the share of a sweep spent on run-time verification (`make bench-verify`).
 
 One process. Each case is swept as the pipeline's main sweep does (every output position, default
-method) with the default verification (centre, corners and three random positions, three trials
-each: forward passes of a float64 eval copy, no autograd); the table gives the sweep's time, the
-verification's time and its share of the whole, and the largest relative change seen at a checked
-position (rounding noise; a violation needs more than verify.RTOL).
+method) with the default verification (centre, corners and three random positions, as many trials
+as the sweep's work affords, at most three: forward passes of a float64 eval copy, no autograd);
+the table gives the sweep's time, the verification's time and its share of the whole, and the
+largest relative change seen at a checked position (rounding noise; a violation needs more than
+verify.RTOL).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}", flush=True)
-    print("| model | input | positions | sweep s | verification s | share | checked | violations | max change |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | input | positions | sweep s | verification s | share | checked | trials | violations "
+          "| max change |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, build, shape, layer in CASES:
         if args.only and args.only not in name:
             continue
@@ -43,7 +45,8 @@ def main() -> None:
         result = sweep(build(), shape, "all", layer=layer)
         total, done = time.perf_counter() - started, result.verification
         print(f"| {name} | {'x'.join(map(str, shape[2:]))} | {len(result.positions)} | {total - done.seconds:.2f} "
-              f"| {done.seconds:.2f} | {done.seconds / total:.0%} | {done.checked} | {int(result.violations.sum())} "
+              f"| {done.seconds:.2f} | {done.seconds / total:.0%} | {done.checked} | {done.samples} "
+              f"| {int(result.violations.sum())} "
               f"| {done.max_deviation:.2g} (limit {RTOL:g}) |", flush=True)
 
 

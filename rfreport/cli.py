@@ -626,8 +626,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def main() -> None:
-    """Run the rfreport command line (OpenMP threads wait passively: set before torch loads)."""
+    """Run the rfreport command line (OpenMP threads wait passively: set before torch loads; large buffers
+    reused from the heap, see run/allocator.py)."""
+    from rfreport.run.allocator import reuse_freed_memory
     from rfreport.run.threads import prefer_passive_waits
 
     prefer_passive_waits()
+    reuse_freed_memory()
     cli(prog_name="rfreport")

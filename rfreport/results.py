@@ -22,7 +22,7 @@ class Verification:
     positions: np.ndarray     # (K, d) int64 checked output positions
     violations: np.ndarray    # (K,) int64 trials in which perturbing outside the support changed the output
     deviation: np.ndarray     # (K,) float64 largest change at the position, relative to the output's magnitude
-    samples: int              # trials per position
+    samples: int              # trials per checked position
     seconds: float
     note: str = ""            # why nothing could be checked (e.g. the model does not run in float64), else ""
 
@@ -43,14 +43,15 @@ class Verification:
 
 
 def join(parts: Sequence[Verification | None]) -> Verification | None:
-    """Join the verifications of chunk sweeps of one job (rows concatenated, seconds summed)."""
+    """Join the verifications of chunk sweeps of one job (rows concatenated, seconds summed, fewest trials)."""
     done = [p for p in parts if p is not None]
     if not done:
         return None
     notes = dict.fromkeys(p.note for p in done if p.note)
     return Verification(positions=np.concatenate([p.positions for p in done]),
                         violations=np.concatenate([p.violations for p in done]),
-                        deviation=np.concatenate([p.deviation for p in done]), samples=done[0].samples,
+                        deviation=np.concatenate([p.deviation for p in done]),
+                        samples=min((p.samples for p in done if p.checked), default=done[0].samples),
                         seconds=sum(p.seconds for p in done), note="; ".join(notes))
 
 

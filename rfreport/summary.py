@@ -346,10 +346,14 @@ class Summary(JsonPart):
     coverage_nonuniform: bool = key("coverage_nonuniform", BOOL, "coverage is strongly non-uniform inside the "
                                     "input (checkerboard)")
     verified: int = key("verified", INT, "swept positions checked on the model itself by forward perturbation "
-                        "(setting `verify`)")
+                        "(setting `verify`; by default the centre and the corners, and three random positions where "
+                        "the sweep's work affords them)")
     violations: int = key("violations", INT, "verified positions whose output changed when input outside their "
                           "reported RF was perturbed: above 0 the RF is not exact there (finding `not_exact`, implicit "
                           "audit row `exact`)")
+    verify_trials: int = key("verify_trials", INT, "perturbation trials each verified position got (fresh random "
+                             "input and perturbation each; 0 when none was verified): 1 to 3 under the default "
+                             "`verify`, as many as the sweep's own work affords (docs/exactness.md)")
     attention: dict[str, Any] | None = key("attention", optional(RECORD), "attention modules and their reach "
                                            "(rfreport.compute.attention); null without attention")
     erf: Erf | None = group("the ERF, present when measured", "erf_samples")

@@ -209,8 +209,9 @@ def holds_context(global_ops: Sequence[GlobalOp] | None) -> bool:
 
 
 def verification_summary(result: SweepResult) -> dict:
-    """Return the summary keys of the run-time check: positions verified and positions that failed it."""
+    """Return the summary keys of the run-time check: positions verified, positions that failed it, trials each."""
     verified = 0 if result.verified is None else int(np.sum(result.verified))
     failed = 0 if result.violations is None else int(np.sum(np.asarray(result.violations) > 0))
-    return {"verified": verified, "violations": failed}
+    trials = result.verification.samples if verified and result.verification is not None else 0
+    return {"verified": verified, "violations": failed, "verify_trials": trials}
 

@@ -32,8 +32,9 @@ POSITIONS = register(Schema(
         Column("path", "string", "", "which sweep produced the row: dense or compressed"),
         Column("verified", "bool", "flag", "the row was checked on the model itself: a float64 eval copy run on random "
                "inputs with every input entry outside the support replaced by random values"),
-        Column("violations", "int64", "trials", "perturbation trials (of a checked row) that changed this output: "
-               "above 0 the reported RF is too small and the row is not exact"),
+        Column("violations", "int64", "trials", "perturbation trials (of a checked row, out of the summary's "
+               "`verify_trials`) that changed this output: above 0 the reported RF is too small and the row is not "
+               "exact"),
     ),
 ))
 

@@ -237,6 +237,7 @@ class Engine:
         self._scales: dict[int, torch.Tensor] = {}
         self._inputs = inputs
         self._batched = True
+        self.rows = 0                                # backward rows run so far: the sweep's work (see verify.py)
         self._stack = None
         self._handles: list[RemovableHandle] = []   # hooks this engine put on the working model
         self._grids: list[tuple[int, ...]] = []      # spatial sizes of the grid tensors the pass showed so far
@@ -440,6 +441,7 @@ class Engine:
         `weights` has shape (B, *output_spatial); each row is spread over every batch element
         and output channel of the analysed tensor.
         """
+        self.rows += len(weights)
         grads = self._vjp(self.cotangents(weights, self._y)).abs().sum(dim=(1, 2))
         if not torch.isfinite(grads).all():
             raise SweepError(f"the {self.mode} pass gave non-finite gradients for {self.target.describe()} "

@@ -70,8 +70,8 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             positions_mod.resolve(keep_masks, engine.output_spatial) if keep_masks else np.empty((0, 0)))
         refuse_nonfinite(engine, model, selected, target, seed)
         checks = verify_mod.plan(verify, selected, engine.output_spatial, mode=mode, local=local, seed=seed)
-        acc = Accumulator(engine.input_spatial, set(map(tuple, keep.tolist())) | set(map(tuple, checks.tolist())),
-                           wrap="circular" in engine.padding_modes)
+        masked = set(map(tuple, keep.tolist())) | set(map(tuple, checks.positions.tolist()))
+        acc = Accumulator(engine.input_spatial, masked, wrap="circular" in engine.padding_modes)
         size = resolve_batch_size(engine, batch_size)
         note = _run_method(method, engine, selected, size, acc, progress)
         pos, lo, hi, support, wrapped, path = acc.arrays()
@@ -81,9 +81,9 @@ def sweep(model: nn.Module, input_shape: Sequence[int], positions: positions_mod
             path=path, coverage=acc.coverage, masks=acc.masks, padding_modes=engine.padding_modes,
             size_dependent_ops=engine.size_dependent_ops, past_grid=engine.past_grid,
             target=target.describe(), local=local, seconds=time.perf_counter() - started, method_note=note)
-        read = engine.target   # an inferred token grid made explicit by the pass
+        read, rows = engine.target, engine.rows   # an inferred token grid made explicit by the pass
     kept = set(map(tuple, keep.tolist()))
-    return with_verification(result, model, read, checks, kept, seed=seed, started=started)
+    return with_verification(result, model, read, checks, kept, rows=rows, seed=seed, started=started)
 
 
 def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, target: Target, seed: int) -> None:
@@ -110,16 +110,18 @@ def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, tar
                          "sweep other positions or analyse an earlier layer")
 
 
-def with_verification(result: SweepResult, model: nn.Module, target: Target, checks: np.ndarray,
-                      keep: set[tuple[int, ...]], *, seed: int, started: float) -> SweepResult:
-    """Check the chosen rows on the model itself and record it; drop the masks only the check needed."""
+def with_verification(result: SweepResult, model: nn.Module, target: Target, checks: verify_mod.Plan,
+                      keep: set[tuple[int, ...]], *, rows: int, seed: int, started: float) -> SweepResult:
+    """Check the planned rows that the sweep's `rows` backward rows afford on the model itself and record it;
+    drop the masks only the check needed."""
     verified, violations = np.zeros(len(result.positions), bool), np.zeros(len(result.positions), np.int64)
-    if not len(checks):
+    if not len(checks.positions):
         return replace(result, verified=verified, violations=violations)
-    masks = np.stack([result.masks[tuple(p)] for p in checks.tolist()])
-    done = verify_mod.verify(model, result.input_shape, target, checks, masks, seed=seed, device=result.device)
-    rows = {tuple(p): i for i, p in enumerate(done.positions.tolist())}
-    index = np.array([rows.get(tuple(p), -1) for p in result.positions.tolist()], dtype=np.int64)
+    masks = np.stack([result.masks[tuple(p)] for p in checks.positions.tolist()])
+    done = verify_mod.check(model, result.input_shape, target, checks, masks, rows=rows, seed=seed,
+                            device=result.device)
+    found = {tuple(p): i for i, p in enumerate(done.positions.tolist())}
+    index = np.array([found.get(tuple(p), -1) for p in result.positions.tolist()], dtype=np.int64)
     verified = index >= 0
     violations[verified] = done.violations[index[verified]]
     return replace(result, masks={p: m for p, m in result.masks.items() if p in keep}, verified=verified,

@@ -20,11 +20,26 @@ Choices, and why:
   trial counts as a violation only when the position moves by more than ``RTOL`` (1e-9, about
   4.5e6 ulps) of the largest magnitude of the base or perturbed output. A real dependency moves
   it by its weight times the perturbation, O(1) relative for any weight that is not negligible.
+* **mixed scales**: the replacement values of a trial are random normals times a scale drawn per
+  input entry from SCALES (1, 8, 1/8), and each entry's scale moves on to the next one from trial
+  to trial: one trial already perturbs any region of a few entries at every magnitude (a threshold
+  only large values cross, a saturation only small ones leave), and three trials give every entry
+  every magnitude.
+* **budget**: a trial of k positions costs 1 + k float64 passes. Under the default `verify`
+  (`auto`), the sweep's own work pays for them (afford): one pass per ROWS_PER_PASS backward rows
+  it ran, or FREE_FLOPS of float64 work where that buys more. The centre and the corners always get
+  one trial; the random positions join when one trial of all fits; up to SAMPLES trials run while
+  whole trials fit. An explicit request (`all`, a count, positions) gets SAMPLES trials everywhere.
+  The decision uses counts only, never a clock: two runs check the same positions the same way.
+* **reads**: parameters and buffers the pass up to the target never reads are not copied; they
+  and the pass's flops come from one pass of a meta copy of the model (shapes only, no value
+  computed), or of the model itself where it does not run on meta.
 * **batching**: the perturbed inputs of several positions are stacked along the batch axis
-  (each one a whole input of the user's batch size N); a model that refuses the larger batch or
-  returns another batch size is run one position at a time. A violation seen in a stacked pass
-  is confirmed by an unstacked pass, so a model that couples batch elements cannot raise a
-  false alarm.
+  (each one a whole input of the user's batch size N; on a CPU only up to CPU_BATCH_BYTES of
+  inputs, as a float64 convolution's im2col buffer grows with the stack); a model that refuses the
+  larger batch or returns another batch size is run one position at a time. A violation seen in
+  a stacked pass is confirmed by an unstacked pass, so a model that couples batch elements cannot
+  raise a false alarm.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,16 +58,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
+from rfreport.compute.shapes import on_meta
 from rfreport.compute.surrogate import eager_forward, tensors_of, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve
 from rfreport.results import Verification
 
 RTOL = 1e-9                  # a change above this share of the output's magnitude is a dependency
-SAMPLES = 3                  # random (base input, perturbation) trials per checked position
+SAMPLES = 3                  # random (base input, perturbation) trials per checked position, at most
 RANDOM_POSITIONS = 3         # random positions checked besides the centre and the corners
-SCALES = (1.0, 8.0, 0.125)   # perturbation magnitudes cycled over the trials (saturation, thresholds)
-CPU_BATCH_BYTES = 256 << 20
+SCALES = (1.0, 8.0, 0.125)   # perturbation magnitudes mixed per input entry (saturation, thresholds)
+ROWS_PER_PASS = 2            # the sweep's backward rows that buy one float64 pass of a budgeted check
+FREE_FLOPS = 2 * 10 ** 9     # float64 work a budgeted check may always spend (about 0.3 s of one CPU core)
+CPU_BATCH_BYTES = 32 << 20    # inputs stacked in one CPU pass: float64 im2col buffers grow with the stack
 MAX_STACK = 32
 
 def default_count(ndim: int) -> int:
@@ -59,30 +78,74 @@ def default_count(ndim: int) -> int:
     return 1 + 2 ** ndim + RANDOM_POSITIONS
 
 
-Chooser = Callable[[tuple[int, ...]], np.ndarray]   # output grid -> positions to check
+@dataclass(frozen=True)
+class Plan:
+    """The positions a sweep checks, and whether the sweep's own work bounds how many trials they get.
+
+    A budgeted plan (`auto` or True) always checks its `required` rows (the centre and the corners)
+    at least once; an explicit request (positions, a count, `all`) is checked in full.
+    """
+
+    positions: np.ndarray    # (K, d) int64 swept positions to check
+    required: np.ndarray     # (K,) bool: checked however small the budget
+    budgeted: bool
+
+
+Chooser = Callable[[tuple[int, ...]], np.ndarray | Plan]   # output grid -> positions to check
 Checks = int | bool | str | Sequence[Sequence[int]] | Chooser
 
 
 def plan(verify: Checks, selected: np.ndarray, output_spatial: Sequence[int], *, mode: str, local: bool,
-         seed: int) -> np.ndarray:
+         seed: int) -> Plan:
     """Return the swept positions a sweep checks: a count or flag (see resolve_count) or explicit positions.
 
-    Explicit positions (or a function of the output grid returning them) are checked where swept.
+    Explicit positions (or a function of the output grid returning them, or a Plan) are checked where swept.
     """
     grid = tuple(int(n) for n in output_spatial)
     if callable(verify):
         verify = verify(grid)
+    if isinstance(verify, Plan):
+        swept = set(map(tuple, selected.tolist()))
+        here = np.array([tuple(p) in swept for p in verify.positions.tolist()], dtype=bool)
+        return Plan(verify.positions[here].reshape(-1, len(grid)), verify.required[here], verify.budgeted)
     if isinstance(verify, (list, tuple, np.ndarray)):
         wanted = set(map(tuple, np.asarray(verify, dtype=np.int64).reshape(-1, len(grid)).tolist()))
-        return selected[[tuple(p) in wanted for p in selected.tolist()]].reshape(-1, len(grid))
-    return choose(selected, grid, resolve_count(verify, mode=mode, local=local, ndim=len(grid)), seed)
+        chosen = selected[[tuple(p) in wanted for p in selected.tolist()]].reshape(-1, len(grid))
+        return Plan(chosen, np.ones(len(chosen), dtype=bool), budgeted=False)
+    count = resolve_count(verify, mode=mode, local=local, ndim=len(grid))
+    chosen = choose(selected, grid, count, seed)
+    budgeted = verify == "auto" or verify is True
+    leading = len(anchors(selected, grid)) if budgeted and len(selected) else len(chosen)
+    return Plan(chosen, np.arange(len(chosen)) < leading, budgeted)
 
 
 def among(spec: PositionSpec, verify: Checks = "auto", *, mode: str, seed: int) -> Chooser:
     """Return a `verify` argument that picks from a whole selection, so sweeps of its chunks check the same rows."""
-    def pick(grid: tuple[int, ...]) -> np.ndarray:
+    def pick(grid: tuple[int, ...]) -> Plan:
         return plan(verify, resolve(spec, grid), grid, mode=mode, local=False, seed=seed)
     return pick
+
+
+def afford(checks: Plan, perturbed: np.ndarray, rows: int, flops: int | None,
+           samples: int = SAMPLES) -> tuple[np.ndarray, int]:
+    """Return which planned positions to check and how many trials each gets, within the sweep's budget.
+
+    A trial of k positions costs 1 + k float64 forward passes of `flops` each (None: unknown): a
+    base input, then one perturbed input per position (`perturbed` marks the positions with input
+    outside their support; the others cost nothing). A budgeted plan may spend one pass per ROWS_PER_PASS backward
+    rows the sweep ran, or FREE_FLOPS in all where that buys more: its required positions get one
+    trial whatever the budget, its other positions join when one trial of all fits, and further
+    trials (fresh base input and perturbations) run while whole trials fit, up to `samples`.
+    Nothing here depends on time, so two runs check the same positions the same way.
+    """
+    keep = np.ones(len(checks.positions), dtype=bool)
+    if not checks.budgeted:
+        return keep, samples
+    budget = max(rows // ROWS_PER_PASS, 0 if flops is None else FREE_FLOPS // max(flops, 1))
+    if 1 + int(perturbed.sum()) > budget:
+        keep = checks.required.copy()
+    cost = 1 + int(perturbed[keep].sum())
+    return keep, int(min(samples, max(1, budget // cost)))
 
 
 def resolve_count(verify: int | bool | str, *, mode: str, local: bool, ndim: int) -> int:
@@ -103,17 +166,23 @@ def resolve_count(verify: int | bool | str, *, mode: str, local: bool, ndim: int
 
 
 def choose(selected: np.ndarray, output_spatial: Sequence[int], count: int, seed: int = 0) -> np.ndarray:
-    """Pick up to `count` swept positions: nearest the centre, nearest each corner, then random others."""
+    """Pick up to `count` swept positions: nearest the centre, nearest each corner, then random others.
+
+    They come in that order (a budget that cannot afford them all drops the random ones).
+    """
     if count <= 0 or len(selected) == 0:
         return np.empty((0, len(output_spatial)), dtype=np.int64)
-    if count >= len(selected):
-        return np.asarray(selected, dtype=np.int64)
-    corners = np.array(list(np.ndindex(*(2,) * len(output_spatial)))) * (np.array(output_spatial) - 1)
-    wanted = [np.array(center(output_spatial)), *corners]
-    picked = list(dict.fromkeys(int(np.abs(selected - w).sum(axis=1).argmin()) for w in wanted))
+    picked = anchors(selected, output_spatial)
     rest = np.setdiff1d(np.arange(len(selected)), picked)
     picked += np.random.default_rng(seed).permutation(rest).tolist()
-    return np.asarray(selected, dtype=np.int64)[np.sort(picked[:count])]
+    return np.asarray(selected, dtype=np.int64)[picked[:count]]
+
+
+def anchors(selected: np.ndarray, output_spatial: Sequence[int]) -> list[int]:
+    """Return the distinct rows of `selected` nearest the centre and nearest each corner of the output grid."""
+    corners = np.array(list(np.ndindex(*(2,) * len(output_spatial)))) * (np.array(output_spatial) - 1)
+    wanted = [np.array(center(output_spatial)), *corners]
+    return list(dict.fromkeys(int(np.abs(selected - w).sum(axis=1).argmin()) for w in wanted))
 
 
 def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positions: np.ndarray,
@@ -122,33 +191,46 @@ def verify(model: nn.Module, input_shape: Sequence[int], target: Target, positio
     """Check that perturbing every input entry outside each position's support leaves its output unchanged.
 
     `masks` holds one boolean support (*input_spatial) per row of `positions`; the target's
-    layout reads the analysed tensor as (N, C, *spatial), as in the sweep.
+    layout reads the analysed tensor as (N, C, *spatial), as in the sweep. Every position gets
+    `samples` trials.
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(len(masks), -1)
+    return check(model, input_shape, target, Plan(positions, np.ones(len(positions), bool), budgeted=False), masks,
+                 rows=0, samples=samples, seed=seed, device=device)
+
+
+def check(model: nn.Module, input_shape: Sequence[int], target: Target, checks: Plan, masks: np.ndarray, *,
+          rows: int, samples: int = SAMPLES, seed: int = 0, device: str | torch.device = "auto") -> Verification:
+    """Check the planned positions (one support mask each) as far as a sweep of `rows` backward rows affords.
+
+    See afford: an unbudgeted plan checks every position `samples` times.
     """
     started = time.perf_counter()
-    positions = np.asarray(positions, dtype=np.int64).reshape(len(masks), -1)
     masks = np.asarray(masks, dtype=bool)
     shape = tuple(int(n) for n in input_shape)
-    violations = np.zeros(len(positions), dtype=np.int64)
-    deviation = np.zeros(len(positions))
     rest = ~masks.reshape(len(masks), math.prod(shape[2:])).all(axis=1)   # a whole-input support: nothing to perturb
     if not rest.any():
-        return _result(positions, violations, deviation, samples, started)
+        return _result(checks.positions, np.zeros(len(masks)), np.zeros(len(masks)), samples, started)
+    read = reads(model, shape, target)
+    keep, trials = afford(checks, rest, rows, read.flops, samples)
+    positions, masks, rest = checks.positions[keep], masks[keep], rest[keep]
+    violations, deviation = np.zeros(len(positions), dtype=np.int64), np.zeros(len(positions))
     try:
-        working = float64_copy(model, resolve_device(device), shape, target)
+        working = float64_copy(model, resolve_device(device), read)
     except Exception as exc:  # a model that cannot be copied or cast is reported unverified, not failed
-        return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
+        return _result(positions, violations, deviation, trials, started,
                        note=f"the model could not be copied to float64 ({type(exc).__name__})")
     runner = _Runner(working, shape, target)
     with torch.no_grad(), deterministic(), eager_forward():  # compiled and checkpointed code as plain calls
-        for trial in range(samples):
+        for trial in range(trials):
             try:
                 changed, relative = runner.trial(positions[rest], masks[rest], seed, trial)
             except SweepError as exc:
-                return _result(positions, np.zeros(len(positions)), np.zeros(len(positions)), samples, started,
+                return _result(positions, violations, deviation, trials, started,
                                note=f"the float64 copy of the model did not run: {exc}")
             violations[rest] += changed
             deviation[rest] = np.maximum(deviation[rest], relative)
-    return _result(positions, violations, deviation, samples, started)
+    return _result(positions, violations, deviation, trials, started)
 
 
 def nonfinite_positions(model: nn.Module, input_shape: Sequence[int], target: Target, *, seed: int = 0,
@@ -157,7 +239,7 @@ def nonfinite_positions(model: nn.Module, input_shape: Sequence[int], target: Ta
     element or channel) on a random input: one float64 forward pass."""
     shape = tuple(int(n) for n in input_shape)
     try:
-        runner = _Runner(float64_copy(model, resolve_device(device), shape, target), shape, target)
+        runner = _Runner(float64_copy(model, resolve_device(device), reads(model, shape, target)), shape, target)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         with torch.no_grad(), deterministic(), eager_forward():
             y = runner.output(x.to(runner.device))
@@ -176,21 +258,27 @@ def _result(positions, violations, deviation, samples, started, note: str = "") 
                         seconds=time.perf_counter() - started, note=note)
 
 
-def float64_copy(model: nn.Module, device: torch.device, input_shape: tuple[int, ...] | None = None,
-                 target: Target | None = None) -> nn.Module:
+@dataclass(frozen=True)
+class Reads:
+    """What a forward pass up to the target reads of the model, and what it costs."""
+
+    ids: frozenset[int] | None   # the parameters and buffers read (by id); None: unknown, copy them all
+    flops: int | None            # floating-point operations of one pass (the input's whole batch); None: unknown
+
+
+def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = None) -> nn.Module:
     """Return a float64, eval-mode deep copy of the model on a device (compiled modules unwrapped), leaving it as is.
 
-    With an input shape and target, the parameters and buffers the forward pass up to the target never
-    reads (a classifier after analysed features) are not copied: an empty tensor stands in for each, so a
-    classifier head costs nothing here. A pass that did read one after all fails, and the check says
-    the copy did not run: unverified, never wrong.
+    The parameters and buffers the forward pass up to the target never reads (`read`: a classifier
+    after analysed features) are not copied: an empty tensor stands in for each, so a classifier
+    head costs nothing here. A pass that did read one after all fails, and the check says the copy
+    did not run: unverified, never wrong.
     """
     source = getattr(model, "_orig_mod", model)
     memo: dict[int, Any] = {}
-    if input_shape is not None and target is not None:
-        read = tensors_read(model, input_shape, target)
+    if read is not None and read.ids is not None:
         for tensor in [*source.parameters(), *source.buffers()]:
-            if id(tensor) not in read:
+            if id(tensor) not in read.ids:
                 empty = torch.empty(0, dtype=tensor.dtype)
                 memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) \
                     else empty
@@ -199,35 +287,89 @@ def float64_copy(model: nn.Module, device: torch.device, input_shape: tuple[int,
 
 
 class _Reads(TorchFunctionMode):
-    """Record the ids of every tensor an op receives."""
+    """Record the ids of every tensor an op receives, and count the pass's floating-point operations.
+
+    Convolutions and matrix products count two per multiply-add; every other op one per output
+    entry. Counted at the level of torch functions, which needs no dispatch mode (entering one
+    loads torch.compile's machinery).
+    """
 
     def __init__(self):
         super().__init__()
         self.ids: set[int] = set()
+        self.flops = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ids.update(id(t) for t in tensors_of((args, kwargs)))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.flops += _flops(getattr(func, "__name__", ""), args, out)
+        return out
 
 
-def tensors_read(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> set[int]:
-    """Return the ids of the tensors (parameters and buffers among them) a forward pass up to the target reads.
+def _flops(name: str, args: tuple, out: Any) -> int:
+    """Return the floating-point operations of one op from its name, its operands and its output."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    first, second = [*args, None, None][:2]
+    if name.startswith("conv_transpose") and isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return 2 * first.numel() * math.prod(second.shape[1:])      # weight (C_in, C_out / groups, *kernel)
+    if name.startswith("conv") and isinstance(second, torch.Tensor) and second.dim() > 2:
+        return 2 * out.numel() * math.prod(second.shape[1:])        # weight (C_out, C_in / groups, *kernel)
+    if name == "linear" and isinstance(second, torch.Tensor):
+        return 2 * out.numel() * second.shape[-1]
+    if name in ("matmul", "mm", "bmm", "__matmul__") and isinstance(first, torch.Tensor) and first.dim():
+        return 2 * out.numel() * first.shape[-1]
+    return out.numel()
 
-    One pass of the model as given on zeros, without gradients, its flags and buffers restored after.
-    Empty when the model does not run: then nothing is left out of a copy.
+
+def reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
+    """Return which parameters and buffers a forward pass up to the target reads, and its flops.
+
+    One pass of a meta copy (no value computed: shapes only), or where a model does not run on meta
+    (a value-dependent branch), one pass of the model as given on zeros without gradients, its flags
+    and buffers restored after. Unknown (copy everything) when neither runs.
     """
+    found = _meta_reads(model, input_shape, target)
+    if found is not None:
+        return found
     x = torch.zeros(input_shape, dtype=next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                             torch.float32), device=next((p.device for p in model.parameters()),
                                                                         torch.device("cpu")))
-    reads = _Reads()
+    with preserved(model):
+        model.eval()
+        return _reads_of(model, x, target, input_shape) or Reads(None, None)
+
+
+def _meta_reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads | None:
+    """Return the reads of a pass of a meta copy, named by the model's own tensors; None when it does not run."""
     try:
-        with preserved(model), torch.no_grad(), eager_forward(), reads:
-            model.eval()
+        shadow = on_meta(model)
+    except Exception:  # a model that cannot be deep-copied: the pass of the model as given decides
+        return None
+    stand_ins, originals = _tensors(shadow), _tensors(getattr(model, "_orig_mod", model))
+    found = _reads_of(shadow, torch.empty(input_shape, device="meta"), target, input_shape)
+    if found is None or found.ids is None or len(stand_ins) != len(originals):
+        return None
+    original = {id(m): id(t) for m, t in zip(stand_ins, originals)}
+    return Reads(frozenset(original.get(i, i) for i in found.ids), found.flops)
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Return every parameter and buffer of a module, shared ones as often as they are registered."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [t for _, t in named]
+
+
+def _reads_of(model: nn.Module, x: torch.Tensor, target: Target, input_shape: tuple[int, ...]) -> Reads | None:
+    """Run one pass up to the target recording the tensors read and counting flops; None when it raises."""
+    recorder = _Reads()
+    try:
+        with torch.no_grad(), eager_forward(), recorder:
             forward_target(model, x, target, input_shape)
-    except Exception:  # the model may raise anything; copying everything is always safe
-        return {id(t) for t in [*model.parameters(), *model.buffers()]}
-    return reads.ids
+    except Exception:  # the model may raise anything; the caller falls back
+        return None
+    return Reads(frozenset(recorder.ids), recorder.flops)
 
 
 @contextmanager
@@ -265,7 +407,7 @@ class _Runner:
         generator = torch.Generator().manual_seed(seed * 1009 + trial)
         x = torch.randn(self.input_shape, generator=generator, dtype=torch.float64)
         base = self.output(x.to(self.device))
-        scale = SCALES[trial % len(SCALES)]
+        scale = mixed_scales(self.input_shape, seed, trial)
         noise = [torch.randn(self.input_shape, generator=generator, dtype=torch.float64) * scale for _ in positions]
         perturbed = [torch.where(torch.as_tensor(m), x, r) for m, r in zip(masks, noise)]
         relative = self._compare(positions, perturbed, base)
@@ -305,6 +447,18 @@ class _Runner:
                 except SweepError:
                     self.stack = stack = 1
             yield start, [self.output(x.to(self.device)) for x in group]
+
+
+def mixed_scales(shape: tuple[int, ...], seed: int, trial: int) -> torch.Tensor:
+    """Return each input entry's perturbation scale in a trial: SCALES mixed at random over the entries.
+
+    Every entry's scale moves to the next of SCALES from one trial to the next, so within
+    len(SCALES) trials every entry meets every scale, and one trial already perturbs any region of
+    a few entries at every scale (a threshold that only large values cross, a saturation that only
+    small ones leave).
+    """
+    kinds = torch.randint(len(SCALES), shape, generator=torch.Generator().manual_seed(seed * 1009 + 1008))
+    return torch.tensor(SCALES, dtype=torch.float64)[(kinds + trial) % len(SCALES)]
 
 
 def _relative_change(base: torch.Tensor, other: torch.Tensor, index: tuple) -> float:

@@ -28,7 +28,8 @@ SUMMARY_KEYS = {
     "edge_positions", "edge_fraction", "valid_region", "asymmetric_axes", "unseen_pixels", "unseen_fraction",
     "coverage_nonuniform", "holes", "min_fill", "wrapped", "padding_modes", "global", "global_from", "global_op",
     "covers_input", "covering_positions", "covering_fraction", "no_coverage_resolution",
-    "local_rf_size", "border_layers_from", "no_border_resolution", "verified", "violations", "size_dependent",
+    "local_rf_size", "border_layers_from", "no_border_resolution", "verified", "violations", "verify_trials",
+    "size_dependent",
     "attention", "resolution_stride", "position_rf_min", "position_rf_max", "local_rf_clipped", "global_before",
 }
 

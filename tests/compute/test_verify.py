@@ -19,7 +19,18 @@ from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
 from rfreport.compute.sweep import sweep
-from rfreport.compute.verify import RTOL, choose, default_count, float64_copy, verify
+from rfreport.compute.verify import (
+    FREE_FLOPS,
+    RTOL,
+    SAMPLES,
+    Plan,
+    afford,
+    choose,
+    default_count,
+    float64_copy,
+    reads,
+    verify,
+)
 from rfreport.errors import ConfigError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
@@ -415,9 +426,9 @@ class TiedHead(nn.Module):
 
 def test_the_float64_copy_leaves_out_what_the_pass_to_the_target_never_reads():
     model = TiedHead().eval()
-    copied = dict(float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target()).named_parameters())
+    copied = dict(float64_copy(model, torch.device("cpu"), reads(model, (1, 1, 8, 8), Target())).named_parameters())
     assert copied["head.weight"].numel() == 4 * 8 * 8 * 1000   # the model output reads the head
-    body_only = float64_copy(model, torch.device("cpu"), (1, 1, 8, 8), Target(layer="body"))
+    body_only = float64_copy(model, torch.device("cpu"), reads(model, (1, 1, 8, 8), Target(layer="body")))
     kept = {name: p.numel() for name, p in body_only.named_parameters()}
     assert kept["head.weight"] == kept["shared.weight"] == 0 and kept["body.weight"] == 36
     assert all(p.dtype == torch.float64 for p in body_only.parameters())
@@ -430,3 +441,115 @@ def test_a_layer_reading_another_modules_weight_is_still_verified():
 
     result = sweep(Target4().eval(), (1, 1, 8, 8), "all", verify=4)
     assert result.verification.note == "" and result.verification.checked == 4 and result.violations.sum() == 0
+
+
+class Threshold(nn.Module):
+    """A 3x3 convolution, plus a wide one that only sees input entries beyond 4 in magnitude (a hard threshold)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.near = nn.Conv2d(1, 1, 3, padding=1)
+        self.far = nn.Conv2d(1, 1, 9, padding=4)
+
+    def forward(self, x):
+        return self.near(x) + self.far(x * (x.abs() > 4))
+
+
+def test_a_dependency_only_large_perturbations_reveal_is_caught_in_a_single_trial():
+    model = Threshold()
+    near = sweep(model.near, (1, 1, 24, 24), [(12, 12), (0, 0), (5, 17)], keep_masks="all", verify=False)
+    masks = np.stack([near.masks[tuple(p)] for p in near.positions.tolist()])   # the far path left out: a lie
+    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    float64 = model.double()
+    with torch.no_grad():    # perturbations of the base's own scale leave every output as it was: the lie hides
+        for (i, j), mask in zip(near.positions.tolist(), masks):
+            assert float64(torch.where(torch.as_tensor(mask), x, r))[0, 0, i, j] == float64(x)[0, 0, i, j]
+    caught = verify(Threshold(), (1, 1, 24, 24), Target(), near.positions, masks, samples=1)
+    assert caught.violations.tolist() == [1, 1, 1]
+
+
+def expensive(monkeypatch) -> None:
+    """Make every float64 pass count against the sweep's rows: no free work."""
+    monkeypatch.setattr("rfreport.compute.verify.FREE_FLOPS", 0)
+
+
+def test_a_sweep_of_few_rows_checks_its_centre_and_corners_once(monkeypatch):
+    expensive(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), ["center", "corners"])
+    assert result.verified.sum() == 5 == result.verification.checked and result.verification.samples == 1
+    assert not result.violations.any()
+    assert analyze(result).summary.to_json()["verify_trials"] == 1
+
+
+def test_a_sweep_of_many_rows_checks_every_planned_position_three_times(monkeypatch):
+    expensive(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), "all", method="dense")    # 400 rows buy 200 passes
+    assert result.verified.sum() == default_count(2) and result.verification.samples == 3
+
+
+def test_random_positions_join_when_one_trial_of_all_fits_and_trials_when_all_fit_again(monkeypatch):
+    expensive(monkeypatch)
+    some = sweep(large_kernels(), (1, 2, 20, 20), "grid:4", method="dense")    # 36 rows buy 18 passes: 2 x (1 + 8)
+    assert some.verified.sum() == default_count(2) and some.verification.samples == 2
+    more = sweep(large_kernels(), (1, 2, 20, 20), "grid:2", method="dense")    # 121 rows, 60 passes
+    assert more.verified.sum() == default_count(2) and more.verification.samples == 3
+
+
+def test_the_smallest_budget_still_catches_an_under_reporting_engine(monkeypatch):
+    expensive(monkeypatch)
+    erase_first_column(monkeypatch)
+    result = sweep(large_kernels(), (1, 2, 20, 20), ["center", "corners"], method="dense")
+    assert result.verified.sum() == 5 and (result.violations[result.verified] == 1).all()
+    assert analyze(result).summary.to_json()["violations"] == 5
+
+
+def test_two_runs_check_the_same_positions_the_same_way(monkeypatch):
+    expensive(monkeypatch)
+    first, second = (sweep(large_kernels(), (1, 2, 20, 20), "grid:4").verification for _ in range(2))
+    np.testing.assert_array_equal(first.positions, second.positions)
+    np.testing.assert_array_equal(first.deviation, second.deviation)
+    assert first.samples == second.samples
+
+
+class Tied(TiedHead):
+    """A body, then a convolution with another module's weight; the head after them is never read."""
+
+    def forward(self, x):
+        return F.conv2d(self.body(x), self.shared.weight, padding=1)
+
+
+class ValueBranch(TiedHead):
+    """The same pass, branching on a value: it does not run on meta tensors."""
+
+    def forward(self, x):
+        y = self.body(x)
+        return y if bool((y > 1e9).any()) else F.conv2d(y, self.shared.weight, padding=1)
+
+
+def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given():
+    convolutions = 2 * 64 * (4 * 9 + 4 * 4 * 9)                        # two per multiply-add
+    for model, others in ((Tied().eval(), 0), (ValueBranch().eval(), 4 * 64 + 1)):   # y > 1e9, any(): one per entry
+        found = reads(model, (1, 1, 8, 8), Target())
+        assert {name for name, p in model.named_parameters() if id(p) in found.ids} == {
+            "body.weight", "body.bias", "shared.weight"}
+        assert found.flops == convolutions + others
+
+
+def test_the_budget_counts_passes_of_the_sweeps_rows_or_of_free_flops():
+    positions = np.array([(4, 4), (0, 0), (0, 8), (8, 0), (8, 8), (2, 5), (6, 1), (3, 7)])
+    plan = Plan(positions, np.arange(8) < 5, budgeted=True)
+    costly, perturbed = 10 ** 12, np.ones(8, bool)
+
+    def kept(rows: int, flops: int | None, perturbed: np.ndarray = perturbed) -> tuple[int, int]:
+        keep, trials = afford(plan, perturbed, rows, flops)
+        assert keep[:5].all()                                # the centre and the corners, always
+        return int(keep.sum()), trials
+
+    assert kept(0, None) == kept(10, costly) == (5, 1)       # 5 passes buy less than 1 + 5: still one trial
+    assert kept(18, costly) == (8, 1) and kept(36, costly) == (8, 2) and kept(10 ** 6, costly) == (8, 3)
+    assert kept(0, 0) == (8, 3) and kept(0, FREE_FLOPS // 27) == (8, 3) and kept(0, FREE_FLOPS // 26) == (8, 2)
+    assert kept(10, costly, np.arange(8) < 1) == (8, 2)      # only the centre needs perturbing: 2 passes a trial
+    keep, trials = afford(Plan(positions, np.ones(8, bool), budgeted=False), perturbed, 0, costly)
+    assert keep.all() and trials == SAMPLES
