@@ -11,6 +11,7 @@ per-row fallback for operations that cannot be vmapped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -513,13 +514,18 @@ def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
 
 @dataclass(frozen=True)
 class CapturedLayer:
-    """One leaf module's output from the forward pass: a clone to differentiate and its graph edge."""
+    """One leaf module's output from the forward pass: its reading as (N, C, *grid) and its graph edge.
+
+    The reading is a view of the module's output, not a copy: only its shape is read, and a local VJP
+    starts from the edge (the output as the module returned it, before any later in-place op).
+    """
 
     name: str
     type: str
     value: torch.Tensor
     edge: Any
     layout: Layout    # how the raw output reads as (N, C, *grid), an inferred token grid made explicit
+    raw: tuple[int, ...]   # the output's shape as the module returned it
 
 
 class LayerEngine(Engine):
@@ -581,7 +587,7 @@ class LayerEngine(Engine):
             edge = torch.autograd.graph.get_gradient_edge(out)
             if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
                 edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
-            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout)
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout, tuple(out.shape))
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
@@ -640,18 +646,30 @@ class LayerEngine(Engine):
         if len(weights) > size:
             parts = [self.local_support(name, chunk, sources) for chunk in weights.split(size)]
             return {source: torch.cat([part[source] for part in parts]) for source in parts[0]}
-        value = self.layers[name].value
-        cotangents = self.cotangents(weights, value)
+        layer = self.layers[name]
+        cotangents = self._on_raw(self.cotangents(weights, layer.value), layer)
         sources = self.predecessors(name) if sources is None else sources
         edges = [self.layers[s].edge if s else self._x for s in sources]
-        edge = self.layers[name].edge
-        self._vjp_start.edge = (id(edge.node), edge.output_nr) if sources != [None] else None
+        self._vjp_start.edge = (id(layer.edge.node), layer.edge.output_nr) if sources != [None] else None
         try:
-            grads = _local_vjp(value, edges, cotangents)
+            grads = _local_vjp(layer.edge, edges, cotangents)
         finally:
             self._vjp_start.edge = None
         grids = [g if s is None else self._as_grid(g, self.layers[s].layout) for s, g in zip(sources, grads)]
-        return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
+        # the 1-norm over batch and channels: the sum of magnitudes, without a copy of their absolute values
+        return {s: (torch.linalg.vector_norm(g, 1, dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
+
+    def _on_raw(self, cotangents: torch.Tensor, layer: CapturedLayer) -> torch.Tensor:
+        """Carry cotangents (B, N, C, *grid) on a layer's reading back to its raw output (B, *raw): the reading's
+        own vector-Jacobian product (a permutation; tokens it leaves out get zeros)."""
+        if layer.layout.kind is LayoutKind.NCHW:
+            return cotangents
+        rows = len(cotangents)
+        raw = torch.zeros((rows * layer.raw[0], *layer.raw[1:]), dtype=cotangents.dtype, device=cotangents.device,
+                          requires_grad=True)
+        reading = channels_first(raw, layer.layout, self.input_spatial)
+        (grad,) = torch.autograd.grad(reading, raw, cotangents.reshape(reading.shape))
+        return grad.reshape(rows, *layer.raw)
 
     def _as_grid(self, grad: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Read a batch of gradients on a captured layer's raw output (B, *raw) as (B, N, C, *grid)."""
@@ -691,7 +709,7 @@ def _resolved(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...
 
 
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
-    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one.
+    """Return a module output read as (N, C, *grid) through the layout (a view), or None when it is not one.
 
     Under a channels-last layout every leaf is read as (N, *grid, C), yet convolutions and pooling
     return (N, C, *grid) whatever the model's layout (a Swin patch embedding's projection): a reading
@@ -700,7 +718,7 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
         return None
     try:
-        view = channels_first(value.clone(), layout, input_spatial)
+        view = channels_first(value, layout, input_spatial)
     except LayoutError:
         return None
     if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
@@ -708,10 +726,11 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     return view
 
 
-def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
-    """Backpropagate a batch of cotangents from one tensor to graph edges, vmapped or row by row."""
-    try:
-        return list(torch.autograd.grad(value, edges, cotangents, retain_graph=True, is_grads_batched=True))
-    except RuntimeError:
-        rows = [torch.autograd.grad(value, edges, row, retain_graph=True) for row in cotangents]
-        return [torch.stack(parts) for parts in zip(*rows)]
+def _local_vjp(start: Any, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
+    """Backpropagate a batch of cotangents from one graph edge to others: vmapped, or row by row for a single
+    row (vmap's set-up costs more than the row) or where vmap fails."""
+    if len(cotangents) > 1:
+        with contextlib.suppress(RuntimeError):
+            return list(torch.autograd.grad([start], edges, [cotangents], retain_graph=True, is_grads_batched=True))
+    rows = [torch.autograd.grad([start], edges, [row], retain_graph=True) for row in cotangents]
+    return [torch.stack(parts) for parts in zip(*rows)]

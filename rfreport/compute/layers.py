@@ -170,7 +170,8 @@ class _Windows:
 
     `windows` maps each nearest predecessor (None for the input) to (lo, hi, count, gap) per probe row (gap:
     the widest run of unread cells between read ones per axis, as between a dilated kernel's taps); `direct`,
-    set for layers measured by a backward to the input, holds (lo, hi, count).
+    set for layers measured by a backward to the input, holds (lo, hi, count) of the centre and first corner
+    rows only (the other rows are read by composition alone).
     """
 
     name: str
@@ -194,21 +195,26 @@ class _Capture:
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
              force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
-             skip: frozenset[str] = frozenset()) -> _Capture:
+             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = ()) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
     layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
-    choose the probe rows (see probe_rows).
+    choose the probe rows (see probe_rows). `reuse` holds the windows an earlier pass of the same
+    input and options measured: they are taken as they are, with no backward pass.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
     with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
                     seed=seed, skip=skip) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
+        earlier = {w.name: w for w in reuse}
         seen = []
         for name, captured in engine.layers.items():
             if name not in wanted:
+                continue
+            if name in earlier:
+                seen.append(earlier[name])
                 continue
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
@@ -230,16 +236,18 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
 def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:
     """Mark the named layers as measured directly with nothing seen (size 0, never exact)."""
     def nothing(w: _Windows) -> tuple:
-        rows, ndim = len(w.rows), len(w.out)
-        return np.full((rows, ndim), -1), np.full((rows, ndim), -1), np.zeros(rows, dtype=np.int64)
+        ndim = len(w.out)
+        return np.full((2, ndim), -1), np.full((2, ndim), -1), np.zeros(2, dtype=np.int64)
     return [replace(w, direct=nothing(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
 def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
-    """Measure the named layers (not measured yet) by a backward from their probe rows to the input."""
+    """Measure the named layers (not measured yet) by a backward from their centre and first corner rows to the
+    input (a direct row reads nothing else: see `_direct_layer`)."""
     def direct(w: _Windows) -> tuple:
-        mask = engine.local_support(w.name, one_hot_weights(w.rows, w.out), sources=[None])[None]
-        return mask_bounds(mask)[:3]
+        unique, back = np.unique(w.rows[[0, -1]], axis=0, return_inverse=True)
+        mask = engine.local_support(w.name, one_hot_weights(unique, w.out), sources=[None])[None]
+        return tuple(v[back.ravel()] for v in mask_bounds(mask)[:3])
     return [replace(w, direct=direct(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
@@ -438,8 +446,8 @@ def _with_known(affine: _Affine, known: _Affine | None) -> _Affine:
 
 
 def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
-    """Measure a layer from its probe rows' boxes on the input: the centre's extent, with no stride or
-    padding (its geometry is not affine) and never exact."""
+    """Measure a layer from its centre and first corner rows' boxes on the input: the centre's extent, with no
+    stride or padding (its geometry is not affine) and never exact."""
     lo, hi, count = seen.direct
     ndim = len(n)
     size = np.where(count[0], hi[0] - lo[0] + 1, 0)
@@ -518,7 +526,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
                 measured = _compose_all(base.layers, input_shape, known)
     unknown = frozenset(m.name for m in measured if m.unknown)
     if unknown and not options.get("upto"):  # geometry unknown at every size: measure those layers directly
-        measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
+        again = _capture(model, input_shape, **options, force=unknown, reuse=tuple(base.layers))
+        measured = _compose_all(again.layers, input_shape, known)
     return measured
 
 
