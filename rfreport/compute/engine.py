@@ -532,14 +532,18 @@ class LayerEngine(Engine):
     """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
-                 layout: Layout | str | None = None, skip: Collection[str] = (), **kwargs):
+                 layout: Layout | str | None = None, skip: Collection[str] = (), stacked: bool = False, **kwargs):
         """`skip` names modules whose outputs are never captured (channels-last tensors inside a channels-first
-        model, which would read as (N, H, W, C) 'grids')."""
+        model, which would read as (N, H, W, C) 'grids'). `stacked` says an earlier pass of the same model stacked
+        its probes (its ops can cancel gradients, see `Engine._prepare`): this pass stacks them from its first
+        forward pass, sparing the single-probe pass that would find that out again."""
+        self.stacked = stacked
         super().__init__(model, input_shape, **kwargs)
         self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.skip = frozenset(skip)
         self.layers: dict[str, CapturedLayer] = {}
+        self._owner: dict = {}   # each captured graph edge -> the first layer that produced it
         self._vjp_start = _VjpStart()
 
     @property
@@ -549,6 +553,19 @@ class LayerEngine(Engine):
 
     def _judge_layout(self) -> None:
         """Judge nothing here: layers whose channels grow with the input are skipped by name (`skip`)."""
+
+    def _prepare(self) -> None:
+        """Run the forward pass: with `stacked`, with every probe at once (one probe where the model refuses that
+        batch), else as any engine does."""
+        if not self.stacked or self.probes == 1:
+            super()._prepare()
+            return
+        working = self._working_model()
+        try:
+            self._forward(working)
+        except SweepError:
+            self.probes = 1
+            self._forward(working)
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
@@ -563,7 +580,7 @@ class LayerEngine(Engine):
 
     def _forward(self, working: nn.Module) -> None:
         """Run a forward pass, capturing the layers of this pass only."""
-        self.layers = {}
+        self.layers, self._owner = {}, {}
         try:
             super()._forward(working)
         except LayoutError:
@@ -585,9 +602,10 @@ class LayerEngine(Engine):
             if value is None or layout is None:
                 return
             edge = torch.autograd.graph.get_gradient_edge(out)
-            if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
+            if (edge.node, edge.output_nr) not in self._owner and not hasattr(edge.node, "variable"):
                 edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
             self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout, tuple(out.shape))
+            self._owner.setdefault((edge.node, edge.output_nr), name)
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
@@ -604,22 +622,15 @@ class LayerEngine(Engine):
             raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor that depends on the "
                              f"input and reads as layout {self.layout}")
 
-    def _owners(self) -> dict:
-        """Map each captured graph edge to the first layer that produced it."""
-        owner = {}
-        for layer in self.layers.values():
-            owner.setdefault((layer.edge.node, layer.edge.output_nr), layer.name)
-        return owner
-
     def same_as(self, name: str) -> str | None:
         """Return the earlier layer whose output is the very same tensor (e.g. an identity-like module), or None."""
         edge = self.layers[name].edge
-        first = self._owners()[(edge.node, edge.output_nr)]
+        first = self._owner[(edge.node, edge.output_nr)]
         return first if first != name else None
 
     def predecessors(self, name: str) -> list[str | None]:
         """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
-        owner = self._owners()
+        owner = self._owner
         start = self.layers[name].edge.node
         if hasattr(start, "variable"):   # the layer returned the model input itself
             return [None]
@@ -641,14 +652,23 @@ class LayerEngine(Engine):
     def local_support(self, name: str, weights: torch.Tensor,
                       sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:
         """Return, per nearest predecessor (or per given source; None is the input), the boolean support
-        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass."""
-        size = self.auto_batch_size()
-        if len(weights) > size:
-            parts = [self.local_support(name, chunk, sources) for chunk in weights.split(size)]
-            return {source: torch.cat([part[source] for part in parts]) for source in parts[0]}
+        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass.
+
+        The layer's cotangent scale is dropped afterwards: drawn again it has the same values (a seeded
+        draw per tensor), and kept for every layer the scales would add up to a copy of every output.
+        """
         layer = self.layers[name]
-        cotangents = self._on_raw(self.cotangents(weights, layer.value), layer)
         sources = self.predecessors(name) if sources is None else sources
+        try:
+            parts = [self._support_of(layer, chunk, sources) for chunk in weights.split(self.auto_batch_size())]
+        finally:
+            self._scales.pop(id(layer.value), None)
+        return {source: torch.cat([part[source] for part in parts]) for source in sources}
+
+    def _support_of(self, layer: CapturedLayer, weights: torch.Tensor,
+                    sources: list[str | None]) -> dict[str | None, torch.Tensor]:
+        """Return `local_support` for one backward pass's rows of weights."""
+        cotangents = self._on_raw(self.cotangents(weights, layer.value), layer)
         edges = [self.layers[s].edge if s else self._x for s in sources]
         self._vjp_start.edge = (id(layer.edge.node), layer.edge.output_nr) if sources != [None] else None
         try:
@@ -656,8 +676,8 @@ class LayerEngine(Engine):
         finally:
             self._vjp_start.edge = None
         grids = [g if s is None else self._as_grid(g, self.layers[s].layout) for s, g in zip(sources, grads)]
-        # the 1-norm over batch and channels: the sum of magnitudes, without a copy of their absolute values
-        return {s: (torch.linalg.vector_norm(g, 1, dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
+        # summed over batch and channels as one axis: a reduction over two axes at once costs several times more
+        return {s: (g.abs().flatten(1, 2).sum(1) > 0).cpu() for s, g in zip(sources, grids)}
 
     def _on_raw(self, cotangents: torch.Tensor, layer: CapturedLayer) -> torch.Tensor:
         """Carry cotangents (B, N, C, *grid) on a layer's reading back to its raw output (B, *raw): the reading's
@@ -733,4 +753,4 @@ def _local_vjp(start: Any, edges: list, cotangents: torch.Tensor) -> list[torch.
         with contextlib.suppress(RuntimeError):
             return list(torch.autograd.grad([start], edges, [cotangents], retain_graph=True, is_grads_batched=True))
     rows = [torch.autograd.grad([start], edges, [row], retain_graph=True) for row in cotangents]
-    return [torch.stack(parts) for parts in zip(*rows)]
+    return [torch.stack(parts) if len(parts) > 1 else parts[0][None] for parts in zip(*rows)]

@@ -186,27 +186,30 @@ class _Windows:
 
 @dataclass(frozen=True)
 class _Capture:
-    """One capture pass: every layer's windows in forward order, and the size-dependent ops of the pass."""
+    """One capture pass: every layer's windows in forward order, the size-dependent ops of the pass, and whether
+    it stacked its probes (see LayerEngine's `stacked`)."""
 
     layers: list[_Windows]
     size_dependent: tuple[str, ...]
+    stacked: bool
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
              force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
-             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = ()) -> _Capture:
+             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = (), stacked: bool = False) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
     layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
     choose the probe rows (see probe_rows). `reuse` holds the windows an earlier pass of the same
-    input and options measured: they are taken as they are, with no backward pass.
+    input and options measured: they are taken as they are, with no backward pass. `stacked`: an earlier pass
+    of the model stacked its probes, so this one does from the start.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
     with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
-                    seed=seed, skip=skip) as engine:
+                    seed=seed, skip=skip, stacked=stacked) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
         earlier = {w.name: w for w in reuse}
         seen = []
@@ -230,7 +233,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
         blocked = _not_composable(seen, tuple(input_shape[2:]), resizing | force)
         # for one target, a non-composable layer on its way only makes it inexact: no backward per layer
         seen = _measured_directly(engine, seen, blocked) if upto is None else _unmeasured(seen, blocked)
-        return _Capture(seen, engine.size_dependent_ops)
+        return _Capture(seen, engine.size_dependent_ops, engine.probes > 1)
 
 
 def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:
@@ -502,8 +505,10 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     if str(options.get("layout", "nchw")) == "nchw":
         options = {**options, "skip": channels_last_outputs(model, input_shape, options.get("layers"))}
     base = _capture(model, input_shape, **options)
-    # reruns capture the layers of this pass only (what the base pass could not read, a rerun need not either)
-    options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers))}
+    # reruns capture the layers of this pass only (what the base pass could not read, a rerun need not either),
+    # their probes stacked from the start where this pass found ops that cancel
+    options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers)),
+               "stacked": base.stacked}
     known: dict[str, _Affine] = {}
     measured = _compose_all(base.layers, input_shape, known)
     for axis in range(len(input_shape) - 2):
