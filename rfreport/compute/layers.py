@@ -171,7 +171,8 @@ class _Windows:
     `windows` maps each nearest predecessor (None for the input) to (lo, hi, count, gap) per probe row (gap:
     the widest run of unread cells between read ones per axis, as between a dilated kernel's taps); `direct`,
     set for layers measured by a backward to the input, holds (lo, hi, count) of the centre and first corner
-    rows only (the other rows are read by composition alone).
+    rows (the other rows are read by composition alone); `given`, set for layers whose geometry on the probed
+    axis is exact already, holds that geometry anchored at this grid's centre (no windows measured).
     """
 
     name: str
@@ -182,6 +183,7 @@ class _Windows:
     windows: dict
     rows: np.ndarray
     direct: tuple | None = None
+    given: _Affine | None = None
 
 
 @dataclass(frozen=True)
@@ -197,14 +199,17 @@ class _Capture:
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
              force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
-             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = (), stacked: bool = False) -> _Capture:
+             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = (), stacked: bool = False,
+             given: dict[str, _Affine] | None = None) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
     layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
     choose the probe rows (see probe_rows). `reuse` holds the windows an earlier pass of the same
     input and options measured: they are taken as they are, with no backward pass. `stacked`: an earlier pass
-    of the model stacked its probes, so this one does from the start.
+    of the model stacked its probes, so this one does from the start. `given` maps layers whose geometry on
+    `axis` is exact already to that geometry: their windows are not measured, the layers reading them compose
+    with it.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
@@ -222,6 +227,10 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
             rows = probe_rows(out, axis, corner)
+            if twin is None and axis is not None and name in (given or {}):
+                seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, None, {}, rows,
+                                     given=_anchored(given[name], axis, rows[0])))
+                continue
             unique, back = np.unique(rows, axis=0, return_inverse=True)
             masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
@@ -234,6 +243,14 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
         # for one target, a non-composable layer on its way only makes it inexact: no backward per layer
         seen = _measured_directly(engine, seen, blocked) if upto is None else _unmeasured(seen, blocked)
         return _Capture(seen, engine.size_dependent_ops, engine.probes > 1)
+
+
+def _anchored(affine: _Affine, axis: int, centre: np.ndarray) -> _Affine:
+    """Return a geometry anchored at another grid's centre (the same size, stride and padding), exact on `axis`
+    only."""
+    anchor = centre.astype(float)
+    start = np.where(anchor == 0, 0.0, anchor * affine.stride) - affine.padding
+    return _Affine(affine.rf, affine.stride, anchor, start, np.arange(len(anchor)) == axis)
 
 
 def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:
@@ -424,6 +441,10 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     rows = seen.rows
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
+    if seen.given is not None:
+        first, last = seen.given.box(rows[0], rows[0])
+        size = np.nan_to_num(np.minimum(last, n - 1) - np.maximum(first, 0) + 1).astype(np.int64)
+        return _Layer(seen.name, seen.type, seen.channels, seen.out, size, seen.given, False, False, False)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
     blind = np.isnan(lo[0]) | np.isnan(hi[0])  # the centre sees nothing, or reads through an unknown layer
     unknown = bool(blind.any() and any(window[2][0] > 0 for window in seen.windows.values()))
@@ -519,8 +540,11 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
             if (base.size_dependent or all(m.name in done for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
+            # layers exact on this axis here enter the rerun with their geometry: only the others' windows are measured
+            exact = {m.name: m.affine for m in measured
+                     if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis]) and not m.direct}
             try:
-                larger = _compose_all(_capture(model, bigger, **options, axis=axis).layers, bigger, known)
+                larger = _compose_all(_capture(model, bigger, **options, axis=axis, given=exact).layers, bigger, known)
             except SweepError:
                 break
             fixed = {m.name: _with_known(known[m.name], _on_axis(m.affine, axis)) if m.name in known
