@@ -588,3 +588,17 @@ def test_a_layers_cotangent_scale_is_not_kept():
         assert not engine._scales
         again = engine.local_support(name, weights)
     assert first.keys() == again.keys() and all(torch.equal(first[s], again[s]) for s in first)
+
+
+def test_the_c_heap_is_trimmed_as_local_gradients_add_up(monkeypatch):
+    """On a CPU the C heap hands its free pages back after every TRIM_BYTES of local gradients; the frame is the
+    same however often it does."""
+    from rfreport.compute import engine
+
+    whole = layer_growth(TinyResNet(), (1, 1, 12, 12))
+    real, trims = engine._trim_heap, []
+    monkeypatch.setattr(engine, "TRIM_BYTES", 1)
+    monkeypatch.setattr(engine, "_trim_heap", lambda: trims.append(1))
+    pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)
+    assert trims
+    real()   # runs wherever the C library has malloc_trim, and is a no-op elsewhere
