@@ -23,8 +23,9 @@ unclipped values are only lower bounds, and they are taken, axis by axis, from r
 input doubled along that axis (the other axes shrunk to an eighth: windows along one axis do not
 depend on the others) when the model accepts one and the pass shows no op that makes the
 geometry depend on the input size (see sizedep.py). A rerun measures the windows of the layers not yet
-exact on its axis only: the others enter its composition with their exact geometry. A layer whose windows are not affine at its centre (the
-previous and next neighbours' windows move by different steps or not at all, as through
+exact on its axis only: the others enter its composition with their exact geometry. A layer whose
+windows are not affine at its centre (the previous and next neighbours' windows move by different
+steps or not at all, as through
 upsampling or a transposed convolution, or change size away from any border) cannot be
 composed: it, and every layer reading from it, is measured directly by a backward from its probe
 rows to the input, and reported with its size at the centre, no stride and `rf_exact` false.
