@@ -25,10 +25,10 @@ depend on the others) when the model accepts one and the pass shows no op that m
 geometry depend on the input size (see sizedep.py). A rerun measures the windows of the layers not yet
 exact on its axis only: the others enter its composition with their exact geometry. A layer whose
 windows are not affine at its centre (the previous and next neighbours' windows move by different
-steps or not at all, as through
-upsampling or a transposed convolution, or change size away from any border) cannot be
-composed: it, and every layer reading from it, is measured directly by a backward from its probe
-rows to the input, and reported with its size at the centre, no stride and `rf_exact` false.
+steps or not at all, as through upsampling or a transposed convolution, or change size away from any
+border) cannot be composed: it, and every layer reading from it, is measured directly by a backward
+from its centre and corner rows to the input, and reported with its size at the centre, no stride and
+`rf_exact` false.
 A layer read through a predecessor whose geometry is unknown (an output whose
 centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `rf_exact` false.
 """
@@ -443,7 +443,7 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     rows = seen.rows
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
-    if seen.given is not None:
+    if seen.given is not None:   # a rerun reads only the geometry of such a layer (and the size, for its record)
         first, last = seen.given.box(rows[0], rows[0])
         size = np.nan_to_num(np.minimum(last, n - 1) - np.maximum(first, 0) + 1).astype(np.int64)
         return _Layer(seen.name, seen.type, seen.channels, seen.out, size, seen.given, False, False, False)
