@@ -11,7 +11,9 @@ per-row fallback for operations that cannot be vmapped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,6 +34,7 @@ CPU_BATCH_BYTES = 1 << 30
 CPU_TENSOR_BYTES = 4 << 20   # on a CPU, a batch's largest gradient stays under this (see auto_batch_size)
 MAX_BATCH = 4096
 LIVE_GRADIENTS = 6   # activation-sized gradients a batched backward holds per row at its peak
+TRIM_BYTES = 64 << 20   # on a CPU, local gradients of this many bytes in all hand the C heap's free pages back
 
 
 @dataclass(frozen=True)
@@ -516,13 +519,18 @@ def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
 
 @dataclass(frozen=True)
 class CapturedLayer:
-    """One leaf module's output from the forward pass: a clone to differentiate and its graph edge."""
+    """One leaf module's output from the forward pass: its reading as (N, C, *grid) and its graph edge.
+
+    The reading is a view of the module's output, not a copy: only its shape is read, and a local VJP
+    starts from the edge (the output as the module returned it, before any later in-place op).
+    """
 
     name: str
     type: str
     value: torch.Tensor
     edge: Any
     layout: Layout    # how the raw output reads as (N, C, *grid), an inferred token grid made explicit
+    raw: tuple[int, ...]   # the output's shape as the module returned it
     past_grid: frozenset[int] = frozenset()   # spatial axes read through kernel taps past the grid (see surrogate)
 
 
@@ -530,14 +538,19 @@ class LayerEngine(Engine):
     """An engine whose forward pass also keeps every leaf module's spatial output (or the named ones)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, layers: list[str] | None = None,
-                 layout: Layout | str | None = None, skip: Collection[str] = (), **kwargs):
+                 layout: Layout | str | None = None, skip: Collection[str] = (), stacked: bool = False, **kwargs):
         """`skip` names modules whose outputs are never captured (channels-last tensors inside a channels-first
-        model, which would read as (N, H, W, C) 'grids')."""
+        model, which would read as (N, H, W, C) 'grids'). `stacked` says an earlier pass of the same model stacked
+        its probes (its ops can cancel gradients, see `Engine._prepare`): this pass stacks them from its first
+        forward pass, sparing the single-probe pass that would find that out again."""
+        self.stacked = stacked
         super().__init__(model, input_shape, **kwargs)
         self.layout = parse_layout(layout)
         self.layer_names = list(layers) if layers else None
         self.skip = frozenset(skip)
         self.layers: dict[str, CapturedLayer] = {}
+        self._owner: dict = {}   # each captured graph edge -> the first layer that produced it
+        self._churn = 0          # bytes of local gradients since the C heap last handed its free pages back
         self._vjp_start = _VjpStart()
 
     @property
@@ -547,6 +560,19 @@ class LayerEngine(Engine):
 
     def _judge_layout(self) -> None:
         """Judge nothing here: layers whose channels grow with the input are skipped by name (`skip`)."""
+
+    def _prepare(self) -> None:
+        """Run the forward pass: with `stacked`, with every probe at once (one probe where the model refuses that
+        batch), else as any engine does."""
+        if not self.stacked or self.probes == 1:
+            super()._prepare()
+            return
+        working = self._working_model()
+        try:
+            self._forward(working)
+        except SweepError:
+            self.probes = 1
+            self._forward(working)
 
     def _working_model(self) -> nn.Module:
         """Build the working model and hook its leaves (or the named modules) to record their outputs."""
@@ -561,7 +587,7 @@ class LayerEngine(Engine):
 
     def _forward(self, working: nn.Module) -> None:
         """Run a forward pass, capturing the layers of this pass only."""
-        self.layers = {}
+        self.layers, self._owner = {}, {}
         try:
             super()._forward(working)
         except LayoutError:
@@ -583,9 +609,11 @@ class LayerEngine(Engine):
             if value is None or layout is None:
                 return
             edge = torch.autograd.graph.get_gradient_edge(out)
-            if (edge.node, edge.output_nr) not in self._owners() and not hasattr(edge.node, "variable"):
+            if (edge.node, edge.output_nr) not in self._owner and not hasattr(edge.node, "variable"):
                 edge.node.register_prehook(_cut(self._vjp_start, id(edge.node), edge.output_nr))   # not the input
-            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout, past_grid(out))
+            self.layers[name] = CapturedLayer(name, type(module).__name__, value, edge, layout, tuple(out.shape),
+                                              past_grid(out))
+            self._owner.setdefault((edge.node, edge.output_nr), name)
             if self.layer_names and wanted <= set(self.layers):
                 self._stop()
 
@@ -602,22 +630,15 @@ class LayerEngine(Engine):
             raise SweepError(f"no leaf module of {type(self.model).__name__} outputs a tensor that depends on the "
                              f"input and reads as layout {self.layout}")
 
-    def _owners(self) -> dict:
-        """Map each captured graph edge to the first layer that produced it."""
-        owner = {}
-        for layer in self.layers.values():
-            owner.setdefault((layer.edge.node, layer.edge.output_nr), layer.name)
-        return owner
-
     def same_as(self, name: str) -> str | None:
         """Return the earlier layer whose output is the very same tensor (e.g. an identity-like module), or None."""
         edge = self.layers[name].edge
-        first = self._owners()[(edge.node, edge.output_nr)]
+        first = self._owner[(edge.node, edge.output_nr)]
         return first if first != name else None
 
     def predecessors(self, name: str) -> list[str | None]:
         """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
-        owner = self._owners()
+        owner = self._owner
         start = self.layers[name].edge.node
         if hasattr(start, "variable"):   # the layer returned the model input itself
             return [None]
@@ -639,29 +660,67 @@ class LayerEngine(Engine):
     def local_support(self, name: str, weights: torch.Tensor,
                       sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:
         """Return, per nearest predecessor (or per given source; None is the input), the boolean support
-        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass."""
-        size = self.auto_batch_size()
-        if len(weights) > size:
-            parts = [self.local_support(name, chunk, sources) for chunk in weights.split(size)]
-            return {source: torch.cat([part[source] for part in parts]) for source in parts[0]}
-        value = self.layers[name].value
-        cotangents = self.cotangents(weights, value)
+        (B, *its spatial) of rows of weights on a layer, `auto_batch_size` rows per backward pass.
+
+        The layer's cotangent scale is dropped afterwards: drawn again it has the same values (a seeded
+        draw per tensor), and kept for every layer the scales would add up to a copy of every output.
+        """
+        layer = self.layers[name]
         sources = self.predecessors(name) if sources is None else sources
-        edges = [self.layers[s].edge if s else self._x for s in sources]
-        edge = self.layers[name].edge
-        self._vjp_start.edge = (id(edge.node), edge.output_nr) if sources != [None] else None
         try:
-            grads = _local_vjp(value, edges, cotangents)
+            parts = [self._support_of(layer, chunk, sources) for chunk in weights.split(self.auto_batch_size())]
+        finally:
+            self._scales.pop(id(layer.value), None)
+        if self.device.type == "cpu" and self._churn > TRIM_BYTES:
+            _trim_heap()
+            self._churn = 0
+        return {source: torch.cat([part[source] for part in parts]) for source in sources}
+
+    def _support_of(self, layer: CapturedLayer, weights: torch.Tensor,
+                    sources: list[str | None]) -> dict[str | None, torch.Tensor]:
+        """Return `local_support` for one backward pass's rows of weights."""
+        cotangents = self._on_raw(self.cotangents(weights, layer.value), layer)
+        edges = [self.layers[s].edge if s else self._x for s in sources]
+        self._vjp_start.edge = (id(layer.edge.node), layer.edge.output_nr) if sources != [None] else None
+        try:
+            grads = _local_vjp(layer.edge, edges, cotangents)
         finally:
             self._vjp_start.edge = None
+        self._churn += cotangents.nbytes + sum(g.nbytes for g in grads)
         grids = [g if s is None else self._as_grid(g, self.layers[s].layout) for s, g in zip(sources, grads)]
-        return {s: (g.abs().sum(dim=(1, 2)) > 0).cpu() for s, g in zip(sources, grids)}
+        # summed over batch and channels as one axis: a reduction over two axes at once costs several times more
+        return {s: (g.abs().flatten(1, 2).sum(1) > 0).cpu() for s, g in zip(sources, grids)}
+
+    def _on_raw(self, cotangents: torch.Tensor, layer: CapturedLayer) -> torch.Tensor:
+        """Carry cotangents (B, N, C, *grid) on a layer's reading back to its raw output (B, *raw): the reading's
+        own vector-Jacobian product (a permutation; tokens it leaves out get zeros)."""
+        if layer.layout.kind is LayoutKind.NCHW:
+            return cotangents
+        rows = len(cotangents)
+        raw = torch.zeros((rows * layer.raw[0], *layer.raw[1:]), dtype=cotangents.dtype, device=cotangents.device,
+                          requires_grad=True)
+        reading = channels_first(raw, layer.layout, self.input_spatial)
+        (grad,) = torch.autograd.grad(reading, raw, cotangents.reshape(reading.shape))
+        return grad.reshape(rows, *layer.raw)
 
     def _as_grid(self, grad: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Read a batch of gradients on a captured layer's raw output (B, *raw) as (B, N, C, *grid)."""
         rows, batch = grad.shape[:2]
         flat = channels_first(grad.reshape(rows * batch, *grad.shape[2:]), layout, self.input_spatial)
         return flat.reshape(rows, batch, *flat.shape[1:])
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim; nothing where the C library has none).
+
+    Local gradients are freed at once, but their sizes vary from layer to layer: glibc serves them from its
+    heap once a freed one raised its mmap threshold, and untrimmed the heap keeps the pages of every size
+    met so far (resnet50 at 224 x 224, one thread: 170 MB above the captured graph; trimmed after every
+    TRIM_BYTES of gradients, 50 MB, for about a tenth more CPU time).
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -695,7 +754,7 @@ def _resolved(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...
 
 
 def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) -> torch.Tensor | None:
-    """Return a module output read as (N, C, *grid) through the layout (a clone), or None when it is not one.
+    """Return a module output read as (N, C, *grid) through the layout (a view), or None when it is not one.
 
     Under a channels-last layout every leaf is read as (N, *grid, C), yet convolutions and pooling
     return (N, C, *grid) whatever the model's layout (a Swin patch embedding's projection): a reading
@@ -704,7 +763,7 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad):
         return None
     try:
-        view = channels_first(value.clone(), layout, input_spatial)
+        view = channels_first(value, layout, input_spatial)
     except LayoutError:
         return None
     if layout.kind is LayoutKind.NHWC and not uniform_stride(tuple(view.shape[2:]), input_spatial):
@@ -712,10 +771,11 @@ def _spatial_view(value: Any, layout: Layout, input_spatial: tuple[int, ...]) ->
     return view
 
 
-def _local_vjp(value: torch.Tensor, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
-    """Backpropagate a batch of cotangents from one tensor to graph edges, vmapped or row by row."""
-    try:
-        return list(torch.autograd.grad(value, edges, cotangents, retain_graph=True, is_grads_batched=True))
-    except RuntimeError:
-        rows = [torch.autograd.grad(value, edges, row, retain_graph=True) for row in cotangents]
-        return [torch.stack(parts) for parts in zip(*rows)]
+def _local_vjp(start: Any, edges: list, cotangents: torch.Tensor) -> list[torch.Tensor]:
+    """Backpropagate a batch of cotangents from one graph edge to others: vmapped, or row by row for a single
+    row (vmap's set-up costs more than the row) or where vmap fails."""
+    if len(cotangents) > 1:
+        with contextlib.suppress(RuntimeError):
+            return list(torch.autograd.grad([start], edges, [cotangents], retain_graph=True, is_grads_batched=True))
+    rows = [torch.autograd.grad([start], edges, [row], retain_graph=True) for row in cotangents]
+    return [torch.stack(parts) if len(parts) > 1 else parts[0][None] for parts in zip(*rows)]

@@ -22,11 +22,13 @@ wider than the centre's. Where the border cuts a window (deep grids of one or tw
 unclipped values are only lower bounds, and they are taken, axis by axis, from reruns on an
 input doubled along that axis (the other axes shrunk to an eighth: windows along one axis do not
 depend on the others) when the model accepts one and the pass shows no op that makes the
-geometry depend on the input size (see sizedep.py). A layer whose windows are not affine at its centre (the
-previous and next neighbours' windows move by different steps or not at all, as through
-upsampling or a transposed convolution, or change size away from any border) cannot be
-composed: it, and every layer reading from it, is measured directly by a backward from its probe
-rows to the input, and reported with its size at the centre, no stride and `rf_exact` false.
+geometry depend on the input size (see sizedep.py). A rerun measures the windows of the layers not yet
+exact on its axis only: the others enter its composition with their exact geometry. A layer whose
+windows are not affine at its centre (the previous and next neighbours' windows move by different
+steps or not at all, as through upsampling or a transposed convolution, or change size away from any
+border) cannot be composed: it, and every layer reading from it, is measured directly by a backward
+from its centre and corner rows to the input, and reported with its size at the centre, no stride and
+`rf_exact` false.
 A layer read through a predecessor whose geometry is unknown (an output whose
 centre sees nothing, e.g. a window lying wholly in padding) reports size 0 and `rf_exact` false.
 """
@@ -170,7 +172,9 @@ class _Windows:
 
     `windows` maps each nearest predecessor (None for the input) to (lo, hi, count, gap) per probe row (gap:
     the widest run of unread cells between read ones per axis, as between a dilated kernel's taps); `direct`,
-    set for layers measured by a backward to the input, holds (lo, hi, count).
+    set for layers measured by a backward to the input, holds (lo, hi, count) of the centre and first corner
+    rows (the other rows are read by composition alone); `given`, set for layers whose geometry on the probed
+    axis is exact already, holds that geometry anchored at this grid's centre (no windows measured).
     """
 
     name: str
@@ -181,39 +185,55 @@ class _Windows:
     windows: dict
     rows: np.ndarray
     direct: tuple | None = None
-    past_grid: frozenset[int] = frozenset()   # axes where a kernel upstream has taps past the grid everywhere
+    given: _Affine | None = None
+    past_grid: frozenset[int] = frozenset()   # axes where a kernel upstream hides a cut window (see surrogate)
 
 
 @dataclass(frozen=True)
 class _Capture:
-    """One capture pass: every layer's windows in forward order, and the size-dependent ops of the pass."""
+    """One capture pass: every layer's windows in forward order, the size-dependent ops of the pass, and whether
+    it stacked its probes (see LayerEngine's `stacked`)."""
 
     layers: list[_Windows]
     size_dependent: tuple[str, ...]
+    stacked: bool
 
 
 def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, device: str,
              seed: int, layout: str = "nchw", upto: str | None = None,
              force: frozenset[str] = frozenset(), axis: int | None = None, corner: bool = True,
-             skip: frozenset[str] = frozenset()) -> _Capture:
+             skip: frozenset[str] = frozenset(), reuse: tuple[_Windows, ...] = (), stacked: bool = False,
+             given: dict[str, _Affine] | None = None) -> _Capture:
     """Run one capture pass: every layer's local windows on its predecessors, in forward order.
 
     With `upto`, only that layer and the layers it reads from, transitively, are measured; the
     layers in `force` (and those reading from them) are measured directly. `axis` and `corner`
-    choose the probe rows (see probe_rows).
+    choose the probe rows (see probe_rows). `reuse` holds the windows an earlier pass of the same
+    input and options measured: they are taken as they are, with no backward pass. `stacked`: an earlier pass
+    of the model stacked its probes, so this one does from the start. `given` maps layers whose geometry on
+    `axis` is exact already to that geometry: their windows are not measured, the layers reading them compose
+    with it.
     Layers whose window map is not affine, and every layer reading from one, are measured directly
     instead: one backward from their probe rows to the input.
     """
     with _EveryCall(model, input_shape, layers=layers, layout=layout, mode=mode, device=device,
-                    seed=seed, skip=skip) as engine:
+                    seed=seed, skip=skip, stacked=stacked) as engine:
         wanted = _cone(engine, upto) if upto else set(engine.layers)
+        earlier = {w.name: w for w in reuse}
         seen = []
         for name, captured in engine.layers.items():
             if name not in wanted:
                 continue
+            if name in earlier:
+                seen.append(earlier[name])
+                continue
             out = tuple(captured.value.shape[2:])
             twin = engine.same_as(name)
             rows = probe_rows(out, axis, corner)
+            if twin is None and axis is not None and name in (given or {}):
+                seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, None, {}, rows,
+                                     given=_anchored(given[name], axis, rows[0])))
+                continue
             unique, back = np.unique(rows, axis=0, return_inverse=True)
             masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
@@ -225,22 +245,32 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
         blocked = _not_composable(seen, tuple(input_shape[2:]), resizing | force)
         # for one target, a non-composable layer on its way only makes it inexact: no backward per layer
         seen = _measured_directly(engine, seen, blocked) if upto is None else _unmeasured(seen, blocked)
-        return _Capture(seen, engine.size_dependent_ops)
+        return _Capture(seen, engine.size_dependent_ops, engine.probes > 1)
+
+
+def _anchored(affine: _Affine, axis: int, centre: np.ndarray) -> _Affine:
+    """Return a geometry anchored at another grid's centre (the same size, stride and padding), exact on `axis`
+    only."""
+    anchor = centre.astype(float)
+    start = np.where(anchor == 0, 0.0, anchor * affine.stride) - affine.padding
+    return _Affine(affine.rf, affine.stride, anchor, start, np.arange(len(anchor)) == axis)
 
 
 def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:
     """Mark the named layers as measured directly with nothing seen (size 0, never exact)."""
     def nothing(w: _Windows) -> tuple:
-        rows, ndim = len(w.rows), len(w.out)
-        return np.full((rows, ndim), -1), np.full((rows, ndim), -1), np.zeros(rows, dtype=np.int64)
+        ndim = len(w.out)
+        return np.full((2, ndim), -1), np.full((2, ndim), -1), np.zeros(2, dtype=np.int64)
     return [replace(w, direct=nothing(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
 def _measured_directly(engine: LayerEngine, seen: list[_Windows], names: set[str]) -> list[_Windows]:
-    """Measure the named layers (not measured yet) by a backward from their probe rows to the input."""
+    """Measure the named layers (not measured yet) by a backward from their centre and first corner rows to the
+    input (a direct row reads nothing else: see `_direct_layer`)."""
     def direct(w: _Windows) -> tuple:
-        mask = engine.local_support(w.name, one_hot_weights(w.rows, w.out), sources=[None])[None]
-        return mask_bounds(mask)[:3]
+        unique, back = np.unique(w.rows[[0, -1]], axis=0, return_inverse=True)
+        mask = engine.local_support(w.name, one_hot_weights(unique, w.out), sources=[None])[None]
+        return tuple(v[back.ravel()] for v in mask_bounds(mask)[:3])
     return [replace(w, direct=direct(w)) if w.name in names and w.direct is None else w for w in seen]
 
 
@@ -414,6 +444,10 @@ def _measure_layer(seen: _Windows, n: np.ndarray, done: dict, known: dict) -> _L
     rows = seen.rows
     if seen.direct is not None:
         return _direct_layer(seen, rows, n)
+    if seen.given is not None:   # a rerun reads only the geometry of such a layer (and the size, for its record)
+        first, last = seen.given.box(rows[0], rows[0])
+        size = np.nan_to_num(np.minimum(last, n - 1) - np.maximum(first, 0) + 1).astype(np.int64)
+        return _Layer(seen.name, seen.type, seen.channels, seen.out, size, seen.given, False, False, False)
     lo, hi, exact, pooled = _compose(seen.windows, done, rows, single=max(seen.out) == 1)
     blind = np.isnan(lo[0]) | np.isnan(hi[0])  # the centre sees nothing, or reads through an unknown layer
     unknown = bool(blind.any() and any(window[2][0] > 0 for window in seen.windows.values()))
@@ -440,8 +474,8 @@ def _with_known(affine: _Affine, known: _Affine | None) -> _Affine:
 
 
 def _direct_layer(seen: _Windows, rows: np.ndarray, n: np.ndarray) -> _Layer:
-    """Measure a layer from its probe rows' boxes on the input: the centre's extent, with no stride or
-    padding (its geometry is not affine) and never exact."""
+    """Measure a layer from its centre and first corner rows' boxes on the input: the centre's extent, with no
+    stride or padding (its geometry is not affine) and never exact."""
     lo, hi, count = seen.direct
     ndim = len(n)
     size = np.where(count[0], hi[0] - lo[0] + 1, 0)
@@ -496,8 +530,10 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     if str(options.get("layout", "nchw")) == "nchw":
         options = {**options, "skip": channels_last_outputs(model, input_shape, options.get("layers"))}
     base = _capture(model, input_shape, **options)
-    # reruns capture the layers of this pass only (what the base pass could not read, a rerun need not either)
-    options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers))}
+    # reruns capture the layers of this pass only (what the base pass could not read, a rerun need not either),
+    # their probes stacked from the start where this pass found ops that cancel
+    options = {**options, "layers": list(dict.fromkeys(w.name.split(REPEAT)[0] for w in base.layers)),
+               "stacked": base.stacked}
     known: dict[str, _Affine] = {}
     measured = _compose_all(base.layers, input_shape, known)
     for axis in range(len(input_shape) - 2):
@@ -508,8 +544,11 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
             if (base.size_dependent or all(m.name in done for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
+            # layers exact on this axis here enter the rerun with their geometry: only the others' windows are measured
+            exact = {m.name: m.affine for m in measured
+                     if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis]) and not m.direct}
             try:
-                larger = _compose_all(_capture(model, bigger, **options, axis=axis).layers, bigger, known)
+                larger = _compose_all(_capture(model, bigger, **options, axis=axis, given=exact).layers, bigger, known)
             except SweepError:
                 break
             fixed = {m.name: _with_known(known[m.name], _on_axis(m.affine, axis)) if m.name in known
@@ -520,7 +559,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
                 measured = _compose_all(base.layers, input_shape, known)
     unknown = frozenset(m.name for m in measured if m.unknown)
     if unknown and not options.get("upto"):  # geometry unknown at every size: measure those layers directly
-        measured = _compose_all(_capture(model, input_shape, **options, force=unknown).layers, input_shape, known)
+        again = _capture(model, input_shape, **options, force=unknown, reuse=tuple(base.layers))
+        measured = _compose_all(again.layers, input_shape, known)
     return measured
 
 

@@ -537,3 +537,82 @@ def test_layer_windows_are_the_same_one_row_per_backward_pass(monkeypatch):
     whole = layer_growth(TinyResNet(), (1, 1, 12, 12))
     monkeypatch.setattr(engine, "CPU_TENSOR_BYTES", 1)
     pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)
+
+
+def _measuring_everything(capture):
+    """Wrap `_capture` so that a pass takes nothing from earlier passes: no layer's geometry given, no windows
+    reused, probes stacked only after a single-probe pass finds ops that cancel."""
+    def plain(*args, **kwargs):
+        return capture(*args, **{**kwargs, "given": None, "reuse": (), "stacked": False})
+    return plain
+
+
+def _shortcuts_change_nothing(model: nn.Module, shape: tuple[int, ...], **kwargs) -> list[dict]:
+    """Assert that the layers frame is the same with every pass measuring everything; return the keyword
+    arguments of the passes that took shortcuts."""
+    from unittest import mock
+
+    from rfreport.compute import layers
+
+    calls: list[dict] = []
+    capture = layers._capture
+    with mock.patch.object(layers, "_capture", lambda *a, **k: calls.append(k) or capture(*a, **k)):
+        fast = layers.layer_growth(model, shape, **kwargs)
+    with mock.patch.object(layers, "_capture", _measuring_everything(capture)):
+        pd.testing.assert_frame_equal(layers.layer_growth(model, shape, **kwargs), fast)
+    return calls
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_passes_taking_what_earlier_passes_measured_give_the_same_frame(case):
+    """Reruns on stretched inputs take the layers already exact on their axis as given (only the others' windows
+    are measured): on random graphs whose RFs the small input clips, the frame is the one every pass measures."""
+    model, n = case
+    _shortcuts_change_nothing(model, (1, 1, n, n))
+
+
+@pytest.mark.parametrize("shortcut", ["given", "reuse", "stacked"])
+def test_each_shortcut_is_taken_and_changes_nothing(shortcut):
+    """A clipped residual network's reruns take its exact layers as given; the pass measuring layers of unknown
+    geometry (after a squeeze-and-excitation block) directly reuses the first pass's windows; a model with a
+    norm (ops that cancel) reruns with its probes stacked from the start."""
+    from rfreport.examples import se_net
+
+    model, shape, kwargs = {
+        "given": (TinyResNet(), (1, 1, 6, 6), {}),
+        "reuse": (nn.Sequential(se_net(in_channels=1, width=4, depth=2), nn.Conv2d(4, 4, 3, padding=1)).eval(),
+                  (1, 1, 32, 32), {"layers": ["0.1", "0.3", "1"], "global_context": True}),
+        "stacked": (ChannelsLastBlocks(blocks=1), (1, 1, 32, 32), {}),
+    }[shortcut]
+    calls = _shortcuts_change_nothing(model, shape, **kwargs)
+    assert any(call.get(shortcut) for call in calls)
+
+
+def test_a_layers_cotangent_scale_is_not_kept():
+    """Each layer's cotangent scale is drawn for its own backward passes and dropped (kept for every layer, the
+    scales add up to a copy of every output); drawn again it is the same, so are the windows."""
+    from rfreport.compute.dense import one_hot_weights
+    from rfreport.compute.engine import LayerEngine
+
+    with LayerEngine(TinyResNet(), (1, 1, 12, 12)) as engine:
+        name = "b2c2"   # a 6 x 6 grid, read from `down` and `b2c1`
+        weights = one_hot_weights(np.array([[1, 1], [2, 3]]), tuple(engine.layers[name].value.shape[2:]))
+        first = engine.local_support(name, weights)
+        assert not engine._scales
+        again = engine.local_support(name, weights)
+    assert first.keys() == again.keys() and all(torch.equal(first[s], again[s]) for s in first)
+
+
+def test_the_c_heap_is_trimmed_as_local_gradients_add_up(monkeypatch):
+    """On a CPU the C heap hands its free pages back after every TRIM_BYTES of local gradients; the frame is the
+    same however often it does."""
+    from rfreport.compute import engine
+
+    whole = layer_growth(TinyResNet(), (1, 1, 12, 12))
+    real, trims = engine._trim_heap, []
+    monkeypatch.setattr(engine, "TRIM_BYTES", 1)
+    monkeypatch.setattr(engine, "_trim_heap", lambda: trims.append(1))
+    pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)
+    assert trims
+    real()   # runs wherever the C library has malloc_trim, and is a no-op elsewhere
