@@ -21,9 +21,11 @@ processes instead, each with its share of the CPUs:
   worker that dies (the out-of-memory killer's SIGKILL, a segfault in a model's C code,
   `os._exit`) fails the job it was running with one line naming the model and the signal; a new
   worker takes its place and the other jobs run on. A job's time limit (:mod:`rfreport.run.limits`)
-  runs in its worker's main thread. Workers ignore Ctrl-C; the parent stops them (SIGTERM, then
-  SIGKILL) and raises it. Only the parent writes the run folder; the result cache writes each
-  entry atomically (:mod:`rfreport.run.cache`), so workers storing at once are safe.
+  runs in its worker's main thread; a worker still busy :data:`GRACE_S` after it (stuck in one call
+  into C++, which a signal cannot interrupt) is killed, and the job fails as timed out. Workers
+  ignore Ctrl-C; the parent stops them (SIGTERM, then SIGKILL) and raises it. Only the parent
+  writes the run folder; the result cache writes each entry atomically (:mod:`rfreport.run.cache`),
+  so workers storing at once are safe.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from rfreport.run.threads import choose_threads, user_chose_threads
 logger = logging.getLogger("rfreport")
 PRELOAD = ["rfreport.run.workers"]   # imported once by the fork server: torch, the pipeline and its stages
 STOP_S = 5.0                         # how long a worker told to stop may take before it is killed
+GRACE_S = 5.0                        # how long past its time limit a job's worker may take before it is killed
 
 
 class WorkerDied(RfReportError):
@@ -183,6 +186,8 @@ class Pool:
     def map(self) -> Iterator[JobResult]:
         """Run every job in the workers and yield the results in job order; stop the workers however it ends."""
         setup = Setup(dict(os.environ), self.share.threads, logger.getEffectiveLevel())
+        logger.info("%d jobs in %d worker processes, %s torch threads each", len(self.jobs), self.share.workers,
+                    self.share.threads or "OMP_NUM_THREADS")
         finished = False
         try:
             self.workers = [start_worker(setup) for _ in range(self.share.workers)]
@@ -206,10 +211,23 @@ class Pool:
                     worker.conn.send((worker.job, self.jobs[worker.job]))
 
     def collect(self) -> None:
-        """Wait until a worker sends something or ends, and handle it."""
-        ready = set(wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]))
-        for worker in [w for w in self.workers if w.conn in ready or w.process.sentinel in ready]:
-            self.drain(worker)
+        """Wait until a worker sends something or ends, or a job overruns its limit, and handle it."""
+        deadlines = {id(w): self.deadline(w) for w in self.workers}
+        due = [d for d in deadlines.values() if d is not None]
+        timeout = max(0.0, min(due) - time.perf_counter()) if due else None
+        ready = set(wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers], timeout))
+        for worker in list(self.workers):
+            if worker.conn in ready or worker.process.sentinel in ready:
+                self.drain(worker)
+            elif (deadline := deadlines[id(worker)]) is not None and time.perf_counter() >= deadline:
+                worker.process.kill()
+                limit = self.jobs[worker.job].time_limit
+                self.bury(worker, f"timed out after {limit:g} s; its worker process did not stop, and was killed")
+
+    def deadline(self, worker: Worker) -> float | None:
+        """Return when a busy worker is killed: GRACE_S after its job's time limit (None: no job, no limit)."""
+        limit = self.jobs[worker.job].time_limit if worker.job is not None else None
+        return None if limit is None else worker.since + limit + GRACE_S
 
     def drain(self, worker: Worker) -> None:
         """Handle every message a worker has sent; a closed pipe means it died."""
@@ -222,6 +240,7 @@ class Pool:
     def handle(self, worker: Worker, message: object) -> None:
         """Act on one message of a worker: a job's start, a log record, a job's result."""
         if isinstance(message, Started):
+            worker.since = time.perf_counter()
             self.announce(message.index)
         elif isinstance(message, logging.LogRecord):
             if logger.isEnabledFor(message.levelno):
@@ -230,8 +249,8 @@ class Pool:
             worker.job = None
             self.finish(message.index, message.result)
 
-    def bury(self, worker: Worker) -> None:
-        """Remove a dead worker; fail the job it was running with how it died."""
+    def bury(self, worker: Worker, reason: str | None = None) -> None:
+        """Remove a dead worker; fail the job it was running with `reason`, else with how the worker died."""
         worker.process.join(STOP_S)
         if worker.process.is_alive():
             worker.process.kill()
@@ -239,7 +258,8 @@ class Pool:
         self.workers.remove(worker)
         if worker.job is not None:
             job = self.jobs[worker.job]
-            error = WorkerDied(f"model {job.spec.name!r}: its worker process {death(worker.process.exitcode)}")
+            reason = reason or f"its worker process {death(worker.process.exitcode)}"
+            error = WorkerDied(f"model {job.spec.name!r}: {reason}")
             self.announce(worker.job)
             self.finish(worker.job, failed_result(job, error, time.perf_counter() - worker.since))
 
