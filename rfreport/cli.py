@@ -308,9 +308,13 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, workers, d
         erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
     from rfreport import runfolder
-    from rfreport.run import pipeline
+    from rfreport.run import server
 
     configure_logging(verbose, quiet)
+    if executor != "ray":
+        server.start_early(workers)   # its imports beside this process's own (rfreport.run.server)
+    from rfreport.run import pipeline
+
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
                          erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
                          address=address, job_timeout=job_timeout, workers=workers)
@@ -428,6 +432,9 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         if not saved.models:
             raise CommandError(f"{folders[0]}: nothing to check: the run folder has no models", 2)
         return [model.entry for model in saved.models]
+    from rfreport.run import server
+
+    server.start_early(flags.get("workers"))   # its imports beside this process's own (rfreport.run.server)
     from rfreport.run import jobs as jobs_mod
     from rfreport.run import pipeline
 

@@ -17,11 +17,12 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def jobs_in_process(monkeypatch):
-    """Let `workers = "auto"` find one idle CPU: runs stay in-process whatever the machine's load, and workers asked
-    for by number (tests/run/test_workers.py) get one thread each."""
-    from rfreport.run import threads, workers
+    """Let `workers = "auto"` find one idle CPU: runs stay in-process whatever the machine's load (no early fork
+    server), and workers asked for by number (tests/run/test_workers.py) get one thread each."""
+    from rfreport.run import server, threads, workers
 
-    monkeypatch.setattr(workers, "choose_threads", lambda: threads.ThreadChoice(1, 1, 1.0))
+    for module in (workers, server):
+        monkeypatch.setattr(module, "choose_threads", lambda: threads.ThreadChoice(1, 1, 1.0))
 
 
 @pytest.fixture(autouse=True, scope="module")

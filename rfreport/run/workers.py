@@ -9,9 +9,9 @@ processes instead, each with its share of the CPUs:
   divides those CPUs among the workers as intra-op threads (at least one each); an explicit
   `OMP_NUM_THREADS` is every worker's thread count. One worker is the in-process loop
   (:class:`rfreport.run.executors.LocalExecutor`).
-* **Started from a fork server** that imported torch and rfreport once (multiprocessing's
-  `forkserver`, with this module preloaded): a worker starts without importing torch again, and
-  no worker is a fork of a process that ran parallel torch work (OpenMP hangs after such a fork).
+* **Started from a fork server** that imported torch and rfreport once (:mod:`rfreport.run.server`):
+  a worker starts without importing torch again, and no worker is a fork of a process that ran
+  parallel torch work (OpenMP hangs after such a fork).
   A worker takes the parent's environment and folder, runs one job at a time as the parent hands
   them out, and lives until the run ends.
 * **One pipe per worker** carries, in order, the job's start, its log records (stage timings,
@@ -31,7 +31,6 @@ processes instead, each with its share of the CPUs:
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -48,10 +47,10 @@ import torch
 from rfreport.errors import RfReportError
 from rfreport.run.jobs import Job, JobResult, Progress
 from rfreport.run.pipeline import failed_result, run_job
+from rfreport.run.server import context
 from rfreport.run.threads import choose_threads, user_chose_threads
 
 logger = logging.getLogger("rfreport")
-PRELOAD = ["rfreport.run.workers"]   # imported once by the fork server: torch, the pipeline and its stages
 STOP_S = 5.0                         # how long a worker told to stop may take before it is killed
 GRACE_S = 5.0                        # how long past its time limit a job's worker may take before it is killed
 
@@ -148,11 +147,10 @@ class Worker:
 
 
 def start_worker(setup: Setup) -> Worker:
-    """Start one worker from the fork server (started on first use, with PRELOAD imported)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    parent, child = context.Pipe()
-    process = context.Process(target=serve, args=(child, setup), name="rfreport-worker", daemon=True)
+    """Start one worker from the fork server (which starts on first use unless it was started early)."""
+    forks = context()
+    parent, child = forks.Pipe()
+    process = forks.Process(target=serve, args=(child, setup), name="rfreport-worker", daemon=True)
     process.start()
     child.close()   # the worker holds the only other end: its death closes the pipe
     return Worker(process, parent)
