@@ -30,6 +30,8 @@ class LocalExecutor:
 
     `workers` is a number of worker processes or "auto" (:func:`rfreport.run.workers.share`); with one
     (the default of the library API) every job runs in this process, reporting its sweep's progress.
+    A script that asks for more needs the `if __name__ == "__main__":` guard: each worker imports
+    the main module (multiprocessing's forkserver).
     """
 
     progress: Progress = field(default_factory=Silent)

@@ -10,6 +10,8 @@ other. This module imports neither torch nor the pipeline, so the command line c
 from __future__ import annotations
 
 import multiprocessing
+import signal
+import threading
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext
 
@@ -25,8 +27,23 @@ def context() -> ForkServerContext:
     return found
 
 
+def ensure_running() -> None:
+    """Start the server unless it runs, deaf to Ctrl-C from its first instruction (the parent stops the workers).
+
+    A signal ignored at `exec` stays ignored in the new Python, and in every worker forked from it.
+    """
+    context()
+    if threading.current_thread() is not threading.main_thread():   # signal() works in the main thread only
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def start_early(requested: str | None) -> None:
     """Start the server now, unless the jobs will likely run in-process: `--workers 1`, or under two idle CPUs."""
     if requested != "1" and choose_threads().threads >= 2:
-        context()
-        forkserver.ensure_running()
+        ensure_running()

@@ -47,7 +47,7 @@ import torch
 from rfreport.errors import RfReportError
 from rfreport.run.jobs import Job, JobResult, Progress
 from rfreport.run.pipeline import failed_result, run_job
-from rfreport.run.server import context
+from rfreport.run.server import context, ensure_running
 from rfreport.run.threads import choose_threads, user_chose_threads
 
 logger = logging.getLogger("rfreport")
@@ -149,6 +149,7 @@ class Worker:
 def start_worker(setup: Setup) -> Worker:
     """Start one worker from the fork server (which starts on first use unless it was started early)."""
     forks = context()
+    ensure_running()
     parent, child = forks.Pipe()
     process = forks.Process(target=serve, args=(child, setup), name="rfreport-worker", daemon=True)
     process.start()

@@ -15,7 +15,7 @@ from rfreport.run import server, threads
 def test_the_server_starts_early_only_where_workers_are_likely(requested, idle, starts, monkeypatch):
     started = []
     monkeypatch.setattr(server, "choose_threads", lambda: threads.ThreadChoice(idle, 4, float(idle)))
-    monkeypatch.setattr(server.forkserver, "ensure_running", lambda: started.append(True))
+    monkeypatch.setattr(server, "ensure_running", lambda: started.append(True))
     server.start_early(requested)
     assert started == ([True] if starts else [])
 
