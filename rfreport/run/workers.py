@@ -185,7 +185,7 @@ class Pool:
     def map(self) -> Iterator[JobResult]:
         """Run every job in the workers and yield the results in job order; stop the workers however it ends."""
         setup = Setup(dict(os.environ), self.share.threads, logger.getEffectiveLevel())
-        logger.info("%d jobs in %d worker processes, %s torch threads each", len(self.jobs), self.share.workers,
+        logger.info("%d jobs in %d worker processes, torch threads each: %s", len(self.jobs), self.share.workers,
                     self.share.threads or "OMP_NUM_THREADS")
         finished = False
         try:
