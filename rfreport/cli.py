@@ -155,12 +155,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} must be comma-separated integers like 1,3,224,224") from exc
 
 
-def parse_batch_size(text: str | None) -> int | str | None:
-    """Parse --batch-size: a positive integer or auto."""
+def parse_count(text: str | None, flag: str) -> int | str | None:
+    """Parse a flag taking a positive integer or auto (--batch-size, --workers)."""
     if text is None or text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
-        raise click.BadParameter(f"{text!r} must be a positive integer or auto", param_hint="--batch-size")
+        raise click.BadParameter(f"{text!r} must be a positive integer or auto", param_hint=flag)
     return int(text)
 
 
@@ -174,8 +174,12 @@ def erf_overrides(samples: int | None, chosen: Sequence[str]) -> dict[str, Any]:
     return settings
 
 
-def job_timeout_flag(command: Callable) -> Callable:
-    """Add --job-timeout (run and check: the commands that run jobs)."""
+def job_flags(command: Callable) -> Callable:
+    """Add --job-timeout and --workers (run and check: the commands that run jobs)."""
+    command = click.option("--workers", default=None, metavar="N|auto",
+                           help="Run jobs side by side in N worker processes (1: one after another in this "
+                                "process; auto: one per idle CPU, at most one per job; default: the config's "
+                                "workers, else auto). Local executor only.")(command)
     return click.option("--job-timeout", type=click.FloatRange(0, min_open=True), default=None, metavar="SECONDS",
                         help="Fail a job that runs longer than this, naming its model and stage "
                              "(default: the config's job_timeout, else none).")(command)
@@ -184,14 +188,14 @@ def job_timeout_flag(command: Callable) -> Callable:
 def load_config(paths: Sequence[str], *, device: str | None, batch_size: str | None, seed: int | None,
                 erf_samples: int | None, erf_positions: Sequence[str], no_cache: bool = False,
                 cache_dir: str | None = None, executor: str | None = None, address: str | None = None,
-                job_timeout: float | None = None):
+                job_timeout: float | None = None, workers: str | None = None):
     """Load configs, apply the command-line overrides of the run options and ERF settings, check the device."""
     from rfreport import config as config_mod
 
     loaded = config_mod.load(paths)
-    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed, "executor": executor,
-             "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir,
-             "job_timeout": job_timeout}
+    given = {"device": device, "batch_size": parse_count(batch_size, "--batch-size"), "seed": seed,
+             "executor": executor, "address": address, "cache": False if no_cache else None, "cache_dir": cache_dir,
+             "job_timeout": job_timeout, "workers": parse_count(workers, "--workers")}
     options = replace(loaded.options, **{k: v for k, v in given.items() if v is not None})
     erf = erf_overrides(erf_samples, erf_positions)
     specs = tuple(replace(spec, erf={**(spec.erf or {}), **erf}) if erf else spec for spec in loaded.models)
@@ -213,16 +217,20 @@ def device_problem(device: str) -> str | None:
 
 
 class ClickProgress:
-    """Progress on stderr: a line per job as it starts (with `starts`) and ends, on a terminal a bar per sweep."""
+    """Progress on stderr: a line per job as it starts (with `starts`) and ends, on a terminal a bar per sweep.
+
+    Jobs run in worker processes overlap: each end line carries the `[i/n]` label of its own job.
+    """
 
     def __init__(self, bars: bool = True, starts: bool = True):
         self.bars, self.starts = bars, starts
         self.bar = None
         self.label = ""
+        self.labels: dict[str, str] = {}   # by job slug: the label of each job started
 
     def start(self, job, index: int, count: int) -> None:
         """Name the job about to run: a model that hangs is named before it does."""
-        self.label = f"[{index + 1}/{count}] {job.slug}"
+        self.label = self.labels[job.slug] = f"[{index + 1}/{count}] {job.slug}"
         if self.starts:
             click.echo(f"{self.label}: running", err=True)
 
@@ -249,7 +257,7 @@ class ClickProgress:
             return
         status = "ok" if result.status == "ok" else f"FAILED: {result.error}"
         cached = ", from the cache" if result.cached else ""
-        click.echo(f"{self.label}: {status} ({result.seconds:.1f} s{cached})", err=True)
+        click.echo(f"{self.labels.get(result.slug, self.label)}: {status} ({result.seconds:.1f} s{cached})", err=True)
 
 
 def make_progress(quiet: bool, starts: bool = True):
@@ -267,17 +275,17 @@ def job_progress(options, quiet: bool):
     return make_progress(quiet, starts=options.executor == "local")
 
 
-def make_executor(kind: str, address: str | None, progress):
-    """Return the executor a run asked for; Ray is imported only when chosen."""
+def make_executor(options, progress):
+    """Return the executor a run's options ask for; Ray is imported only when chosen."""
     from rfreport.run.executors import LocalExecutor
 
-    if kind == "local":
-        return LocalExecutor(progress)
+    if options.executor == "local":
+        return LocalExecutor(progress, options.workers)
     try:
         from rfreport.run.ray_executor import RayExecutor
     except ImportError as exc:
         raise CommandError(f"--executor ray needs Ray: pip install 'rfreport[ray]' ({exc})", 2) from exc
-    return RayExecutor(address=address, progress=progress)
+    return RayExecutor(address=options.address, progress=progress)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -293,20 +301,24 @@ def cli() -> None:
               help="Write figures and CSS into this folder of the run (a relative path inside it), not inline.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where jobs run (default: local).")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
-@job_timeout_flag
+@job_flags
 @sweep_flags(configured=True)
 @converts_errors
-def run(configs, out_dir, assets_dir, executor, address, job_timeout, device, batch_size, seed, erf_samples,
+def run(configs, out_dir, assets_dir, executor, address, job_timeout, workers, device, batch_size, seed, erf_samples,
         erf_positions, no_cache, cache_dir, verbose, quiet) -> None:
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
     from rfreport import runfolder
-    from rfreport.run import pipeline
+    from rfreport.run import server
 
     configure_logging(verbose, quiet)
+    if executor != "ray":
+        server.start_early(workers)   # its imports beside this process's own (rfreport.run.server)
+    from rfreport.run import pipeline
+
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
                          erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
-                         address=address, job_timeout=job_timeout)
-    chosen = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
+                         address=address, job_timeout=job_timeout, workers=workers)
+    chosen = make_executor(config.options, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
     print_summary([model.entry for model in saved.models], quiet)
@@ -340,11 +352,11 @@ def report(run_dir, assets_dir, verbose, quiet) -> None:
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the verdicts as JUnit XML: a testsuite per model, a testcase per rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as one JSON object instead of a table.")
-@job_timeout_flag
+@job_flags
 @sweep_flags(configured=True)
 @converts_errors
-def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, erf_samples, erf_positions, no_cache,
-          cache_dir, verbose, quiet) -> None:
+def check(sources, junit_path, as_json, job_timeout, workers, device, batch_size, seed, erf_samples, erf_positions,
+          no_cache, cache_dir, verbose, quiet) -> None:
     """Evaluate the audit rules of CONFIG files (sweeping them) or of a saved RUN_DIR.
 
     Exit 0 when every rule passes, 1 when one fails or a job failed, 2 when there is nothing to
@@ -353,7 +365,7 @@ def check(sources, junit_path, as_json, job_timeout, device, batch_size, seed, e
     configure_logging(verbose, quiet)
     entries = audited_entries(sources, quiet, device=device, batch_size=batch_size, seed=seed,
                               erf_samples=erf_samples, erf_positions=erf_positions, no_cache=no_cache,
-                              cache_dir=cache_dir, job_timeout=job_timeout)
+                              cache_dir=cache_dir, job_timeout=job_timeout, workers=workers)
     if not audit_mod.checked(entries):
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
@@ -420,6 +432,9 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         if not saved.models:
             raise CommandError(f"{folders[0]}: nothing to check: the run folder has no models", 2)
         return [model.entry for model in saved.models]
+    from rfreport.run import server
+
+    server.start_early(flags.get("workers"))   # its imports beside this process's own (rfreport.run.server)
     from rfreport.run import jobs as jobs_mod
     from rfreport.run import pipeline
 
@@ -428,7 +443,7 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     jobs = jobs_mod.make_jobs(config)
-    executor = make_executor(config.options.executor, config.options.address, job_progress(config.options, quiet))
+    executor = make_executor(config.options, job_progress(config.options, quiet))
     return [output.entry for output in pipeline.outputs(jobs, executor)]
 
 
@@ -510,7 +525,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     spec = ModelSpec(name=factory, factory=factory, input_shapes=(input_shape,), kwargs=parse_kwargs(kwargs_json),
                      layer=layer, output=output, positions=chosen, mode=mode, layout=parse_layout_option(layout),
                      erf=erf_overrides(erf_samples, erf_positions) or None, levels=levels)
-    given = {"device": device, "batch_size": parse_batch_size(batch_size), "seed": seed,
+    given = {"device": device, "batch_size": parse_count(batch_size, "--batch-size"), "seed": seed,
              "cache": False if no_cache else None, "cache_dir": cache_dir}
     if device is not None and (problem := device_problem(device)) is not None:
         raise click.BadParameter(problem, param_hint="--device")

@@ -1,6 +1,6 @@
 """Run configs: TOML files that list the models to audit, validated in full before any model is built.
 
-A config has an optional `[run]` table (executor, device, batch size, seed), an optional
+A config has an optional `[run]` table (executor, workers, device, batch size, seed), an optional
 `[defaults]` table applied to every model of that file, and one `[[model]]` table per model.
 Every problem raises :class:`ConfigError` with one line naming the file, the model and the key.
 Relative paths (file factories, checkpoints, images, ERF image folders) are resolved against the
@@ -124,6 +124,7 @@ class RunOptions:
     cache: bool = True               # reuse and store results in the incremental-audit cache (rfreport.run.cache)
     cache_dir: str | None = None     # the cache folder (None: $RFREPORT_CACHE_DIR or ~/.cache/rfreport)
     job_timeout: float | None = None  # seconds each job may run before it fails (None: no limit; rfreport.run.limits)
+    workers: int | str = "auto"      # worker processes of the local executor, or "auto" (rfreport.run.workers)
 
 
 @dataclass(frozen=True)
@@ -404,8 +405,8 @@ def _positive_int(value: Any, where: _Where, key: str) -> int:
     return number
 
 
-def _batch_size(value: Any, where: _Where, key: str) -> int | str:
-    """Validate a batch size: a positive integer or 'auto'."""
+def _positive_or_auto(value: Any, where: _Where, key: str) -> int | str:
+    """Validate a count chosen by hand or by rfreport: a positive integer or 'auto' (batch size, workers)."""
     return _choice(value, ("auto",), where, key) if isinstance(value, str) else _positive_int(value, where, key)
 
 
@@ -496,9 +497,10 @@ RUN_KEYS: dict[str, Checker] = {
     "executor": lambda v, w, k: _option(ExecutorKind, v, w, k),
     "address": _string,
     "device": _device,
-    "batch_size": _batch_size,
+    "batch_size": _positive_or_auto,
     "seed": _seed,
     "job_timeout": _seconds,
+    "workers": _positive_or_auto,
 }
 MERGED_TABLES = ("kwargs", "audit", "erf")   # a model's table updates the defaults' table key by key
 REQUIRED = ("name", "factory", "input_shape")

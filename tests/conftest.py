@@ -15,6 +15,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def jobs_in_process(monkeypatch):
+    """Let `workers = "auto"` find one idle CPU: runs stay in-process whatever the machine's load (no early fork
+    server), and workers asked for by number (tests/run/test_workers.py) get one thread each."""
+    from rfreport.run import server, threads, workers
+
+    for module in (workers, server):
+        monkeypatch.setattr(module, "choose_threads", lambda: threads.ThreadChoice(1, 1, 1.0))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def module_cache_dir(tmp_path_factory):
     """Give each test module's module-scoped fixtures their own empty result cache, never ~/.cache/rfreport."""

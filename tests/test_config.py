@@ -291,7 +291,7 @@ def test_file_level_errors(tmp_path):
     assert error_of(path) == f"{path}: [run]: key 'batch_size': must be a positive integer, not 0"
     path = write(tmp_path, "[run]\nthreads = 2\n" + GOOD)
     assert error_of(path) == f"{path}: [run]: key 'threads': unknown key (allowed: executor, address, device, " \
-                             "batch_size, seed, job_timeout)"
+                             "batch_size, seed, job_timeout, workers)"
     assert error_of([]) == "no config file given"
 
 

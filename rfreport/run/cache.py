@@ -19,7 +19,7 @@ scheduled audit of an unchanged model need not sweep again. The key of a job
   their packages, of torch, numpy and pandas, rfreport's version and a hash of rfreport's source;
 * the job: every field of its model spec but the name, audit rules and overlay image (which the
   pipeline applies after the cache), the input shape, the run's seed and device type. The batch
-  size, the executor and the cache settings change no answer and are left out.
+  size, the executor, its workers and the cache settings change no answer and are left out.
 
 Only completed jobs are stored. Entries live under :func:`default_dir` (``$RFREPORT_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/rfreport``, else ``~/.cache/rfreport``), one folder per key in the run
@@ -72,7 +72,8 @@ CHECKSUM = "result.sha256"     # the SHA-256 of result.json, which holds the SHA
 TUPLE = "__tuple__"
 # labels, things applied after the cache, and limits that change no answer
 UNKEYED_SPEC_FIELDS = ("name", "input_shapes", "audit", "image", "config_file", "job_timeout")
-UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir", "job_timeout")
+UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir", "job_timeout",
+                   "workers")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # neutralised in the surrogate
 UNSTORED = ("name", "slug", "seconds", "frames", "arrays", "cached")   # a JobResult's labels, timing and files
 

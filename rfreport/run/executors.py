@@ -1,4 +1,5 @@
-"""The executor seam: where jobs run. In-process by default; a distributed executor plugs in here.
+"""The executor seam: where jobs run. In-process by default, in worker processes on request; a distributed
+executor plugs in here.
 
 An executor only has to map jobs to results in job order (:class:`Executor`). Jobs and
 results are picklable, so an executor may ship them to other processes or machines. One
@@ -16,6 +17,7 @@ import numpy as np
 
 from rfreport.compute import models
 from rfreport.results import SweepResult, join
+from rfreport.run import workers
 from rfreport.run.jobs import Advance, Job, JobResult, Progress, Silent
 from rfreport.run.pipeline import run_job
 from rfreport.run.plan import main_sweep, selected_positions
@@ -24,12 +26,23 @@ from rfreport.run.threads import apply_choice
 
 @dataclass(frozen=True)
 class LocalExecutor:
-    """Run jobs one after another in this process."""
+    """Run jobs on this machine: one after another in this process, or side by side in worker processes.
+
+    `workers` is a number of worker processes or "auto" (:func:`rfreport.run.workers.share`); with one
+    (the default of the library API) every job runs in this process, reporting its sweep's progress.
+    A script that asks for more needs the `if __name__ == "__main__":` guard: each worker imports
+    the main module (multiprocessing's forkserver).
+    """
 
     progress: Progress = field(default_factory=Silent)
+    workers: int | str = 1
 
     def map(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
-        """Run every job in order, reporting progress, and yield its result."""
+        """Run every job, reporting progress, and yield the results in job order."""
+        chosen = workers.share(self.workers, len(jobs)) if self.workers != 1 else None
+        if chosen is not None and chosen.workers > 1:
+            yield from workers.Pool(jobs, chosen, self.progress).map()
+            return
         for index, job in enumerate(jobs):
             self.progress.start(job, index, len(jobs))
             apply_choice()

@@ -72,7 +72,8 @@ class Executor(Protocol):
 
 
 class Progress(Protocol):
-    """Receives progress from an in-process executor: one job at a time, position chunks within it."""
+    """Receives progress from an executor: jobs as they start and end (overlapping when they run in worker
+    processes; a result names its job by its slug), and position chunks within a job run in-process."""
 
     def start(self, job: Job, index: int, count: int) -> None:
         """Announce job `index` (0-based) of `count`."""
@@ -81,7 +82,7 @@ class Progress(Protocol):
         """Report the positions swept so far of the current job."""
 
     def finish(self, result: JobResult | None = None) -> None:
-        """Report the end of the current job, with its result when it ran as a job."""
+        """Report the end of a job: the current one, or the one whose result it is."""
 
 
 class Silent:
