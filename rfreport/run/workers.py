@@ -45,6 +45,7 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from rfreport.errors import RfReportError
+from rfreport.run.allocator import reuse_freed_memory
 from rfreport.run.jobs import Job, JobResult, Progress
 from rfreport.run.pipeline import failed_result, run_job
 from rfreport.run.server import context, ensure_running
@@ -114,6 +115,7 @@ def serve(conn: Connection, setup: Setup) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle: it stops the workers
     os.environ.clear()
     os.environ.update(setup.environ)
+    reuse_freed_memory()   # the fork server is a fresh interpreter: the command's allocator choice is not inherited
     if setup.threads is not None:
         torch.set_num_threads(setup.threads)
     log = logging.getLogger("rfreport")
