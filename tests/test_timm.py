@@ -147,6 +147,21 @@ def test_hand_written_attention_and_multihead_attention_are_found():
     assert attention.detect(torch.nn.Conv2d(3, 3, 3), (1, 3, 8, 8)) == ()
 
 
+def test_attention_is_found_after_an_in_place_op_that_a_backward_pass_would_refuse():
+    """An in-place op on a tensor autograd saved (as timm's in-place activations after attention do) makes a
+    backward pass of the model as given fail; which attention the output depends on is a question of the graph."""
+    class Hand(torch.nn.Module):
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)
+            weights = (tokens @ tokens.transpose(1, 2)).softmax(dim=-1)
+            out = torch.sigmoid((weights @ tokens).transpose(1, 2).reshape(x.shape))
+            return out.mul_(2.0)   # sigmoid saved its output for the backward
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), Hand()).eval()
+    calls = attention.detect(model, (1, 3, 4, 6))
+    assert [(c.module, c.kind, c.tokens, c.groups) for c in calls] == [("1", "softmax-matmul", 24, 1)]
+
+
 @pytest.fixture(scope="module")
 def vit_file(tmp_path_factory):
     """A factory file for the small ViT with two register tokens and the small Swin."""

@@ -145,14 +145,36 @@ def detect(model: nn.Module, input_shape: Sequence[int], target: Target | None =
 
 
 def _depended_on(calls: list[tuple[str, str, int, int, Any]], y: Any) -> list[tuple[str, str, int, int]]:
-    """Keep the calls whose result the analysed tensors reach through the autograd graph."""
-    results = [out for *_, out in calls if isinstance(out, torch.Tensor) and out.requires_grad]
-    ends = [t for t in tensors_of(y) if t.requires_grad]
-    if not ends or not results:
-        return []
-    grads = iter(torch.autograd.grad(sum(t.sum() for t in ends), results, allow_unused=True))
-    return [tuple(call) for *call, out in calls
-            if isinstance(out, torch.Tensor) and out.requires_grad and next(grads) is not None]
+    """Keep the calls whose result the analysed tensors reach through the autograd graph.
+
+    A walk over the graph, not a backward pass: the model as given may have changed tensors the backward
+    would need in place (in-place activations), and only which results are connected matters here.
+    """
+    reached = _reached_edges([t for t in tensors_of(y) if t.requires_grad])
+    return [tuple(call) for *call, out in calls if isinstance(out, torch.Tensor) and out.requires_grad
+            and _edge(out) in reached]
+
+
+def _edge(tensor: torch.Tensor) -> tuple[Any, int]:
+    """Return a tensor's place in the autograd graph: (node, output number)."""
+    edge = torch.autograd.graph.get_gradient_edge(tensor)
+    return edge.node, edge.output_nr
+
+
+def _reached_edges(ends: list[torch.Tensor]) -> set[tuple[Any, int]]:
+    """Return every graph edge (node, output number) the given tensors are computed from, their own included."""
+    found = {_edge(t) for t in ends}
+    stack, seen = [node for node, _ in found], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, number in node.next_functions:
+            if child is not None:
+                found.add((child, number))
+                stack.append(child)
+    return found
 
 
 def _calls(raw: list[tuple[str, str, int, int]], events: list[tuple[str, str, tuple]]) -> tuple[AttentionCall, ...]:
