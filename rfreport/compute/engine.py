@@ -30,6 +30,10 @@ from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, t
 from rfreport.options import Mode, values
 
 OutputKey = str | int | None
+# autograd nodes that keep every element in place: what a gradient reaches through them is the same position
+POINTWISE_NODES = frozenset({"AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0",
+                             "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0", "CloneBackward0",
+                             "ToCopyBackward0", "_GateBackward"})
 CPU_BATCH_BYTES = 1 << 30
 CPU_TENSOR_BYTES = 4 << 20   # on a CPU, a batch's largest gradient stays under this (see auto_batch_size)
 MAX_BATCH = 4096
@@ -656,6 +660,45 @@ class LayerEngine(Engine):
                     seen.add(node)
                     stack.append(node)
         return list(found)
+
+    def pointwise_sources(self, name: str) -> list[str | None] | None:
+        """Return a layer's nearest captured layers (None: the model input) when every autograd node between them
+        is elementwise (POINTWISE_NODES) and every one of them has the layer's grid, else None.
+
+        Each output position of such a layer reads at most the same position of each of them (a structural
+        pass's replaced activations, affine batch norms, residual sums, gates), so one backward pass of
+        several probe rows at once splits back by position (`pointwise_support`).
+        """
+        layer = self.layers[name]
+        start = layer.edge.node
+        if self.mode != "structural" or type(start).__name__ not in POINTWISE_NODES:
+            return None
+        found: dict[str | None, None] = {}
+        seen, stack = {start}, [start]
+        while stack:
+            for node, nr in stack.pop().next_functions:
+                if node is None:
+                    continue
+                if self._owner.get((node, nr), name) != name:
+                    found[self._owner[(node, nr)]] = None
+                elif hasattr(node, "variable"):
+                    found[None] = None
+                elif type(node).__name__ not in POINTWISE_NODES:
+                    return None
+                elif node not in seen:
+                    seen.add(node)
+                    stack.append(node)
+        grid = tuple(layer.value.shape[2:])
+        same = all((self.input_spatial if s is None else tuple(self.layers[s].value.shape[2:])) == grid for s in found)
+        return list(found) if found and same else None
+
+    def pointwise_support(self, name: str, rows: torch.Tensor,
+                          sources: list[str | None]) -> dict[str | None, torch.Tensor]:
+        """Return `local_support` of one-hot rows (B, *grid) at distinct positions of a layer whose sources
+        `pointwise_sources` gave: one backward pass of all rows at once, each row keeping what it reached at its
+        own position."""
+        reached = self.local_support(name, rows.sum(dim=0, keepdim=True), sources)
+        return {source: (rows > 0) & union for source, union in reached.items()}
 
     def local_support(self, name: str, weights: torch.Tensor,
                       sources: list[str | None] | None = None) -> dict[str | None, torch.Tensor]:

@@ -235,7 +235,7 @@ def _capture(model: nn.Module, input_shape: tuple[int, ...], layers, mode: str, 
                                      given=_anchored(given[name], axis, rows[0])))
                 continue
             unique, back = np.unique(rows, axis=0, return_inverse=True)
-            masks = {} if twin else engine.local_support(name, one_hot_weights(unique, out))
+            masks = {} if twin else _windows_of(engine, name, one_hot_weights(unique, out))
             seen.append(_Windows(name, captured.type, int(captured.value.shape[1]), out, twin,
                                  {source: tuple(v[back.ravel()] for v in (*mask_bounds(mask)[:3], _gaps(mask)))
                                   for source, mask in masks.items()}, rows, past_grid=captured.past_grid))
@@ -254,6 +254,13 @@ def _anchored(affine: _Affine, axis: int, centre: np.ndarray) -> _Affine:
     anchor = centre.astype(float)
     start = np.where(anchor == 0, 0.0, anchor * affine.stride) - affine.padding
     return _Affine(affine.rf, affine.stride, anchor, start, np.arange(len(anchor)) == axis)
+
+
+def _windows_of(engine: LayerEngine, name: str, rows: torch.Tensor) -> dict:
+    """Return a layer's supports of one-hot probe rows on its nearest predecessors: one backward pass for all rows
+    where the layer reads them position by position (see LayerEngine.pointwise_sources), else a pass per row."""
+    sources = engine.pointwise_sources(name)
+    return engine.local_support(name, rows) if sources is None else engine.pointwise_support(name, rows, sources)
 
 
 def _unmeasured(seen: list[_Windows], names: set[str]) -> list[_Windows]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rfreport.analysis.analyze import border_layers_from, global_from, no_border_resolution
-from rfreport.compute.layers import layer_growth, target_geometry
+from rfreport.compute.layers import layer_growth, leaf_names, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
@@ -616,3 +616,51 @@ def test_the_c_heap_is_trimmed_as_local_gradients_add_up(monkeypatch):
     pd.testing.assert_frame_equal(layer_growth(TinyResNet(), (1, 1, 12, 12)), whole)
     assert trims
     real()   # runs wherever the C library has malloc_trim, and is a no-op elsewhere
+
+
+class MaskedResidual(nn.Module):
+    """A residual block whose sum is multiplied by a constant spatial mask (zeros in a band through the centre) and
+    rectified: layers reading position by position, one of them through real zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.body = nn.Conv2d(2, 2, 3, padding=1)
+        self.act = nn.ReLU()
+        self.scale = nn.BatchNorm2d(2)
+        mask = torch.ones(1, 1, 9, 9)
+        mask[..., 3:6, :] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.act(self.scale((x + self.body(x)) * self.mask))
+
+
+def _growth_without_pointwise_passes(model: nn.Module, shape: tuple[int, ...]) -> pd.DataFrame:
+    """The layers frame with one backward pass per probe row everywhere."""
+    from unittest import mock
+
+    from rfreport.compute.engine import LayerEngine
+
+    with mock.patch.object(LayerEngine, "pointwise_sources", lambda self, name: None):
+        return layer_growth(model, shape)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graphs())
+def test_layers_read_position_by_position_take_one_pass_and_give_the_same_frame(case):
+    model, n = case
+    shape = (1, 1, n, n)
+    pd.testing.assert_frame_equal(layer_growth(model, shape), _growth_without_pointwise_passes(model, shape))
+
+
+@pytest.mark.parametrize("model, shape, pointwise", [(TinyResNet(), (1, 1, 12, 12), {"relu1", "relu2"}),
+                                                      (MaskedResidual(), (1, 1, 9, 9), {"act", "scale"})])
+def test_pointwise_layers_are_found_and_a_constant_zero_still_cuts_them(model, shape, pointwise):
+    from rfreport.compute.engine import LayerEngine
+
+    with LayerEngine(model, shape, layers=leaf_names(model)) as engine:
+        found = {name for name in engine.layers if engine.pointwise_sources(name) is not None}
+    assert found == pointwise
+    pd.testing.assert_frame_equal(layer_growth(model, shape), _growth_without_pointwise_passes(model, shape))
