@@ -28,6 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
+
+# torch imports sympy on its first shape check (every meta pass makes one). Done lazily inside a task, that
+# import has left a Ray worker with a half-initialised sympy module ("module 'sympy' has no attribute
+# 'logic'"); imported with this module, it is complete before any task of the worker runs.
+import torch.fx.experimental.symbolic_shapes  # noqa: F401
 from ray.exceptions import RayError, RayTaskError
 
 from rfreport.compute import models
