@@ -642,24 +642,10 @@ class LayerEngine(Engine):
 
     def predecessors(self, name: str) -> list[str | None]:
         """Return the nearest captured layers (None for the model input) on every path into a layer's output."""
-        owner = self._owner
-        start = self.layers[name].edge.node
-        if hasattr(start, "variable"):   # the layer returned the model input itself
+        if hasattr(self.layers[name].edge.node, "variable"):   # the layer returned the model input itself
             return [None]
-        found: dict[str | None, None] = {}
-        seen, stack = {start}, [start]
-        while stack:
-            for node, nr in stack.pop().next_functions:
-                if node is None:
-                    continue
-                if owner.get((node, nr), name) != name:
-                    found[owner[(node, nr)]] = None
-                elif hasattr(node, "variable"):
-                    found[None] = None
-                elif node not in seen:
-                    seen.add(node)
-                    stack.append(node)
-        return list(found)
+        found = self._walk(name)
+        return [] if found is None else found
 
     def pointwise_sources(self, name: str) -> list[str | None] | None:
         """Return a layer's nearest captured layers (None: the model input) when every autograd node between them
@@ -670,9 +656,18 @@ class LayerEngine(Engine):
         several probe rows at once splits back by position (`pointwise_support`).
         """
         layer = self.layers[name]
-        start = layer.edge.node
-        if self.mode != "structural" or type(start).__name__ not in POINTWISE_NODES:
+        if self.mode != "structural" or type(layer.edge.node).__name__ not in POINTWISE_NODES:
             return None
+        found = self._walk(name, POINTWISE_NODES)
+        grid = tuple(layer.value.shape[2:])
+        same = all((self.input_spatial if s is None else tuple(self.layers[s].value.shape[2:])) == grid
+                   for s in found or ())
+        return found if found and same else None
+
+    def _walk(self, name: str, kinds: frozenset[str] | None = None) -> list[str | None] | None:
+        """Return the captured layers (None: the model input) met first on every path back from a layer's output;
+        None when a node on the way is not of one of `kinds` (any kind without them)."""
+        start = self.layers[name].edge.node
         found: dict[str | None, None] = {}
         seen, stack = {start}, [start]
         while stack:
@@ -683,14 +678,12 @@ class LayerEngine(Engine):
                     found[self._owner[(node, nr)]] = None
                 elif hasattr(node, "variable"):
                     found[None] = None
-                elif type(node).__name__ not in POINTWISE_NODES:
+                elif kinds is not None and type(node).__name__ not in kinds:
                     return None
                 elif node not in seen:
                     seen.add(node)
                     stack.append(node)
-        grid = tuple(layer.value.shape[2:])
-        same = all((self.input_spatial if s is None else tuple(self.layers[s].value.shape[2:])) == grid for s in found)
-        return list(found) if found and same else None
+        return list(found)
 
     def pointwise_support(self, name: str, rows: torch.Tensor,
                           sources: list[str | None]) -> dict[str | None, torch.Tensor]:
