@@ -241,9 +241,9 @@ PAST_GRID = "_rfreport_past_grid"   # the spatial axes on which a value reads th
 
 
 def past_grid(value: Any) -> frozenset[int]:
-    """Return the spatial axes on which a value of the pass was computed through a kernel whose taps lie past
-    the grid at every position (see replacements.taps_past_grid), here or upstream: its windows at this input
-    size are narrower than its kernels there."""
+    """Return the spatial axes on which a value of the pass was computed, here or upstream, through a kernel
+    whose window at the centre is cut without showing it (see replacements.taps_past_grid): windows seen at this
+    input size are narrower than the kernel there."""
     return getattr(value, PAST_GRID, frozenset())
 
 
