@@ -94,6 +94,8 @@ def carried(func: Callable, name: str, args: tuple, kwargs: dict, outputs: list[
             floats: bool) -> list[torch.Tensor | None]:
     """Return, per output, a floating tensor of its shape carrying what each element depends on through the
     arguments' shadows (and, with `floats`, their differentiable floating values); None where nothing."""
+    if not outputs:
+        return []
     deps = [d for d in (source(t, floats) for t in tensors_of((args, kwargs))) if d is not None]
     if not deps or name in FACTORIES:
         return [None] * len(outputs)
