@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from rfreport.compute.sizedep import size_dependent
 from rfreport.compute.taint import second_is_tensor, tensors_of
 from rfreport.errors import SweepError
 
+T = TypeVar("T")
 IDENTITY_FUNCTIONS = frozenset({
     "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu",
     "mish", "softplus", "hardswish", "hardsigmoid", "sigmoid", "tanh", "logsigmoid", "threshold",
@@ -773,7 +774,8 @@ _reused: ContextVar[dict | None] = ContextVar("rfreport_reused_surrogates", defa
 
 @contextmanager
 def surrogates_reused() -> Iterator[None]:
-    """Build each model's surrogate once during the block (per seed and dtype), not once per pass.
+    """Build each model's surrogate once during the block (per seed and dtype), not once per pass, and
+    likewise what else a pass derives from the model alone (`reused`: the verification's reads).
 
     For a caller that owns its model for the block and never changes it (the pipeline, for one job):
     a job runs ten or more passes on the same model, and copying it each time was a tenth of the
@@ -792,18 +794,29 @@ def build_surrogate(model: nn.Module, seed: int, dtype: torch.dtype = torch.floa
     Compiled submodules are replaced by their original modules; TorchScript modules are refused.
     Inside `surrogates_reused`, the copy is built once per model, seed and dtype.
     """
-    reused = _reused.get()
-    key = (id(model), seed, dtype)
-    if reused is not None and key in reused:
-        return reused[key][1]
+    return reused(model, ("surrogate", seed, dtype), lambda: _built_surrogate(model, seed, dtype))
+
+
+def _built_surrogate(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
+    """Build a model's surrogate (see build_surrogate), never memoized."""
     refuse_torchscript(model)
     surrogate = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model))).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _neutralise(surrogate, generator)
-    if reused is not None:
-        reused[key] = (model, surrogate)   # the model is kept so its id cannot be reused during the block
     return surrogate
+
+
+def reused(model: nn.Module, key: tuple, make: Callable[[], T]) -> T:
+    """Return what `make` derives from a model, made once per model and key inside `surrogates_reused`
+    (every time outside it)."""
+    kept = _reused.get()
+    if kept is None:
+        return make()
+    slot = (id(model), *key)
+    if slot not in kept:
+        kept[slot] = (model, make())   # the model is kept so its id cannot be reused during the block
+    return kept[slot][1]
 
 
 def _neutralise(surrogate: nn.Module, generator: torch.Generator) -> None:

@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
 from rfreport.compute.shapes import on_meta
-from rfreport.compute.surrogate import eager_forward, tensors_of, unwrap_compiled
+from rfreport.compute.surrogate import eager_forward, reused, tensors_of, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve
 from rfreport.results import Verification
@@ -264,6 +264,7 @@ class Reads:
 
     ids: frozenset[int] | None   # the parameters and buffers read (by id); None: unknown, copy them all
     flops: int | None            # floating-point operations of one pass (the input's whole batch); None: unknown
+    grain: int | None = None     # flop-weighted mean flops of its ops (the work one op hands its threads)
 
 
 def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = None) -> nn.Module:
@@ -298,13 +299,20 @@ class _Reads(TorchFunctionMode):
         super().__init__()
         self.ids: set[int] = set()
         self.flops = 0
+        self.squares = 0   # the sum of each op's flops squared: flops-weighted, the mean op size
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ids.update(id(t) for t in tensors_of((args, kwargs)))
         out = func(*args, **kwargs)
-        self.flops += _flops(getattr(func, "__name__", ""), args, out)
+        flops = _flops(getattr(func, "__name__", ""), args, out)
+        self.flops += flops
+        self.squares += flops * flops
         return out
+
+    def found(self) -> Reads:
+        """Return what the pass read and cost."""
+        return Reads(frozenset(self.ids), self.flops, self.squares // self.flops if self.flops else None)
 
 
 def _flops(name: str, args: tuple, out: Any) -> int:
@@ -328,8 +336,14 @@ def reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Rea
 
     One pass of a meta copy (no value computed: shapes only), or where a model does not run on meta
     (a value-dependent branch), one pass of the model as given on zeros without gradients, its flags
-    and buffers restored after. Unknown (copy everything) when neither runs.
+    and buffers restored after. Unknown (copy everything) when neither runs. Inside
+    `surrogates_reused`, once per model, input shape and target.
     """
+    return reused(model, ("reads", tuple(input_shape), target), lambda: _reads(model, input_shape, target))
+
+
+def _reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
+    """Return the reads of one pass (see reads), never memoized."""
     found = _meta_reads(model, input_shape, target)
     if found is not None:
         return found
@@ -352,7 +366,7 @@ def _meta_reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) 
     if found is None or found.ids is None or len(stand_ins) != len(originals):
         return None
     original = {id(m): id(t) for m, t in zip(stand_ins, originals)}
-    return Reads(frozenset(original.get(i, i) for i in found.ids), found.flops)
+    return Reads(frozenset(original.get(i, i) for i in found.ids), found.flops, found.grain)
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -369,7 +383,7 @@ def _reads_of(model: nn.Module, x: torch.Tensor, target: Target, input_shape: tu
             forward_target(model, x, target, input_shape)
     except Exception:  # the model may raise anything; the caller falls back
         return None
-    return Reads(frozenset(recorder.ids), recorder.flops)
+    return recorder.found()
 
 
 @contextmanager

@@ -31,16 +31,15 @@ from rfreport import positions as positions_mod
 from rfreport.analysis import frames, levels
 from rfreport.analysis.analyze import Analysis
 from rfreport.analysis.layertable import layer_rows
-from rfreport.compute import models
-from rfreport.compute.engine import Target, resolve_device
+from rfreport.compute import models, verify
+from rfreport.compute.engine import resolve_device
 from rfreport.compute.surrogate import surrogates_reused
 from rfreport.compute.sweep import sweep
 from rfreport.config import Level, RunConfig
 from rfreport.errors import RfReportError, SweepError, one_line
-from rfreport.layouts import parse_layout
 from rfreport.options import EXACT_FITS, Status
 from rfreport.results import SweepResult
-from rfreport.run import cache, limits, plan, progress
+from rfreport.run import cache, limits, plan, progress, threads
 from rfreport.run.jobs import Advance, Executor, Job, JobResult, make_jobs
 from rfreport.summary import Pyramid, Summary, build
 
@@ -118,7 +117,7 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
         cached = slot.load(lambda hit: cached_result(job, hit, started))
     if cached is not None:
         return cached
-    with surrogates_reused():
+    with prepared(model, job):
         measurements = plan.measure(model, job, advance, main, find_attention=True)
         main, result, measured = measurements.main, measurements.analyse(), measurements.erf
         records = level_records(model, job, measurements, result)
@@ -139,6 +138,14 @@ def _complete(job: Job, advance: Advance | None, main: SweepResult | None, start
     return result
 
 
+@contextmanager
+def prepared(model: nn.Module, job: Job) -> Iterator[None]:
+    """Run a job's passes on one surrogate of its model (see surrogates_reused), on one thread where its ops
+    are small (see threads.sized_to)."""
+    with surrogates_reused(), threads.sized_to(lambda: verify.reads(model, job.input_shape, plan.target_of(job)).grain):
+        yield
+
+
 def cached_result(job: Job, hit: cache.Hit, started: float) -> JobResult:
     """Return a job's result from its cache entry; raise on stored values a JobResult or Summary cannot hold."""
     values = hit.values | {"status": Status(hit.values["status"]), "summary": Summary.from_json(hit.values["summary"])}
@@ -155,7 +162,7 @@ def inspect(job: Job, advance: Advance | None = None, layers: bool = False) -> d
     slot = cache.slot(model, job, "inspect-layers" if layers else "inspect")
     if (record := slot.load(lambda hit: hit.values | {"cached": True})) is not None:
         return record
-    with surrogates_reused():
+    with prepared(model, job):
         record = inspect_record(model, job, advance, layers)
     slot.save(record)
     return record | {"cached": False}
@@ -223,7 +230,7 @@ def geometry_status(geo: pd.DataFrame, summary: Summary) -> dict:
 
 def failed_result(job: Job, exc: BaseException, seconds: float) -> JobResult:
     """Return the result of a job that raised."""
-    target = Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout)).describe()
+    target = plan.target_of(job).describe()
     return JobResult(name=job.spec.name, slug=job.slug, input_shape=tuple(job.input_shape), output_shape=None,
                      status=Status.FAILED, error=one_line(exc), mode=job.spec.mode, target=target, seconds=seconds)
 

@@ -228,12 +228,17 @@ def keep_masks(spec: ModelSpec) -> list:
     return [*KEEP_MASKS, *explicit]
 
 
+def target_of(job: Job) -> Target:
+    """Return the tensor a job analyses: its layer and output, read in its layout."""
+    return Target(job.spec.layer, job.spec.output, parse_layout(job.spec.layout))
+
+
 def selected_positions(model: nn.Module, job: Job) -> np.ndarray:
     """Resolve the job's positions on its output grid (one forward pass, which checks the input's rank)."""
     spec, options = job.spec, job.options
-    target = Target(spec.layer, spec.output, parse_layout(spec.layout))
     with models.rank_guard(model, job.input_shape, spec.name), Engine(
-            model, job.input_shape, mode=spec.mode, target=target, device=options.device, seed=options.seed) as engine:
+            model, job.input_shape, mode=spec.mode, target=target_of(job), device=options.device,
+            seed=options.seed) as engine:
         return main_positions(spec.positions, engine.output_spatial)
 
 

@@ -8,6 +8,14 @@ it may use (affinity and the cgroup's CPU quota), samples how many of them are i
 (`/proc/stat`, 50 ms), and runs the job with that many threads (at least one). OpenMP waits
 passively (`OMP_WAIT_POLICY=PASSIVE`, set before torch loads) so idle threads yield their core.
 
+The size of the work decides too: once the model is built, a shape-only pass counts the flops of its
+ops, and a job whose ops are small (flop-weighted mean below SMALL_OP_FLOPS) runs on one thread,
+since waking a second thread for each op costs more than it shares. Measured as whole `inspect`
+processes alone on 2 cores (docs/benchmarks.md): mobilenet_v2 and efficientnet_b0 (about 20 MFLOP
+an op) and the small example ResNet (4 MFLOP) run 6-15% faster on one thread; resnet18/50, alexnet
+and convnext_tiny (180-310 MFLOP) take the same time either way; vgg16 (3 GFLOP) and the
+all-positions FCN (290 MFLOP) 20-25% less on two.
+
 An explicit `OMP_NUM_THREADS` (or `torch.set_num_threads` by a caller of the library API) is the
 user's choice and is left alone: the choice is made only by the command line and the executors.
 """
@@ -18,6 +26,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 0.05
 BUSY_SHARE = 0.5    # a CPU counts as free when at least half of it was idle during the sample
+SMALL_OP_FLOPS = 64 * 10**6   # ops this small (flop-weighted mean) run faster on one thread than on several
 
 
 @dataclass(frozen=True)
@@ -108,3 +119,25 @@ def apply_choice() -> ThreadChoice | None:
         torch.set_num_threads(choice.threads)
     logger.debug("threads: %d (usable CPUs %d, idle %.1f)", choice.threads, choice.usable, choice.idle)
     return choice
+
+
+@contextmanager
+def sized_to(grain: Callable[[], int | None]) -> Iterator[None]:
+    """Run a block on one intra-op thread when its ops are small, then restore the count.
+
+    `grain` returns the flop-weighted mean flops of the block's ops (None: unknown); it is asked only
+    when more than one thread is set and the user's own OMP_NUM_THREADS does not fix the count.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    size = grain() if before > 1 and not user_chose_threads() else None
+    lower = size is not None and size < SMALL_OP_FLOPS
+    if lower:
+        logger.debug("threads: 1 for ops of %.1f MFLOP (flop-weighted mean)", size / 1e6)
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if lower:
+            torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from rfreport.analysis.analyze import analyze
 from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
 from rfreport.compute.engine import Engine, Target
+from rfreport.compute.surrogate import surrogates_reused
 from rfreport.compute.sweep import sweep
 from rfreport.compute.verify import (
     FREE_FLOPS,
@@ -529,12 +530,23 @@ class ValueBranch(TiedHead):
 
 
 def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given():
-    convolutions = 2 * 64 * (4 * 9 + 4 * 4 * 9)                        # two per multiply-add
-    for model, others in ((Tied().eval(), 0), (ValueBranch().eval(), 4 * 64 + 1)):   # y > 1e9, any(): one per entry
+    convolutions = [2 * 64 * 4 * 9, 2 * 64 * 4 * 4 * 9]               # two per multiply-add
+    for model, others in ((Tied().eval(), []), (ValueBranch().eval(), [4 * 64, 1])):  # y > 1e9, any(): one per entry
         found = reads(model, (1, 1, 8, 8), Target())
         assert {name for name, p in model.named_parameters() if id(p) in found.ids} == {
             "body.weight", "body.bias", "shared.weight"}
-        assert found.flops == convolutions + others
+        ops = convolutions + others
+        assert found.flops == sum(ops)
+        assert found.grain == sum(f * f for f in ops) // sum(ops)      # the flop-weighted mean op
+
+
+def test_reads_are_found_once_per_model_shape_and_target_while_surrogates_are_reused():
+    model = Tied().eval()
+    with surrogates_reused():
+        first = reads(model, (1, 1, 8, 8), Target())
+        assert reads(model, (1, 1, 8, 8), Target()) is first
+        assert reads(model, (1, 1, 16, 16), Target()) is not first
+    assert reads(model, (1, 1, 8, 8), Target()) is not first
 
 
 def test_the_budget_counts_passes_of_the_sweeps_rows_or_of_free_flops():

@@ -53,3 +53,59 @@ def test_a_choice_sets_torch_threads(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """torch on two threads, no user setting; restored after."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("grain", "inside"), [(threads.SMALL_OP_FLOPS - 1, 1), (threads.SMALL_OP_FLOPS, 2),
+                                               (None, 2)])
+def test_small_ops_run_on_one_thread_and_the_count_comes_back(two_threads, grain, inside):
+    """Below SMALL_OP_FLOPS a block runs on one thread; at or above it, or unknown, on the threads chosen."""
+    with threads.sized_to(lambda: grain):
+        assert torch.get_num_threads() == inside
+    assert torch.get_num_threads() == 2
+
+
+def test_the_work_is_not_sized_where_nothing_could_change(two_threads, monkeypatch):
+    """The user's OMP_NUM_THREADS, or one thread already: the grain is never asked for (no shape pass)."""
+    def asked():
+        raise AssertionError("the grain was asked for")
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with threads.sized_to(asked):
+        assert torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    with threads.sized_to(asked):
+        assert torch.get_num_threads() == 1
+
+
+def test_a_job_of_small_ops_runs_on_one_thread(two_threads, monkeypatch):
+    """The pipeline sizes a job's threads from its model's ops: the seed's small CNN runs on one."""
+    from rfreport.compute import sweep as sweep_mod
+    from rfreport.config import ModelSpec, RunOptions
+    from rfreport.run.jobs import Job
+    from rfreport.run.pipeline import inspect
+
+    seen = []
+    original = sweep_mod.Engine.__enter__
+
+    def entered(engine):
+        seen.append(torch.get_num_threads())
+        return original(engine)
+
+    monkeypatch.setattr(sweep_mod.Engine, "__enter__", entered)
+    spec = ModelSpec(name="small", factory="rfreport.examples:seed_convs", input_shapes=[(1, 1, 64, 64)],
+                     positions="center")
+    inspect(Job(spec, (1, 1, 64, 64), RunOptions(cache=False)))
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
