@@ -13,7 +13,7 @@ import numpy as np
 
 from rfreport.errors import PositionError
 
-PositionSpec = str | Sequence[str | Sequence[int]]
+PositionSpec = str | Sequence[str | Sequence[int]] | np.ndarray   # an array: (P, d) integer positions
 NAMED = ("all", "center", "corners", "edges")
 AXES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 
@@ -82,13 +82,36 @@ def _explicit(coords: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
     return pos[None, :]
 
 
+def _inside(rows: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Tell whether an array is a non-empty (P, d) integer array of positions inside a grid of rank d."""
+    return rows.dtype.kind in "iu" and rows.ndim == 2 and len(rows) > 0 and rows.shape[1] == len(shape) \
+        and bool(((rows >= 0) & (rows < np.array(shape))).all())
+
+
 def resolve(spec: PositionSpec, shape: Sequence[int]) -> np.ndarray:
     """Resolve a selection (a name, or a list of names and coordinates) to sorted unique positions."""
     shape = tuple(int(n) for n in shape)
     if any(n < 1 for n in shape):
         raise PositionError(f"the output grid {shape} is empty")
+    if isinstance(spec, np.ndarray) and _inside(spec, shape):
+        return np.unique(spec.astype(np.int64, copy=False), axis=0)   # a swept selection handed on: no check per row
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise PositionError("the position list is empty")
     parts = [_named(item, shape) if isinstance(item, str) else _explicit(item, shape) for item in items]
     return np.unique(np.concatenate(parts), axis=0)
+
+
+def rows_in(rows: np.ndarray, others: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Return, per position of `rows` (P, d), whether it is also one of `others` (Q, d) on a grid of `shape`
+    (positions outside the grid match nothing)."""
+    def keys(positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1, len(shape))
+        inside = ((positions >= 0) & (positions < np.array(shape))).all(axis=1)
+        flat = np.full(len(positions), -1, dtype=np.int64)
+        flat[inside] = np.ravel_multi_index(tuple(positions[inside].T), tuple(shape))
+        return flat
+
+    mine, theirs = keys(rows), keys(others)
+    return (mine >= 0) & np.isin(mine, theirs[theirs >= 0])
+

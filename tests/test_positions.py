@@ -41,3 +41,28 @@ def test_all_is_every_position_in_order():
 def test_bad_selections(spec, message):
     with pytest.raises(PositionError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         positions.resolve(spec, (4, 5))
+
+
+@given(st.lists(st.tuples(st.integers(-2, 6), st.integers(-2, 7)), min_size=1, max_size=30))
+def test_an_array_of_positions_resolves_as_the_same_list_does(rows):
+    """The array path (a sweep's selection handed on) gives what the list path gives, its error included."""
+    shape, array = (5, 6), np.array(rows, dtype=np.int64)
+    try:
+        expected = positions.resolve([list(r) for r in rows], shape)
+    except PositionError as exc:
+        with pytest.raises(PositionError) as raised:
+            positions.resolve(array, shape)
+        assert str(raised.value) == str(exc)
+    else:
+        np.testing.assert_array_equal(positions.resolve(array, shape), expected)
+
+
+@given(st.lists(st.tuples(st.integers(-1, 4), st.integers(-1, 5)), max_size=20),
+       st.lists(st.tuples(st.integers(-1, 4), st.integers(-1, 5)), max_size=20))
+def test_rows_in_is_membership_of_grid_positions(rows, others):
+    """Per row: whether it is on the grid and among the others (an oracle over tuples)."""
+    shape = (4, 5)
+    inside = {r for r in others if 0 <= r[0] < 4 and 0 <= r[1] < 5}
+    found = positions.rows_in(np.array(rows, dtype=np.int64).reshape(-1, 2),
+                              np.array(others, dtype=np.int64).reshape(-1, 2), shape)
+    assert found.tolist() == [tuple(r) in inside for r in rows]

@@ -61,7 +61,7 @@ from rfreport.compute.engine import Target, forward_target, preserved, resolve_d
 from rfreport.compute.shapes import on_meta
 from rfreport.compute.surrogate import eager_forward, reused, tensors_of, unwrap_compiled
 from rfreport.errors import SweepError
-from rfreport.positions import PositionSpec, center, resolve
+from rfreport.positions import PositionSpec, center, resolve, rows_in
 from rfreport.results import Verification
 
 RTOL = 1e-9                  # a change above this share of the output's magnitude is a dependency
@@ -105,12 +105,10 @@ def plan(verify: Checks, selected: np.ndarray, output_spatial: Sequence[int], *,
     if callable(verify):
         verify = verify(grid)
     if isinstance(verify, Plan):
-        swept = set(map(tuple, selected.tolist()))
-        here = np.array([tuple(p) in swept for p in verify.positions.tolist()], dtype=bool)
+        here = rows_in(verify.positions, selected, grid)
         return Plan(verify.positions[here].reshape(-1, len(grid)), verify.required[here], verify.budgeted)
     if isinstance(verify, (list, tuple, np.ndarray)):
-        wanted = set(map(tuple, np.asarray(verify, dtype=np.int64).reshape(-1, len(grid)).tolist()))
-        chosen = selected[[tuple(p) in wanted for p in selected.tolist()]].reshape(-1, len(grid))
+        chosen = selected[rows_in(selected, np.asarray(verify, dtype=np.int64), grid)].reshape(-1, len(grid))
         return Plan(chosen, np.ones(len(chosen), dtype=bool), budgeted=False)
     count = resolve_count(verify, mode=mode, local=local, ndim=len(grid))
     chosen = choose(selected, grid, count, seed)

@@ -260,11 +260,11 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
     """Sweep the selected positions of a job (its own selection when None), keeping the masks of the chosen ones."""
     done, total = 0, 0 if selected is None else len(selected)
 
-    def chosen(output_spatial: tuple[int, ...]) -> list:
+    def chosen(output_spatial: tuple[int, ...]) -> np.ndarray:
         nonlocal total
         picked = main_positions(job.spec.positions, output_spatial)
         total = len(picked)
-        return picked.tolist()
+        return picked
 
     def progress(count: int) -> None:
         nonlocal done
@@ -273,7 +273,7 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
 
     checks = verify_mod.among(job.spec.positions, job.spec.verify, mode=job.spec.mode, seed=job.options.seed)
     with models.rank_guard(model, job.input_shape, job.spec.name):
-        return sweep(model, job.input_shape, chosen if selected is None else selected.tolist(),
+        return sweep(model, job.input_shape, chosen if selected is None else selected,
                      keep_masks=keep_masks(job.spec), progress=progress if advance else None, verify=checks,
                      **sweep_options(job))
 
@@ -305,8 +305,7 @@ def needs_larger_input(*results: SweepResult | None) -> bool:
 def covers(result: SweepResult, spec: PositionSpec) -> bool:
     """Return whether a sweep already holds every position of a selection."""
     wanted = positions_mod.resolve(spec, result.output_spatial)
-    swept = set(map(tuple, result.positions.tolist()))
-    return all(tuple(pos) in swept for pos in wanted.tolist())
+    return bool(positions_mod.rows_in(wanted, result.positions, result.output_spatial).all())
 
 
 def geometry_extra(main: SweepResult) -> PositionSpec | None:
