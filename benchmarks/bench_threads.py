@@ -26,14 +26,11 @@ COMMAND = ["inspect", "rfreport.examples:resnet_small", "--kwargs", '{"width":8,
 RFREPORT = str(Path(sys.executable).with_name("rfreport"))
 
 
-def timed(env: dict[str, str], repeats: int) -> float:
-    """Return the best wall time of `repeats` inspect processes under `env`."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        subprocess.run([RFREPORT, *COMMAND], env=env, check=True, stdout=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - started)
-    return best
+def timed(env: dict[str, str]) -> float:
+    """Return the wall time of one inspect process under `env`."""
+    started = time.perf_counter()
+    subprocess.run([RFREPORT, *COMMAND], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
 def settings(cpus: int) -> list[tuple[str, dict[str, str]]]:
@@ -44,11 +41,16 @@ def settings(cpus: int) -> list[tuple[str, dict[str, str]]]:
 
 
 def condition(neighbours: int, repeats: int) -> dict[str, float]:
-    """Time every setting beside `neighbours` busy torch processes."""
+    """Time every setting beside `neighbours` busy torch processes: the best of `repeats` rounds, each round
+    running every setting once, so that a passing disturbance reaches every setting alike."""
     workers = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(neighbours)]
     try:
-        time.sleep(2.0 if workers else 0.0)   # let the neighbours load torch and start spinning
-        return {name: timed(env, repeats) for name, env in settings(os.cpu_count() or 1)}
+        time.sleep(5.0 if workers else 0.0)   # let the neighbours load torch and start spinning
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for name, env in settings(os.cpu_count() or 1):
+                best[name] = min(best.get(name, float("inf")), timed(env))
+        return best
     finally:
         for worker in workers:
             worker.kill()

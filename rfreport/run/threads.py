@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_SECONDS = 0.05
 BUSY_SHARE = 0.5    # a CPU counts as free when at least half of it was idle during the sample
 SMALL_OP_FLOPS = 64 * 10**6   # ops this small (flop-weighted mean) run faster on one thread than on several
+_chosen: int | None = None     # the thread count rfreport itself set last (None: it set none in this process)
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,21 @@ def apply_choice() -> ThreadChoice | None:
     """Set torch's intra-op threads for the next job, unless the user fixed them; return the choice made."""
     if user_chose_threads():
         return None
-    import torch
 
     choice = choose_threads()
-    if torch.get_num_threads() != choice.threads:
-        torch.set_num_threads(choice.threads)
+    use(choice.threads)
     logger.debug("threads: %d (usable CPUs %d, idle %.1f)", choice.threads, choice.usable, choice.idle)
     return choice
+
+
+def use(threads: int) -> None:
+    """Set torch's intra-op threads as rfreport's own choice (which `sized_to` may lower for small work)."""
+    import torch
+
+    global _chosen
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _chosen = threads
 
 
 @contextmanager
@@ -126,12 +135,13 @@ def sized_to(grain: Callable[[], int | None]) -> Iterator[None]:
     """Run a block on one intra-op thread when its ops are small, then restore the count.
 
     `grain` returns the flop-weighted mean flops of the block's ops (None: unknown); it is asked only
-    when more than one thread is set and the user's own OMP_NUM_THREADS does not fix the count.
+    when more than one thread is set and rfreport chose the count (the command line, an executor): a
+    count the user fixed (OMP_NUM_THREADS, or torch.set_num_threads by a library caller) is left alone.
     """
     import torch
 
     before = torch.get_num_threads()
-    size = grain() if before > 1 and not user_chose_threads() else None
+    size = grain() if before > 1 and before == _chosen and not user_chose_threads() else None
     lower = size is not None and size < SMALL_OP_FLOPS
     if lower:
         logger.debug("threads: 1 for ops of %.1f MFLOP (flop-weighted mean)", size / 1e6)

@@ -42,9 +42,8 @@ from logging.handlers import QueueHandler
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
-import torch
-
 from rfreport.errors import RfReportError
+from rfreport.run import threads
 from rfreport.run.allocator import reuse_freed_memory
 from rfreport.run.jobs import Job, JobResult, Progress
 from rfreport.run.pipeline import failed_result, run_job
@@ -117,7 +116,7 @@ def serve(conn: Connection, setup: Setup) -> None:
     os.environ.update(setup.environ)
     reuse_freed_memory()   # the fork server is a fresh interpreter: the command's allocator choice is not inherited
     if setup.threads is not None:
-        torch.set_num_threads(setup.threads)
+        threads.use(setup.threads)
     log = logging.getLogger("rfreport")
     log.handlers, log.propagate = [Forward(conn)], False
     log.setLevel(setup.level)

@@ -61,9 +61,9 @@ def two_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    threads.use(2)
     yield
-    torch.set_num_threads(before)
+    threads.use(before)
 
 
 @pytest.mark.parametrize(("grain", "inside"), [(threads.SMALL_OP_FLOPS - 1, 1), (threads.SMALL_OP_FLOPS, 2),
@@ -84,9 +84,16 @@ def test_the_work_is_not_sized_where_nothing_could_change(two_threads, monkeypat
     with threads.sized_to(asked):
         assert torch.get_num_threads() == 2
     monkeypatch.delenv("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
+    threads.use(1)
     with threads.sized_to(asked):
         assert torch.get_num_threads() == 1
+
+
+def test_a_library_callers_thread_count_is_left_alone(two_threads):
+    """torch.set_num_threads by a caller of the library API (not rfreport's choice): small work keeps it."""
+    torch.set_num_threads(3)
+    with threads.sized_to(lambda: 1):
+        assert torch.get_num_threads() == 3
 
 
 def test_a_job_of_small_ops_runs_on_one_thread(two_threads, monkeypatch):
