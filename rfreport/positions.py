@@ -105,13 +105,24 @@ def resolve(spec: PositionSpec, shape: Sequence[int]) -> np.ndarray:
 def rows_in(rows: np.ndarray, others: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Return, per position of `rows` (P, d), whether it is also one of `others` (Q, d) on a grid of `shape`
     (positions outside the grid match nothing)."""
-    def keys(positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1, len(shape))
-        inside = ((positions >= 0) & (positions < np.array(shape))).all(axis=1)
-        flat = np.full(len(positions), -1, dtype=np.int64)
-        flat[inside] = np.ravel_multi_index(tuple(positions[inside].T), tuple(shape))
-        return flat
+    return index_in(rows, others, shape) >= 0
 
-    mine, theirs = keys(rows), keys(others)
-    return (mine >= 0) & np.isin(mine, theirs[theirs >= 0])
 
+def index_in(rows: np.ndarray, others: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Return, per position of `rows` (P, d), the index of the same position in `others` (Q, d), -1 where it is
+    not there (or outside the grid of `shape`); sorted flat indices, no table the size of the grid."""
+    mine, theirs = _flat(rows, shape), _flat(others, shape)
+    if not len(theirs):
+        return np.full(len(mine), -1, dtype=np.int64)
+    order = np.argsort(theirs, kind="stable")
+    at = order[np.minimum(np.searchsorted(theirs, mine, sorter=order), len(theirs) - 1)]
+    return np.where((mine >= 0) & (theirs[at] == mine), at, -1)
+
+
+def _flat(positions: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Return the flat index of each position (P, d) on a grid of `shape`, -1 for one outside it."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, len(shape))
+    inside = ((positions >= 0) & (positions < np.array(shape))).all(axis=1)
+    flat = np.full(len(positions), -1, dtype=np.int64)
+    flat[inside] = np.ravel_multi_index(tuple(positions[inside].T), tuple(shape))
+    return flat

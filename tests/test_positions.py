@@ -66,3 +66,13 @@ def test_rows_in_is_membership_of_grid_positions(rows, others):
     found = positions.rows_in(np.array(rows, dtype=np.int64).reshape(-1, 2),
                               np.array(others, dtype=np.int64).reshape(-1, 2), shape)
     assert found.tolist() == [tuple(r) in inside for r in rows]
+
+
+@given(st.lists(st.tuples(st.integers(-1, 4), st.integers(-1, 5)), max_size=20),
+       st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=20, unique=True))
+def test_index_in_finds_each_position_where_it_is(rows, others):
+    """Per row: its index among distinct grid positions, -1 where absent (an oracle over a dict)."""
+    where = {r: i for i, r in enumerate(others)}
+    found = positions.index_in(np.array(rows, dtype=np.int64).reshape(-1, 2),
+                               np.array(others, dtype=np.int64).reshape(-1, 2), (4, 5))
+    assert found.tolist() == [where.get(tuple(r), -1) for r in rows]

@@ -9,7 +9,6 @@ is accumulated on the way.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -121,9 +120,7 @@ def with_verification(result: SweepResult, model: nn.Module, target: Target, che
     masks = np.stack([result.masks[tuple(p)] for p in checks.positions.tolist()])
     done = verify_mod.check(model, result.input_shape, target, checks, masks, rows=rows, seed=seed,
                             device=result.device)
-    index = np.full(math.prod(result.output_spatial), -1, dtype=np.int64)   # checked row of each output position
-    index[np.ravel_multi_index(tuple(done.positions.T), result.output_spatial)] = np.arange(len(done.positions))
-    index = index[np.ravel_multi_index(tuple(result.positions.T), result.output_spatial)]
+    index = positions_mod.index_in(result.positions, done.positions, result.output_spatial)   # its checked row
     verified = index >= 0
     violations[verified] = done.violations[index[verified]]
     return replace(result, masks={p: m for p, m in result.masks.items() if p in keep}, verified=verified,
