@@ -14,6 +14,8 @@ processes instead, each with its share of the CPUs:
   parallel torch work (OpenMP hangs after such a fork).
   A worker takes the parent's environment and folder, runs one job at a time as the parent hands
   them out, and lives until the run ends.
+* **Largest input first.** Jobs are handed out largest input first (:func:`largest_first`); results
+  still come back in job order.
 * **One pipe per worker** carries, in order, the job's start, its log records (stage timings,
   warnings, tracebacks for log.txt) and its result, so a job's lines come before its verdict and
   a dying worker garbles no other worker's messages.
@@ -31,6 +33,7 @@ processes instead, each with its share of the CPUs:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -168,6 +171,16 @@ def death(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+def largest_first(jobs: Sequence[Job]) -> list[int]:
+    """Return the order jobs are handed out in: the largest input first, config order among equals.
+
+    A job's passes grow with its input, so this is the longest-processing-time rule on the one cost
+    known before a model is built: the large jobs start first and the small ones fill the gaps at the
+    end, where in config order a large job listed last would run alone while the other workers idle.
+    """
+    return sorted(range(len(jobs)), key=lambda index: -math.prod(jobs[index].input_shape))
+
+
 @dataclass
 class Pool:
     """Worker processes running a run's jobs: results kept by job index until they can be yielded in order."""
@@ -181,7 +194,7 @@ class Pool:
     announced: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.waiting = deque(range(len(self.jobs)))
+        self.waiting = deque(largest_first(self.jobs))
 
     def map(self) -> Iterator[JobResult]:
         """Run every job in the workers and yield the results in job order; stop the workers however it ends."""

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -290,3 +291,10 @@ def test_a_bad_workers_key_names_the_file_and_key(tmp_path, value, message):
     result = run(config, tmp_path / "out")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"Error: {config}: [run]: key 'workers': {message}"]
+
+
+def test_jobs_are_handed_out_largest_input_first_config_order_among_equals():
+    """The longest-processing-time rule on the input's size; the results still come back in job order."""
+    shapes = [(1, 1, 12, 12), (1, 1, 9, 7), (1, 3, 32, 32), (1, 1, 12, 12), (2, 1, 16, 16)]
+    jobs = [SimpleNamespace(input_shape=shape) for shape in shapes]
+    assert workers.largest_first(jobs) == [2, 4, 0, 3, 1]
