@@ -212,6 +212,12 @@ def test_check_runs_its_jobs_in_workers(tmp_path):
     assert "[2/2] ok-12x12: running" in result.stderr
 
 
+def default_interrupt() -> None:
+    """Give a child SIGINT's default disposition: a suite started in the background (`nohup make test &`)
+    ignores SIGINT, and a child that inherits that ignores Ctrl-C, as a shell's background job does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_run(tmp_path: Path, marker: str) -> tuple[int, str]:
     """Start `rfreport run` on two endless models in two workers, press Ctrl-C once both run; return its exit and
     stderr."""
@@ -219,7 +225,8 @@ def interrupted_run(tmp_path: Path, marker: str) -> tuple[int, str]:
     config = write(tmp_path, model("loop1", "bad", extra=loop), model("loop2", "bad", "[1, 1, 9, 9]", extra=loop))
     command = [str(Path(sys.executable).parent / "rfreport"), "run", str(config), "--out", str(tmp_path / "out"),
                "--no-cache", "--workers", "2"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | {"RFREPORT_MARK": marker})
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | {"RFREPORT_MARK": marker},
+                               preexec_fn=default_interrupt)
     lines = []
     while sum("running" in line for line in lines) < 2:
         lines.append(process.stderr.readline())
