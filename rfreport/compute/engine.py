@@ -96,15 +96,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, requires_grad flags and buffers on exit, even after an error.
+    """Restore train/eval flags, requires_grad flags, buffers and the modules' own attributes on exit, even
+    after an error.
 
     Buffers matter in gradient mode: a train-mode BatchNorm updates its running statistics on
-    every forward pass of the model as given. Hooks are not touched here: whoever registers one
-    keeps its handle and removes it (the engine on exit, the others in a `finally`).
+    every forward pass of the model as given. Attributes matter to every pass: a module that caches
+    what it computes from its parameters (LeViT's attention biases, in a dict filled by an eval-mode
+    forward) would keep a tensor of this pass's autograd graph, which holds the graph's memory and
+    which no deep copy of the model (the surrogate) can take. Hooks are not touched here: whoever
+    registers one keeps its handle and removes it (the engine on exit, the others in a `finally`).
     """
     training = {m: m.training for m in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     grads = {p: p.requires_grad for p in model.parameters()}
+    attributes = [(m, _own_attributes(m)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
     try:
         yield
     finally:
@@ -115,6 +120,32 @@ def preserved(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in buffers:
                 buffer.copy_(value)
+        for module, kept in attributes:
+            _restore_attributes(module, kept)
+
+
+MODULE_STATE = frozenset(vars(nn.Module()))   # nn.Module's own bookkeeping: parameters, buffers, hooks, flags
+
+
+def _own_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """Return a module's own attributes (not nn.Module's bookkeeping) as (object, contents of a dict or list)."""
+    return {key: (value, dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None)
+            for key, value in vars(module).items() if key not in MODULE_STATE}
+
+
+def _restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> None:
+    """Put a module's own attributes back as `_own_attributes` found them: set what a pass rebound, refill the
+    dicts and lists it filled (in place: the same objects), drop what it added."""
+    for key in [k for k in vars(module) if k not in MODULE_STATE and k not in kept]:
+        delattr(module, key)
+    for key, (value, contents) in kept.items():
+        if vars(module).get(key) is not value:
+            object.__setattr__(module, key, value)
+        if isinstance(value, dict):
+            value.clear()
+            value.update(contents)
+        elif isinstance(value, list):
+            value[:] = contents
 
 
 def _find_layer(model: nn.Module, name: str) -> nn.Module:

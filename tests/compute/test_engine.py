@@ -165,3 +165,45 @@ def test_cpu_batches_keep_their_largest_gradient_in_reused_memory(size, rows):
         largest = 16 * size * size * 4   # the hidden activation, float32
         assert batch == (rows or CPU_TENSOR_BYTES // largest)
         assert batch * largest <= max(CPU_TENSOR_BYTES, largest)
+
+
+class CachedBias(nn.Module):
+    """A convolution plus a bias derived from a parameter and cached by an eval-mode forward, as LeViT caches its
+    attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(2))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        bias = self.scale * 2 if self.training else self.cache.setdefault(str(x.device), self.scale * 2)
+        return self.conv(x) + bias[None, :, None, None]
+
+
+def test_a_pass_on_the_model_as_given_leaves_its_own_attributes_as_they_were():
+    """A cache a forward fills, an attribute it rebinds and one it adds: all as before the pass, same objects."""
+    from rfreport.compute.engine import preserved
+
+    model = CachedBias().eval()
+    cache, marker = model.cache, [1]
+    model.marker = marker
+    with preserved(model):
+        model(torch.randn(1, 1, 5, 5, requires_grad=True))
+        model.marker, model.added = [2], 3
+        marker.append(4)
+    assert model.cache is cache and cache == {}
+    assert model.marker is marker and marker == [1]
+    assert not hasattr(model, "added")
+
+
+def test_a_model_that_caches_a_tracked_tensor_is_swept_after_attention_detection():
+    """Attention detection runs the model as given with gradients; the surrogate, a deep copy, comes after."""
+    from rfreport.compute import attention
+
+    model = CachedBias().eval()
+    attention.detect(model, (1, 1, 9, 9))
+    assert model.cache == {}
+    result = sweep(model, (1, 1, 9, 9), "center")
+    assert result.lo.tolist() == [[3, 3]] and result.hi.tolist() == [[5, 5]]
