@@ -10,7 +10,6 @@ seed's check that an RF is right, by forward passes only.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from rfreport.compute.engine import Target, forward_target
+from rfreport.compute.surrogate import deep_copy
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names
@@ -102,7 +102,7 @@ def _image_array(image: Any, spatial: tuple[int, int]) -> np.ndarray:
 
 def _bias_free_copy(model: nn.Module, device: torch.device) -> nn.Module:
     """Return a float64 eval-mode copy of the model with every bias zeroed."""
-    clone = copy.deepcopy(model).to(device=device, dtype=torch.float64).eval()
+    clone = deep_copy(model).to(device=device, dtype=torch.float64).eval()
     with torch.no_grad():
         for name, param in clone.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":

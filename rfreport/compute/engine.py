@@ -12,7 +12,6 @@ per-row fallback for operations that cannot be vmapped.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rfreport.compute.shapes import judge_layout, uniform_stride
-from rfreport.compute.surrogate import StructuralMode, build_surrogate, eager_forward, past_grid
+from rfreport.compute.surrogate import (
+    MODULE_STATE,
+    StructuralMode,
+    build_surrogate,
+    deep_copy,
+    eager_forward,
+    past_grid,
+)
 from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line, one_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, token_grid
 from rfreport.options import Mode, values
@@ -122,9 +128,6 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
         for module, kept in attributes:
             _restore_attributes(module, kept)
-
-
-MODULE_STATE = frozenset(vars(nn.Module()))   # nn.Module's own bookkeeping: parameters, buffers, hooks, flags
 
 
 def _own_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
@@ -543,7 +546,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
     """Deep-copy a model onto another device, leaving the original where it is."""
-    return copy.deepcopy(model).to(device)
+    return deep_copy(model).to(device)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,13 +15,12 @@ a forward pass keeps stays out of the user's model) tell them apart from shapes 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from rfreport.compute.surrogate import eager_forward, unwrap_compiled
+from rfreport.compute.surrogate import deep_copy, eager_forward, unwrap_compiled
 from rfreport.errors import LayoutError
 from rfreport.layouts import Layout, LayoutKind
 
@@ -36,7 +35,7 @@ def on_meta(model: nn.Module) -> nn.Module:
         stand_in = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(stand_in, requires_grad=False) if isinstance(tensor, nn.Parameter) \
             else stand_in
-    return unwrap_compiled(copy.deepcopy(source, memo)).eval()
+    return unwrap_compiled(deep_copy(source, memo, lambda t: torch.empty_like(t, device="meta"))).eval()
 
 
 def scaled(input_shape: tuple[int, ...], scale: int) -> tuple[int, ...]:

@@ -717,6 +717,26 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+MODULE_STATE = frozenset(vars(nn.Module()))   # nn.Module's own bookkeeping: parameters, buffers, hooks, flags
+
+
+def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None,
+              stand_in: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.detach().clone()) -> nn.Module:
+    """Return a deep copy of a model (`memo`: stand-ins already chosen, by the id of what they replace).
+
+    A tensor of an autograd graph held beside the parameters and buffers (a cache an earlier forward pass
+    with gradients filled, `torch.nn.utils.weight_norm`'s `weight`) is copied as `stand_in` makes it,
+    detached by default: torch deep-copies graph leaves only.
+    """
+    chosen = dict(memo or {})
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in MODULE_STATE:
+                chosen.update((id(t), stand_in(t)) for t in tensors_of(value)
+                              if t.grad_fn is not None and id(t) not in chosen)
+    return copy.deepcopy(model, chosen)
+
+
 def refuse_torchscript(model: nn.Module) -> None:
     """Refuse scripted or traced modules: their ops run in TorchScript, out of the surrogate's reach."""
     for name, module in model.named_modules():
@@ -805,7 +825,7 @@ def build_surrogate(model: nn.Module, seed: int, dtype: torch.dtype = torch.floa
 def _built_surrogate(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
     """Build a model's surrogate (see build_surrogate), never memoized."""
     refuse_torchscript(model)
-    surrogate = unwrap_compiled(copy.deepcopy(getattr(model, "_orig_mod", model))).to(dtype).eval()
+    surrogate = unwrap_compiled(deep_copy(getattr(model, "_orig_mod", model))).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _neutralise(surrogate, generator)

@@ -44,7 +44,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
 from rfreport.compute.shapes import on_meta
-from rfreport.compute.surrogate import eager_forward, reused, tensors_of, unwrap_compiled
+from rfreport.compute.surrogate import deep_copy, eager_forward, reused, tensors_of, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve, rows_in
 from rfreport.results import Verification
@@ -281,7 +280,7 @@ def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = No
                 empty = torch.empty(0, dtype=tensor.dtype)
                 memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) \
                     else empty
-    plain = unwrap_compiled(copy.deepcopy(source, memo))
+    plain = unwrap_compiled(deep_copy(source, memo))
     return plain.to(device=device, dtype=torch.float64).eval()
 
 

@@ -207,3 +207,17 @@ def test_a_model_that_caches_a_tracked_tensor_is_swept_after_attention_detection
     assert model.cache == {}
     result = sweep(model, (1, 1, 9, 9), "center")
     assert result.lo.tolist() == [[3, 3]] and result.hi.tolist() == [[5, 5]]
+
+
+@pytest.mark.parametrize("mode", ["structural", "gradient"])
+def test_a_model_holding_tensors_of_its_own_earlier_graph_is_swept(mode):
+    """weight_norm's `weight` and a filled cache, left by the user's forward pass with gradients (torch copies
+    only graph leaves): every copy takes them detached, and the centre's RF is the two 3x3 layers' 5x5."""
+    with pytest.warns(FutureWarning):
+        normed = nn.utils.weight_norm(nn.Conv2d(1, 1, 3, padding=1))
+    model = nn.Sequential(normed, CachedBias()).eval()
+    model(torch.randn(1, 1, 9, 9))
+    assert normed.weight.grad_fn is not None and model[1].cache["cpu"].grad_fn is not None
+    result = sweep(model, (1, 1, 9, 9), "center", mode=mode, verify=True)
+    assert result.lo.tolist() == [[2, 2]] and result.hi.tolist() == [[6, 6]]
+    assert result.violations.tolist() == [0]
