@@ -24,11 +24,11 @@ from torch.utils.hooks import RemovableHandle
 
 from rfreport.compute.shapes import judge_layout, uniform_stride
 from rfreport.compute.surrogate import (
-    MODULE_STATE,
     StructuralMode,
     build_surrogate,
     deep_copy,
     eager_forward,
+    own_attributes,
     past_grid,
 )
 from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line, one_line
@@ -133,13 +133,13 @@ def preserved(model: nn.Module) -> Iterator[None]:
 def _own_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     """Return a module's own attributes (not nn.Module's bookkeeping) as (object, contents of a dict or list)."""
     return {key: (value, dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None)
-            for key, value in vars(module).items() if key not in MODULE_STATE}
+            for key, value in own_attributes(module).items()}
 
 
 def _restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> None:
     """Put a module's own attributes back as `_own_attributes` found them: set what a pass rebound, refill the
     dicts and lists it filled (in place: the same objects), drop what it added."""
-    for key in [k for k in vars(module) if k not in MODULE_STATE and k not in kept]:
+    for key in [k for k in own_attributes(module) if k not in kept]:
         delattr(module, key)
     for key, (value, contents) in kept.items():
         if vars(module).get(key) is not value:

@@ -720,6 +720,12 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 MODULE_STATE = frozenset(vars(nn.Module()))   # nn.Module's own bookkeeping: parameters, buffers, hooks, flags
 
 
+def own_attributes(module: nn.Module) -> dict[str, Any]:
+    """Return the attributes a module's class set (not nn.Module's bookkeeping: parameters, buffers, submodules,
+    hooks and flags live there)."""
+    return {key: value for key, value in vars(module).items() if key not in MODULE_STATE}
+
+
 def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None,
               stand_in: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.detach().clone()) -> nn.Module:
     """Return a deep copy of a model (`memo`: stand-ins already chosen, by the id of what they replace).
@@ -730,10 +736,8 @@ def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None,
     """
     chosen = dict(memo or {})
     for module in model.modules():
-        for key, value in vars(module).items():
-            if key not in MODULE_STATE:
-                chosen.update((id(t), stand_in(t)) for t in tensors_of(value)
-                              if t.grad_fn is not None and id(t) not in chosen)
+        chosen.update((id(t), stand_in(t)) for t in tensors_of(list(own_attributes(module).values()))
+                      if t.grad_fn is not None and id(t) not in chosen)
     return copy.deepcopy(model, chosen)
 
 
