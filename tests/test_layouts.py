@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from rfreport.cli import cli
+from rfreport.compute import shapes
 from rfreport.compute.layers import layer_growth
 from rfreport.compute.sweep import sweep
 from rfreport.errors import LayoutError, SweepError
@@ -195,8 +196,10 @@ def test_cli_refuses_an_impossible_layout(zoo):
     assert done.exit_code == 2 and "unknown layout" in done.output
 
 
+@pytest.mark.parametrize("meta_kernels_loaded", [True, False])
 @pytest.mark.parametrize("spatial", [(16, 20), (16, 8), (9, 9)])
-def test_a_channels_last_output_read_as_nchw_is_refused_naming_nhwc(zoo, spatial):
+def test_a_channels_last_output_read_as_nchw_is_refused_naming_nhwc(zoo, spatial, monkeypatch, meta_kernels_loaded):
+    monkeypatch.setattr(shapes, "dynamo_loaded", lambda: meta_kernels_loaded)   # else the model itself runs doubled
     _path, models = zoo
     with pytest.raises(LayoutError, match=r"axis 1, which layout nchw reads as channels, grows with the input; "
                                           r"analyse it with --layout nhwc"):

@@ -1,4 +1,5 @@
-"""Shape-only passes: the model run on the meta device, at the input size and at the input doubled per axis.
+"""Shape-only passes: the model run on the meta device (a small one run itself while torch's meta kernels are
+not loaded), at the input size and at the input doubled per axis.
 
 A grid axis of a tensor grows with the input; a channel axis never does. Two passes on a copy of the
 model whose parameters and buffers are meta stand-ins (no weight copied, no value computed, and state
@@ -15,16 +16,32 @@ a forward pass keeps stays out of the user's model) tell them apart from shapes 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.surrogate import deep_copy, eager_forward, unwrap_compiled
+from rfreport.compute.surrogate import deep_copy, dynamo_loaded, eager_forward, preserved, unwrap_compiled
+from rfreport.compute.taint import tensors_of
 from rfreport.errors import LayoutError
 from rfreport.layouts import Layout, LayoutKind
 
+T = TypeVar("T")
 Select = Callable[[nn.Module, torch.Tensor], torch.Tensor]   # runs a model and returns the analysed tensor
+PASS_FLOPS = 10 ** 10   # a shape-only pass of the model as given stops here (about 0.2 s of two CPU cores)
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What a forward pass reads of the model, and what it costs."""
+
+    ids: frozenset[int] | None   # the parameters and buffers read (by id); None: unknown, copy them all
+    flops: int | None            # floating-point operations of one pass (the input's whole batch); None: unknown
+    grain: int | None = None     # flop-weighted mean flops of its ops (the work one op hands its threads)
 
 
 def on_meta(model: nn.Module) -> nn.Module:
@@ -38,18 +55,127 @@ def on_meta(model: nn.Module) -> nn.Module:
     return unwrap_compiled(deep_copy(source, memo, lambda t: torch.empty_like(t, device="meta"))).eval()
 
 
+def shape_pass(model: nn.Module, input_shape: tuple[int, ...],
+               run: Callable[[nn.Module, torch.Tensor], T]) -> tuple[T, Reads] | None:
+    """Return what `run(model, x)` returns for an input of `input_shape`, and what that pass read and cost, from
+    shapes alone; None when the pass does not run.
+
+    The pass runs on a meta copy of the model (no weight copied, no value computed, and state a
+    forward pass keeps stays out of the user's model), its reads named by the model's own tensors.
+    Most of torch's meta kernels are Python code that loads torch.compile's machinery on first use
+    (1.5-2 s once per process; torchvision and timm load it on import): until it is loaded, the model
+    as given runs first (see real_pass) and is abandoned past PASS_FLOPS, so a small model's shapes
+    cost milliseconds. Both passes see the same shapes and count the same flops.
+    """
+    if not dynamo_loaded():
+        found = real_pass(model, input_shape, run, budget=PASS_FLOPS)
+        if found is not None:
+            return found
+    try:
+        shadow = on_meta(model)
+    except Exception:  # a model that cannot be deep-copied: only a pass of the model as given can tell
+        return None
+    stand_ins, originals = _tensors(shadow), _tensors(getattr(model, "_orig_mod", model))
+    found = _recorded(shadow, torch.empty(input_shape, device="meta"), run)
+    if found is None or len(stand_ins) != len(originals):
+        return None
+    result, read = found
+    original = {id(m): id(t) for m, t in zip(stand_ins, originals)}
+    return result, Reads(frozenset(original.get(i, i) for i in read.ids or ()), read.flops, read.grain)
+
+
+def real_pass(model: nn.Module, input_shape: tuple[int, ...], run: Callable[[nn.Module, torch.Tensor], T],
+              budget: int | None = None) -> tuple[T, Reads] | None:
+    """Return what `run(model, x)` returns and what the pass read and cost, run on the model as given on zeros
+    in eval mode without gradients (its flags, buffers, attributes and random state restored after);
+    None when it raises or runs past `budget` flops."""
+    parameters = list(model.parameters())
+    dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in parameters), torch.device("cpu"))
+    with preserved(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        return _recorded(model, torch.zeros(input_shape, dtype=dtype, device=device), run, budget)
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Return every parameter and buffer of a module, shared ones as often as they are registered."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [t for _, t in named]
+
+
+def _recorded(model: nn.Module, x: torch.Tensor, run: Callable[[nn.Module, torch.Tensor], T],
+              budget: int | None = None) -> tuple[T, Reads] | None:
+    """Run `run(model, x)` recording the tensors read and counting flops; None when it raises (or runs past
+    `budget` flops)."""
+    recorder = _Recorder(budget)
+    try:
+        with torch.no_grad(), eager_forward(), recorder:
+            result = run(model, x)
+    except Exception:  # the model may raise anything; the caller falls back
+        return None
+    return result, recorder.found()
+
+
+class _Recorder(TorchFunctionMode):
+    """Record the ids of every tensor an op receives, and count the pass's floating-point operations.
+
+    Convolutions and matrix products count two per multiply-add; every other op one per output
+    entry. Counted at the level of torch functions, which needs no dispatch mode (entering one
+    loads torch.compile's machinery).
+    """
+
+    def __init__(self, budget: int | None = None):
+        super().__init__()
+        self.ids: set[int] = set()
+        self.flops = 0
+        self.squares = 0   # the sum of each op's flops squared: flops-weighted, the mean op size
+        self.budget = budget
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ids.update(id(t) for t in tensors_of((args, kwargs)))
+        out = func(*args, **kwargs)
+        flops = _flops(getattr(func, "__name__", ""), args, out)
+        self.flops += flops
+        self.squares += flops * flops
+        if self.budget is not None and self.flops > self.budget:
+            raise _OverBudget
+        return out
+
+    def found(self) -> Reads:
+        """Return what the pass read and cost."""
+        return Reads(frozenset(self.ids), self.flops, self.squares // self.flops if self.flops else None)
+
+
+class _OverBudget(Exception):
+    """A shape-only pass of the model as given ran past its budget of flops."""
+
+
+def _flops(name: str, args: tuple, out: Any) -> int:
+    """Return the floating-point operations of one op from its name, its operands and its output."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    first, second = [*args, None, None][:2]
+    if name.startswith("conv_transpose") and isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return 2 * first.numel() * math.prod(second.shape[1:])      # weight (C_in, C_out / groups, *kernel)
+    if name.startswith("conv") and isinstance(second, torch.Tensor) and second.dim() > 2:
+        return 2 * out.numel() * math.prod(second.shape[1:])        # weight (C_out, C_in / groups, *kernel)
+    if name == "linear" and isinstance(second, torch.Tensor):
+        return 2 * out.numel() * second.shape[-1]
+    if name in ("matmul", "mm", "bmm", "__matmul__") and isinstance(first, torch.Tensor) and first.dim():
+        return 2 * out.numel() * first.shape[-1]
+    return out.numel()
+
+
 def scaled(input_shape: tuple[int, ...], scale: int) -> tuple[int, ...]:
     """Return the input shape with every spatial axis multiplied by `scale`."""
     return (*input_shape[:2], *(n * scale for n in input_shape[2:]))
 
 
-def meta_pass(shadow: nn.Module, input_shape: tuple[int, ...], select: Select | None = None) -> torch.Tensor | None:
-    """Run a meta copy on a meta input; return the selected tensor (None: not selected, or the pass failed)."""
-    x = torch.empty(input_shape, device="meta")
-    with torch.no_grad(), eager_forward(), contextlib.suppress(Exception):   # a model error ends the pass
-        out = select(shadow, x) if select else shadow(x)
-        return out if select and isinstance(out, torch.Tensor) else None
-    return None
+def meta_pass(shadow: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run a meta copy on a meta input, for what its hooks see (a model error ends the pass)."""
+    with torch.no_grad(), eager_forward(), contextlib.suppress(Exception):
+        shadow(torch.empty(input_shape, device="meta"))
 
 
 def judge_layout(model: nn.Module, input_shape: tuple[int, ...], given: tuple[int, ...], layout: Layout,
@@ -68,8 +194,9 @@ def judge_layout(model: nn.Module, input_shape: tuple[int, ...], given: tuple[in
     rank = len(input_shape)
     if layout.kind is LayoutKind.TOKENS or len(given) != rank:
         return
-    doubled = meta_pass(on_meta(model), scaled(input_shape, 2), select)
-    if doubled is not None and doubled.dim() == rank:
+    found = shape_pass(model, scaled(input_shape, 2), select)
+    doubled = found[0] if found is not None else None
+    if isinstance(doubled, torch.Tensor) and doubled.dim() == rank:
         problem = _growing_channels(given, tuple(doubled.shape), layout, input_shape)
     else:
         problem = _strided_grid(given, layout, input_shape)

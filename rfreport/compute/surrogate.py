@@ -726,6 +726,57 @@ def own_attributes(module: nn.Module) -> dict[str, Any]:
     return {key: value for key, value in vars(module).items() if key not in MODULE_STATE}
 
 
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, requires_grad flags, buffers and the modules' own attributes on exit, even
+    after an error.
+
+    Buffers matter in gradient mode: a train-mode BatchNorm updates its running statistics on
+    every forward pass of the model as given. Attributes matter to every pass: a module that caches
+    what it computes from its parameters (LeViT's attention biases, in a dict filled by an eval-mode
+    forward) would keep a tensor of this pass's autograd graph, which holds the graph's memory and
+    which no deep copy of the model (the surrogate) can take. Hooks are not touched here: whoever
+    registers one keeps its handle and removes it (the engine on exit, the others in a `finally`).
+    """
+    training = {m: m.training for m in model.modules()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    attributes = [(m, _own_attributes(m)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    try:
+        yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+        for param, flag in grads.items():
+            param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        for module, kept in attributes:
+            _restore_attributes(module, kept)
+
+
+def _own_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """Return a module's own attributes (not nn.Module's bookkeeping) as (object, contents of a dict or list)."""
+    return {key: (value, dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None)
+            for key, value in own_attributes(module).items()}
+
+
+def _restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> None:
+    """Put a module's own attributes back as `_own_attributes` found them: set what a pass rebound, refill the
+    dicts and lists it filled (in place: the same objects), drop what it added."""
+    for key in [k for k in own_attributes(module) if k not in kept]:
+        delattr(module, key)
+    for key, (value, contents) in kept.items():
+        if vars(module).get(key) is not value:
+            object.__setattr__(module, key, value)
+        if isinstance(value, dict):
+            value.clear()
+            value.update(contents)
+        elif isinstance(value, list):
+            value[:] = contents
+
+
 def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None,
               stand_in: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.detach().clone()) -> nn.Module:
     """Return a deep copy of a model (`memo`: stand-ins already chosen, by the id of what they replace).

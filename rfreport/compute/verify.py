@@ -33,7 +33,8 @@ Choices, and why:
   The decision uses counts only, never a clock: two runs check the same positions the same way.
 * **reads**: parameters and buffers the pass up to the target never reads are not copied; they
   and the pass's flops come from one pass of a meta copy of the model (shapes only, no value
-  computed), or of the model itself where it does not run on meta.
+  computed), or of the model itself where it does not run on meta (shapes.shape_pass, which runs a
+  small model itself while torch's meta kernels are not loaded).
 * **batching**: the perturbed inputs of several positions are stacked along the batch axis
   (each one a whole input of the user's batch size N; on a CPU only up to CPU_BATCH_BYTES of
   inputs, as a float64 convolution's im2col buffer grows with the stack); a model that refuses the
@@ -54,11 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.engine import Target, forward_target, preserved, resolve_device
-from rfreport.compute.shapes import on_meta
-from rfreport.compute.surrogate import deep_copy, eager_forward, reused, tensors_of, unwrap_compiled
+from rfreport.compute.engine import Target, forward_target, resolve_device
+from rfreport.compute.shapes import Reads, real_pass, shape_pass
+from rfreport.compute.surrogate import deep_copy, eager_forward, reused, unwrap_compiled
 from rfreport.errors import SweepError
 from rfreport.positions import PositionSpec, center, resolve, rows_in
 from rfreport.results import Verification
@@ -255,15 +255,6 @@ def _result(positions, violations, deviation, samples, started, note: str = "") 
                         seconds=time.perf_counter() - started, note=note)
 
 
-@dataclass(frozen=True)
-class Reads:
-    """What a forward pass up to the target reads of the model, and what it costs."""
-
-    ids: frozenset[int] | None   # the parameters and buffers read (by id); None: unknown, copy them all
-    flops: int | None            # floating-point operations of one pass (the input's whole batch); None: unknown
-    grain: int | None = None     # flop-weighted mean flops of its ops (the work one op hands its threads)
-
-
 def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = None) -> nn.Module:
     """Return a float64, eval-mode deep copy of the model on a device (compiled modules unwrapped), leaving it as is.
 
@@ -284,103 +275,24 @@ def float64_copy(model: nn.Module, device: torch.device, read: Reads | None = No
     return plain.to(device=device, dtype=torch.float64).eval()
 
 
-class _Reads(TorchFunctionMode):
-    """Record the ids of every tensor an op receives, and count the pass's floating-point operations.
-
-    Convolutions and matrix products count two per multiply-add; every other op one per output
-    entry. Counted at the level of torch functions, which needs no dispatch mode (entering one
-    loads torch.compile's machinery).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.ids: set[int] = set()
-        self.flops = 0
-        self.squares = 0   # the sum of each op's flops squared: flops-weighted, the mean op size
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.ids.update(id(t) for t in tensors_of((args, kwargs)))
-        out = func(*args, **kwargs)
-        flops = _flops(getattr(func, "__name__", ""), args, out)
-        self.flops += flops
-        self.squares += flops * flops
-        return out
-
-    def found(self) -> Reads:
-        """Return what the pass read and cost."""
-        return Reads(frozenset(self.ids), self.flops, self.squares // self.flops if self.flops else None)
-
-
-def _flops(name: str, args: tuple, out: Any) -> int:
-    """Return the floating-point operations of one op from its name, its operands and its output."""
-    if not isinstance(out, torch.Tensor):
-        return 0
-    first, second = [*args, None, None][:2]
-    if name.startswith("conv_transpose") and isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
-        return 2 * first.numel() * math.prod(second.shape[1:])      # weight (C_in, C_out / groups, *kernel)
-    if name.startswith("conv") and isinstance(second, torch.Tensor) and second.dim() > 2:
-        return 2 * out.numel() * math.prod(second.shape[1:])        # weight (C_out, C_in / groups, *kernel)
-    if name == "linear" and isinstance(second, torch.Tensor):
-        return 2 * out.numel() * second.shape[-1]
-    if name in ("matmul", "mm", "bmm", "__matmul__") and isinstance(first, torch.Tensor) and first.dim():
-        return 2 * out.numel() * first.shape[-1]
-    return out.numel()
-
-
 def reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
     """Return which parameters and buffers a forward pass up to the target reads, and its flops.
 
     One pass of a meta copy (no value computed: shapes only), or where a model does not run on meta
     (a value-dependent branch), one pass of the model as given on zeros without gradients, its flags
-    and buffers restored after. Unknown (copy everything) when neither runs. Inside
-    `surrogates_reused`, once per model, input shape and target.
+    and buffers restored after (see shapes.shape_pass). Unknown (copy everything) when neither runs.
+    Inside `surrogates_reused`, once per model, input shape and target.
     """
     return reused(model, ("reads", tuple(input_shape), target), lambda: _reads(model, input_shape, target))
 
 
 def _reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
     """Return the reads of one pass (see reads), never memoized."""
-    found = _meta_reads(model, input_shape, target)
-    if found is not None:
-        return found
-    x = torch.zeros(input_shape, dtype=next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                                            torch.float32), device=next((p.device for p in model.parameters()),
-                                                                        torch.device("cpu")))
-    with preserved(model):
-        model.eval()
-        return _reads_of(model, x, target, input_shape) or Reads(None, None)
+    def run(working: nn.Module, x: torch.Tensor) -> None:
+        forward_target(working, x, target, input_shape)
 
-
-def _meta_reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads | None:
-    """Return the reads of a pass of a meta copy, named by the model's own tensors; None when it does not run."""
-    try:
-        shadow = on_meta(model)
-    except Exception:  # a model that cannot be deep-copied: the pass of the model as given decides
-        return None
-    stand_ins, originals = _tensors(shadow), _tensors(getattr(model, "_orig_mod", model))
-    found = _reads_of(shadow, torch.empty(input_shape, device="meta"), target, input_shape)
-    if found is None or found.ids is None or len(stand_ins) != len(originals):
-        return None
-    original = {id(m): id(t) for m, t in zip(stand_ins, originals)}
-    return Reads(frozenset(original.get(i, i) for i in found.ids), found.flops, found.grain)
-
-
-def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Return every parameter and buffer of a module, shared ones as often as they are registered."""
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return [t for _, t in named]
-
-
-def _reads_of(model: nn.Module, x: torch.Tensor, target: Target, input_shape: tuple[int, ...]) -> Reads | None:
-    """Run one pass up to the target recording the tensors read and counting flops; None when it raises."""
-    recorder = _Reads()
-    try:
-        with torch.no_grad(), eager_forward(), recorder:
-            forward_target(model, x, target, input_shape)
-    except Exception:  # the model may raise anything; the caller falls back
-        return None
-    return recorder.found()
+    found = shape_pass(model, input_shape, run) or real_pass(model, input_shape, run)
+    return found[1] if found is not None else Reads(None, None)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from rfreport import audit, config
 from rfreport.analysis.analyze import analyze
 from rfreport.analysis.frames import positions_frame
 from rfreport.cli import cli
+from rfreport.compute import shapes
 from rfreport.compute.engine import Engine, Target
 from rfreport.compute.surrogate import surrogates_reused
 from rfreport.compute.sweep import sweep
@@ -529,7 +530,9 @@ class ValueBranch(TiedHead):
         return y if bool((y > 1e9).any()) else F.conv2d(y, self.shared.weight, padding=1)
 
 
-def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given():
+@pytest.mark.parametrize("meta_kernels_loaded", [True, False])
+def test_reads_come_from_a_meta_pass_or_else_a_pass_of_the_model_as_given(monkeypatch, meta_kernels_loaded):
+    monkeypatch.setattr(shapes, "dynamo_loaded", lambda: meta_kernels_loaded)     # else the model runs first
     convolutions = [2 * 64 * 4 * 9, 2 * 64 * 4 * 4 * 9]               # two per multiply-add
     for model, others in ((Tied().eval(), []), (ValueBranch().eval(), [4 * 64, 1])):  # y > 1e9, any(): one per entry
         found = reads(model, (1, 1, 8, 8), Target())
