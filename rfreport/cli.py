@@ -309,6 +309,7 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, workers, d
     """Sweep and analyse every model of the CONFIG files into a run folder with its report."""
     from rfreport import runfolder
     from rfreport.run import server
+    from rfreport.run.allocator import freeze_loaded
 
     configure_logging(verbose, quiet)
     if executor != "ray":
@@ -318,6 +319,7 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, workers, d
     config = load_config(configs, device=device, batch_size=batch_size, seed=seed, erf_samples=erf_samples,
                          erf_positions=erf_positions, no_cache=no_cache, cache_dir=cache_dir, executor=executor,
                          address=address, job_timeout=job_timeout, workers=workers)
+    freeze_loaded()   # torch, the stages and the configs' factories are loaded
     chosen = make_executor(config.options, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
     click.echo(str(saved.path / "index.html"))
@@ -437,8 +439,10 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
     server.start_early(flags.get("workers"))   # its imports beside this process's own (rfreport.run.server)
     from rfreport.run import jobs as jobs_mod
     from rfreport.run import pipeline
+    from rfreport.run.allocator import freeze_loaded
 
     config = load_config(sources, **flags)
+    freeze_loaded()   # torch, the stages and the configs' factories are loaded
     if not any(audit_mod.active(spec.audit) for spec in config.models):
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
@@ -514,6 +518,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     from rfreport.config import Level, ModelSpec, RunOptions
     from rfreport.run import jobs as jobs_mod
     from rfreport.run import pipeline
+    from rfreport.run.allocator import freeze_loaded
     from rfreport.run.threads import apply_choice
 
     configure_logging(verbose, quiet)
@@ -533,6 +538,7 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     progress = make_progress(quiet, starts=False)
     progress.start(job, 0, 1)
     apply_choice()
+    freeze_loaded()
     record = pipeline.inspect(job, progress.advance, layers=with_layers)
     progress.finish()
     click.echo(json.dumps(record) if as_json else inspect_text(record))
@@ -642,10 +648,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def main() -> None:
     """Run the rfreport command line (OpenMP threads wait passively: set before torch loads; large buffers
-    reused from the heap, see run/allocator.py)."""
-    from rfreport.run.allocator import reuse_freed_memory
+    reused from the heap; what is loaded kept out of the garbage collector's walks: see run/allocator.py)."""
+    from rfreport.run.allocator import freeze_loaded, manage_collector, reuse_freed_memory
     from rfreport.run.threads import prefer_passive_waits
 
     prefer_passive_waits()
     reuse_freed_memory()
-    cli(prog_name="rfreport")
+    manage_collector()
+    try:
+        cli(prog_name="rfreport")
+    finally:
+        freeze_loaded()   # the interpreter's teardown then skips walking everything loaded

@@ -47,7 +47,7 @@ from multiprocessing.process import BaseProcess
 
 from rfreport.errors import RfReportError
 from rfreport.run import threads
-from rfreport.run.allocator import reuse_freed_memory
+from rfreport.run.allocator import freeze_loaded, manage_collector, reuse_freed_memory
 from rfreport.run.jobs import Job, JobResult, Progress
 from rfreport.run.pipeline import failed_result, run_job
 from rfreport.run.server import context, ensure_running
@@ -118,6 +118,8 @@ def serve(conn: Connection, setup: Setup) -> None:
     os.environ.clear()
     os.environ.update(setup.environ)
     reuse_freed_memory()   # the fork server is a fresh interpreter: the command's allocator choice is not inherited
+    manage_collector()
+    freeze_loaded()        # what the fork server imported (torch, the stages) stays out of the collector's walks
     if setup.threads is not None:
         threads.use(setup.threads)
     log = logging.getLogger("rfreport")

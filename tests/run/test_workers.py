@@ -62,6 +62,15 @@ def bad(what):
 
 def broken():
     raise RuntimeError("no model today")
+
+
+def frozen(note):
+    """tiny(), noting how many objects its process keeps out of the garbage collector's walks."""
+    import gc
+
+    with open(note, "a") as file:
+        print(gc.get_freeze_count(), file=file)
+    return tiny()
 '''
 
 
@@ -258,6 +267,19 @@ def test_ctrl_c_stops_the_workers_and_leaves_no_process(tmp_path):
         time.sleep(0.1)
     assert marked_processes(marker) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_keeps_what_the_fork_server_loaded_out_of_the_collectors_walks(tmp_path):
+    import gc
+
+    before = gc.get_freeze_count()
+    note = tmp_path / "frozen.txt"
+    built = f'kwargs = {{ note = "{note}" }}'
+    config = write(tmp_path, model("frozen", "frozen", extra=built), model("again", "frozen", "[1, 1, 8, 8]", built))
+    assert run(config, tmp_path / "out", "--workers", "2").exit_code == 0
+    counts = list(map(int, note.read_text().split()))
+    assert len(counts) == 2 and min(counts) > 10_000     # torch's and the pipeline's modules, at least
+    assert gc.get_freeze_count() == before                     # the command ran in this process: nothing frozen
 
 
 @pytest.mark.parametrize(("requested", "jobs", "free", "expected"), [
