@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.surrogate import deep_copy, dynamo_loaded, eager_forward, preserved, unwrap_compiled
+from rfreport.compute.surrogate import deep_copy, dynamo_loaded, eager_forward, preserved, reused, unwrap_compiled
 from rfreport.compute.taint import tensors_of
 from rfreport.errors import LayoutError
 from rfreport.layouts import Layout, LayoutKind
@@ -194,14 +194,19 @@ def judge_layout(model: nn.Module, input_shape: tuple[int, ...], given: tuple[in
     rank = len(input_shape)
     if layout.kind is LayoutKind.TOKENS or len(given) != rank:
         return
-    found = shape_pass(model, scaled(input_shape, 2), select)
-    doubled = found[0] if found is not None else None
-    if isinstance(doubled, torch.Tensor) and doubled.dim() == rank:
-        problem = _growing_channels(given, tuple(doubled.shape), layout, input_shape)
+    doubled = reused(model, ("shape at", scaled(input_shape, 2), where),   # every sweep of a job asks again
+                     lambda: _shape_of(shape_pass(model, scaled(input_shape, 2), select)))
+    if doubled is not None and len(doubled) == rank:
+        problem = _growing_channels(given, doubled, layout, input_shape)
     else:
         problem = _strided_grid(given, layout, input_shape)
     if problem:
         raise LayoutError(f"{where} has shape {given} at input {_text(input_shape[2:])}{problem}")
+
+
+def _shape_of(found: tuple[torch.Tensor, Reads] | None) -> tuple[int, ...] | None:
+    """Return the shape of a shape-only pass's tensor (None: no pass, or no tensor)."""
+    return tuple(found[0].shape) if found is not None and isinstance(found[0], torch.Tensor) else None
 
 
 def _growing_channels(given: tuple[int, ...], doubled: tuple[int, ...], layout: Layout,

@@ -8,6 +8,8 @@ from torch import nn
 
 from rfreport.compute import shapes
 from rfreport.compute.shapes import shape_pass
+from rfreport.compute.surrogate import surrogates_reused
+from rfreport.compute.sweep import sweep
 
 
 class Noisy(nn.Module):
@@ -62,3 +64,15 @@ def test_a_model_past_the_budget_is_measured_on_its_meta_copy(monkeypatch):
 def test_a_pass_that_cannot_run_gives_nothing(monkeypatch, loaded):
     monkeypatch.setattr(shapes, "dynamo_loaded", lambda: loaded)
     assert shape_pass(nn.Conv2d(3, 4, 3), (1, 3, 2, 2), run) is None     # a 3x3 kernel on a 2x2 input
+
+
+def test_the_sweeps_of_one_job_judge_its_layout_with_one_shape_only_pass():
+    seen: list[tuple[int, ...]] = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2))
+    model.register_forward_pre_hook(lambda _module, inputs: seen.append(tuple(inputs[0].shape)))
+    with surrogates_reused():
+        for _ in range(2):
+            sweep(model, (1, 3, 10, 10), "center")
+    assert seen.count((1, 3, 20, 20)) == 1     # the input doubled: once for both sweeps
+    sweep(model, (1, 3, 10, 10), "center")     # outside a job's scope nothing is kept
+    assert seen.count((1, 3, 20, 20)) == 2
