@@ -51,9 +51,15 @@ def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
         with suppress(OSError):
             partial.unlink()
         if isinstance(exc, OSError):
-            raise OutputError(f"{path}: cannot write ({reason(exc)}); {_kept(target)}") from exc
+            raise OutputError(f"{path}: cannot write ({_in_the_way(target) or reason(exc)}); {_kept(target)}") from exc
         raise
     return path
+
+
+def _in_the_way(target: Path) -> str:
+    """Name a file that stands where a folder above `target` should be (the cause of `File exists`), or ''."""
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    return f"{blocking} is a file, not a folder" if blocking else ""
 
 
 def _keep_mode(target: Path, partial: Path) -> None:
@@ -111,8 +117,9 @@ def _acquire(lock: Path, path: Path) -> int | None:
             raise
         os.close(fd)
     since = datetime.now(UTC).isoformat(timespec="seconds")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {since}\n".encode(), 0)
+    with suppress(OSError):   # who holds it is news for a waiting run only; a full disk still locks
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {since}\n".encode(), 0)
     return fd
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -26,7 +28,7 @@ from rfreport import __version__
 from rfreport import audit as audit_mod
 from rfreport.atomic import write_file
 from rfreport.config import SEED_MAX
-from rfreport.errors import ConfigError, OutputError, RfReportError, RunFolderError, SweepError
+from rfreport.errors import ConfigError, OutputError, RfReportError, RunFolderError, SweepError, Terminated
 from rfreport.layouts import parse_layout
 from rfreport.options import Mode, values
 from rfreport.run.progress import is_job_status, is_progress, stage
@@ -35,6 +37,7 @@ from rfreport.visible import visible
 
 USAGE_ERRORS = (ConfigError, RunFolderError, OutputError)
 INTERRUPTED = 130   # the shell's exit status for SIGINT
+TERMINATED = 143    # and for SIGTERM
 EXACT_DIGITS = 12   # significant digits of exact per-layer values (halves and thirds of pixels print in full)
 
 
@@ -65,8 +68,11 @@ def converts_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt as exc:
-            raise CommandError("interrupted; nothing was written", INTERRUPTED) from exc
+        except KeyboardInterrupt as exc:   # one raised after a write says so (runfolder.interrupt_deferred)
+            done = exc.args[0] if exc.args else "nothing was written"
+            if isinstance(exc, Terminated):
+                raise CommandError(f"terminated; {done}", TERMINATED) from exc
+            raise CommandError(f"interrupted; {done}", INTERRUPTED) from exc
         except RfReportError as exc:
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             raise CommandError(lines[0], 2 if isinstance(exc, USAGE_ERRORS) else 1) from exc
@@ -148,11 +154,14 @@ def parse_position(text: str) -> str | tuple[int, ...]:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """Parse an input shape like 1,3,224,224."""
+    """Parse an input shape like 1,3,224,224: N, C and one to three spatial sizes, all positive."""
     try:
-        return tuple(int(part) for part in text.split(","))
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError as exc:
         raise click.BadParameter(f"{text!r} must be comma-separated integers like 1,3,224,224") from exc
+    if len(shape) not in (3, 4, 5) or min(shape) < 1:
+        raise click.BadParameter(f"{text!r} must be N,C and 1 to 3 spatial sizes, all positive, like 1,3,224,224")
+    return shape
 
 
 def parse_count(text: str | None, flag: str) -> int | str | None:
@@ -426,7 +435,8 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
     """
     from rfreport import runfolder
 
-    folders = [s for s in sources if Path(s).is_dir()]
+    # a run folder a killed run left aside: load says where it is (it is no config file)
+    folders = [s for s in sources if Path(s).is_dir() or runfolder.interrupted(Path(os.path.abspath(s)))]
     if folders:
         if len(sources) != 1:
             raise click.UsageError("give either one RUN_DIR or one or more CONFIG files, not both")
@@ -497,7 +507,8 @@ def diff_command(run_a, run_b, fail_on_change, html_path, json_path, markdown_pa
               help="Input shape N,C,*spatial, e.g. 1,3,224,224.")
 @click.option("--kwargs", "kwargs_json", default="{}", help="Factory keyword arguments as a JSON object.")
 @click.option("--layer", default=None, help="Analyse this submodule's output.")
-@click.option("--output", default=None, help="Analyse this key (or integer index) of a tuple/dict output.")
+@click.option("--output", default=None,
+              help="Analyse this key (or integer index) of a tuple/dict output (of --layer's output when given).")
 @click.option("--level", "level_keys", multiple=True, metavar="KEY",
               help="Also analyse this output key or index as a pyramid level (repeatable; see `levels`).")
 @click.option("--pos", multiple=True, metavar="H,W", help="An output position to sweep (repeatable).")
@@ -522,8 +533,6 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     from rfreport.run.threads import apply_choice
 
     configure_logging(verbose, quiet)
-    if layer is not None and output is not None:
-        raise click.UsageError("give --layer or --output, not both")
     chosen = [*([positions] if positions else []), *(parse_position(p) for p in pos)] or "center"
     levels = tuple(Level(name=key, layer=layer, output=parse_output(key)) for key in level_keys)
     output = parse_output(output) if output is not None or not levels else levels[-1].output
@@ -539,7 +548,12 @@ def inspect(factory, input_shape, kwargs_json, layer, output, level_keys, pos, p
     progress.start(job, 0, 1)
     apply_choice()
     freeze_loaded()
-    record = pipeline.inspect(job, progress.advance, layers=with_layers)
+    try:
+        record = pipeline.inspect(job, progress.advance, layers=with_layers)
+    except RfReportError as exc:
+        if factory not in str(exc):   # the one line names the model at fault, as a run's job errors do
+            exc.args = (f"model {factory!r}: {exc}",)
+        raise
     progress.finish()
     click.echo(json.dumps(record) if as_json else inspect_text(record))
 
@@ -572,6 +586,17 @@ def parse_output(text: str | None) -> str | int | None:
 POSITION_DEPENDENT = ("arch_rf_size", "stride", "padding", "center_offset")
 
 
+def exact_text(record: dict) -> str:
+    """Say whether the reported RFs are exact: verified in structural mode, not claimed in gradient mode."""
+    if record["exact"] is None:
+        return ("exact: not claimed (gradient mode: the support of the model as given on one probe input, which "
+                "misses what zero gradients hide; --mode structural gives the RF)")
+    if record["exact"]:
+        return f"exact: yes ({record['verified']} position(s) verified on the model)"
+    return (f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when input "
+            "outside the reported RF was perturbed)")
+
+
 def inspect_text(record: dict) -> str:
     """Render an inspect record as a readable table with the geometry below it."""
     rows = [[text(p["pos"]), text(p["lo"]), text(p["hi"]), text(p["size"]), p["support"], f"{p['fill']:.3f}",
@@ -583,9 +608,7 @@ def inspect_text(record: dict) -> str:
              table(["pos", "lo", "hi", "size", "support", "fill", "edge"], rows), ""]
     lines += [f"{key}: {geometry_text(key, value, geometry['arch_rf_fit'])}" for key, value in geometry.items()]
     if "verified" in record:
-        lines.append(f"exact: yes ({record['verified']} position(s) verified on the model)" if record["exact"] else
-                     f"exact: NO ({record['violations']} of {record['verified']} verified position(s) changed when "
-                     "input outside the reported RF was perturbed)")
+        lines.append(exact_text(record))
     if record.get("levels"):
         rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]),
                  geometry_text("arch_rf_size", lv["arch_rf_size"]), text(lv["in_input_rf_size"]),
@@ -595,7 +618,22 @@ def inspect_text(record: dict) -> str:
                              "global"], rows)]
     if "layers" in record:
         lines += ["", *layers_text(record["layers"])]
+    if record.get("erf"):
+        lines += ["", "effective RF (mean |gradient| over random inputs; docs/columns.md, frame erf):",
+                  table(["pos", "peak", "side 50%", "side 90%", "area 95% / RF", "centre offset", "sigma"],
+                        [erf_row(row) for row in record["erf"]])]
     return "\n".join(lines)
+
+
+def erf_row(row: dict) -> list:
+    """Return one ERF metrics record as a row of inspect's ERF table (per-axis values joined by ' x ')."""
+    letters = [key[len("pos_"):] for key in row if key.startswith("pos_")]
+
+    def axes(prefix: str, digits: str = "") -> str:
+        return " x ".join(format(row[f"{prefix}{a}"], digits) for a in letters)
+
+    return [axes("pos_"), axes("peak_"), row["side50"], row["side90"], f"{row['area95_ratio']:.2f}",
+            axes("offset_", ".1f"), axes("sigma_", ".1f")]
 
 
 def layers_text(rows: Sequence[dict]) -> list[str]:
@@ -646,6 +684,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def terminate(_signum: int, _frame) -> None:
+    """Stop the command on SIGTERM as on Ctrl-C: workers stopped, staging folders and locks removed."""
+    raise Terminated
+
+
 def main() -> None:
     """Run the rfreport command line (OpenMP threads wait passively: set before torch loads; large buffers
     reused from the heap; what is loaded kept out of the garbage collector's walks: see run/allocator.py)."""
@@ -655,6 +698,7 @@ def main() -> None:
     prefer_passive_waits()
     reuse_freed_memory()
     manage_collector()
+    signal.signal(signal.SIGTERM, terminate)
     try:
         cli(prog_name="rfreport")
     finally:

@@ -577,6 +577,9 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:   # TOML is UTF-8 (a Latin-1 file, a binary file)
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start})") from exc
 
 
 def load_file(path: Path) -> tuple[tuple[ModelSpec, ...], dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+GRADIENT_HINT = 'gradient mode (--mode gradient; config: mode = "gradient")'   # where structural mode cannot follow
+
 
 class RfReportError(Exception):
     """Root of every error rfreport raises on purpose; its message is one line for the user."""
@@ -45,6 +47,10 @@ class JobTimeout(BaseException):
 
 # Raised into a model's code from outside it: they pass through every wrapper of model code untouched,
 # while anything else the model's code raises (SystemExit and GeneratorExit included) is that model's failure.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `timeout`, `kill`): stops the command as Ctrl-C does, cleaning up on the way."""
+
+
 PASS_THROUGH = (KeyboardInterrupt, JobTimeout)
 
 

@@ -22,20 +22,23 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rfreport import atomic
-from rfreport.errors import OutputError, RunFolderError, one_line, reason
+from rfreport import atomic, audit
+from rfreport.errors import OutputError, RunFolderError, Terminated, one_line, reason
 from rfreport.positions import axis_names
 from rfreport.slugs import is_safe
 from rfreport.summary import FORMAT, Summary, finite
@@ -258,12 +261,35 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
             staging = holder / path.name
             staging.mkdir()
             yield staging
-            _swap(staging, path, holder / ASIDE)
+            with interrupt_deferred(f"the run was written to {given}"):
+                _swap(staging, path, holder / ASIDE)
+                _discard(holder, path)
         except OSError as exc:
             raise OutputError(f"{given}: cannot write the run ({reason(exc)}{_at(exc)}); "
                               f"{_left(path, holder / ASIDE)}") from exc
         finally:
             _discard(holder, path)
+
+
+@contextmanager
+def interrupt_deferred(done: str) -> Iterator[None]:
+    """Hold back Ctrl-C (and SIGTERM) during the block and raise it after, saying what was `done`: while a finished
+    run is swapped in and the previous one cleared away (or read back), an interrupt must neither leave the previous
+    run aside nor claim that nothing was written. Outside the main thread (no handler can be set there) the block
+    runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: caught.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise (Terminated if signal.SIGTERM in caught else KeyboardInterrupt)(done)
 
 
 def locked(path: str | os.PathLike) -> AbstractContextManager[None]:
@@ -486,6 +512,8 @@ def load(path: str | os.PathLike) -> Run:
     models = tuple(ModelRun(path, entry) for entry in document["models"])
     for model in models:
         model.summary  # noqa: B018  (read every summary now, so a bad entry fails here, naming its key)
+        for rel in model.entry.get("files", []):   # and every file it lists is there (diff reads no frame)
+            model.file(rel)
     meta = document.get("run", {})
     if not isinstance(meta, dict):
         raise RunFolderError(f"{summary}: key 'run' must be an object")
@@ -505,7 +533,7 @@ def check_entries(summary: Path, entries: list) -> None:
         if not isinstance(entry, dict):
             raise RunFolderError(f"{where}: not an object")
         where += f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
-        problem = _entry_problem(entry)
+        problem = _entry_problem(entry) or _audit_problem(entry)
         if problem:
             raise RunFolderError(f"{where}: key {problem}")
         if entry["slug"] in seen:
@@ -534,6 +562,26 @@ def _entry_problem(entry: dict) -> str | None:
          stray),
     )
     return next((f"{key!r}: {message}, found {_shown(value)}" for key, ok, message, value in checks if not ok), None)
+
+
+def _audit_problem(entry: dict) -> str | None:
+    """Return `'audit': what is wrong` when an entry's stored verdicts are not what its own rules (`spec.audit`) give
+    on its own values: a verdict flipped or a row removed by hand would otherwise pass `check RUN_DIR`. Levels'
+    rows are judged on their level records when the run is made and are taken as stored."""
+    rules, stored = (entry.get("spec") or {}).get("audit"), entry.get("audit")
+    if not isinstance(rules, dict) or not isinstance(stored, list):
+        return None
+    try:
+        expected = [(row["rule"], row["passed"]) for row in audit.evaluate(rules, entry)]
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"'spec.audit': rules that cannot be evaluated ({one_line(exc)})"
+    given = [(row.get("rule"), row.get("passed")) for row in stored if isinstance(row, dict)
+             and " (level " not in str(row.get("rule"))]
+    if given == expected:
+        return None
+    first = next(a or b for a, b in zip_longest(expected, given) if a != b)
+    return (f"'audit': the stored verdicts are not what the model's rules give on its stored values (first at "
+            f"rule {first[0]!r}); the file was edited: run the configs again")
 
 
 def _shown(value: Any) -> str:

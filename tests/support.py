@@ -7,6 +7,7 @@ A test module takes shared helpers from here (or from tests/oracle.py), never fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import xml.dom.minidom
@@ -241,6 +242,81 @@ class ReusedReLU(nn.Module):
 def reused_relu_net() -> nn.Module:
     """A model whose only block ends in a ReLU module called twice (for `layer="0"`)."""
     return nn.Sequential(ReusedReLU())
+
+
+class TfSameConv(nn.Conv2d):
+    """A convolution with TensorFlow's "same" padding (timm's Conv2dSame): the pad before each axis is half of
+    what makes the output ceil(n / stride), so it depends on the input size n."""
+
+    def forward(self, x):
+        pads = []
+        for n, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride)):
+            pads += [tf_same_before(n, k, s), tf_same_total(n, k, s) - tf_same_before(n, k, s)]
+        return super().forward(nn.functional.pad(x, pads))
+
+
+def tf_same_total(n: int, k: int, s: int) -> int:
+    """Return the padding TensorFlow's "same" adds to an axis of n cells for a kernel k and stride s."""
+    return max((math.ceil(n / s) - 1) * s + k - n, 0)
+
+
+def tf_same_before(n: int, k: int, s: int) -> int:
+    """Return the part of it before the axis (the smaller half)."""
+    return tf_same_total(n, k, s) // 2
+
+
+class _Body(nn.Module):
+    """A backbone returning its levels in a dict, as torchvision's IntermediateLayerGetter does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(1, 1, 3, padding=1)
+        self.coarse = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        fine = self.fine(x)
+        return {"fine": fine, "coarse": self.coarse(fine)}
+
+
+class _Detector(nn.Module):
+    """A model whose own output is a list of scores, its backbone's levels reachable by layer and key only."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+
+    def forward(self, x):
+        return [level.mean() for level in self.body(x).values()]
+
+
+def detector() -> nn.Module:
+    """A _Detector: analyse `--layer body --output coarse` (a 3x3 stride-1 then a 3x3 stride-2 convolution)."""
+    return _Detector()
+
+
+def tf_same_conv() -> nn.Module:
+    """One 5x5 stride-2 convolution with TensorFlow's "same" padding."""
+    return TfSameConv(1, 1, 5, stride=2)
+
+
+def tf_same_chain() -> nn.Module:
+    """A stride-2 convolution with fixed padding, then two 5x5 stride-2 convolutions with TensorFlow's "same"."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), TfSameConv(1, 1, 5, stride=2),
+                         TfSameConv(1, 1, 5, stride=2))
+
+
+def tf_same_geometry(n: int) -> list[tuple[int, int, int]]:
+    """Return (RF size, stride, padding) of every layer of tf_same_chain on an axis of n input cells, by the
+    recurrences with each layer's padding at the size of the map it reads."""
+    rows, rf, stride, padding = [], 1, 1, 0
+    for k, s, before in ((3, 2, lambda m: 1), (5, 2, lambda m: tf_same_before(m, 5, 2)),
+                         (5, 2, lambda m: tf_same_before(m, 5, 2))):
+        padding += before(n) * stride
+        rf += (k - 1) * stride
+        stride *= s
+        n = math.ceil(n / s)
+        rows.append((rf, stride, padding))
+    return rows
 
 
 def aspp_branch(dilation: int = 6) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -42,6 +43,24 @@ def test_a_folder_in_the_way_is_one_line(tmp_path):
     (tmp_path / "out.json").mkdir()
     with pytest.raises(OutputError, match=r"out\.json: cannot write \(Is a directory\); nothing was written$"):
         atomic.write_file(tmp_path / "out.json", "{}")
+
+
+def test_a_file_where_a_parent_folder_should_be_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"x\.xml: cannot write \(.*afile is a file, not a folder\); nothing was "
+                                          r"written$"):
+        atomic.write_file(tmp_path / "afile" / "x.xml", "<x/>")
+
+
+def test_the_lock_holds_on_a_full_disk_where_its_holder_cannot_be_written(tmp_path, monkeypatch):
+    """A full disk refuses the holder's line; the lock itself still holds, and nothing is left when released."""
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with atomic.locked(tmp_path / "run"):
+        assert (tmp_path / ".run.lock").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_held_lock_is_refused_naming_its_holder_and_removed_when_released(tmp_path):

@@ -16,7 +16,7 @@ from rfreport import runfolder
 from rfreport.cli import cli
 from rfreport.run.executors import Silent
 from tests.oracle import support_mask
-from tests.support import NETS, TINY, assert_gold, parse_junit
+from tests.support import NETS, TINY, assert_gold, parse_junit, tf_same_before
 
 MODEL = 'name = "{name}"\nfactory = "nets.py:{factory}"\ninput_shape = [1, 1, 17, 17]\npositions = "all"\n'
 CONFIGS = {
@@ -227,6 +227,19 @@ def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):
     assert "size_dependent: adaptive_avg_pool2d" in shown.output
 
 
+@pytest.mark.parametrize("n, fit", [(7, "estimated"), (16, "affine")])
+def test_inspect_takes_no_geometry_from_an_input_that_pads_otherwise(n, fit):
+    """TensorFlow's "same" pads 2 before a 7-cell axis and 1 before a 14-cell one: at 7 every RF is clipped, and
+    the doubled input may not lend its padding (nor its fit) to this size."""
+    record = json.loads(invoke("inspect", "tests.support:tf_same_conv", "--input-shape", f"1,1,{n},{n}",
+                               "--positions", "all", "--json").stdout)
+    geometry = record["geometry"]
+    assert geometry["arch_rf_fit"] == [fit, fit] and geometry["padding"] == [tf_same_before(n, 5, 2)] * 2
+    assert geometry["size_dependent"] == (["pad"] if fit == "estimated" else None)
+    assert all("the geometry depends on the input size (pad)" in reason
+               for reason in (geometry["estimated"] or "").split("; w: ") if fit == "estimated")
+
+
 def test_inspect_joins_lists_of_names_with_commas_and_per_axis_values_with_x():
     """`size_dependent: flatten x reshape` read like one value per axis: names are listed with commas."""
     assert cli_mod.geometry_text("size_dependent", ["flatten", "reshape"]) == "flatten, reshape"
@@ -240,6 +253,40 @@ def test_inspect_erf_flags_add_the_erf_rows(ws):
     assert [row["pos_h"] for row in record["erf"]] == [3] and record["erf"][0]["rf_support"] == 169
 
 
+def test_inspect_claims_no_exact_rf_in_gradient_mode(ws):
+    """Gradient mode reports the model's own support on one probe input (max-pooling routes it to one argmax):
+    it is never called exact, in the JSON (null) or the table."""
+    assert inspect_json(ws, "--mode", "gradient")["exact"] is None
+    shown = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--mode", "gradient")
+    assert "exact: not claimed (gradient mode" in shown.stdout and "exact: yes" not in shown.stdout
+
+
+def test_inspect_prints_the_erf_it_measured(ws):
+    shown = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--erf-samples", "2")
+    record = inspect_json(ws, "--erf-samples", "2")["erf"][0]
+    table = shown.stdout.split("effective RF (mean |gradient| over random inputs")[1].splitlines()
+    assert table[1].split()[:3] == ["pos", "peak", "side"]
+    assert table[3].split()[:8] == ["3", "x", "3", str(record["peak_h"]), "x", str(record["peak_w"]),
+                                    str(record["side50"]), str(record["side90"])]
+
+
+def test_inspect_reads_a_key_of_a_layers_output():
+    """A detector returns scores; its backbone's levels are a dict that only --layer and --output together reach."""
+    done = invoke("inspect", "tests.support:detector", "--layer", "body", "--output", "coarse", "--input-shape",
+                  "1,1,16,16", "--json")
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.stdout)
+    assert record["output_shape"] == [1, 1, 8, 8]
+    assert (record["geometry"]["arch_rf_size"], record["geometry"]["stride"], record["geometry"]["padding"]) == (
+        [5, 5], [2, 2], [2, 2])
+
+
+def test_inspect_errors_name_the_model(ws):
+    done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--layer", "nope")
+    assert done.exit_code == 1 and done.output.count("\n") == 1
+    assert done.output.startswith(f"Error: model '{ws / 'nets.py'}:tiny': ") and "'nope'" in done.output
+
+
 def test_inspect_prints_a_readable_table(ws):
     done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", "--pos", "0,0")
     assert done.exit_code == 0, done.output
@@ -250,9 +297,10 @@ def test_inspect_prints_a_readable_table(ws):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layer", "0", "--output", "0"], "give --layer or --output, not both"),
     (["--kwargs", "{nope"], "--kwargs"),
     (["--batch-size", "zero"], "must be a positive integer or auto"),
+    (["--input-shape", "1,1,0,17"], "all positive"),
+    (["--input-shape", "1,17"], "1 to 3 spatial sizes"),
 ])
 def test_inspect_usage_errors_exit_2(ws, args, message):
     done = invoke("inspect", f"{ws / 'nets.py'}:tiny", "--input-shape", "1,1,17,17", *args)

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,8 @@ def test_a_swap_whose_restore_fails_keeps_the_previous_run_aside_and_the_next_ru
     with pytest.raises(RunFolderError, match=r"no run folder there \(a run was killed while replacing it: the "
                                              r"previous run is in .*/\.old; the next run into it restores it\)$"):
         runfolder.load(path)
+    done = invoke("check", path)   # not taken for a config file that cannot be read
+    assert done.exit_code == 2 and "a run was killed while replacing it" in done.output
     path.mkdir()   # someone made an empty folder there meanwhile: the restore takes its place
     monkeypatch.setattr(runfolder, "write_summary", lambda *_a: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):    # the next run restores the previous one first, then fails itself
@@ -107,6 +110,48 @@ def test_a_crash_while_removing_the_staging_folder_keeps_the_new_run_and_the_nex
     (next(tmp_path.glob(".run.tmp-*")) / runfolder.OWNER).write_text(f"{socket.gethostname()} 999999999")  # gone
     write(path, 3)
     assert seed(path) == 3 and siblings(path) == ["run"]
+
+
+def test_ctrl_c_while_the_run_is_swapped_in_finishes_the_swap_and_says_the_run_was_written(tmp_path, monkeypatch):
+    path, swap = tmp_path / "run", runfolder._swap
+    write(path, 1)
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C arrives between the render and the swap
+        swap(*args)
+
+    monkeypatch.setattr(runfolder, "_swap", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=f"^the run was written to {path}$"):
+        write(path, 2)
+    assert seed(path) == 2 and siblings(path) == ["run"]
+
+
+TERMINATED_RUN = """
+import os, signal, sys
+from rfreport import cli, runfolder
+real = runfolder.write_summary
+
+def terminated(*args):
+    os.kill(os.getpid(), signal.SIGTERM)   # a cancelled CI job, while the run is being written
+    real(*args)
+
+runfolder.write_summary = terminated
+sys.argv = ["rfreport", "run", sys.argv[1], "--out", sys.argv[2], "--workers", "1", "--no-cache", "-q"]
+cli.main()
+"""
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_the_previous_run(tmp_path):
+    config, out = tmp_path / "c.toml", tmp_path / "out"
+    config.write_text('[[model]]\nname = "net"\nfactory = "rfreport.examples:dilated_net"\n'
+                      'input_shape = [1, 3, 16, 16]\n')
+    assert invoke("run", config, "--out", out, "--workers", "1", "--no-cache").exit_code == 0
+    before = (out / runfolder.SUMMARY).read_bytes()
+    done = subprocess.run([sys.executable, "-c", TERMINATED_RUN, str(config), str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 143 and done.stderr.strip().endswith("Error: terminated; nothing was written")
+    assert (out / runfolder.SUMMARY).read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "c.toml", "out"]
 
 
 KILLER = """

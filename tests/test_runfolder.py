@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from rfreport import runfolder, summary
 from rfreport.errors import OutputError, RunFolderError
 from rfreport.slugs import slugify
+from tests.support import GOLD_RUN, invoke
 
 GOLD_ENTRY = json.loads((Path(__file__).parent / "gold" / "run" / "summary.json").read_text())["models"][0]
 SUMMARY = {key: value for key, value in GOLD_ENTRY.items() if key in summary.json_keys()}   # a valid summary
@@ -91,7 +93,10 @@ def test_a_listed_file_that_is_missing_is_reported(tmp_path):
     run = runfolder.write(tmp_path / "run", {}, [model_output()])
     (run.path / "models/net-8x6/geometry.parquet").unlink()
     with pytest.raises(RunFolderError, match=r"geometry\.parquet but the file is missing"):
-        _ = runfolder.load(run.path).models[0].frames
+        runfolder.load(run.path)   # on load, so that diff (which reads no frame) refuses it too
+    other = runfolder.write(tmp_path / "other", {}, [model_output()])
+    done = invoke("diff", other.path, run.path)
+    assert done.exit_code == 2 and "geometry.parquet but the file is missing" in done.output
 
 
 def siblings(path: Path) -> list[str]:
@@ -202,3 +207,23 @@ def test_leftovers_of_killed_runs_are_cleaned_but_live_ones_kept(tmp_path):
     (tmp_path / ".runner.tmp-x").mkdir()                       # another run's name: not ours to clean
     runfolder.write(tmp_path / "run", {}, [model_output()])
     assert siblings(tmp_path / "run") == [".run.tmp-live", ".run.tmp-other", ".runner.tmp-x", "run"]
+
+
+@pytest.mark.parametrize("edit", ["flip", "drop"])
+def test_stored_verdicts_that_its_rules_do_not_give_are_refused(tmp_path, edit):
+    """`check RUN_DIR` reads the stored verdicts: one flipped or removed by hand must not pass as the run's."""
+    root = shutil.copytree(GOLD_RUN, tmp_path / "run")
+    document = json.loads((root / runfolder.SUMMARY).read_text())
+    entry = next(m for m in document["models"] if any(not row["passed"] for row in m.get("audit") or []))
+    row = next(row for row in entry["audit"] if not row["passed"])
+    if edit == "flip":
+        row["passed"] = True
+    else:
+        entry["audit"].remove(row)
+    (root / runfolder.SUMMARY).write_text(json.dumps(document))
+    expected = (rf"model #\d+ \('{entry['name']}'\): key 'audit': the stored verdicts are not what .* "
+                rf"\(first at rule '{row['rule']}'\); the file was edited")
+    with pytest.raises(RunFolderError, match=expected):
+        runfolder.load(root)
+    done = invoke("check", root)
+    assert done.exit_code == 2 and "the file was edited" in done.output

@@ -213,12 +213,15 @@ def _odd_sizes(fit: AxisFit, pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n:
 
 
 def _one_sided_stride(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> float:
-    """Return the most common step of starts free of the low border and ends free of the high border."""
+    """Return the most common step of starts free of the low border and ends free of the high border; NaN (unknown)
+    when there is none, or when it is 0: ends that stay put from one position to the next are pinned by an
+    inner layer's border (a valid convolution before padded ones), not free, and no RF grid has stride 0."""
     left = _steps(pos[lo > 0], lo[lo > 0])[1]
     right = _steps(pos[hi < n - 1], hi[hi < n - 1])[1]
     steps = np.concatenate([left, right])
-    return float(_mode(steps)) if len(steps) and np.all(steps == np.round(steps)) else (
+    stride = float(_mode(steps)) if len(steps) and np.all(steps == np.round(steps)) else (
         float(np.median(steps)) if len(steps) else math.nan)
+    return math.nan if stride == 0 else stride
 
 
 def _estimate(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int, axis: str) -> AxisFit:

@@ -47,6 +47,7 @@ from torch import nn
 from rfreport.compute.dense import one_hot_weights
 from rfreport.compute.engine import LayerEngine, Target, check_input_shape, forward_target, preserved
 from rfreport.compute.shapes import meta_pass, on_meta, scaled
+from rfreport.compute.verify import shifted_ops
 from rfreport.errors import SweepError
 from rfreport.positions import axis_names, center
 from rfreport.results import mask_bounds
@@ -528,7 +529,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
     The windows of the given input are recomposed with those exact geometries, so RF extents at
     the given size stay exact too. Per axis, stops when every layer is exact there, pooled or measured directly,
     after MAX_DOUBLINGS, when the input would exceed ENLARGE_LIMIT pixels, when the model refuses
-    the size, or at once when the pass has size-dependent ops. Layers whose centre box is still
+    the size or places some window differently there (TF "same" padding: verify.shifted_ops), or at once
+    when the pass has size-dependent ops. Layers whose centre box is still
     unknown then (read through a predecessor without a stride) are measured directly (not when
     only the layer `upto` of the options is wanted: its reruns stop once it is settled). With
     `global_context` (the model's RFs are global through global pooling), layers whose centre RF
@@ -551,6 +553,8 @@ def _refined(model: nn.Module, input_shape: tuple[int, ...], options: dict,
             if (base.size_dependent or all(m.name in done for m in chosen)
                     or math.prod(bigger[2:]) > ENLARGE_LIMIT):
                 break
+            if shifted_ops(model, input_shape, _doubled_on(input_shape, axis, doubling), Target(options.get("upto"))):
+                break   # that size places some window differently (TF "same" padding): its geometry is not this one's
             # layers exact on this axis here enter the rerun with their geometry: only the others' windows are measured
             exact = {m.name: m.affine for m in measured
                      if m.affine.exact[axis] and np.isfinite(m.affine.stride[axis]) and not m.direct}
@@ -594,6 +598,13 @@ def _stretched(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[
     """
     spatial = [min(n, max(n // 8, STRETCH_MIN)) for n in input_shape[2:]]
     spatial[axis] = input_shape[2 + axis] << doubling
+    return (*input_shape[:2], *spatial)
+
+
+def _doubled_on(input_shape: tuple[int, ...], axis: int, doubling: int) -> tuple[int, ...]:
+    """Return the input shape with one spatial axis doubled `doubling` times and the others as they are."""
+    spatial = list(input_shape[2:])
+    spatial[axis] <<= doubling
     return (*input_shape[:2], *spatial)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rfreport.errors import SweepError
+from rfreport.errors import GRADIENT_HINT, SweepError
 
 # Ops whose value at an output position is one element chosen (by value) along `dim`.
 ROUTED_ALONG_DIM = frozenset({"sort", "msort", "topk", "kthvalue", "median", "nanmedian", "mode", "quantile",
@@ -296,4 +296,4 @@ def _axes_consumed(part: Any) -> int:
 def refuse_scatter(name: str) -> None:
     """Refuse a write through input-dependent indices, whose structural dependency is not modelled."""
     raise SweepError(f"structural mode cannot analyse `{name}` through indices computed from the input; "
-                     "use mode='gradient' for its data-dependent support")
+                     f"use {GRADIENT_HINT} for its data-dependent support")

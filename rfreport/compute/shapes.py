@@ -18,14 +18,22 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from rfreport.compute.surrogate import deep_copy, dynamo_loaded, eager_forward, preserved, reused, unwrap_compiled
+from rfreport.compute.surrogate import (
+    base_name,
+    deep_copy,
+    dynamo_loaded,
+    eager_forward,
+    preserved,
+    reused,
+    unwrap_compiled,
+)
 from rfreport.compute.taint import tensors_of
 from rfreport.errors import LayoutError
 from rfreport.layouts import Layout, LayoutKind
@@ -42,6 +50,7 @@ class Reads:
     ids: frozenset[int] | None   # the parameters and buffers read (by id); None: unknown, copy them all
     flops: int | None            # floating-point operations of one pass (the input's whole batch); None: unknown
     grain: int | None = None     # flop-weighted mean flops of its ops (the work one op hands its threads)
+    offsets: tuple[tuple[str, Any], ...] | None = None   # where each op places its windows or slices (see _offsets)
 
 
 def on_meta(model: nn.Module) -> nn.Module:
@@ -81,7 +90,7 @@ def shape_pass(model: nn.Module, input_shape: tuple[int, ...],
         return None
     result, read = found
     original = {id(m): id(t) for m, t in zip(stand_ins, originals)}
-    return result, Reads(frozenset(original.get(i, i) for i in read.ids or ()), read.flops, read.grain)
+    return result, replace(read, ids=frozenset(original.get(i, i) for i in read.ids or ()))
 
 
 def real_pass(model: nn.Module, input_shape: tuple[int, ...], run: Callable[[nn.Module, torch.Tensor], T],
@@ -117,7 +126,8 @@ def _recorded(model: nn.Module, x: torch.Tensor, run: Callable[[nn.Module, torch
 
 
 class _Recorder(TorchFunctionMode):
-    """Record the ids of every tensor an op receives, and count the pass's floating-point operations.
+    """Record the ids of every tensor an op receives, count the pass's floating-point operations, and note where
+    each windowed or slicing op places its windows (_offsets).
 
     Convolutions and matrix products count two per multiply-add; every other op one per output
     entry. Counted at the level of torch functions, which needs no dispatch mode (entering one
@@ -130,10 +140,15 @@ class _Recorder(TorchFunctionMode):
         self.flops = 0
         self.squares = 0   # the sum of each op's flops squared: flops-weighted, the mean op size
         self.budget = budget
+        self.offsets: list[tuple[str, Any]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ids.update(id(t) for t in tensors_of((args, kwargs)))
+        name = base_name(func)
+        placed = _offsets(name, args, kwargs)
+        if placed is not None:
+            self.offsets.append((name, placed))
         out = func(*args, **kwargs)
         flops = _flops(getattr(func, "__name__", ""), args, out)
         self.flops += flops
@@ -144,7 +159,41 @@ class _Recorder(TorchFunctionMode):
 
     def found(self) -> Reads:
         """Return what the pass read and cost."""
-        return Reads(frozenset(self.ids), self.flops, self.squares // self.flops if self.flops else None)
+        return Reads(frozenset(self.ids), self.flops, self.squares // self.flops if self.flops else None,
+                     tuple(self.offsets))
+
+
+def _offsets(name: str, args: tuple, kwargs: dict) -> Any:
+    """Return what places an op's windows or slices against the start of each axis, None for other ops: a
+    convolution's or pooling's padding, the amounts `pad` adds before each axis, the starts of a slice or index.
+
+    The end of an axis never moves a window (a border there only clips), so the amounts after are left out:
+    Swin's padding up to a multiple of its window, a crop of that padding, ceil-mode pooling.
+    """
+    if name.startswith("conv"):   # conv*(input, weight, bias, stride, padding, ...), conv_transpose* alike
+        return _plain(args[4] if len(args) > 4 else kwargs.get("padding", 0))
+    if name.startswith(("max_pool", "avg_pool")):   # *_pool*(input, kernel_size, stride, padding, ...)
+        return _plain(args[3] if len(args) > 3 else kwargs.get("padding", 0))
+    if name == "pad":
+        return _plain(tuple(args[1] if len(args) > 1 else kwargs["pad"])[0::2])
+    if name == "narrow":   # narrow(input, dim, start, length)
+        return _plain(args[1:3])
+    if name == "getitem" and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return tuple(_plain(part.start if isinstance(part, slice) else part) for part in index)
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Return an op argument as a comparable value: ints and strings as they are, sequences as tuples, a tensor
+    (an index tensor, whose values a shape-only pass does not compute) as one mark."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, (int, float, str, bool)) or value is None or value is Ellipsis:
+        return value
+    return repr(value)
 
 
 class _OverBudget(Exception):

@@ -47,7 +47,7 @@ from rfreport.compute import sampling, taint
 from rfreport.compute.replacements import bind
 from rfreport.compute.sizedep import size_dependent
 from rfreport.compute.taint import second_is_tensor, tensors_of
-from rfreport.errors import SweepError
+from rfreport.errors import GRADIENT_HINT, SweepError
 
 T = TypeVar("T")
 IDENTITY_FUNCTIONS = frozenset({
@@ -291,6 +291,9 @@ class StructuralMode(TorchFunctionMode):
         differentiable = any(is_differentiable(t) for t in inputs)
         carrying = self.linearise and taint.shadowed(inputs)
         if differentiable:
+            if name.startswith("quantize_per"):
+                raise SweepError(f"the model quantizes its activations ({name}), and quantized tensors carry no "
+                                 "gradient: analyse its float version (e.g. quantize=False), whose RFs are the same")
             self._observe(name, args, kwargs)
         nonfinite = self.linearise and differentiable and _meets_nonfinite(args, kwargs)
         if nonfinite:
@@ -798,7 +801,8 @@ def refuse_torchscript(model: nn.Module) -> None:
         if isinstance(module, torch.jit.ScriptModule):
             where = f"submodule {name!r}" if name else "the model"
             raise SweepError(f"{where} is a TorchScript module (torch.jit.script/trace): structural mode cannot "
-                             "see its ops; pass the original nn.Module (before scripting), or use mode='gradient'")
+                             "see its ops; pass the original nn.Module (before scripting), or use "
+                             f"{GRADIENT_HINT}")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from rfreport.compute import verify as verify_mod
 from rfreport.compute.compress import compressed_sweep
 from rfreport.compute.dense import dense_sweep
 from rfreport.compute.engine import Engine, Target
-from rfreport.errors import SweepError
+from rfreport.errors import GRADIENT_HINT, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.options import SweepMethod, values
 from rfreport.results import Accumulator, SweepResult
@@ -97,7 +97,7 @@ def refuse_nonfinite(engine: Engine, model: nn.Module, selected: np.ndarray, tar
         raise SweepError(f"the structural pass of {target.describe()} made nan or inf from finite values at "
                          f"{', '.join(engine.unexplained_nonfinite)} (an overflow, or a square root or log of a value "
                          "negative only in the surrogate): the dependencies through it cannot be followed; use "
-                         "mode='gradient'")
+                         f"{GRADIENT_HINT}")
     if not engine.nonfinite_ops:
         return
     found = verify_mod.nonfinite_positions(model, engine.input_shape, target, seed=seed, device=engine.device)

@@ -286,10 +286,26 @@ def reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Rea
     return reused(model, ("reads", tuple(input_shape), target), lambda: _reads(model, input_shape, target))
 
 
+def shifted_ops(model: nn.Module, input_shape: tuple[int, ...], other_shape: tuple[int, ...],
+                target: Target) -> tuple[str, ...]:
+    """Return the ops that place their windows or slices differently at another input size, by name: then a
+    geometry measured there does not hold here (TensorFlow's "same" padding, a centred crop, any pad or slice
+    computed from the size). Empty when every op places them alike, or when a shape-only pass at either
+    size does not run (nothing to compare; the size-dependent ops the surrogate flags still count).
+    """
+    here, there = (reads(model, tuple(shape), target).offsets for shape in (input_shape, other_shape))
+    if here is None or there is None:
+        return ()
+    names = {a[0] for a, b in zip(here, there) if a != b}
+    if len(here) != len(there) and not names:   # the same ops up to where one pass has more
+        names.add(max(here, there, key=len)[min(len(here), len(there))][0])
+    return tuple(sorted(names))
+
+
 def _reads(model: nn.Module, input_shape: tuple[int, ...], target: Target) -> Reads:
     """Return the reads of one pass (see reads), never memoized."""
-    def run(working: nn.Module, x: torch.Tensor) -> None:
-        forward_target(working, x, target, input_shape)
+    def run(working: nn.Module, x: torch.Tensor) -> None:   # how the target is read costs nothing and reads nothing
+        forward_target(working, x, target, input_shape, read_layout=False)
 
     found = shape_pass(model, input_shape, run) or real_pass(model, input_shape, run)
     return found[1] if found is not None else Reads(None, None)
@@ -327,7 +343,7 @@ class _Runner:
 
     def trial(self, positions: np.ndarray, masks: np.ndarray, seed: int, trial: int) -> tuple[np.ndarray, np.ndarray]:
         """Run one trial for every position; return (changed 0/1, relative deviation) per position."""
-        generator = torch.Generator().manual_seed(seed * 1009 + trial)
+        generator = torch.Generator().manual_seed(trial_seed(seed, trial))
         x = torch.randn(self.input_shape, generator=generator, dtype=torch.float64)
         base = self.output(x.to(self.device))
         scale = mixed_scales(self.input_shape, seed, trial)
@@ -372,6 +388,12 @@ class _Runner:
             yield start, [self.output(x.to(self.device)) for x in group]
 
 
+def trial_seed(seed: int, trial: int) -> int:
+    """Return the seed of one trial's draws: distinct per trial, within torch's 64 bits for every seed a run takes
+    (0 to 2**63 - 1)."""
+    return (seed * 1009 + trial) % (1 << 64)
+
+
 def mixed_scales(shape: tuple[int, ...], seed: int, trial: int) -> torch.Tensor:
     """Return each input entry's perturbation scale in a trial: SCALES mixed at random over the entries.
 
@@ -380,7 +402,7 @@ def mixed_scales(shape: tuple[int, ...], seed: int, trial: int) -> torch.Tensor:
     a few entries at every scale (a threshold that only large values cross, a saturation that only
     small ones leave).
     """
-    kinds = torch.randint(len(SCALES), shape, generator=torch.Generator().manual_seed(seed * 1009 + 1008))
+    kinds = torch.randint(len(SCALES), shape, generator=torch.Generator().manual_seed(trial_seed(seed, 1008)))
     return torch.tensor(SCALES, dtype=torch.float64)[(kinds + trial) % len(SCALES)]
 
 

@@ -70,7 +70,7 @@ FORMAT = 2
 RESULT = "result.json"
 CHECKSUM = "result.sha256"     # the SHA-256 of result.json, which holds the SHA-256 of every other file
 TUPLE = "__tuple__"
-# labels, things applied after the cache, and limits that change no answer
+# labels, things applied after the cache (audit rules but global_not_before), and limits that change no answer
 UNKEYED_SPEC_FIELDS = ("name", "input_shapes", "audit", "image", "config_file", "job_timeout")
 UNKEYED_OPTIONS = ("batch_size", "executor", "address", "device", "cache", "cache_dir", "job_timeout",
                    "workers")
@@ -326,6 +326,8 @@ def source_digest() -> str:
 def job_fields(job: Job) -> dict:
     """Return the job's answer-changing settings: its spec fields, input shape, seed and device type."""
     spec = {f.name: getattr(job.spec, f.name) for f in fields(job.spec) if f.name not in UNKEYED_SPEC_FIELDS}
+    # the one audit rule measured before the cache: the first global op outside its layer (run.plan.global_before)
+    spec["global_not_before"] = job.spec.audit.get("global_not_before")
     options = {f.name: getattr(job.options, f.name) for f in fields(job.options) if f.name not in UNKEYED_OPTIONS}
     return {"spec": spec, "input_shape": list(job.input_shape), "options": options,
             "device_type": resolve_device(job.options.device).type}

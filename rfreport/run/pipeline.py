@@ -187,7 +187,7 @@ def inspect_record(model: nn.Module, job: Job, advance: Advance | None = None, l
     record = {"model": job.spec.name, "input_shape": list(job.input_shape),
               "output_shape": list(main.output_shape), "mode": job.spec.mode, "positions": rows,
               "geometry": geometry, "verified": summary.verified, "violations": summary.violations,
-              "exact": summary.exact}
+              "exact": summary.exact if job.spec.mode == "structural" else None}
     if measured.growth is not None:
         record["layers"] = [row.to_json() for row in layer_rows(measured.growth)]
     if job.spec.levels:
@@ -337,4 +337,5 @@ def run(config: RunConfig, out_dir: str | Path, executor: Executor, *, assets_di
         progress.announce("rendering the report of %d job(s)", len(entries))
         with progress.stage("rendering the report", slow_s=0.0):
             report.render(runfolder.load(staging), staging / "index.html", assets_dir=assets)
-    return runfolder.load(out_dir)
+    with runfolder.interrupt_deferred(f"the run was written to {out_dir}"):
+        return runfolder.load(out_dir)

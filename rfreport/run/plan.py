@@ -31,6 +31,7 @@ from rfreport.compute import attention, erf, layers, models
 from rfreport.compute import global_context as context
 from rfreport.compute import verify as verify_mod
 from rfreport.compute.engine import Engine, Target
+from rfreport.compute.shapes import scaled
 from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
 from rfreport.errors import RfReportError, SweepError
@@ -172,6 +173,7 @@ def measure(model: nn.Module, job: Job, advance: Advance | None = None, main: Sw
         main = main or main_sweep(model, job, None, advance)
     with timed(job, "global context"):
         found_ops = global_context(model, job, main)
+    main = with_shifted_ops(model, job, main)
     plan = Plan.first(job, main, found_ops, growth)
     logger.debug("%s: %s", job.slug, plan.describe())
     local = found = grown = growth_frame = geometry = enlarged = None
@@ -351,16 +353,29 @@ def centre_spans(result: SweepResult) -> bool:
     return bool(len(rows) and ((result.lo[rows[0]] <= 0) & (result.hi[rows[0]] >= n - 1)).all())
 
 
+def with_shifted_ops(model: nn.Module, job: Job, main: SweepResult) -> SweepResult:
+    """Where every RF is clipped (a geometry from a larger input would be needed), add to the main sweep's
+    size-dependent ops those that place their windows or slices differently at the input doubled: then no
+    larger input stands in for this one (TensorFlow's "same" padding at an odd map size), and the geometry says
+    so instead of carrying another size's padding."""
+    if main.size_dependent_ops or not needs_larger_input(main):
+        return main
+    shifted = verify_mod.shifted_ops(model, job.input_shape, scaled(job.input_shape, 2), target_of(job))
+    return replace(main, size_dependent_ops=shifted) if shifted else main
+
+
 def enlarged_sweep(model: nn.Module, job: Job, growth: pd.DataFrame | None = None) -> SweepResult | None:
     """Fit the geometry on doubled inputs (every RF is clipped at the job's input, so it is always filled).
 
     Starts at the first doubling larger than every RF the layer growth measured, stops at the first
     size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
-    ENLARGE_PIXELS, or when the model refuses the size; returns None when none helped.
+    ENLARGE_PIXELS, when the model refuses the size or places its windows differently there
+    (verify.shifted_ops); returns None when none helped.
     """
     for doubling in range(first_doubling(job.input_shape[2:], growth), ENLARGE_DOUBLINGS + 1):
         bigger = (*job.input_shape[:2], *(n << doubling for n in job.input_shape[2:]))
-        if math.prod(bigger[2:]) > ENLARGE_PIXELS:
+        if math.prod(bigger[2:]) > ENLARGE_PIXELS or verify_mod.shifted_ops(model, job.input_shape, bigger,
+                                                                               target_of(job)):
             return None
         try:
             # one probe: only the box bounds of three positions are read, and the input is 4-64x larger

@@ -243,6 +243,14 @@ def test_fit_estimates_when_every_rf_touches_a_border():
     assert (fit.fit, fit.stride, fit.padding, fit.size) == ("estimated", 2.0, 4.0, 9)
 
 
+def test_ends_pinned_by_an_inner_border_give_no_stride():
+    """A valid stride-2 convolution (8 -> 3 cells) before padded ones: every box ends at pixel 6, one short of the
+    border, because the inner map stops there; ends that do not move from one position to the next are no stride."""
+    pos = np.arange(3)
+    fit = fit_axis(pos, np.zeros(3, np.int64), np.full(3, 6), np.zeros(3, bool), 8)
+    assert fit.fit == "estimated" and fit.size == 7 and math.isnan(fit.stride) and math.isnan(fit.padding)
+
+
 def test_fit_without_any_support_is_none():
     empty = np.empty(0, dtype=np.int64)
     fit = fit_axis(empty, empty, empty, np.empty(0, bool), 5)

@@ -221,3 +221,18 @@ def test_a_model_holding_tensors_of_its_own_earlier_graph_is_swept(mode):
     result = sweep(model, (1, 1, 9, 9), "center", mode=mode, verify=True)
     assert result.lo.tolist() == [[2, 2]] and result.hi.tolist() == [[6, 6]]
     assert result.violations.tolist() == [0]
+
+
+def test_a_model_that_quantizes_its_activations_is_refused_for_that_reason():
+    """Quantized tensors carry no gradient: the output depends on the input, but no backward pass can say so."""
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return self.conv(torch.quantize_per_tensor(x, 0.1, 0, torch.quint8).dequantize())
+
+    for mode in ("structural", "gradient"):
+        with pytest.raises(SweepError, match=r"quantizes its activations \(quantize_per_tensor\).*float version"):
+            sweep(Quantized(), (1, 1, 8, 8), "center", mode=mode)

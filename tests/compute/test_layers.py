@@ -17,7 +17,7 @@ from rfreport.compute.layers import layer_growth, leaf_names, target_geometry
 from rfreport.compute.sweep import sweep
 from rfreport.errors import SweepError
 from tests.oracle import axis_support, lengths
-from tests.support import ReusedReLU, conv_stack, hole_free_stacks, recurrence
+from tests.support import ReusedReLU, conv_stack, hole_free_stacks, recurrence, tf_same_chain, tf_same_geometry
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -664,3 +664,16 @@ def test_pointwise_layers_are_found_and_a_constant_zero_still_cuts_them(model, s
         found = {name for name in engine.layers if engine.pointwise_sources(name) is not None}
     assert found == pointwise
     pd.testing.assert_frame_equal(layer_growth(model, shape), _growth_without_pointwise_passes(model, shape))
+
+
+@pytest.mark.parametrize("n, settled", [(9, False), (13, False), (16, True), (37, True)])
+def test_a_geometry_is_taken_from_a_larger_input_only_where_it_pads_alike(n, settled):
+    """TensorFlow's "same" padding depends on the input size: at 13 the map before the last layer has 4 cells and
+    pads 1 before it, at 26 it has 7 and pads 2. Where a larger input pads otherwise, its windows do not stand in
+    (the row stays a lower bound); where every size pads alike, they do (16, 37)."""
+    frame = layer_growth(tf_same_chain(), (1, 1, n, n))
+    truth = tf_same_geometry(n)
+    exact = [(row.h_rf, row.h_stride, row.h_padding) for row in frame.itertuples() if row.rf_exact]
+    assert exact == truth[:len(exact)] and (len(exact) == len(truth)) == settled
+    found = target_geometry(tf_same_chain(), (1, 1, n, n), "2")
+    assert found.exact == settled and (not settled or (found.rf[0], found.stride[0], found.padding[0]) == truth[-1])

@@ -38,7 +38,7 @@ from rfreport.layouts import parse_layout
 from rfreport.run import jobs as jobs_mod
 from rfreport.run import pipeline
 from tests.oracle import Layer, lengths, support_mask
-from tests.support import build, layer_stacks
+from tests.support import build, conv_stack, layer_stacks
 
 TINY = Path(__file__).parents[1] / "data" / "tiny_model.py"
 
@@ -568,3 +568,9 @@ def test_the_budget_counts_passes_of_the_sweeps_rows_or_of_free_flops():
     assert kept(10, costly, np.arange(8) < 1) == (8, 2)      # only the centre needs perturbing: 2 passes a trial
     keep, trials = afford(Plan(positions, np.ones(8, bool), budgeted=False), perturbed, 0, costly)
     assert keep.all() and trials == SAMPLES
+
+
+def test_the_largest_seed_a_run_takes_checks_positions_too():
+    """A trial's seed mixes the run's seed and the trial number: it stays within torch's 64 bits."""
+    found = sweep(conv_stack(), (1, 1, 12, 12), "all", seed=2 ** 63 - 1)
+    assert found.verification.samples >= 1 and (found.violations == 0).all() and len(found.verification.positions)

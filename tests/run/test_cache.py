@@ -149,7 +149,7 @@ def test_one_forward_line_changes_the_trace_and_the_key(variant):
 @pytest.mark.parametrize("changes", [
     dict(layer="0"), dict(layer="2"), dict(output=0), dict(positions="center"), dict(mode="gradient"),
     dict(erf={"samples": 2}), dict(layers=("0",)), dict(kwargs={"k": 5}), dict(factory="tests.run.test_cache:other"),
-    dict(layout="nhwc"),
+    dict(layout="nhwc"), dict(audit={"global_not_before": "1"}),
 ], ids=lambda c: next(iter(c)))
 def test_every_job_setting_changes_the_key(changes):
     assert key(stack()) != key(stack(), job(**changes))
