@@ -331,8 +331,9 @@ def run(configs, out_dir, assets_dir, executor, address, job_timeout, workers, d
     freeze_loaded()   # torch, the stages and the configs' factories are loaded
     chosen = make_executor(config.options, job_progress(config.options, quiet))
     saved = pipeline.run(config, out_dir, chosen, assets_dir=assets_dir, argv=sys.argv)
-    click.echo(str(saved.path / "index.html"))
-    print_summary([model.entry for model in saved.models], quiet)
+    with runfolder.interrupt_deferred(f"the run was written to {saved.path}"):
+        click.echo(str(saved.path / "index.html"))
+        print_summary([model.entry for model in saved.models], quiet)
     failed = [model.slug for model in saved.models if not model.ok]
     if failed:
         raise CommandError(f"{len(failed)} of {len(saved.models)} model(s) failed ({', '.join(failed)}); "

@@ -294,6 +294,17 @@ def detector() -> nn.Module:
     return _Detector()
 
 
+def pixel_shuffled() -> nn.Module:
+    """A 3x3 convolution between a pixel unshuffle and a pixel shuffle: output rows 2i and 2i + 1 share one RF,
+    which moves 0, 2, 0, 2 input pixels a step (no stride)."""
+    return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4, 4, 3, padding=1), nn.PixelShuffle(2))
+
+
+def upsampled() -> nn.Module:
+    """A valid 3x3 stride-2 convolution, then a nearest upsampling by 2: two output cells to each RF."""
+    return nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.Upsample(scale_factor=2, mode="nearest"))
+
+
 def tf_same_conv() -> nn.Module:
     """One 5x5 stride-2 convolution with TensorFlow's "same" padding."""
     return TfSameConv(1, 1, 5, stride=2)

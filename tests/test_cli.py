@@ -240,6 +240,17 @@ def test_inspect_takes_no_geometry_from_an_input_that_pads_otherwise(n, fit):
                for reason in (geometry["estimated"] or "").split("; w: ") if fit == "estimated")
 
 
+@pytest.mark.parametrize("factory, n", [("pixel_shuffled", 8), ("upsampled", 5)])
+def test_inspect_passes_no_rf_that_moves_by_turns_off_as_a_stride(factory, n):
+    """Every RF is clipped here; a larger input shows boxes moving 0, 2, 0, 2 pixels a step: no affine geometry
+    may come from it (the centre and one neighbour alone showed a stride of 2)."""
+    record = json.loads(invoke("inspect", f"tests.support:{factory}", "--input-shape", f"1,1,{n},{n}",
+                               "--positions", "all", "--json").stdout)
+    geometry = record["geometry"]
+    assert geometry["affine"] is False and geometry["arch_rf_fit"] == ["estimated", "estimated"]
+    assert geometry["stride"] == [None, None] and geometry["padding"] == [None, None]
+
+
 def test_inspect_joins_lists_of_names_with_commas_and_per_axis_values_with_x():
     """`size_dependent: flatten x reshape` read like one value per axis: names are listed with commas."""
     assert cli_mod.geometry_text("size_dependent", ["flatten", "reshape"]) == "flatten, reshape"

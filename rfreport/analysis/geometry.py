@@ -186,6 +186,8 @@ def fit_axis(pos: np.ndarray, lo: np.ndarray, hi: np.ndarray, wrapped: np.ndarra
         return _estimate(pos, lo, hi, n, axis)
     uniq, steps, problem = _steps(pos[used], lo[used])
     stride, varying = _stride_of(steps, uniq, axis)
+    if stride == 0:   # every clear box the same: an upsampled grid, several positions to a cell
+        varying = f"the RF on axis {axis} does not move from one output position to the next (no stride)"
     if math.isnan(stride):
         stride = _one_sided_stride(pos, lo, hi, n)
     padding = float(np.median(AxisFit(r, stride, 0.0, "affine").start(pos[used]) - lo[used]))

@@ -282,12 +282,14 @@ def main_sweep(model: nn.Module, job: Job, selected: np.ndarray | None,
 
 def geometry_positions(output_spatial: Sequence[int]) -> PositionSpec:
     """Return the positions the geometry fit needs: the centre +- GEOMETRY_REACH per axis, and the axis ends."""
+    return ["center", "edges", *axis_lines(output_spatial)]
+
+
+def axis_lines(output_spatial: Sequence[int]) -> list[list[int]]:
+    """Return the positions centre +- GEOMETRY_REACH along each axis (the other axes at the centre)."""
     mid = center(output_spatial)
-    extra: list[Any] = ["center", "edges"]
-    for axis, n in enumerate(output_spatial):
-        for p in range(max(0, mid[axis] - GEOMETRY_REACH), min(n, mid[axis] + GEOMETRY_REACH + 1)):
-            extra.append([p if a == axis else m for a, m in enumerate(mid)])
-    return extra
+    return [[p if a == axis else m for a, m in enumerate(mid)] for axis, n in enumerate(output_spatial)
+            for p in range(max(0, mid[axis] - GEOMETRY_REACH), min(n, mid[axis] + GEOMETRY_REACH + 1))]
 
 
 def enlarged_positions(output_spatial: Sequence[int]) -> PositionSpec:
@@ -368,7 +370,8 @@ def enlarged_sweep(model: nn.Module, job: Job, growth: pd.DataFrame | None = Non
     """Fit the geometry on doubled inputs (every RF is clipped at the job's input, so it is always filled).
 
     Starts at the first doubling larger than every RF the layer growth measured, stops at the first
-    size where two full-size RFs lie clear of the border, after ENLARGE_DOUBLINGS, past
+    size where two full-size RFs lie clear of the border (then swept along each axis's line through the
+    centre, whose fit says whether the RF moves by a stride), after ENLARGE_DOUBLINGS, past
     ENLARGE_PIXELS, when the model refuses the size or places its windows differently there
     (verify.shifted_ops); returns None when none helped.
     """
@@ -380,10 +383,12 @@ def enlarged_sweep(model: nn.Module, job: Job, growth: pd.DataFrame | None = Non
         try:
             # one probe: only the box bounds of three positions are read, and the input is 4-64x larger
             larger = sweep(model, bigger, enlarged_positions, probes=1, verify=False, **sweep_options(job))
+            if not needs_larger_input(larger):
+                # several steps either side of the centre before the fit is taken: an RF that moves by turns
+                # (upsampling, a pixel shuffle: 0, 2, 0, 2 pixels a step) is then not affine, not a stride of 2
+                return sweep(model, bigger, axis_lines, probes=1, verify=False, **sweep_options(job))
         except SweepError:
             return None
-        if not needs_larger_input(larger):
-            return larger
     return None
 
 

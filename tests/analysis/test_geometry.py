@@ -251,6 +251,13 @@ def test_ends_pinned_by_an_inner_border_give_no_stride():
     assert fit.fit == "estimated" and fit.size == 7 and math.isnan(fit.stride) and math.isnan(fit.padding)
 
 
+def test_boxes_that_do_not_move_have_no_stride():
+    """Four clear positions with one box (an upsampling by 4 on this stretch of the grid) are no stride of 0."""
+    pos = np.arange(4)
+    fit = fit_axis(pos, np.full(4, 2), np.full(4, 5), np.zeros(4, bool), 10)
+    assert fit.fit == "nonaffine" and "does not move from one output position to the next" in fit.problem
+
+
 def test_fit_without_any_support_is_none():
     empty = np.empty(0, dtype=np.int64)
     fit = fit_axis(empty, empty, empty, np.empty(0, bool), 5)
