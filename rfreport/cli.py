@@ -454,7 +454,8 @@ def audited_entries(sources: Sequence[str], quiet: bool, **flags) -> list[dict]:
 
     config = load_config(sources, **flags)
     freeze_loaded()   # torch, the stages and the configs' factories are loaded
-    if not any(audit_mod.active(spec.audit) for spec in config.models):
+    if not any(audit_mod.active(spec.audit) or any(audit_mod.active(level.audit) for level in spec.levels)
+               for spec in config.models):
         raise CommandError(f"{', '.join(sources)}: nothing to check: no model has audit rules "
                            "(add a [model.audit] table)", 2)
     jobs = jobs_mod.make_jobs(config)
@@ -656,13 +657,16 @@ def layers_text(rows: Sequence[dict]) -> list[str]:
 
 def geometry_text(key: str, value: Any, fits: Sequence[str] = ()) -> str:
     """Format an inspect geometry value: per-axis lists as `a x b` (a nonaffine axis's fitted values read
-    `position-dependent`), the RF size range `lo-hi` per axis, other lists as `a, b`."""
+    `position-dependent`, an estimated axis's architecture RF `>=a`, a lower bound), the RF size range `lo-hi`
+    per axis, other lists as `a, b`."""
     if key == "arch_rf_size" and value is None:
         return "unbounded (global context)"
     if key == "rf_size_range":
         return " x ".join(f"{lo}-{hi}" if lo is not None else "-" for lo, hi in value)
     if key in POSITION_DEPENDENT and isinstance(value, list) and fits:
-        return " x ".join("position-dependent" if fit == "nonaffine" else text(v) for v, fit in zip(value, fits))
+        return " x ".join("position-dependent" if fit == "nonaffine" else
+                          f">={text(v)}" if fit == "estimated" and key == "arch_rf_size" else text(v)
+                          for v, fit in zip(value, fits))
     if isinstance(value, list) and not per_axis(key):
         return ", ".join(map(text, value)) or "-"
     return text(value)

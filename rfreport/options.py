@@ -12,6 +12,8 @@ from enum import StrEnum
 # How an axis's geometry (architecture RF, stride, padding) was found (geometry frame `fit`, summary `arch_rf_fit`):
 # these three are exact; `estimated` (a lower bound on the size), `nonaffine` (position-dependent) and `none` are not.
 EXACT_FITS = ("affine", "enlarged", "composed")
+# a layers-frame row's `estimated` reason when its RF is global at every input size (after global pooling)
+POOLED_LAYER = "reads through global pooling: its RF is global at every input size"
 
 
 class Mode(StrEnum):

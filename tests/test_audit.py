@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from rfreport import audit
@@ -178,3 +180,14 @@ def test_junit_failure_messages_carry_the_note():
     xml = audit.junit_xml([entry])
     assert ('message="max_rf: value unbounded, limit 300 (architecture RF unbounded: global context (mean in gate) '
             'reaches every input pixel at any size)"') in xml
+
+
+def test_junit_explains_a_levels_rule_and_the_implicit_exact_row():
+    """A level's rules are named `rule (level name)`, and verification's violations add an `exact` row: both are
+    failures in the JUnit file, each with what it checks."""
+    entry = {**ENTRY, "slug": "net-32x32", "violations": 3, "levels": [{"level": "mid", "stride": [2, 2]}]}
+    entry["audit"] = [*audit.evaluate({}, entry), {"rule": "max_stride (level mid)", "limit": 1, "value": [2, 2],
+                                                   "passed": False, "note": None}]
+    failures = {f.get("message").split(":")[0]: f.text for f in ET.fromstring(audit.junit_xml([entry])).iter("failure")}
+    assert failures["max_stride (level mid)"].endswith(f"({AUDIT_RULES['max_stride'].help})")
+    assert "outside their reported RF was perturbed" in failures["exact"]

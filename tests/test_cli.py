@@ -129,6 +129,15 @@ def test_config_errors_exit_2_with_one_line_naming_file_model_and_key(ws):
     assert not (ws / "never").exists()
 
 
+def test_check_of_a_config_with_only_level_rules_judges_them(tmp_path):
+    config = tmp_path / "levels.toml"
+    config.write_text('[[model]]\nname = "lvl"\nfactory = "rfreport.examples:dilated_net"\n'
+                      'input_shape = [1, 3, 32, 32]\n'
+                      'levels = [{layer = "1", name = "mid", audit = {max_stride = 0.5}}]\n')
+    done = invoke("check", config, "--workers", "1", "--no-cache", "--junit", tmp_path / "j.xml")
+    assert done.exit_code == 1 and 'name="max_stride (level mid)"' in (tmp_path / "j.xml").read_text()
+
+
 def test_check_rejects_a_run_folder_mixed_with_configs(ws, good_run):
     done = invoke("check", good_run, ws / "good.toml")
     assert done.exit_code == 2 and "either one RUN_DIR or" in done.output
@@ -257,6 +266,8 @@ def test_inspect_joins_lists_of_names_with_commas_and_per_axis_values_with_x():
     assert cli_mod.geometry_text("arch_rf_fit", ["affine", "estimated"]) == "affine x estimated"
     assert cli_mod.geometry_text("arch_rf_size", [435, 435]) == "435 x 435"
     assert cli_mod.geometry_text("arch_rf_size", None) == "unbounded (global context)"
+    assert cli_mod.geometry_text("arch_rf_size", [32, 435], ["estimated", "affine"]) == ">=32 x 435"
+    assert cli_mod.geometry_text("stride", [2, 2], ["estimated", "affine"]) == "2 x 2"
 
 
 def test_inspect_erf_flags_add_the_erf_rows(ws):

@@ -35,7 +35,7 @@ from rfreport.analysis.geometry import (
     with_composed,
     with_enlarged,
 )
-from rfreport.options import EXACT_FITS
+from rfreport.options import EXACT_FITS, POOLED_LAYER
 from rfreport.positions import axis_names
 from rfreport.results import GlobalOp
 from rfreport.summary import Summary, build
@@ -67,13 +67,15 @@ def border_layers_from(layers: pd.DataFrame) -> str | None:
 def no_border_resolution(layers: pd.DataFrame, ndim: int) -> list[int] | None:
     """Return per axis the smallest input size at which no layer's unclipped RF covers it (rf + 1).
 
-    Layers whose RF is global at every size (inexact and global) are left out; any other
-    inexact layer makes the answer unknown (None).
+    Layers whose RF is global at every size (read through global pooling) are left out; any other
+    inexact layer makes the answer unknown (None), one that covers this input too (at a tiny input every RF
+    does, and that says nothing of a larger one).
     """
     if layers is None or layers.empty:
         return None
     exact = layers["rf_exact"].to_numpy()
-    if (~exact & ~layers["global"].to_numpy()).any() or not exact.any():
+    pooled = (layers["estimated"] == POOLED_LAYER).to_numpy()
+    if (~exact & ~pooled).any() or not exact.any():
         return None
     return [int(layers.loc[exact, f"{a}_rf"].max()) + 1 for a in axis_names(ndim)]
 

@@ -345,6 +345,7 @@ class Engine:
         self._grids.clear()
         dtype = self.dtype if self.mode == "structural" else _model_dtype(working)
         x = self._make_input(dtype).requires_grad_(True)
+        fed = x.clone()   # what the model receives: it may write into its input (`x += 1`), which a leaf refuses
         gates = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         function_mode = StructuralMode(linearise=self.mode == "structural", local=self.local, input_rank=x.dim(),
                                        generator=gates)
@@ -357,7 +358,7 @@ class Engine:
 
         with torch.enable_grad(), eager_forward(), function_mode, \
                 torch.autograd.graph.saved_tensors_hooks(count, _same):
-            raw = forward_target(working, x, self.target, self.input_shape, read_layout=False)
+            raw = forward_target(working, fed, self.target, self.input_shape, read_layout=False)
         where, self._raw_shape = self.target.describe(), (self.input_shape[0], *raw.shape[1:])
         try:
             layout = resolved(self.target.layout, tuple(raw.shape), self.input_spatial, self._grids)

@@ -177,11 +177,12 @@ def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target |
     surrogate = build_surrogate(model, seed).to(where)
     dtype = next((p.dtype for p in surrogate.parameters() if p.is_floating_point()), torch.float32)
     x = (torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) + 0.5).to(where)
+    fed = x.requires_grad_(True).clone()   # the model may write into its input, which a leaf refuses
     owners = {name: type(module).__qualname__ for name, module in surrogate.named_modules()
               if not type(module).__module__.startswith("torch.nn")}
     with _track_modules(surrogate) as stack, torch.enable_grad(), eager_forward(), _Recorder(
             shape, stack, owners) as recorder:
-        y = forward_target(surrogate, x.requires_grad_(True), target or Target(), shape, read_layout=False)
+        y = forward_target(surrogate, fed, target or Target(), shape, read_layout=False)
     tapped = [tap for _, _, tap in recorder.taps] + [c.result for c in recorder.candidates]
     if not tapped or not y.requires_grad:
         return ()

@@ -49,6 +49,7 @@ from rfreport.compute.engine import LayerEngine, Target, check_input_shape, forw
 from rfreport.compute.shapes import meta_pass, on_meta, scaled
 from rfreport.compute.verify import shifted_ops
 from rfreport.errors import SweepError
+from rfreport.options import POOLED_LAYER
 from rfreport.positions import axis_names, center
 from rfreport.results import mask_bounds
 from rfreport.schema import Column, Schema, register
@@ -96,7 +97,6 @@ NOT_AFFINE = ("not affine at its centre (its windows do not move in equal steps,
               "transposed convolution, or it reads through a size-dependent op): the size is measured at the centre, "
               "with no stride or padding")
 UNKNOWN = "its centre reads a layer whose geometry is unknown"
-POOLED = "reads through global pooling: its RF is global at every input size"
 CLIPPED = ("a grid border cuts a local window on {axes} (here or upstream) and no larger input tried gave exact "
            "values: the RF is a lower bound")
 
@@ -622,7 +622,7 @@ def _estimated(layer: _Layer, letters: str) -> str:
     if layer.unknown or not layer.size.any():
         return UNKNOWN
     if layer.pooled:
-        return POOLED
+        return POOLED_LAYER
     cut = [a for a, ok in zip(letters, layer.affine.exact) if not ok]
     return CLIPPED.format(axes=f"{'axes' if len(cut) > 1 else 'axis'} {', '.join(cut)}")
 

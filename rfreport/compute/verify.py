@@ -336,7 +336,8 @@ class _Runner:
         # a model that draws random numbers in eval mode (noise layers) draws the same ones on every pass
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(0)
-            y = forward_target(self.working, x, self.target, self.input_shape)
+            # a private copy: a model may write into its input (`x += 1`), and the trial's inputs are reused
+            y = forward_target(self.working, x.clone(), self.target, self.input_shape)
         if y.shape[0] != x.shape[0]:
             raise SweepError(f"the output batch {y.shape[0]} differs from the input batch {x.shape[0]}")
         return y

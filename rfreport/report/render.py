@@ -161,6 +161,8 @@ class OverviewRow:
     verdict: Verdict = field(metadata={"doc": "the model's verdict: job error, failing audit rules, or pass"})
     arch_rf: tuple | None = field(metadata={"doc": "architecture RF per axis (input pixels): what an output "
                                                    "position sees with no border in the way"})
+    arch_rf_note: str = field(metadata={"doc": "why the architecture RF is not exact: a lower bound where its fit "
+                                               "is estimated on some axis; empty otherwise"})
     stride: tuple | None = field(metadata={"doc": "effective stride per axis (input pixels per output step)"})
     stride_note: str = field(metadata={"doc": "why the stride reads as it does: the fit does not hold (non-affine), "
                                               "or no fit under global context; empty otherwise"})
@@ -402,6 +404,11 @@ def by_verdict(models: Sequence[ModelRun]) -> list[ModelRun]:
     return sorted(models, key=lambda model: VERDICT_ORDER.index(verdict(model).kind))
 
 
+def arch_rf_note(summary: Summary) -> str:
+    """Say when the architecture RF is only a lower bound: its fit is estimated on some axis."""
+    return "estimated: a lower bound" if "estimated" in (summary.arch_rf_fit or ()) else ""
+
+
 def stride_note(summary: Summary) -> str:
     """Say why a stride reads as it does: position-dependent (with the stride the resolution implies and the
     range of RF sizes over positions), or no fit under global context."""
@@ -425,9 +432,11 @@ def global_source(summary: Summary) -> str:
 def overview_row(model: ModelRun) -> OverviewRow:
     """Build the overview-table row of one model entry (its summary's figures are None where it failed)."""
     s = model.summary
-    figures: dict[str, Any] = {**dict.fromkeys(SUMMARY_FIGURES), "stride_note": "", "global_source": ""}
+    figures: dict[str, Any] = {**dict.fromkeys(SUMMARY_FIGURES), "arch_rf_note": "", "stride_note": "",
+                               "global_source": ""}
     if s is not None:
-        figures = {"arch_rf": arch_rf(s), "stride": s.stride, "stride_note": stride_note(s), "padding": s.padding,
+        figures = {"arch_rf": arch_rf(s), "arch_rf_note": arch_rf_note(s), "stride": s.stride,
+                   "stride_note": stride_note(s), "padding": s.padding,
                    "center_offset": s.center_offset, "edge_fraction": s.edge_fraction,
                    "unseen_pixels": s.unseen_pixels, "holes": s.holes, "global_context": s.global_context,
                    "global_source": global_source(s), "erf_ratio": s.erf.area95_ratio if s.erf else None}

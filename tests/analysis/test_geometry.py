@@ -16,6 +16,7 @@ from rfreport.analysis.analyze import analyze, border_layers_from, global_from, 
 from rfreport.analysis.edges import coverage_stats
 from rfreport.analysis.geometry import AxisFit, fit_axis, unwrap_shift
 from rfreport.compute.sweep import sweep
+from rfreport.options import POOLED_LAYER
 from rfreport.positions import resolve
 from rfreport.run.plan import geometry_positions
 from rfreport.summary import ValidRegion
@@ -278,10 +279,14 @@ def test_coverage_stats_on_a_hand_made_map():
     assert stats["ratio"] == 1.0 and stats["border"] == pytest.approx(16 / 60)  # rim mean 1, centre 4x4 mean 60/16
 
 
-def layers_frame(border: list[bool], is_global: list[bool], rf: list[int], exact: list[bool]) -> pd.DataFrame:
-    """Build a minimal hand-made layers frame for the pure helpers."""
+def layers_frame(border: list[bool], is_global: list[bool], rf: list[int], exact: list[bool],
+                 pooled: list[bool] | None = None) -> pd.DataFrame:
+    """Build a minimal hand-made layers frame for the pure helpers (inexact global rows read through global
+    pooling unless `pooled` says otherwise)."""
+    pooled = pooled if pooled is not None else [g and not e for g, e in zip(is_global, exact)]
+    estimated = [POOLED_LAYER if p else "" if e else "a lower bound" for p, e in zip(pooled, exact)]
     return pd.DataFrame({"layer": [f"l{i}" for i in range(len(border))], "border": border, "global": is_global,
-                         "h_rf": rf, "w_rf": rf, "rf_exact": exact})
+                         "h_rf": rf, "w_rf": rf, "rf_exact": exact, "estimated": estimated})
 
 
 def test_layer_helpers_on_hand_made_frames():
@@ -292,6 +297,8 @@ def test_layer_helpers_on_hand_made_frames():
     assert no_border_resolution(frame, 2) == [18, 18]
     inexact = layers_frame([False, False], [False, False], [3, 5], [True, False])
     assert no_border_resolution(inexact, 2) is None and border_layers_from(inexact) is None
+    saturated = layers_frame([False, True], [False, True], [3, 5], [True, False], pooled=[False, False])
+    assert no_border_resolution(saturated, 2) is None   # covers this input, but not through global pooling
     assert global_from(None) is None and border_layers_from(None) is None
 
 

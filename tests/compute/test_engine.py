@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from rfreport.compute import global_context as context
 from rfreport.compute.sweep import sweep
 from rfreport.errors import PositionError, SweepError
 
@@ -236,3 +238,27 @@ def test_a_model_that_quantizes_its_activations_is_refused_for_that_reason():
     for mode in ("structural", "gradient"):
         with pytest.raises(SweepError, match=r"quantizes its activations \(quantize_per_tensor\).*float version"):
             sweep(Quantized(), (1, 1, 8, 8), "center", mode=mode)
+
+
+class WritesItsInput(nn.Module):
+    """A residual 3x3 block that writes into its input and its output in place (legal in plain use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x += 1.0
+        y = self.conv(x)
+        y += x
+        return torch.relu_(y)
+
+
+@pytest.mark.parametrize("mode", ["structural", "gradient"])
+def test_a_model_that_writes_into_its_input_is_swept_verified_and_searched_for_global_ops(mode):
+    found = sweep(WritesItsInput(), (1, 3, 16, 16), "all", mode=mode)
+    rows = found.positions
+    assert (found.lo == np.maximum(rows - 1, 0)).all() and (found.hi == np.minimum(rows + 1, 15)).all()
+    if mode == "structural":   # the float64 check feeds each pass its own copy: no false alarm
+        assert found.verification.samples >= 1 and not found.violations.any()
+    assert context.global_ops(WritesItsInput(), (1, 3, 16, 16)) == ()

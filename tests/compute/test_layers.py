@@ -677,3 +677,11 @@ def test_a_geometry_is_taken_from_a_larger_input_only_where_it_pads_alike(n, set
     assert exact == truth[:len(exact)] and (len(exact) == len(truth)) == settled
     found = target_geometry(tf_same_chain(), (1, 1, n, n), "2")
     assert found.exact == settled and (not settled or (found.rf[0], found.stride[0], found.padding[0]) == truth[-1])
+
+
+def test_a_tiny_input_that_every_rf_covers_gives_no_border_resolution():
+    """At 1x1 every layer's RF covers the input (saturation, not global pooling): from which input size no layer
+    is a border layer is unknown there, not taken from the few rows that happen to be exact."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(2, 2, 3, padding=1))
+    assert no_border_resolution(layer_growth(model, (1, 1, 1, 1)), 2) is None
+    assert no_border_resolution(layer_growth(model, (1, 1, 32, 32)), 2) == [9, 9]

@@ -126,6 +126,15 @@ def test_overview_values_and_sections(rendered):
     assert report.percent_text(dilated["edge_fraction"]) in html
 
 
+def test_an_estimated_architecture_rf_reads_as_a_lower_bound(rendered):
+    """Where the fit is estimated on some axis, the overview says the RF is a lower bound, not a plain number."""
+    run, html = rendered
+    exact = run.models[0].summary
+    assert report.arch_rf_note(exact) == "" and "(estimated: a lower bound)" not in html
+    estimated = dataclasses.replace(exact, arch_rf_fit=("estimated", "affine"))
+    assert report.arch_rf_note(estimated) == "estimated: a lower bound"
+
+
 def test_frames_are_embedded_or_say_they_need_the_run_folder(rendered):
     """CSV files are embedded as data URIs with a download name; Parquet links say they need the run folder."""
     run, html = rendered
