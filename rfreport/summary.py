@@ -336,8 +336,9 @@ class Summary(JsonPart):
                                          "later layer's RF covers the input")
     no_border_resolution: tuple[int, ...] | None = key(
         "no_border_resolution", optional(AXES),
-        "smallest input size at which no layer's RF covers it; null without layer growth, or under global context "
-        "(the layers after a global operation cover the input at every size)")
+        "smallest input size at which no layer's RF covers it; null without layer growth, under global context "
+        "(the layers after a global operation cover the input at every size), or while some layer's RF is only a "
+        "lower bound here (a border cuts it at every size tried)")
     size_dependent: tuple[str, ...] | None = key("size_dependent", optional(STRINGS), "operations that make the "
                                                  "geometry depend on the input size; null when none")
     unseen_pixels: int | None = key("unseen_pixels", optional(INT), "input pixels no output position sees "
