@@ -384,6 +384,10 @@ def _device(value: Any, where: _Where, key: str) -> str:
 def _audit(value: Any, where: _Where, key: str, rules: Sequence[str] = tuple(AUDIT_RULES)) -> dict[str, Any]:
     """Validate an `[audit]` table of rule -> limit."""
     table = _table(value, where, key)
+    misplaced = next((name for name in table if name in AUDIT_RULES and name not in rules), None)
+    if misplaced:   # a rule of whole models (no_unseen, global_not_before) in a level's table
+        raise where.error(f"{key}.{misplaced}", "is a rule of the whole model, not of a level: put it in the "
+                                                "model's [model.audit] table")
     _unknown([f"{key}.{name}" for name in table], [f"{key}.{name}" for name in rules], where, "audit rule")
     return {name: _audit_limit(AUDIT_RULES[name], limit, where, key) for name, limit in table.items()}
 

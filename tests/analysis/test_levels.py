@@ -103,7 +103,9 @@ def test_a_level_output_reads_the_models_layer(tmp_path):
     ('[{ output = 0, anchor = [3] }]', "key 'levels[0].anchor': unknown level key (did you mean 'levels[0].anchors'?)"),
     ('[{ output = 0, anchors = [0] }]', "key 'levels[0].anchors': anchor 0 must be a positive integer"),
     ('[{ output = 0, anchors = [[3, 4, 5]] }]', "key 'levels[0].anchors': [3, 4, 5] must have 2 entries"),
-    ('[{ output = 0, audit = { no_unseen = true } }]', "key 'levels[0].audit.no_unseen': unknown audit rule"),
+    ('[{ output = 0, audit = { no_unseen = true } }]', "key 'levels[0].audit.no_unseen': is a rule of the whole "
+                                                      "model, not of a level: put it in the model's [model.audit]"),
+    ('[{ output = 0, audit = { min_rff = 3 } }]', "key 'levels[0].audit.min_rff': unknown audit rule"),
     ('[{ output = 0, layout = "tiles" }]', "key 'levels[0].layout'"),
     ('[0, { output = 1, name = "0" }]', "key 'levels': level name '0' is used twice"),
 ])
