@@ -21,6 +21,14 @@ class SweepError(RfReportError):
     """The sweep could not run: bad input shape, a model that raises, a missing output or layer."""
 
 
+class NoGradient(SweepError):
+    """The analysed tensor is integer or boolean (an argmax, a mask): the model as given has no gradient there."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} (structural mode follows what integer and boolean values are computed from)")
+        self.what = what   # the sentence without the hint, for a caller that says what it needed the gradient for
+
+
 class PositionError(SweepError):
     """A requested output position is malformed or outside the output grid."""
 

@@ -162,7 +162,7 @@ def perturbation_masks(model: nn.Module, input_shape: tuple[int, ...], big: floa
         for sign, row in ((1, 2 * i), (-1, 2 * i + 1)):   # one direction, both ways: a threshold is crossed
             batch[(row, slice(None), *pixel)] = sign * push
     with torch.no_grad():
-        y0, y = model(base), model(batch)
+        y0, y = model(base).double(), model(batch).double()   # an argmax or a mask compares as numbers
     changed = ((y - y0).abs() > 1e-9 * (1 + y0.abs())).reshape(len(pixels), 2, *y.shape[1:]).any(dim=(1, 2))
     masks = {}
     for pos in np.ndindex(*y.shape[2:]):

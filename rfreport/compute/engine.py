@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from rfreport.compute import taint
 from rfreport.compute.shapes import judge_layout, uniform_stride
 from rfreport.compute.surrogate import (
     StructuralMode,
@@ -30,7 +31,7 @@ from rfreport.compute.surrogate import (
     past_grid,
     preserved,
 )
-from rfreport.errors import PASS_THROUGH, LayoutError, SweepError, first_line, one_line
+from rfreport.errors import PASS_THROUGH, LayoutError, NoGradient, SweepError, first_line, one_line
 from rfreport.layouts import NCHW, Layout, LayoutKind, parse_layout, resolved, token_grid
 from rfreport.options import Mode, values
 
@@ -165,6 +166,16 @@ def forward_target(model: nn.Module, x: torch.Tensor, target: Target,
     where = f"output of layer {target.layer!r}" if target.layer else "model output"
     selected = _select_output(value, target.output, where)
     return channels_first(selected, target.layout, tuple(x.shape[2:]), where) if read_layout else selected
+
+
+def shadow_if_integral(value: torch.Tensor) -> torch.Tensor:
+    """Return the analysed tensor, or for an integer or boolean one (an argmax, a mask) the floating shadow the
+    structural pass gave it: each element's gradient support is exactly what that element was computed from
+    (see taint.py). Without a shadow (gradient mode, or computed from no input value) it is returned as it is."""
+    if value.is_floating_point() or value.is_complex():
+        return value
+    found = taint.shadow(value)
+    return value if found is None else found
 
 
 def channels_first(value: torch.Tensor, layout: Layout, input_spatial: tuple[int, ...],
@@ -358,7 +369,7 @@ class Engine:
 
         with torch.enable_grad(), eager_forward(), function_mode, \
                 torch.autograd.graph.saved_tensors_hooks(count, _same):
-            raw = forward_target(working, fed, self.target, self.input_shape, read_layout=False)
+            raw = shadow_if_integral(forward_target(working, fed, self.target, self.input_shape, read_layout=False))
         where, self._raw_shape = self.target.describe(), (self.input_shape[0], *raw.shape[1:])
         try:
             layout = resolved(self.target.layout, tuple(raw.shape), self.input_spatial, self._grids)
@@ -373,6 +384,12 @@ class Engine:
 
     def _check_output(self, y: torch.Tensor) -> None:
         """Require an output that depends on the input (forward_target already read it as (N, C, *spatial))."""
+        if not (y.is_floating_point() or y.is_complex()):
+            kind = f"an integer or boolean tensor ({str(y.dtype).removeprefix('torch.')})"
+            if self.mode != "structural":
+                raise NoGradient(f"{self.target.describe()} is {kind} and has no gradient")
+            raise SweepError(f"{self.target.describe()} does not depend on the input ({kind} computed from no input "
+                             "value)")
         if not y.requires_grad:
             raise SweepError(f"{self.target.describe()} does not depend on the input (no gradient path)")
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from rfreport.compute import attention, sampling
-from rfreport.compute.engine import Target, check_input_shape, forward_target, resolve_device
+from rfreport.compute.engine import Target, check_input_shape, forward_target, resolve_device, shadow_if_integral
 from rfreport.compute.surrogate import (
     REDUCTIONS,
     StructuralMode,
@@ -182,7 +182,7 @@ def global_ops(model: nn.Module, input_shape: Sequence[int], *, target: Target |
               if not type(module).__module__.startswith("torch.nn")}
     with _track_modules(surrogate) as stack, torch.enable_grad(), eager_forward(), _Recorder(
             shape, stack, owners) as recorder:
-        y = forward_target(surrogate, fed, target or Target(), shape, read_layout=False)
+        y = shadow_if_integral(forward_target(surrogate, fed, target or Target(), shape, read_layout=False))
     tapped = [tap for _, _, tap in recorder.taps] + [c.result for c in recorder.candidates]
     if not tapped or not y.requires_grad:
         return ()

@@ -34,7 +34,7 @@ from rfreport.compute.engine import Engine, Target
 from rfreport.compute.shapes import scaled
 from rfreport.compute.sweep import sweep
 from rfreport.config import ModelSpec
-from rfreport.errors import RfReportError, SweepError
+from rfreport.errors import ConfigError, NoGradient, RfReportError, SweepError
 from rfreport.layouts import parse_layout
 from rfreport.positions import PositionSpec, center
 from rfreport.results import GlobalOp, SweepResult
@@ -469,8 +469,11 @@ def effective(model: nn.Module, job: Job, main: SweepResult) -> erf.ErfResult | 
     chosen = settings.pop("positions", "center")
     options = sweep_options(job)
     del options["mode"]
-    return erf.effective_rf(model, job.input_shape, chosen, theoretical=main if covers(main, chosen) else None,
-                            **settings, **options)
+    try:
+        return erf.effective_rf(model, job.input_shape, chosen, theoretical=main if covers(main, chosen) else None,
+                                **settings, **options)
+    except NoGradient as exc:
+        raise ConfigError(f"erf: {exc.what}, so it has no effective RF; set erf = false for this model") from exc
 
 
 def attention_record(model: nn.Module, job: Job) -> dict | None:

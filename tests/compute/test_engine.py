@@ -256,6 +256,7 @@ class WritesItsInput(nn.Module):
 
 @pytest.mark.parametrize("mode", ["structural", "gradient"])
 def test_a_model_that_writes_into_its_input_is_swept_verified_and_searched_for_global_ops(mode):
+    torch.manual_seed(1)   # gradient mode reads the model as given: these weights leave no output position dead
     found = sweep(WritesItsInput(), (1, 3, 16, 16), "all", mode=mode)
     rows = found.positions
     assert (found.lo == np.maximum(rows - 1, 0)).all() and (found.hi == np.minimum(rows + 1, 15)).all()

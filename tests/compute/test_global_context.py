@@ -67,6 +67,22 @@ def test_global_ops_are_recognised_by_what_they_pool_over(gate, expected):
     assert list(global_ops(Gated(gate), (1, 1, 8, 8))) == expected
 
 
+class Decided(nn.Module):
+    """A per-pixel argmax over channels of a squeeze-and-excitation block: an integer output with global context."""
+
+    def __init__(self):
+        super().__init__()
+        self.gated = Gated(SpatialMean())
+        self.head = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.gated(x)).argmax(1, keepdim=True)
+
+
+def test_global_context_is_found_through_an_integer_output():
+    assert global_ops(Decided(), (1, 1, 12, 12)) == (GlobalOp("gated.gate", "mean"),)
+
+
 def test_a_global_op_after_the_analysed_layer_does_not_count():
     model = examples.resnet_small(width=4, blocks=1)
     assert global_ops(model, (1, 3, 16, 16), target=Target("stages")) == ()

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
+from rfreport.cli import cli
 from rfreport.compute.sweep import sweep
+from rfreport.errors import NoGradient
 from tests.oracle import VALUE_KINDS, Block, perturbation_masks
 
 SHAPE = (1, 2, 9, 9)
@@ -95,3 +98,43 @@ def test_a_where_with_an_infinite_branch_keeps_the_finite_one():
     torch.manual_seed(0)
     result = sweep(MaskedScores(), SHAPE, "center", keep_masks=True)
     assert result.support.tolist() == [11] and result.lo.tolist() == [[2, 3]] and result.hi.tolist() == [[6, 5]]
+
+
+class Decided(nn.Module):
+    """A per-pixel decision as the model's output: the argmax over channels, or a mask, of a 3x3 then 5x5 chain."""
+
+    def __init__(self, decide):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 5, padding=2))
+        self.decide = decide
+
+    def forward(self, x):
+        return self.decide(self.convs(x))
+
+
+@pytest.mark.parametrize("decide", [lambda y: y.argmax(1, keepdim=True), lambda y: y > 0],
+                         ids=["argmax", "mask"])
+def test_an_integer_or_boolean_output_has_the_rf_of_what_it_was_decided_from(decide):
+    torch.manual_seed(4)
+    assert_exact(Decided(decide))
+
+
+def test_an_integer_output_is_refused_in_gradient_mode_and_by_the_erf_in_one_line(tmp_path):
+    model = Decided(lambda y: y.argmax(1, keepdim=True))
+    with pytest.raises(NoGradient, match=r"^model output is an integer or boolean tensor \(int64\) and has no "
+                                         r"gradient \(structural mode follows"):
+        sweep(model, SHAPE, "center", mode="gradient")
+    config = tmp_path / "run.toml"
+    config.write_text('[[model]]\nname = "argmax"\nfactory = "tests.compute.test_taint:argmax_net"\n'
+                      'input_shape = [1, 2, 9, 9]\nerf = true\n')
+    result = CliRunner().invoke(cli, ["run", str(config), "--out", str(tmp_path / "out"), "-q", "--workers", "1"])
+    assert result.exit_code == 1
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert ("argmax-9x9: failed: erf: model output is an integer or boolean tensor (int64) and has no gradient, so "
+            "it has no effective RF; set erf = false for this model") in log
+
+
+def argmax_net() -> nn.Module:
+    """The argmax model as a config factory."""
+    torch.manual_seed(4)
+    return Decided(lambda y: y.argmax(1, keepdim=True))

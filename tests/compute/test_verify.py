@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from rfreport import audit, config
 from rfreport.analysis.analyze import analyze
@@ -376,6 +377,34 @@ def test_a_channels_last_output_is_checked_through_its_layout():
     target = Target(layout=parse_layout("nhwc"))
     done = verify(model, (1, 2, 16, 16), target, np.array([[8, 8], [8, 8]]), masks)
     assert done.violations.tolist() == [0, 3]
+
+
+class ConvolutionInputs(TorchFunctionMode):
+    """Record the layout of every float64 convolution input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.contiguous: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.conv2d and args[0].dtype == torch.float64:
+            self.contiguous.append(args[0].is_contiguous())
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_depthwise_convolution_of_a_permuted_tensor_is_checked_channels_first_and_still_catches_a_lie():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), LambdaModule(lambda y: y.permute(0, 2, 3, 1)),
+                          nn.Linear(4, 4), LambdaModule(lambda y: y.permute(0, 3, 1, 2)),
+                          nn.Conv2d(4, 4, 5, padding=2, groups=4), nn.Conv2d(4, 2, 1))
+    result = sweep(block, (1, 2, 20, 20), [(10, 10)], keep_masks="all", verify=False)
+    masks = result.masks[(10, 10)][None].copy()
+    with ConvolutionInputs() as seen:
+        honest = verify(block, (1, 2, 20, 20), Target(), np.array([[10, 10]]), masks)
+    assert seen.contiguous and all(seen.contiguous)      # the permuted input reached its kernel channels-first
+    assert honest.violations.tolist() == [0]
+    masks[0, 10, 13] = False                              # a pixel the position reads: it reads columns 7-13
+    assert verify(block, (1, 2, 20, 20), Target(), np.array([[10, 10]]), masks).violations.tolist() == [SAMPLES]
 
 
 def test_a_layer_target_is_checked_on_that_layer():
