@@ -33,13 +33,15 @@ class Check:
 
     `fitted` names the fitted quantity a geometry rule judges ("architecture RF", "stride"): it is judged only
     where every axis's fit (`arch_rf_fit`) is exact, else the row fails saying so. `unbounded` is the verdict of
-    an architecture-RF rule under global context, where that RF is unbounded (None: not such a rule).
+    an architecture-RF rule under global context, where that RF is unbounded (None: not such a rule). `unknown`
+    is the note of a row whose value could not be established (null in the summary): it fails, saying why.
     """
 
     key: str
     test: Callable[[Any, Any], bool]
     fitted: str = ""
     unbounded: bool | None = None
+    unknown: str | None = None
 
 
 def _per_axis(compare: Callable[[float, float], bool]) -> Callable[[Any, Any], bool]:
@@ -62,7 +64,9 @@ CHECKS: dict[str, Check] = {
     "max_stride": Check("stride", AT_MOST, "stride"),
     "max_edge_fraction": Check("edge_fraction", lambda lim, v: v <= lim),
     "no_unseen": Check("unseen_pixels", lambda lim, v: v == 0),
-    "no_global": Check("global", lambda lim, v: v is False),
+    "no_global": Check("global", lambda lim, v: v is False, unknown=(
+        "global context not ruled out: every RF has one box, no global operation was recognised and the "
+        "architecture RF is not exact (an unrecognised mixing op cannot be told from saturation)")),
     "global_not_before": Check("global_before", lambda lim, v: isinstance(v, Mapping) and v.get("layer") == lim
                                and v.get("module") is None),
     "no_full_coverage": Check("covering_positions", lambda lim, v: v == 0),
@@ -98,7 +102,8 @@ def judge(name: str, limit: Any, entry: Mapping[str, Any]) -> dict:
         return {"rule": name, "limit": limit, "value": value, "passed": False,
                 "note": f"{check.fitted} not exact on axis {axes}: not judged"}
     return {"rule": name, "limit": limit, "value": value,
-            "passed": value is not None and bool(check.test(limit, value)), "note": None}
+            "passed": value is not None and bool(check.test(limit, value)),
+            "note": check.unknown if value is None else None}
 
 
 def inexact_axes(entry: Mapping[str, Any]) -> dict[str, str]:

@@ -308,7 +308,8 @@ class Summary(JsonPart):
     padding_modes: tuple[str, ...] = key("padding_modes", STRINGS, "non-zero padding modes seen (gradient sweeps)")
     global_context: bool | None = key("global", optional(BOOL), "a global operation (pooling over a whole "
                                       "feature map, attention over every token, token mixing) lies on the path to the "
-                                      "analysed output (null: not looked for)")
+                                      "analysed output (null: unknown: every RF has one box, no global operation "
+                                      "was recognised and the architecture RF is not exact, or none was looked for)")
     global_from: str | None = key("global_from", optional(STR), "the layer (qualified module name; empty "
                                      "for the model's own forward) of the first such operation")
     global_op: str | None = key("global_op", optional(STR), "that operation, e.g. `adaptive_avg_pool2d`, "

@@ -121,15 +121,32 @@ def _context_summary(result: SweepResult, geo: pd.DataFrame, global_ops: Sequenc
     """Return the keys that tell global context (a global op) from RFs that merely cover the input."""
     covers = covering(result.lo, result.hi, result.support, result.input_spatial)
     count = int(covers.sum())
-    known = global_ops is not None or not one_box(Boxes.of(result))   # a global op gives every RF one box
     first = global_ops[0] if global_ops else None
-    is_global_context = bool(global_ops) if known else None
+    is_global_context = _global_context(global_ops, result, geo)
     return {
-        "global": is_global_context, "global_from": first.layer if first else None, "global_op": first.op if first
-        else None, "covers_input": bool(len(covers) and covers.all()), "covering_positions": count,
-        "covering_fraction": count / len(covers) if len(covers) else 0.0,
+        "global": is_global_context, "global_from": first.layer if first else None,
+        "global_op": first.op if first else None, "covers_input": bool(len(covers) and covers.all()),
+        "covering_positions": count, "covering_fraction": count / len(covers) if len(covers) else 0.0,
         "no_coverage_resolution": no_coverage_resolution(geo, is_global_context),
     }
+
+
+def _global_context(global_ops: Sequence[GlobalOp] | None, result: SweepResult, geo: pd.DataFrame) -> bool | None:
+    """Tell whether the output has global context: True when a global op was found; False only where that is
+    proven, else None (unknown).
+
+    A global op gives every output position the same RF (all that the map it reads sees), so RFs in several
+    boxes rule it out. Where every RF has one box, a search that found no op rules it out only when the
+    architecture RF is exact on every axis (a finite size, measured beyond this input where the input clips it):
+    otherwise the one box may come from a mixing op the search does not recognise as well as from saturation.
+    """
+    if global_ops:
+        return True
+    if not one_box(Boxes.of(result)):
+        return False
+    return False if global_ops is not None and geo["fit"].isin(EXACT_FITS).all() else None
+
+
 
 
 def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_fits: list[AxisFit] | None,

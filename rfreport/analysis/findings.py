@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from rfreport.options import ContextKind
+from rfreport.options import EXACT_FITS, ContextKind
 from rfreport.positions import axis_names
 from rfreport.results import context_kind
 from rfreport.summary import Summary
@@ -184,8 +184,13 @@ def _covers_finding(c: FindingContext, size: str) -> Finding:
     who = ("Every swept output position's RF covers" if s.covers_input else
            f"The RFs of {s.covering_positions} of {len(c.result.positions)} swept output positions "
            f"({s.covering_fraction:.0%}) cover")
-    why = (": the RF saturates at this resolution (no global operation)" if s.global_context is False else
-           " (global operations were not looked for)")
+    if s.global_context is False:
+        why = ": the RF saturates at this resolution (no global operation)"
+    elif c.geo["fit"].isin(EXACT_FITS).all():
+        why = " (global operations were not looked for)"
+    else:
+        why = (" (global context is not ruled out: no global operation was recognised, but the architecture RF is "
+               "only a lower bound here, so an unrecognised mixing op cannot be told from saturation)")
     stops = (f"; from an input of {_axes_text(s.no_coverage_resolution)} on, no RF can cover it"
              if s.no_coverage_resolution else "")
     return Finding("covers", "warning" if s.covers_input else "info", f"{who} the whole {size} input{why}{stops}.")

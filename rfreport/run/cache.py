@@ -319,7 +319,7 @@ def _file_digest(path: str) -> str:
 @lru_cache(maxsize=1)
 def source_digest() -> str:
     """Hash rfreport's own Python source, so that any code change invalidates every entry."""
-    root = Path(__file__).parent
+    root = Path(__file__).parents[1]   # the rfreport package, every stage's room
     return _digest([f"{p.relative_to(root)}:{_file_digest(str(p))}" for p in sorted(root.rglob("*.py"))])
 
 

@@ -115,6 +115,37 @@ def test_saturation_is_not_called_global_context():
     assert "no global operation" in covers.message
 
 
+class FactorisedAttention(nn.Module):
+    """CoaT's factorised attention over a 4 x 4 patch grid: softmax(k) over the tokens, then q (softmax(k)^T v).
+
+    Every token mixes every token at any input size, through matrix products no pattern rfreport knows: the
+    search finds no global operation, so it must not call the whole-input RFs saturation.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(1, 6, 4, stride=4)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)           # (N, 16, 6)
+        q, k, v = tokens.split(2, dim=-1)
+        mixed = q @ (k.softmax(dim=1).transpose(1, 2) @ v)            # (N, 16, 2)
+        return mixed.transpose(1, 2).reshape(x.shape[0], 2, x.shape[2] // 4, x.shape[3] // 4)
+
+
+def test_whole_input_rfs_from_an_unrecognised_mixing_op_are_not_called_saturation():
+    model = FactorisedAttention()
+    spec = ModelSpec(name="m", factory="x:y", input_shapes=((1, 1, 16, 16),), audit={"no_global": True})
+    job = jobs_mod.Job(spec, (1, 1, 16, 16), RunOptions(device="cpu"))
+    analysis = plan.measure(model, job, growth=False).analyse()
+    s = analysis.summary.to_json()
+    assert s["covers_input"] and s["global"] is None and s["arch_rf_fit"] == ["estimated", "estimated"]
+    (covers,) = [f for f in analysis.findings if f.code == "covers"]
+    assert "global context is not ruled out" in covers.message and "saturates" not in covers.message
+    (row,) = audit.evaluate({"no_global": True}, {"status": "ok", **s})
+    assert not row["passed"] and row["note"].startswith("global context not ruled out")
+
+
 def test_global_context_names_its_layer_op_and_local_rf():
     analysis = run("rfreport.examples:se_net", (1, 3, 16, 16), width=4, depth=2)
     s = analysis.summary.to_json()

@@ -398,6 +398,17 @@ def test_the_key_is_the_same_in_every_process():
     assert keys == {key(Skip())}
 
 
+def test_the_source_digest_covers_every_stage_of_rfreport(monkeypatch):
+    hashed = []
+    monkeypatch.setattr(cache, "_file_digest", lambda path: hashed.append(Path(path)) or "x")
+    cache.source_digest.__wrapped__()
+    package = Path(cache.__file__).parents[1]
+    expected = {p.relative_to(package) for p in package.rglob("*.py")}
+    assert {p.relative_to(package) for p in hashed} == expected
+    assert {Path("analysis/analyze.py"), Path("compute/engine.py"), Path("report/render.py"),
+            Path("run/cache.py")} <= expected   # a change to the analysis invalidates entries as a sweep's does
+
+
 def test_stored_values_come_back_with_their_types():
     values = {"shape": (1, 3, 8, 8), "nested": [(1, 2), {"a": (np.int64(3), np.float64(0.5))}], "nan": float("nan"),
               "none": None, "flag": np.bool_(True), "rows": np.arange(3)}
