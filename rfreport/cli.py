@@ -615,7 +615,7 @@ def inspect_text(record: dict) -> str:
         rows = [[lv["level"], text(lv["output_shape"]), text(lv["stride"]),
                  geometry_text("arch_rf_size", lv["arch_rf_size"]), text(lv["in_input_rf_size"]),
                  text(lv["padding"]), text(lv["center_offset"]), f"{lv['edge_fraction']:.2f}",
-                 "yes" if lv["global"] else ""] for lv in record["levels"]]
+                 {True: "yes", None: "unknown"}.get(lv["global"], "")] for lv in record["levels"]]
         lines += ["", table(["level", "output", "stride", "arch rf", "in-input rf", "padding", "offset", "edge",
                              "global"], rows)]
     if "layers" in record:

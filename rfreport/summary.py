@@ -208,7 +208,8 @@ class Level(JsonPart):
     in_input_rf_size: tuple[int | None, ...] = key("in_input_rf_size", AXES_INT, "the level's in-input RF at its "
                                                    "centre position")
     edge_fraction: float = key("edge_fraction", FLOAT, "share of the level's positions whose RF reaches padding")
-    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the level")
+    global_context: bool | None = key("global", optional(BOOL), "a global operation lies on the path to the level "
+                                      "(null: not ruled out, as for the model's `global`)")
     local_rf_size: tuple[int | None, ...] | None = key("local_rf_size", optional(AXES_INT), "RF size with "
                                                        "global-context paths held constant")
     min_fill: float = key("min_fill", FLOAT, "smallest support / box ratio")

@@ -236,15 +236,16 @@ def test_inspect_json_says_why_a_size_dependent_geometry_is_estimated(tmp_path):
     assert "size_dependent: adaptive_avg_pool2d" in shown.output
 
 
-@pytest.mark.parametrize("n, fit", [(7, "estimated"), (16, "affine")])
-def test_inspect_takes_no_geometry_from_an_input_that_pads_otherwise(n, fit):
+@pytest.mark.parametrize("n, fit, shifted", [(7, "estimated", True), (16, "affine", False), (33, "affine", True)])
+def test_inspect_takes_no_geometry_from_an_input_that_pads_otherwise(n, fit, shifted):
     """TensorFlow's "same" pads 2 before a 7-cell axis and 1 before a 14-cell one: at 7 every RF is clipped, and
-    the doubled input may not lend its padding (nor its fit) to this size."""
+    the doubled input may not lend its padding (nor its fit) to this size. At 33 the geometry is measured here
+    (exact) but pads 2 where 66 pads 1: it holds at this size only, and says so."""
     record = json.loads(invoke("inspect", "tests.support:tf_same_conv", "--input-shape", f"1,1,{n},{n}",
                                "--positions", "all", "--json").stdout)
     geometry = record["geometry"]
     assert geometry["arch_rf_fit"] == [fit, fit] and geometry["padding"] == [tf_same_before(n, 5, 2)] * 2
-    assert geometry["size_dependent"] == (["pad"] if fit == "estimated" else None)
+    assert geometry["size_dependent"] == (["pad"] if shifted else None)
     assert all("the geometry depends on the input size (pad)" in reason
                for reason in (geometry["estimated"] or "").split("; w: ") if fit == "estimated")
 

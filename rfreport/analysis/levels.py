@@ -44,7 +44,9 @@ LEVELS = register(Schema(
         Column("fit", "string", "", "how the geometry was found: affine, enlarged or composed (exact), estimated, "
                "nonaffine or none; the least exact axis"),
         Column("edge_fraction", "float64", "ratio", "share of the level's output positions whose RF reaches padding"),
-        Column("global", "bool", "flag", "every swept position of the level sees the whole input"),
+        Column("global", "boolean", "flag", "a global operation lies on the path to the level (summary `global`); "
+               "null when that is not ruled out: every RF covers the input, none was recognised and the RF is a "
+               "lower bound"),
         Column("{a}_local_rf", "Int64", "input pixels", "RF size with global-context paths held constant; null "
                "unless the level is global"),
         Column("anchors", "string", "", "the level's anchor sizes (input pixels), e.g. `32, 64x48`; empty if none"),
@@ -101,7 +103,8 @@ def frame(records: Sequence[Mapping[str, Any]], ndim: int) -> pd.DataFrame:
     data: dict[str, list] = {name: [] for name in LEVELS.names(ndim)}
     for rec in records:
         row = {"level": rec["level"], "target": rec["target"], "channels": rec["output_shape"][1],
-               "fit": rec["fit"], "edge_fraction": rec["edge_fraction"], "global": rec["global"],
+               "fit": rec["fit"], "edge_fraction": rec["edge_fraction"],
+               "global": pd.NA if rec["global"] is None else rec["global"],
                "anchors": ", ".join(_text(a) for a in rec["anchors"]), "anchor_basis": rec["anchor_basis"] or "",
                "anchors_fit": pd.NA if rec["anchors_fit"] is None else rec["anchors_fit"],
                "anchor_min_share": math.nan if rec["anchor_min_share"] is None else rec["anchor_min_share"]}

@@ -167,8 +167,9 @@ class OverviewRow:
     stride_note: str = field(metadata={"doc": "why the stride reads as it does: the fit does not hold (non-affine), "
                                               "or no fit under global context; empty otherwise"})
     global_context: bool | None = field(metadata={"doc": "a global operation (global pooling, squeeze-and-excitation, "
-                                                          "spatial norm) reaches the output"})
-    global_source: str = field(metadata={"doc": "the global operation and the layer it starts at; empty when none"})
+                                                          "spatial norm) reaches the output; None where not ruled out"})
+    global_source: str = field(metadata={"doc": "the global operation and the layer it starts at, or why global "
+                                                "context is not ruled out; empty when none"})
     padding: tuple | None = field(metadata={"doc": "effective padding per axis (input pixels)"})
     center_offset: tuple | None = field(metadata={"doc": "RF centre minus nominal pixel per axis (input pixels)"})
     edge_fraction: float | None = field(metadata={"doc": "share of output positions whose RF is clipped"})
@@ -421,8 +422,15 @@ def stride_note(summary: Summary) -> str:
     return ""
 
 
+NOT_RULED_OUT = ("not ruled out: every RF covers the input, no global operation was recognised and the architecture "
+                 "RF is a lower bound")
+
+
 def global_source(summary: Summary) -> str:
-    """Name the global operation and the layer it starts at, e.g. `adaptive_avg_pool2d at layer4.avgpool`."""
+    """Name the global operation and the layer it starts at, e.g. `adaptive_avg_pool2d at layer4.avgpool`; say why
+    global context is unknown where it is."""
+    if summary.global_context is None:
+        return NOT_RULED_OUT
     if not summary.global_context:
         return ""
     where = f" at {summary.global_from}" if summary.global_from else ""

@@ -356,11 +356,11 @@ def centre_spans(result: SweepResult) -> bool:
 
 
 def with_shifted_ops(model: nn.Module, job: Job, main: SweepResult) -> SweepResult:
-    """Where every RF is clipped (a geometry from a larger input would be needed), add to the main sweep's
-    size-dependent ops those that place their windows or slices differently at the input doubled: then no
-    larger input stands in for this one (TensorFlow's "same" padding at an odd map size), and the geometry says
-    so instead of carrying another size's padding."""
-    if main.size_dependent_ops or not needs_larger_input(main):
+    """Add to the main sweep's size-dependent ops those that place their windows or slices differently at the
+    input doubled (TensorFlow's "same" padding at an odd map size): the geometry measured here then holds at
+    this size only and says so, and where every RF is clipped no larger input stands in for this one (the
+    geometry says so instead of carrying another size's padding)."""
+    if main.size_dependent_ops:
         return main
     shifted = verify_mod.shifted_ops(model, job.input_shape, scaled(job.input_shape, 2), target_of(job))
     return replace(main, size_dependent_ops=shifted) if shifted else main

@@ -225,3 +225,13 @@ def test_output_layers_name_the_modules_whose_output_a_level_is():
 
     assert output_layers(Doubled(), (1, 1, 8, 8), Target()) == ()
     assert output_layers(Doubled(), (1, 1, 8, 8), Target(layer="conv")) == ("conv", "conv.0")
+
+
+def test_a_level_whose_global_context_is_not_ruled_out_reads_null_in_the_frame():
+    row = {"target": "output[0]", "output_shape": [1, 8, 4, 4], "fit": "estimated", "edge_fraction": 1.0,
+           "anchors": [], "anchor_basis": None, "anchors_fit": None, "anchor_min_share": None, "local_rf_size": None,
+           "stride": [None, None], "arch_rf_size": [64, 64], "padding": [None, None], "center_offset": [None, None]}
+    frame = levels.frame([{**row, "level": "a", "global": None}, {**row, "level": "b", "global": False},
+                          {**row, "level": "c", "global": True}], 2)
+    assert frame["global"].isna().tolist() == [True, False, False]
+    assert frame["global"].iloc[1:].tolist() == [False, True]   # unknown is not read as "no"

@@ -15,6 +15,7 @@ from rfreport.compute.global_context import global_ops
 from rfreport.config import AUDIT_RULES, ModelSpec, RunOptions
 from rfreport.options import EXACT_FITS
 from rfreport.positions import center
+from rfreport.report import render
 from rfreport.results import GlobalOp
 from rfreport.run import jobs as jobs_mod
 from rfreport.run import plan
@@ -144,6 +145,7 @@ def test_whole_input_rfs_from_an_unrecognised_mixing_op_are_not_called_saturatio
     assert "global context is not ruled out" in covers.message and "saturates" not in covers.message
     (row,) = audit.evaluate({"no_global": True}, {"status": "ok", **s})
     assert not row["passed"] and row["note"].startswith("global context not ruled out")
+    assert render.global_source(analysis.summary) == render.NOT_RULED_OUT   # the overview reads "unknown"
 
 
 def test_global_context_names_its_layer_op_and_local_rf():
