@@ -147,8 +147,6 @@ def _global_context(global_ops: Sequence[GlobalOp] | None, result: SweepResult, 
     return False if global_ops is not None and geo["fit"].isin(EXACT_FITS).all() else None
 
 
-
-
 def _summary(result: SweepResult, geo: pd.DataFrame, edges: pd.DataFrame, local_fits: list[AxisFit] | None,
              modes: list[str], layers: pd.DataFrame | None,
              global_ops: Sequence[GlobalOp] | None) -> tuple[dict, dict]:

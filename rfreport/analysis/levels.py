@@ -45,7 +45,7 @@ LEVELS = register(Schema(
                "nonaffine or none; the least exact axis"),
         Column("edge_fraction", "float64", "ratio", "share of the level's output positions whose RF reaches padding"),
         Column("global", "boolean", "flag", "a global operation lies on the path to the level (summary `global`); "
-               "null when that is not ruled out: every RF covers the input, none was recognised and the RF is a "
+               "null when that is not ruled out: every RF has the same box, none was recognised and the RF is a "
                "lower bound"),
         Column("{a}_local_rf", "Int64", "input pixels", "RF size with global-context paths held constant; null "
                "unless the level is global"),

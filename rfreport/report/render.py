@@ -422,8 +422,8 @@ def stride_note(summary: Summary) -> str:
     return ""
 
 
-NOT_RULED_OUT = ("not ruled out: every RF covers the input, no global operation was recognised and the architecture "
-                 "RF is a lower bound")
+NOT_RULED_OUT = ("not ruled out: every RF has the same box, no global operation was recognised and the "
+                 "architecture RF is a lower bound")
 
 
 def global_source(summary: Summary) -> str:
