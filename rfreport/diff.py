@@ -282,9 +282,12 @@ def compare_entries(slug: str, before: Mapping[str, Any], after: Mapping[str, An
 
 def view(entry: Mapping[str, Any], field: str) -> Any:
     """Return the value of a field as the diff compares and shows it: the architecture RF is `unbounded` under
-    global context (summary.json holds null there: no finite number), every other field as stored."""
+    global context (summary.json holds null there: no finite number), a global context that a measured entry
+    holds as null (not ruled out) `unknown`, every other field as stored."""
     if field == "arch_rf_size" and entry.get("global") and entry.get(field) is None:
         return "unbounded"
+    if field == "global" and field in entry and entry[field] is None:
+        return "unknown"
     return entry.get(field)
 
 

@@ -416,3 +416,10 @@ def test_a_deeper_resnet_is_changed_in_every_format_though_its_in_input_rf_is_no
             "(+14 × +14) | no | 32 × 32 |") in page
     failing = invoke("diff", a, b, "--fail-on-change")
     assert failing.exit_code == 1 and "1 model(s) changed" in failing.stderr
+
+
+def test_a_global_context_not_ruled_out_reads_unknown_and_a_failed_job_reads_nothing():
+    assert diff.view({"status": "ok", "global": None}, "global") == "unknown"
+    assert diff.view({"status": "ok", "global": False}, "global") is False
+    assert diff.view({"status": "failed"}, "global") is None
+    assert diff.value_text("global", diff.view({"global": None}, "global")) == "unknown"
