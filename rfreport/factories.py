@@ -37,8 +37,22 @@ def _import_file(path: Path) -> ModuleType:
         raise
     except BaseException as exc:  # the user's file may raise anything while it is imported, sys.exit() included
         del sys.modules[name]
-        raise ModelLoadError(f"cannot import {str(path)!r} ({one_line(exc)})") from exc
+        raise ModelLoadError(f"cannot import {str(path)!r} ({one_line(exc)}){_sibling_hint(exc, path)}") from exc
     return module
+
+
+def _sibling_hint(exc: BaseException, path: Path) -> str:
+    """Say how to reach a module that lies beside a factory file, when importing it by name is what failed.
+
+    A file named by path is not a script: its folder is not on the import path (putting it there would let two
+    configs' `blocks.py` in different folders shadow each other unseen in one process).
+    """
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    root = (missing or "").partition(".")[0]
+    if not root or not ((path.parent / f"{root}.py").is_file() or (path.parent / root).is_dir()):
+        return ""
+    return (f"; {root!r} lies beside it, but a factory file's folder is not on the import path: set "
+            f"PYTHONPATH={path.parent} or name the factory as a module (package.module:callable)")
 
 
 def _import_module(name: str) -> ModuleType:

@@ -55,6 +55,20 @@ def test_factory_errors_name_the_model_and_factory():
         "'no_such_package')")
 
 
+def test_a_factory_file_importing_a_module_beside_it_says_how_to_reach_it(tmp_path, monkeypatch):
+    (tmp_path / "blocks.py").write_text("from torch import nn\n\n\ndef net():\n    return nn.Conv2d(1, 1, 3)\n")
+    (tmp_path / "nets.py").write_text("from blocks import net\n")
+    factory = f"{tmp_path / 'nets.py'}:net"
+    assert error_of(spec(factory)) == (
+        f"model 'tiny': cannot import {str(tmp_path / 'nets.py')!r} (ModuleNotFoundError: No module named 'blocks'); "
+        f"'blocks' lies beside it, but a factory file's folder is not on the import path: set "
+        f"PYTHONPATH={tmp_path} or name the factory as a module (package.module:callable)")
+    monkeypatch.syspath_prepend(str(tmp_path))   # what PYTHONPATH does
+    assert isinstance(models.build(spec(factory)), nn.Conv2d)
+    (tmp_path / "other.py").write_text("import no_such_module_anywhere\n")
+    assert "lies beside it" not in error_of(spec(f"{tmp_path / 'other.py'}:net"))
+
+
 def test_checkpoint_loads_weights(tmp_path):
     source = models.build(spec())
     with torch.no_grad():
