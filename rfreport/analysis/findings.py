@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from rfreport.options import EXACT_FITS, ContextKind
+from rfreport.options import ContextKind
 from rfreport.positions import axis_names
 from rfreport.results import context_kind
 from rfreport.summary import Summary
@@ -186,7 +186,7 @@ def _covers_finding(c: FindingContext, size: str) -> Finding:
            f"({s.covering_fraction:.0%}) cover")
     if s.global_context is False:
         why = ": the RF saturates at this resolution (no global operation)"
-    elif c.geo["fit"].isin(EXACT_FITS).all():
+    elif s.affine:   # every axis exact: the search was not run
         why = " (global operations were not looked for)"
     else:
         why = (" (global context is not ruled out: no global operation was recognised, but the architecture RF is "
